@@ -1,0 +1,123 @@
+"""Where the recipients come from: a list (XCom, templated field) or a CSV / JSON Lines file, read as a stream.
+
+An ``Audience`` can be iterated more than once: once to validate every row, once to send.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from airflow_provider_pepipost.errors import MessageValidationError, PepipostConfigError, RowProblem
+
+FILE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
+
+
+class Audience:
+    """The operator's ``recipients``, as rows: phone-number strings or row dicts."""
+
+    def __init__(self, value: Any) -> None:
+        self._rows: Any = None
+        self._path: Any = None
+        self._format = ""
+        if isinstance(value, (str, os.PathLike)) or _is_object_storage_path(value):
+            self._from_text_or_path(value)
+        elif isinstance(value, Mapping):
+            raise PepipostConfigError(
+                "recipients: got one dict; give a list of rows (dicts or phone numbers), or a path to a file"
+            )
+        elif value is None:
+            raise PepipostConfigError("recipients: is required (a list, an XCom of a list, or a file path)")
+        else:
+            try:
+                iter(value)
+            except TypeError:
+                raise PepipostConfigError(f"recipients: cannot read rows from a {type(value).__name__}") from None
+            # Lists and XCom sequences can be read twice; a one-shot iterator is kept in memory.
+            self._rows = value if hasattr(value, "__len__") else list(value)
+
+    def _from_text_or_path(self, value: Any) -> None:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                self._rows = _parse_list_literal(text)
+                return
+            if not text:
+                raise PepipostConfigError("recipients: is empty")
+            value = text
+        name = str(value)
+        suffix = Path(name.split("?")[0]).suffix.lower()
+        if suffix not in FILE_SUFFIXES:
+            raise PepipostConfigError(
+                f"recipients: {name[:80]!r} is neither a list nor a path to a {'/'.join(FILE_SUFFIXES)} file"
+            )
+        self._format = FILE_SUFFIXES[suffix]
+        self._path = value
+
+    @property
+    def source_description(self) -> str:
+        if self._path is not None:
+            return f"{self._format} file {self._path}"
+        return f"list of {len(self._rows)} rows"
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._path is None:
+            yield from self._rows
+            return
+        with _open(self._path) as handle:
+            if self._format == "csv":
+                for row in csv.DictReader(handle):
+                    yield {key: val for key, val in row.items() if key is not None}
+            elif self._format == "json":
+                rows = json.load(handle)
+                if not isinstance(rows, list):
+                    raise PepipostConfigError(f"recipients: {self._path} must hold a JSON list")
+                yield from rows
+            else:
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line)
+                    except ValueError as err:
+                        raise MessageValidationError(
+                            [RowProblem(line_number - 1, "line", repr(line[:40]), f"is not JSON: {err}")]
+                        ) from None
+
+
+def _parse_list_literal(text: str) -> list[Any]:
+    """A list rendered to text, as Jinja does without native rendering: JSON or a Python literal."""
+    try:
+        rows = json.loads(text)
+    except ValueError:
+        try:
+            rows = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise PepipostConfigError(
+                "recipients: the text starts with '[' but is neither a JSON nor a Python list; "
+                "with templates, set render_template_as_native_obj=True on the DAG or pass an XComArg"
+            ) from None
+    if not isinstance(rows, list):
+        raise PepipostConfigError("recipients: must be a list")
+    return rows
+
+
+def _is_object_storage_path(value: Any) -> bool:
+    return type(value).__name__ == "ObjectStoragePath"
+
+
+def _open(path: Any) -> IO[str]:
+    if _is_object_storage_path(path):
+        return path.open("r", encoding="utf-8", newline="")
+    text = str(path)
+    if "://" in text and not text.startswith("file://"):
+        from airflow.sdk import ObjectStoragePath
+
+        return ObjectStoragePath(text).open("r", encoding="utf-8", newline="")
+    text = text.removeprefix("file://")
+    return open(text, encoding="utf-8", newline="")

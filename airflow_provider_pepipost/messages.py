@@ -1,0 +1,289 @@
+"""The vendor contract for one WhatsApp media message: validate a row, build its JSON.
+
+Pure code, no I/O and no Airflow: the rules of ../shared/pepipost/send-media-message.md in one
+place, so that they can be tested on their own and applied to every row before the first send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from airflow_provider_pepipost.errors import MessageValidationError, RowProblem
+
+RECIPIENT_TYPES = frozenset({"individual", "group"})
+ATTACHMENT_TYPES = frozenset({"image", "video", "audio", "document", "sticker"})
+# The API rejects numbers shorter than 10 or longer than 15 digits (country code included).
+MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 10, 15
+# WhatsApp's own limit for a media caption; the vendor page gives none, a longer one fails later.
+MAX_CAPTION_LENGTH = 1024
+MAX_GROUP_ID_LENGTH = 128
+
+# Keys of a row dict that are message fields; every other key is row data for caption placeholders.
+ROW_FIELDS = (
+    "recipient_whatsapp",
+    "recipient_type",
+    "attachment_id",
+    "attachment_url",
+    "attachment_type",
+    "caption",
+    "source",
+    "x-apiheader",
+)
+
+_PHONE_DECORATION = re.compile(r"[\s\-().+]")
+_GROUP_ID = re.compile(r"^[A-Za-z0-9@._:\-]+$")
+_FORMATTER = string.Formatter()
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDefaults:
+    """Operator-wide values; a row's own value wins over each of them."""
+
+    source: str | None = None
+    attachment_id: str | None = None
+    attachment_url: str | None = None
+    attachment_type: str | None = None
+    caption: str | None = None
+    recipient_type: str = "individual"
+    x_apiheader: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MediaMessage:
+    """One validated media message, ready to be sent."""
+
+    recipient_whatsapp: str
+    source: str
+    recipient_type: str = "individual"
+    attachment_id: str | None = None
+    attachment_url: str | None = None
+    attachment_type: str | None = None
+    caption: str | None = None
+    api_header: str | None = None
+
+    @property
+    def attachment(self) -> str:
+        """The attachment's identity: its media id, or its URL."""
+        return self.attachment_id or self.attachment_url or ""
+
+    def to_payload(self) -> dict[str, Any]:
+        """One element of the request's ``message`` list, field for field as the vendor page shows."""
+        if self.attachment_id is not None:
+            attachment: dict[str, str] = {"attachment_id": self.attachment_id}
+        else:
+            attachment = {"attachment_url": self.attachment_url or "", "attachment_type": self.attachment_type or ""}
+        if self.caption is not None:
+            attachment["caption"] = self.caption
+        payload: dict[str, Any] = {
+            "recipient_whatsapp": self.recipient_whatsapp,
+            "message_type": "media",
+            "recipient_type": self.recipient_type,
+            "source": self.source,
+        }
+        if self.api_header is not None:
+            payload["x-apiheader"] = self.api_header
+        payload["type_media"] = [{"attachments": [attachment]}]
+        return payload
+
+
+def request_body(message: MediaMessage) -> dict[str, Any]:
+    """The whole request body: one message per request, the documented reading."""
+    return {"message": [message.to_payload()]}
+
+
+def normalize_phone(value: Any) -> str:
+    """Digits only, country code included: '+91 98330-78369' -> '919833078369'.
+
+    Raises ValueError with the reason when the value cannot be a WhatsApp number.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"must be a phone number string, not {type(value).__name__}")
+    text = _PHONE_DECORATION.sub("", str(value))
+    if not text:
+        raise ValueError("is empty")
+    if not text.isdigit():
+        raise ValueError("may hold only digits, spaces, dashes, brackets and a leading +")
+    if not MIN_PHONE_DIGITS <= len(text) <= MAX_PHONE_DIGITS:
+        raise ValueError(
+            f"has {len(text)} digits; a number with its country code has {MIN_PHONE_DIGITS} to {MAX_PHONE_DIGITS}"
+        )
+    return text
+
+
+def idempotency_key(dag_id: str, run_id: str, task_id: str, map_index: int, recipient: str, attachment: str) -> str:
+    """The stable identity of one message of one task instance.
+
+    The same inputs give the same key in every try of the task, so a retry finds what the
+    earlier try sent. It is also the default ``x-apiheader``, which delivery reports echo.
+    """
+    raw = "\x1f".join((dag_id, run_id, task_id, str(map_index), recipient, attachment))
+    return "af-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def mask_value(field: str, value: Any) -> str:
+    """A value as shown in an error: phone numbers half hidden, long values cut."""
+    text = repr(value)
+    if field == "recipient_whatsapp" and isinstance(value, (str, int)) and len(str(value)) > 6:
+        raw = str(value)
+        text = repr(raw[:4] + "*" * (len(raw) - 6) + raw[-2:])
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text(row: Mapping[str, Any], key: str, default: str | None) -> Any:
+    value = row.get(key)
+    return default if value is None or value == "" else value
+
+
+def _render_caption(template: str, row: Mapping[str, Any]) -> str:
+    """Fill ``{field}`` placeholders from the row. Only plain names: no attribute or index access."""
+    if "{" not in template and "}" not in template:
+        return template
+    values = []
+    for literal, name, spec, conversion in _FORMATTER.parse(template):
+        values.append(literal)
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(f"placeholder {{{name}}} is not a plain {{field_name}}")
+        if row.get(name) is None:
+            raise ValueError(f"placeholder {{{name}}} has no value in this row")
+        values.append(str(row[name]))
+    return "".join(values)
+
+
+def as_row(item: Any) -> Mapping[str, Any]:
+    """A recipient item as a row dict: a bare phone number becomes ``{"recipient_whatsapp": ...}``."""
+    if isinstance(item, Mapping):
+        if "x_apiheader" in item and "x-apiheader" not in item:
+            item = {**item, "x-apiheader": item["x_apiheader"]}
+        return item
+    return {"recipient_whatsapp": item}
+
+
+def build_message(item: Any, defaults: MessageDefaults, row: int) -> tuple[MediaMessage | None, list[RowProblem]]:
+    """Validate one input row against the vendor's rules; return the message or every problem found.
+
+    ``api_header`` stays None when neither the row nor the defaults give one; the caller derives it.
+    """
+    problems: list[RowProblem] = []
+
+    def problem(field: str, value: Any, reason: str) -> None:
+        problems.append(RowProblem(row, field, mask_value(field, value), reason))
+
+    if not isinstance(item, (Mapping, str, int)) or isinstance(item, bool):
+        problem("row", item, "must be a phone number or a dict with 'recipient_whatsapp'")
+        return None, problems
+    data = as_row(item)
+
+    recipient_type = _text(data, "recipient_type", defaults.recipient_type)
+    if recipient_type not in RECIPIENT_TYPES:
+        problem("recipient_type", recipient_type, f"must be one of {sorted(RECIPIENT_TYPES)}")
+
+    raw_recipient = data.get("recipient_whatsapp")
+    recipient = ""
+    if raw_recipient is None or raw_recipient == "":
+        problem("recipient_whatsapp", raw_recipient, "is required")
+    elif recipient_type == "group":
+        recipient = str(raw_recipient).strip()
+        if not _GROUP_ID.match(recipient) or len(recipient) > MAX_GROUP_ID_LENGTH:
+            problem("recipient_whatsapp", raw_recipient, "is not a valid group id")
+    else:
+        try:
+            recipient = normalize_phone(raw_recipient)
+        except ValueError as err:
+            problem("recipient_whatsapp", raw_recipient, str(err))
+
+    source = _text(data, "source", defaults.source)
+    if not isinstance(source, str) or not source.strip():
+        problem("source", source, "is required: set it on the row, the operator or the connection extra 'source'")
+
+    # A row that names its own attachment replaces the defaults' attachment as a whole.
+    if data.get("attachment_id") or data.get("attachment_url"):
+        attachment_id, attachment_url = data.get("attachment_id"), data.get("attachment_url")
+        attachment_type = data.get("attachment_type")
+    else:
+        attachment_id, attachment_url = defaults.attachment_id, defaults.attachment_url
+        attachment_type = defaults.attachment_type
+    attachment_type = attachment_type or None
+    if attachment_id and attachment_url:
+        problem("attachment_id", attachment_id, "give attachment_id or attachment_url, not both")
+    elif attachment_id:
+        if not isinstance(attachment_id, str) or not attachment_id.strip():
+            problem("attachment_id", attachment_id, "must be a non-empty media id string")
+    elif attachment_url:
+        if not isinstance(attachment_url, str) or not attachment_url.startswith(("https://", "http://")):
+            problem("attachment_url", attachment_url, "must be an http(s) URL")
+        if attachment_type not in ATTACHMENT_TYPES:
+            problem(
+                "attachment_type", attachment_type, f"must be one of {sorted(ATTACHMENT_TYPES)} with attachment_url"
+            )
+    else:
+        problem("attachment_id", None, "is required: give attachment_id, or attachment_url with attachment_type")
+
+    caption = _text(data, "caption", defaults.caption)
+    if caption is not None:
+        if not isinstance(caption, str):
+            problem("caption", caption, "must be a string")
+            caption = None
+        else:
+            try:
+                caption = _render_caption(caption, data)
+            except ValueError as err:
+                problem("caption", caption, str(err))
+            else:
+                if len(caption) > MAX_CAPTION_LENGTH:
+                    problem("caption", caption, f"is {len(caption)} characters; at most {MAX_CAPTION_LENGTH}")
+
+    header = _text(data, "x-apiheader", defaults.x_apiheader)
+    if header is not None and not isinstance(header, str):
+        problem("x-apiheader", header, "must be a string")
+
+    if problems:
+        return None, problems
+    return (
+        MediaMessage(
+            recipient_whatsapp=recipient,
+            source=source.strip(),
+            recipient_type=recipient_type,
+            attachment_id=attachment_id.strip() if attachment_id else None,
+            attachment_url=None if attachment_id else attachment_url,
+            attachment_type=None if attachment_id else attachment_type,
+            caption=caption,
+            api_header=header,
+        ),
+        [],
+    )
+
+
+def validate_rows(items: Iterable[Any], defaults: MessageDefaults) -> int:
+    """Check every row; return how many there are, or raise one error listing all problems.
+
+    Streams: memory holds the first problems shown in the error, not the rows.
+    """
+    shown: list[RowProblem] = []
+    total_problems = 0
+    count = 0
+    for index, item in enumerate(items):
+        count += 1
+        _, problems = build_message(item, defaults, index)
+        total_problems += len(problems)
+        room = MessageValidationError.SHOWN - len(shown)
+        if room > 0:
+            shown.extend(problems[:room])
+    if total_problems:
+        raise MessageValidationError(shown, total_problems)
+    return count
+
+
+def iter_messages(items: Iterable[Any], defaults: MessageDefaults) -> Iterator[tuple[int, MediaMessage]]:
+    """Build each row's message; rows must have been checked by ``validate_rows`` first."""
+    for index, item in enumerate(items):
+        message, problems = build_message(item, defaults, index)
+        if message is None:
+            raise MessageValidationError(problems)
+        yield index, message

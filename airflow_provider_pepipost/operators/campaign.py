@@ -1,0 +1,244 @@
+"""The send loop of a campaign: concurrent, rate-limited, recorded in the ledger, never sending twice.
+
+Kept apart from the operator so that the operator is Airflow glue and this is the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_pepipost.errors import (
+    FailureKind,
+    PepipostApiError,
+    PepipostError,
+    PepipostOutcomeUnknownError,
+)
+from airflow_provider_pepipost.hooks.pepipost import PepipostHook
+from airflow_provider_pepipost.messages import MediaMessage, idempotency_key
+from airflow_provider_pepipost.status.store import LedgerEntry, StatusStore, TaskKey
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutcome:
+    """What became of one input row; the XCom ``messages`` rows are these."""
+
+    row: int
+    recipient: str
+    api_header: str
+    message_id: str | None
+    state: str  # accepted | rejected | unknown | duplicate | not_sent
+    error_code: str | None = None
+    error_message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "row": self.row,
+            "recipient": self.recipient,
+            "x-apiheader": self.api_header,
+            "message_id": self.message_id,
+            "state": self.state,
+            "error_code": self.error_code,
+            "error_message": self.error_message,
+        }
+
+
+@dataclass
+class CampaignResult:
+    total: int
+    counts: Counter = field(default_factory=Counter)  # state -> rows
+    reused: int = 0  # accepted by an earlier try, not sent again
+    error_codes: Counter = field(default_factory=Counter)
+    outcomes: list[RowOutcome] | None = None  # in input order, when kept
+    fatal: PepipostApiError | None = None
+    stopped_reason: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "accepted": self.counts["accepted"],
+            "rejected": self.counts["rejected"],
+            "unknown": self.counts["unknown"],
+            "duplicate": self.counts["duplicate"],
+            "not_sent": self.counts["not_sent"],
+            "reused_from_earlier_try": self.reused,
+            "error_codes": dict(self.error_codes),
+        }
+
+
+class RateLimiter:
+    """Spaces calls evenly at ``rate`` per second across threads."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            time.sleep(slot - now)
+
+
+class CampaignSender:
+    """Sends validated messages with ``max_workers`` threads, writing each one to the ledger first."""
+
+    def __init__(
+        self,
+        hook: PepipostHook,
+        store: StatusStore,
+        task: TaskKey,
+        *,
+        total: int,
+        max_workers: int = 16,
+        max_rate: float | None = None,
+        max_rejected_ratio: float = 0.0,
+        keep_outcomes: bool = True,
+        progress_interval: float = 10.0,
+        log: logging.Logger | Any = None,
+    ) -> None:
+        self.hook = hook
+        self.store = store
+        self.task = task
+        self.total = total
+        self.max_workers = max_workers
+        self.limiter = RateLimiter(max_rate) if max_rate else None
+        self.max_rejected = int(max_rejected_ratio * total + 1e-9)
+        self.keep_outcomes = keep_outcomes
+        self.progress_interval = progress_interval
+        self.log = log or logging.getLogger(__name__)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.result = CampaignResult(total=total, outcomes=[] if keep_outcomes else None)
+
+    def run(self, messages: Iterable[tuple[int, MediaMessage]]) -> CampaignResult:
+        earlier = self.store.open_ledger(self.task)
+        if earlier:
+            self.log.info("Found %d rows recorded by an earlier try; they will not be sent again", len(earlier))
+        started = time.monotonic()
+        last_log = started
+        in_flight: set[Future] = set()
+        window = self.max_workers * 2
+        done_rows = 0
+        with ThreadPoolExecutor(self.max_workers, thread_name_prefix="pepipost-send") as pool:
+            for row, message in messages:
+                key = idempotency_key(
+                    self.task.dag_id, self.task.run_id, self.task.task_id, self.task.map_index,
+                    message.recipient_whatsapp, message.attachment,
+                )  # fmt: skip
+                header = message.api_header or key
+                if message.api_header is None:
+                    message = dataclasses.replace(message, api_header=key)
+                entry = earlier.get(key)
+                if entry is not None and entry.state != "rejected":
+                    self._record(self._from_ledger(row, message, entry), reused=True)
+                    done_rows += 1
+                    continue
+                if self._stop.is_set():
+                    self._record(RowOutcome(row, message.recipient_whatsapp, header, None, "not_sent"))
+                    done_rows += 1
+                    continue
+                in_flight.add(pool.submit(self._send_one, row, key, message))
+                if len(in_flight) >= window:
+                    finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                    done_rows += self._collect(finished)
+                if time.monotonic() - last_log >= self.progress_interval:
+                    self._log_progress(done_rows, started)
+                    last_log = time.monotonic()
+            while in_flight:
+                finished, in_flight = wait(in_flight, timeout=self.progress_interval, return_when=FIRST_COMPLETED)
+                done_rows += self._collect(finished)
+                if time.monotonic() - last_log >= self.progress_interval:
+                    self._log_progress(done_rows, started)
+                    last_log = time.monotonic()
+        self._log_progress(done_rows, started)
+        if self.result.outcomes is not None:
+            self.result.outcomes.sort(key=lambda outcome: outcome.row)
+        return self.result
+
+    def _collect(self, finished: set[Future]) -> int:
+        for future in finished:
+            self._record(future.result())
+        return len(finished)
+
+    def _send_one(self, row: int, key: str, message: MediaMessage) -> RowOutcome:
+        header = message.api_header or key
+        recipient = message.recipient_whatsapp
+        if self._stop.is_set():
+            return RowOutcome(row, recipient, header, None, "not_sent")
+        if not self.store.claim_for_sending(self.task, key, header, recipient, row):
+            return RowOutcome(
+                row, recipient, header, None, "duplicate", error_message="same recipient and attachment as another row"
+            )
+        if self.limiter:
+            self.limiter.acquire()
+        try:
+            message_id = self.hook.send_message(message)
+        except PepipostOutcomeUnknownError as err:
+            self.store.record_outcome(key, "unknown", error_message=str(err))
+            return RowOutcome(row, recipient, header, None, "unknown", error_message=str(err))
+        except PepipostApiError as err:
+            self.store.record_outcome(key, "rejected", error_code=err.code, error_message=err.message)
+            if err.kind is FailureKind.JOB or err.kind is FailureKind.TRANSIENT:
+                # A transient failure that outlived every retry stops the job like a fatal one.
+                self._stop_campaign(err)
+            return RowOutcome(row, recipient, header, None, "rejected", err.code, err.message)
+        except BaseException:
+            # Unexpected: the outcome of the request is not known, so it must not be resent.
+            self.store.record_outcome(key, "unknown", error_message="the send raised unexpectedly")
+            raise
+        self.store.record_outcome(key, "accepted", message_id=message_id)
+        return RowOutcome(row, recipient, header, message_id, "accepted")
+
+    def _stop_campaign(self, err: PepipostApiError) -> None:
+        with self._lock:
+            if self.result.fatal is None:
+                self.result.fatal = err
+                self.result.stopped_reason = str(err)
+        self._stop.set()
+
+    def _record(self, outcome: RowOutcome, reused: bool = False) -> None:
+        result = self.result
+        result.counts[outcome.state] += 1
+        if reused:
+            result.reused += 1
+        if outcome.state == "rejected":
+            result.error_codes[outcome.error_code or "none"] += 1
+            if result.counts["rejected"] > self.max_rejected and not self._stop.is_set():
+                result.stopped_reason = (
+                    f"{result.counts['rejected']} rejections exceed max_rejected_ratio "
+                    f"({self.max_rejected} of {self.total} allowed)"
+                )
+                self._stop.set()
+        if result.outcomes is not None:
+            result.outcomes.append(outcome)
+
+    @staticmethod
+    def _from_ledger(row: int, message: MediaMessage, entry: LedgerEntry) -> RowOutcome:
+        return RowOutcome(
+            row, message.recipient_whatsapp, entry.api_header, entry.message_id, entry.state,
+            entry.error_code, entry.error_message,
+        )  # fmt: skip
+
+    def _log_progress(self, done: int, started: float) -> None:
+        elapsed = max(time.monotonic() - started, 1e-6)
+        counts = self.result.counts
+        self.log.info(
+            "Sent %d of %d (%.0f%%), %.1f msg/s; accepted %d, rejected %d, unknown %d, duplicate %d",
+            done, self.total, 100.0 * done / max(self.total, 1), done / elapsed,
+            counts["accepted"], counts["rejected"], counts["unknown"], counts["duplicate"],
+        )  # fmt: skip
+
+
+class CampaignError(PepipostError):
+    """The campaign stopped or ended with more rejections than allowed."""

@@ -1,0 +1,41 @@
+"""Mounts the delivery-report receiver in Airflow 3's API server, at ``/pepipost/webhook``.
+
+Airflow's auth does not cover plugin endpoints: the receiver checks its own token
+(``$PEPIPOST_WEBHOOK_TOKEN`` or ``[pepipost] webhook_token``) and refuses every report without one.
+"""
+
+from __future__ import annotations
+
+import os
+
+from airflow.plugins_manager import AirflowPlugin
+
+from airflow_provider_pepipost.webhook.app import TOKEN_ENV, create_app
+
+
+def _setting(env: str, key: str) -> str | None:
+    if value := os.environ.get(env):
+        return value
+    try:
+        from airflow.configuration import conf
+
+        return conf.get("pepipost", key, fallback=None)
+    except Exception:  # no Airflow config in this process: nothing set there
+        return None
+
+
+def build_receiver_app():  # -> FastAPI
+    allowed = _setting("PEPIPOST_WEBHOOK_ALLOWED_IPS", "webhook_allowed_ips")
+    return create_app(
+        store_url=_setting("PEPIPOST_STATUS_STORE_URL", "status_store_url"),
+        token=_setting(TOKEN_ENV, "webhook_token") or "",
+        path_prefix="",
+        allowed_ips=allowed.split(",") if allowed else None,
+    )
+
+
+class PepipostWebhookPlugin(AirflowPlugin):
+    name = "pepipost_webhook"
+    fastapi_apps = [
+        {"app": build_receiver_app(), "url_prefix": "/pepipost", "name": "Pepipost delivery-report receiver"}
+    ]

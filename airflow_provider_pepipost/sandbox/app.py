@@ -1,0 +1,203 @@
+"""The sandbox's API: a Pepipost-compatible ``POST /api/v2/message/`` that checks requests as the vendor does.
+
+Checks the Bearer key, then the body, from the vendor's send page (../shared/pepipost/), with code
+of its own: it imports nothing from the provider's message model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from airflow_provider_pepipost.sandbox.reports import AcceptedMessage, ReportSender
+from airflow_provider_pepipost.sandbox.scenario import RECIPIENT_ERRORS, Scenario
+
+_DIGITS = re.compile(r"^[0-9]{10,15}$")
+_MEDIA_TYPES = {"image", "video", "audio", "document", "sticker"}
+
+
+@dataclass
+class SandboxState:
+    """What the sandbox knows and has seen. Read by tests through ``SandboxServer``."""
+
+    scenario: Scenario
+    api_key: str
+    sources: set[str] | None  # None: any source id is valid
+    media_ids: set[str] | None  # None: any attachment id is valid
+    record_bodies: bool = True
+    reports: ReportSender | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    requests: int = 0
+    responses: Counter = field(default_factory=Counter)  # outcome -> count ('accepted', '8006', '429', ...)
+    accepted: list[dict[str, Any]] = field(default_factory=list)  # bodies, when record_bodies
+    accepted_count: int = 0
+    accepted_by_header: Counter = field(default_factory=Counter)
+    final_by_id: dict[str, str] = field(default_factory=dict)  # message id -> final status it will reach
+    attempts: Counter = field(default_factory=Counter)
+    outage_until: float = 0.0
+    drop_connection: Any = None  # set by the server: closes a request's connection without answering
+
+    def funnel(self) -> dict[str, int]:
+        """How many accepted messages will end in each status: what the demo's report must show."""
+        with self.lock:
+            return dict(Counter(self.final_by_id.values()))
+
+
+def _failure(
+    code: str, message: str, http_status: int, state: SandboxState, headers: dict | None = None
+) -> JSONResponse:
+    with state.lock:
+        state.responses[code] += 1
+    if state.scenario.failures_with_http_200 and http_status < 500:
+        http_status = 200
+    return JSONResponse(
+        {"status": "failure", "error": {"code": code, "message": message}}, status_code=http_status, headers=headers
+    )
+
+
+def _check_message(item: Any, state: SandboxState) -> tuple[str, str] | None:
+    """The vendor's validation of one message: None when valid, else (code, message)."""
+    if not isinstance(item, dict):
+        return "8006", "message must be an object."
+    for name in ("recipient_whatsapp", "message_type", "source"):
+        if item.get(name) in (None, ""):
+            return "8001", f"{name} is required."
+    if item["message_type"] != "media":
+        return "8006", "type is required."
+    recipient_type = item.get("recipient_type", "individual")
+    if recipient_type not in ("individual", "group"):
+        return "8006", "recipient_type is invalid."
+    recipient = item["recipient_whatsapp"]
+    if not isinstance(recipient, str) or (recipient_type == "individual" and not _DIGITS.match(recipient)):
+        return "8006", "recipient_whatsapp is invalid."
+    if state.sources is not None and item["source"] not in state.sources:
+        return "8006", "source is invalid."
+    media = item.get("type_media")
+    if not isinstance(media, list) or not media or not isinstance(media[0], dict):
+        return "8001", "type_media is required."
+    attachments = media[0].get("attachments")
+    if not isinstance(attachments, list) or not attachments or not isinstance(attachments[0], dict):
+        return "8001", "attachments is required."
+    attachment = attachments[0]
+    if "caption" in attachment and not isinstance(attachment["caption"], str):
+        return "8006", "caption is invalid."
+    if "x-apiheader" in item and not isinstance(item["x-apiheader"], str):
+        return "8006", "x-apiheader is invalid."
+    if attachment.get("attachment_id"):
+        if state.media_ids is not None and attachment["attachment_id"] not in state.media_ids:
+            return "8008", "Invalid media id."
+    elif attachment.get("attachment_url"):
+        if attachment.get("attachment_type") not in _MEDIA_TYPES:
+            return "8006", "attachment_type is invalid."
+        if not str(attachment["attachment_url"]).startswith(("http://", "https://")):
+            return "8008", "Invalid media url."
+    else:
+        return "8001", "attachment_id is required."
+    return None
+
+
+def create_sandbox_app(state: SandboxState) -> FastAPI:
+    app = FastAPI(title="Pepipost WhatsApp sandbox", docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def send_message(request: Request) -> JSONResponse:
+        sc = state.scenario
+        with state.lock:
+            state.requests += 1
+            number = state.requests
+            if sc.outage_after is not None and number == sc.outage_after + 1:
+                state.outage_until = time.monotonic() + sc.outage_seconds
+            in_outage = time.monotonic() < state.outage_until
+        if sc.latency:
+            await asyncio.sleep(sc.latency)
+        if in_outage:
+            return _failure("503", "Service unavailable (sandbox outage)", 503, state)
+
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer "):
+            return _failure("8004", "Authorization header must be 'Bearer <API key>'.", 403, state)
+        if auth[7:] != state.api_key:
+            return _failure("8004", "Client details not found.", 401, state)
+
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            return _failure("8006", "Request body must be JSON.", 400, state)
+        messages = body.get("message") if isinstance(body, dict) else None
+        if not isinstance(messages, list) or not messages:
+            return _failure("8001", "message is required.", 400, state)
+        if len(messages) != 1:
+            return _failure("8006", "Send one message per request.", 400, state)
+        item = messages[0]
+        if problem := _check_message(item, state):
+            return _failure(*problem, 400, state)
+
+        identity = item.get("x-apiheader") or f"{item['recipient_whatsapp']}|{json.dumps(item['type_media'])}"
+        with state.lock:
+            state.attempts[identity] += 1
+            attempt = state.attempts[identity]
+        fault = sc.request_fault(identity, attempt)
+        if fault == "429":
+            headers = {"Retry-After": f"{sc.retry_after:g}"} if sc.retry_after is not None else None
+            return _failure("429", "Too many requests.", 429, state, headers)
+        if fault == "5xx":
+            return _failure("500", "Internal server error.", 500, state)
+        if fault == "8005":
+            return _failure("8005", "Technical error, please retry.", 500, state)
+        if fault == "drop":
+            with state.lock:
+                state.responses["drop"] += 1
+            state.drop_connection(request)
+            return JSONResponse({}, status_code=500)  # never reaches the client: its socket is gone
+        if code := sc.recipient_error(item["recipient_whatsapp"]):
+            return _failure(code, RECIPIENT_ERRORS[code], 400, state)
+
+        message_id = str(uuid.uuid4())
+        accepted = AcceptedMessage(
+            message_id, item["recipient_whatsapp"], item["source"], item.get("x-apiheader"), time.time()
+        )
+        with state.lock:
+            state.responses["accepted"] += 1
+            state.accepted_count += 1
+            state.accepted_by_header[item.get("x-apiheader")] += 1
+            state.final_by_id[message_id] = sc.final_status(item.get("x-apiheader") or message_id)
+            if state.record_bodies:
+                state.accepted.append({"message_id": message_id, "body": body})
+        if state.reports:
+            state.reports.schedule(accepted)
+        if fault == "slow":
+            await asyncio.sleep(sc.slow_seconds)
+        return JSONResponse(
+            {"status": "success", "message": "Request received successfully.", "data": {"id": message_id}}
+        )
+
+    app.add_api_route("/api/v2/message/", send_message, methods=["POST"])
+    app.add_api_route("/api/v2/message/nc", send_message, methods=["POST"])
+
+    @app.get("/_sandbox/stats")
+    async def stats() -> dict[str, Any]:
+        with state.lock:
+            data = {
+                "requests": state.requests,
+                "accepted": state.accepted_count,
+                "responses": dict(state.responses),
+                "funnel": dict(Counter(state.final_by_id.values())),
+            }
+        if state.reports:
+            data["reports"] = {
+                "pending": state.reports.pending(),
+                "events_posted": state.reports.events_posted,
+                "events_lost": state.reports.events_lost,
+            }
+        return data
+
+    return app

@@ -1,0 +1,196 @@
+"""``make demo``: the example campaign DAG end to end on this machine, without a Pepipost account.
+
+Starts the sandbox and the webhook receiver on free loopback ports, migrates a throwaway Airflow
+database, runs ``airflow dags test``, then prints the delivery funnel next to what the sandbox's
+scenario decided. Everything it started is stopped on exit, on failure and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import requests
+
+DEMO_SCENARIO = {
+    "seed": 11,
+    "latency": 0.05,
+    "final_mix": {"read": 0.6, "delivered": 0.25, "sent": 0.05, "failed": 0.1},
+    "status_delay": 0.3,
+    "duplicate_ratio": 0.1,
+    "out_of_order_ratio": 0.1,
+    "inbound_ratio": 0.1,
+    "reject_ratio": {"8003": 0.03},
+    "rate_429": 0.03,
+    "retry_after": 0.2,
+    "webhook_version": 2,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up within {seconds:.0f}s")
+
+
+def sandbox_funnel(final_by_status: dict[str, int]) -> dict[str, int]:
+    counts = Counter(final_by_status)
+    return {
+        "total": sum(counts.values()),
+        "sent": counts["sent"] + counts["delivered"] + counts["read"],
+        "delivered": counts["delivered"] + counts["read"],
+        "read": counts["read"],
+        "failed": counts["failed"],
+    }
+
+
+def store_funnel(db_path: Path, dag_id: str) -> dict[str, int]:
+    """The funnel of every message the DAG's run sent, read straight from the store's SQLite file."""
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute(
+            """SELECT coalesce(s.status, 'pending'), count(*) FROM pepipost_ledger l
+               LEFT JOIN pepipost_message_status s ON s.message_id = l.message_id
+               WHERE l.dag_id = ? AND l.state = 'accepted' GROUP BY 1""",
+            (dag_id,),
+        ).fetchall()
+    counts = Counter(dict(rows))
+    funnel = sandbox_funnel({k: v for k, v in counts.items() if k != "pending"})
+    funnel["total"] += counts["pending"]
+    funnel["pending"] = counts["pending"]
+    return funnel
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pepipost-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--dags-folder", default="dags_examples")
+    parser.add_argument("--dag", default="whatsapp_media_campaign")
+    parser.add_argument("--workdir", default=".demo")
+    parser.add_argument("--audience-size", type=int, default=200)
+    args = parser.parse_args(argv)
+
+    workdir = Path(args.workdir).resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    (workdir / "airflow").mkdir(parents=True)
+    store_path = workdir / "pepipost_status.db"
+    store_url = f"sqlite:///{store_path}"
+    token = secrets.token_urlsafe(24)
+    sandbox_port, webhook_port = free_port(), free_port()
+    sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+    webhook_url = f"http://127.0.0.1:{webhook_port}/pepipost/webhook"
+    bin_dir = Path(sys.executable).parent
+
+    env = dict(os.environ)
+    env.update(
+        {
+            "AIRFLOW_HOME": str(workdir / "airflow"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(Path(args.dags_folder).resolve()),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "PEPIPOST_STATUS_STORE_URL": store_url,
+            "PEPIPOST_WEBHOOK_TOKEN": token,
+            "AIRFLOW_CONN_PEPIPOST_DEFAULT": json.dumps(
+                {
+                    "conn_type": "pepipost",
+                    "host": sandbox_url,
+                    "password": "sandbox-api-key",
+                    "extra": {"source": "sandbox-source", "status_store_url": store_url},
+                }
+            ),
+        }
+    )
+    children: list[subprocess.Popen] = []
+
+    def stop_children(*_: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        print(f"[demo] migrating a throwaway Airflow database in {workdir / 'airflow'}", flush=True)
+        subprocess.run([str(bin_dir / "airflow"), "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+        children.append(subprocess.Popen([str(bin_dir / "pepipost-webhook"), "--port", str(webhook_port)], env=env))
+        children.append(
+            subprocess.Popen(
+                [
+                    str(bin_dir / "pepipost-sandbox"),
+                    "--port",
+                    str(sandbox_port),
+                    "--webhook-url",
+                    webhook_url,
+                    "--scenario",
+                    json.dumps(DEMO_SCENARIO),
+                ],
+                env=env,
+            )  # fmt: skip
+        )
+        wait_http(f"http://127.0.0.1:{webhook_port}/pepipost/healthz")
+        wait_http(f"{sandbox_url}/_sandbox/stats")
+        print(f"[demo] sandbox {sandbox_url}, receiver {webhook_url}; running airflow dags test {args.dag}", flush=True)
+        conf = json.dumps({"audience_size": args.audience_size})
+        run = subprocess.run(
+            [str(bin_dir / "airflow"), "dags", "test", args.dag, "--conf", conf], env=env, timeout=1800
+        )
+        if run.returncode != 0:
+            print(f"[demo] airflow dags test failed with exit code {run.returncode}", flush=True)
+            return run.returncode
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the last delivery reports may still be on their way
+            stats = requests.get(f"{sandbox_url}/_sandbox/stats", timeout=5).json()
+            if stats["reports"]["pending"] == 0:
+                break
+            time.sleep(0.5)
+        time.sleep(1.0)
+        stats = requests.get(f"{sandbox_url}/_sandbox/stats", timeout=5).json()
+        expected = sandbox_funnel(stats["funnel"])
+        got = store_funnel(store_path, args.dag)
+        print("\n[demo] Delivery funnel: status store (from webhook reports) vs the sandbox's scenario")
+        print(f"  {'stage':<10}{'store':>8}{'sandbox':>9}")
+        for stage in ("total", "sent", "delivered", "read", "failed"):
+            print(f"  {stage:<10}{got[stage]:>8}{expected[stage]:>9}")
+        print(f"  {'pending':<10}{got['pending']:>8}")
+        print(
+            f"  sandbox: {stats['requests']} requests, {stats['accepted']} accepted, responses {stats['responses']}, "
+            f"{stats['reports']['events_posted']} report events posted"
+        )
+        matches = all(got[k] == expected[k] for k in expected)
+        print(f"[demo] funnel matches the sandbox scenario: {'yes' if matches else 'NO'}", flush=True)
+        return 0 if matches else 1
+    except KeyboardInterrupt:
+        print("[demo] interrupted", flush=True)
+        return 130
+    finally:
+        stop_children()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The sandbox's delivery-report sender: posts delivery_status[] batches to a webhook, as the vendor does.
+
+Written from ../shared/pepipost/api-notes.md on its own, sharing no code with the receiver, so
+that a bug in either one shows up as a disagreement between the two.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from airflow_provider_pepipost.sandbox.scenario import FAILED_REMARKS, Scenario
+
+log = logging.getLogger(__name__)
+
+POST_TRIES = 5
+
+
+@dataclass
+class AcceptedMessage:
+    message_id: str
+    recipient: str
+    source: str
+    api_header: str | None
+    accepted_at: float
+
+
+class ReportSender:
+    """A thread that posts each accepted message's statuses when they fall due, in batches."""
+
+    def __init__(self, scenario: Scenario, webhook_url: str | None, headers: dict[str, str] | None = None) -> None:
+        self.scenario = scenario
+        self.webhook_url = webhook_url
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self._queue: list[tuple[float, int, str, dict[str, Any]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._session = requests.Session()
+        self.events_posted = 0
+        self.batches_posted = 0
+        self.batches_failed = 0
+        self.events_lost = 0
+
+    def start(self) -> None:
+        if self.webhook_url and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pepipost-sandbox-reports", daemon=True)
+            self._thread.start()
+
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        deadline = time.monotonic() + drain_seconds
+        while drain_seconds and self.pending() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread:
+            self._thread.join(timeout=10)
+        self._session.close()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def schedule(self, message: AcceptedMessage) -> None:
+        """Queue the reports of one accepted message."""
+        if not self.webhook_url:
+            return
+        sc = self.scenario
+        identity = message.api_header or message.message_id
+        path = sc.status_path(identity)
+        times = [message.accepted_at + sc.status_delay * (i + 1) for i in range(len(path))]
+        if len(path) == 3 and sc.draw("order", identity) < sc.out_of_order_ratio:
+            times[1], times[2] = times[2], times[1]
+        items = []
+        for status, due in zip(path, times, strict=True):
+            items.append((due, "delivery_status", self._delivery_item(message, status, due)))
+            if sc.draw("dup", identity, status) < sc.duplicate_ratio:
+                items.append((due + sc.status_delay, "delivery_status", self._delivery_item(message, status, due)))
+        if sc.draw("inbound", identity) < sc.inbound_ratio:
+            items.append((times[-1], "incoming_message", self._inbound_item(message, times[-1])))
+        with self._cond:
+            for due, kind, item in items:
+                heapq.heappush(self._queue, (due, next(self._seq), kind, item))
+            self._cond.notify()
+
+    def _delivery_item(self, message: AcceptedMessage, status: str, when: float) -> dict[str, Any]:
+        remark = ""
+        if status == "failed":
+            remark = FAILED_REMARKS[int(self.scenario.draw("remark", message.message_id) * len(FAILED_REMARKS))]
+        item: dict[str, Any] = {
+            "ncmessage_id": message.message_id,
+            "recipient": message.recipient,
+            "status": status,
+            "status_remark": remark,
+            "source": message.source,
+        }
+        if self.scenario.webhook_version == 1:
+            item["received_at"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
+        else:
+            item["received_at"] = str(int(when))
+            item["x-apiheader"] = message.api_header or ""
+            item["phoneNumber"] = "919000000000"
+            item["pricing"] = {"billable": True, "category": "service", "pricing_model": "CBP", "type": "regular"}
+        return item
+
+    @staticmethod
+    def _inbound_item(message: AcceptedMessage, when: float) -> dict[str, Any]:
+        return {
+            "message_id": f"in-{message.message_id}",
+            "from": message.recipient,
+            "received_at": str(int(when)),
+            "message_type": "text",
+            "text_type": {"text": "Thanks!"},
+            "context": {"ncmessage_id": message.message_id},
+        }
+
+    def _take_due(self) -> list[tuple[str, dict[str, Any]]] | None:
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                now = time.time()
+                if self._queue and self._queue[0][0] <= now:
+                    batch = []
+                    while self._queue and self._queue[0][0] <= now and len(batch) < self.scenario.batch_size:
+                        _, _, kind, item = heapq.heappop(self._queue)
+                        batch.append((kind, item))
+                    return batch
+                wait = self._queue[0][0] - now if self._queue else 1.0
+                self._cond.wait(timeout=max(self.scenario.batch_interval, min(wait, 1.0)))
+
+    def _run(self) -> None:
+        while (batch := self._take_due()) is not None:
+            body: dict[str, list[dict[str, Any]]] = {}
+            for kind, item in batch:
+                body.setdefault(kind, []).append(item)
+            self._post(body, len(batch))
+
+    def _post(self, body: dict[str, Any], count: int) -> None:
+        for attempt in range(POST_TRIES):
+            try:
+                response = self._session.post(self.webhook_url, json=body, headers=self.headers, timeout=10)
+                if response.status_code < 300:
+                    self.events_posted += count
+                    self.batches_posted += 1
+                    return
+                log.warning("webhook answered %s: %s", response.status_code, response.text[:200])
+                if 400 <= response.status_code < 500 and response.status_code != 429:
+                    break  # the receiver will not take it however often we try
+            except requests.RequestException as err:
+                log.warning("webhook post failed (%s)", type(err).__name__)
+            time.sleep(min(0.1 * 2**attempt, 2.0))
+        self.batches_failed += 1
+        self.events_lost += count

@@ -1,0 +1,111 @@
+"""What the sandbox does to each request and message: faults, rejections and final statuses.
+
+Every choice is a pure function of the seed and the message's identity (never of arrival order),
+so a test that sends the same audience twice sees the same outcomes, whatever the concurrency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+FINAL_STATUSES = ("sent", "delivered", "read", "failed")
+RECIPIENT_ERRORS = {
+    "8002": "Phone number is not opted in.",
+    "8003": "WhatsApp contact does not exist.",
+    "8007": "Message can not be sent as free form message. Please send template message.",
+}
+FAILED_REMARKS = ("Message undeliverable", "Recipient phone unreachable", "Media download failed")
+
+
+@dataclass
+class Scenario:
+    """How the sandbox behaves. All ratios are shares in [0, 1]; all times are seconds."""
+
+    seed: int = 7
+    latency: float = 0.0  # added to every send request
+    # Final status of accepted messages, by share; the path there goes sent -> delivered -> read.
+    final_mix: dict[str, float] = field(
+        default_factory=lambda: {"read": 0.6, "delivered": 0.25, "sent": 0.05, "failed": 0.1}
+    )
+    status_delay: float = 0.05  # between one status of a message and the next
+    duplicate_ratio: float = 0.0  # reports posted twice
+    out_of_order_ratio: float = 0.0  # 'read' posted before 'delivered'
+    inbound_ratio: float = 0.0  # customer replies posted as incoming_message[]
+    # Rejections by recipient (vendor codes 8002, 8003, 8007), as shares of recipients.
+    reject_ratio: dict[str, float] = field(default_factory=dict)
+    # Faults, as shares of requests (each try of a message is drawn again).
+    rate_429: float = 0.0
+    retry_after: float | None = 0.2  # Retry-After of a 429; None sends none
+    rate_5xx: float = 0.0
+    rate_8005: float = 0.0
+    rate_drop: float = 0.0  # the connection is closed without an answer, before accepting
+    rate_slow: float = 0.0  # accepted, but answered only after slow_seconds
+    slow_seconds: float = 5.0
+    outage_after: int | None = None  # after this many requests, answer 503 for outage_seconds
+    outage_seconds: float = 0.0
+    failures_with_http_200: bool = False  # the vendor's failure bodies with HTTP 200
+    webhook_version: int = 2
+    batch_size: int = 50
+    batch_interval: float = 0.05
+
+    @classmethod
+    def from_json(cls, text: str) -> Scenario:
+        data = json.loads(text) if text else {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown scenario keys: {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # -- deterministic draws --------------------------------------------------------------------
+
+    def draw(self, *parts: Any) -> float:
+        """A number in [0, 1) fixed by the seed and the parts."""
+        digest = hashlib.blake2b("\x1f".join(map(str, (self.seed, *parts))).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64
+
+    def request_fault(self, identity: str, attempt: int) -> str | None:
+        """The fault this try of this message meets: '429', '5xx', '8005', 'drop', 'slow' or None."""
+        roll = self.draw("fault", identity, attempt)
+        for name, rate in (
+            ("429", self.rate_429),
+            ("5xx", self.rate_5xx),
+            ("8005", self.rate_8005),
+            ("drop", self.rate_drop),
+            ("slow", self.rate_slow),
+        ):
+            if roll < rate:
+                return name
+            roll -= rate
+        return None
+
+    def recipient_error(self, recipient: str) -> str | None:
+        roll = self.draw("recipient", recipient)
+        for code, rate in sorted(self.reject_ratio.items()):
+            if roll < rate:
+                return code
+            roll -= rate
+        return None
+
+    def final_status(self, identity: str) -> str:
+        roll = self.draw("final", identity)
+        total = sum(self.final_mix.values()) or 1.0
+        for status in FINAL_STATUSES:
+            share = self.final_mix.get(status, 0.0) / total
+            if roll < share:
+                return status
+            roll -= share
+        return "read"
+
+    def status_path(self, identity: str) -> list[str]:
+        """The statuses reported for one accepted message, in the order the phone reached them."""
+        final = self.final_status(identity)
+        if final == "failed":
+            return ["sent", "failed"]
+        return ["sent", "delivered", "read"][: ["sent", "delivered", "read"].index(final) + 1]

@@ -1,0 +1,144 @@
+"""WhatsAppMessageStatusSensor: wait until sent messages reach a delivery status (poke, reschedule, deferrable)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+from sqlalchemy.engine import make_url
+
+from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
+from airflow_provider_pepipost.hooks.pepipost import PepipostHook, mask_secret
+from airflow_provider_pepipost.status.model import (
+    FAIL_ON_POLICIES,
+    TARGET_STATUSES,
+    UNKNOWN_POLICIES,
+    DeliverySummary,
+    evaluate,
+)
+from airflow_provider_pepipost.status.store import StatusStore, default_store_url, parse_message_targets
+from airflow_provider_pepipost.triggers.status import WhatsAppMessageStatusTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class WhatsAppDeliveryFailed(AirflowFailException):
+    """Too many messages failed; retrying the sensor would not change that."""
+
+
+class WhatsAppMessageStatusSensor(BaseSensorOperator):
+    """Wait until WhatsApp messages reach ``target_status`` according to their delivery reports.
+
+    Reads the status store that the webhook receiver fills; it never calls Pepipost.
+
+    :param message_ids: the send task's XCom: a list of message ids, a ledger reference, or a list
+        of those (a mapped send task). (templated)
+    :param target_status: ``sent``, ``delivered`` or ``read``; a message further along counts. (templated)
+    :param min_success_ratio: share of the messages that must reach the target.
+    :param fail_on: ``unreachable`` (default) fails once too many messages failed for the ratio to
+        be met; ``any`` fails at the first failed message; ``never`` waits until the timeout.
+    :param unknown_policy: sends whose outcome is unknown (timed out, not yet reconciled) are
+        waited on (``wait``), left out of the count (``ignore``) or fail the sensor (``fail``).
+    :param pepipost_conn_id: connection whose extra ``status_store_url`` names the store.
+    :param status_store_url: the store's URL, if not the connection's or the default.
+    :param deferrable: wait in the triggerer instead of a worker slot.
+
+    Returns (XCom ``return_value``) the delivery summary: counts by status, pending, unknown,
+    and the failed ids with their remarks.
+    """
+
+    template_fields: Sequence[str] = ("message_ids", "target_status")
+    ui_color = "#128c7e"
+
+    def __init__(
+        self,
+        *,
+        message_ids: Any,
+        target_status: str = "delivered",
+        min_success_ratio: float = 1.0,
+        fail_on: str = "unreachable",
+        unknown_policy: str = "wait",
+        pepipost_conn_id: str = DEFAULT_CONN_ID,
+        status_store_url: str | None = None,
+        deferrable: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.message_ids = message_ids
+        self.target_status = target_status
+        self.min_success_ratio = min_success_ratio
+        self.fail_on = fail_on
+        self.unknown_policy = unknown_policy
+        self.pepipost_conn_id = pepipost_conn_id
+        self.status_store_url = status_store_url
+        self.deferrable = deferrable
+        if fail_on not in FAIL_ON_POLICIES:
+            raise ValueError(f"fail_on must be one of {FAIL_ON_POLICIES}, not {fail_on!r}")
+        if unknown_policy not in UNKNOWN_POLICIES:
+            raise ValueError(f"unknown_policy must be one of {UNKNOWN_POLICIES}, not {unknown_policy!r}")
+        if not 0.0 <= min_success_ratio <= 1.0:
+            raise ValueError(f"min_success_ratio must be between 0 and 1, not {min_success_ratio!r}")
+
+    def _resolve_store_url(self) -> str:
+        url = self.status_store_url
+        if not url:
+            try:
+                url = PepipostHook(self.pepipost_conn_id).settings.status_store_url
+            except AirflowNotFoundException:
+                url = None
+        url = url or default_store_url()
+        if password := make_url(url).password:
+            mask_secret(str(password))
+        return url
+
+    def _check_target(self) -> None:
+        if self.target_status not in TARGET_STATUSES:
+            raise ValueError(f"target_status must be one of {TARGET_STATUSES}, not {self.target_status!r}")
+
+    def _summarize(self) -> DeliverySummary:
+        return StatusStore(self._resolve_store_url()).summarize(parse_message_targets(self.message_ids))
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        self._check_target()
+        summary = self._summarize()
+        verdict = evaluate(summary, self.target_status, self.min_success_ratio, self.fail_on, self.unknown_policy)
+        self.log.info(
+            "%d of %d reached '%s' (need %.0f%%); counts %s, pending %d, unknown %d",
+            summary.reached(self.target_status), summary.total, self.target_status, 100 * self.min_success_ratio,
+            summary.counts, summary.pending, summary.unknown,
+        )  # fmt: skip
+        if verdict.failed:
+            raise WhatsAppDeliveryFailed(verdict.reason)
+        return PokeReturnValue(verdict.done, xcom_value=summary.to_dict() if verdict.done else None)
+
+    def execute(self, context: Context) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        first = self.poke(context)
+        if first.is_done:
+            return first.xcom_value
+        self.defer(
+            trigger=WhatsAppMessageStatusTrigger(
+                message_ids=[t if isinstance(t, str) else t.to_ref() for t in parse_message_targets(self.message_ids)],
+                store_url=self._resolve_store_url(),
+                target_status=self.target_status,
+                min_success_ratio=self.min_success_ratio,
+                fail_on=self.fail_on,
+                unknown_policy=self.unknown_policy,
+                poll_interval=self.poke_interval,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=self.timeout),
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        if event.get("status") == "success":
+            self.log.info("Done: %s", event["reason"])
+            return event["summary"]
+        if event.get("status") == "failure":
+            raise WhatsAppDeliveryFailed(event["reason"])
+        raise RuntimeError(f"the status trigger stopped: {event.get('reason')}")

@@ -1,0 +1,1 @@
+"""The status store and the delivery-status model: the bottom layer, no Airflow operator code."""

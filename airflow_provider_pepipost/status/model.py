@@ -1,0 +1,163 @@
+"""What a delivery status means: its rank, one delivery event, a summary, and the sensor's verdict.
+
+Pure code shared by the store, the receiver, the trigger and the sensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Status only moves up this ladder: a late 'delivered' never overwrites 'read'. 'failed' sits
+# above everything, so it is terminal. Values we do not know rank 0: kept, never promoted over.
+STATUS_RANK: dict[str, int] = {"sent": 1, "delivered": 2, "read": 3, "failed": 100}
+TARGET_STATUSES = ("sent", "delivered", "read")
+# The vendor does not document the spelling of the failed value; these all mean it.
+_FAILED_SPELLINGS = frozenset({"failed", "fail", "failure", "undelivered", "rejected", "error"})
+
+FAIL_ON_POLICIES = ("unreachable", "any", "never")
+UNKNOWN_POLICIES = ("wait", "ignore", "fail")
+
+
+def normalize_status(raw: Any) -> str:
+    """The canonical status for a vendor value: 'READ' -> 'read', 'Failure' -> 'failed'.
+
+    Unknown values are kept, lower-cased, rather than dropped.
+    """
+    value = str(raw).strip().lower()
+    return "failed" if value in _FAILED_SPELLINGS else value
+
+
+def status_rank(status: str) -> int:
+    return STATUS_RANK.get(status, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryEvent:
+    """One item of a delivery-report batch, parsed."""
+
+    message_id: str
+    status: str
+    raw_status: str
+    reported_at: float | None  # epoch seconds, as the vendor reported it
+    remark: str = ""
+    api_header: str | None = None
+    recipient: str | None = None
+    raw: str = ""  # the item as received, JSON text, for audits
+
+    @property
+    def rank(self) -> int:
+        return status_rank(self.status)
+
+
+@dataclass
+class DeliverySummary:
+    """Where a set of messages stands. Small enough for XCom: counts and the failed ids only."""
+
+    total: int
+    counts: dict[str, int] = field(default_factory=dict)  # current status -> messages
+    pending: int = 0  # no report yet
+    unknown: int = 0  # send outcome unknown (timed out) and not yet reconciled
+    failed: list[dict[str, str]] = field(default_factory=list)  # [{"message_id", "remark"}], capped
+    failed_total: int = 0
+
+    MAX_FAILED_LISTED = 100
+
+    def reached(self, target_status: str) -> int:
+        """Messages at the target status or beyond it (failed never counts as beyond)."""
+        target = status_rank(target_status)
+        return sum(n for status, n in self.counts.items() if status != "failed" and status_rank(status) >= target)
+
+    def funnel(self) -> dict[str, int]:
+        """Messages that got at least this far: sent -> delivered -> read; failed and pending apart."""
+        return {
+            "total": self.total,
+            "sent": self.reached("sent"),
+            "delivered": self.reached("delivered"),
+            "read": self.reached("read"),
+            "failed": self.failed_total,
+            "pending": self.pending,
+            "unknown": self.unknown,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "counts": dict(sorted(self.counts.items())),
+            "pending": self.pending,
+            "unknown": self.unknown,
+            "failed_total": self.failed_total,
+            "failed": self.failed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DeliverySummary:
+        return cls(
+            total=data["total"],
+            counts=dict(data["counts"]),
+            pending=data["pending"],
+            unknown=data.get("unknown", 0),
+            failed=list(data["failed"]),
+            failed_total=data["failed_total"],
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The sensor's decision on a summary: keep waiting, succeed, or fail with a reason."""
+
+    done: bool
+    failed: bool = False
+    reason: str = ""
+
+
+def evaluate(
+    summary: DeliverySummary,
+    target_status: str,
+    min_success_ratio: float,
+    fail_on: str = "unreachable",
+    unknown_policy: str = "wait",
+) -> Verdict:
+    """Decide whether enough messages reached ``target_status``.
+
+    ``fail_on``: 'unreachable' fails once so many messages failed that the ratio cannot be met;
+    'any' fails at the first failed message; 'never' waits (the sensor's timeout ends it).
+    ``unknown_policy``: sends whose outcome is unknown are waited on ('wait'), left out of the
+    count ('ignore'), or fail the sensor ('fail').
+    """
+    total = summary.total
+    unknown = summary.unknown
+    if unknown_policy == "fail" and unknown:
+        return Verdict(True, True, f"{unknown} message(s) have an unknown send outcome (timed out)")
+    if unknown_policy == "ignore":
+        total -= unknown
+    needed = _needed(total, min_success_ratio)
+    reached = summary.reached(target_status)
+    failed = summary.failed_total
+    if fail_on == "any" and failed:
+        return Verdict(True, True, _failure_reason(summary, failed, "a message failed"))
+    if reached >= needed:
+        return Verdict(True, False, f"{reached} of {total} message(s) reached '{target_status}'")
+    if fail_on == "unreachable" and total - failed < needed:
+        return Verdict(
+            True,
+            True,
+            _failure_reason(
+                summary, failed, f"{needed} of {total} must reach '{target_status}', at most {total - failed} still can"
+            ),
+        )
+    return Verdict(False)
+
+
+def _needed(total: int, ratio: float) -> int:
+    # Round up, with a small tolerance so that 0.9 * 10 is 9, not 10.
+    exact = total * ratio
+    whole = int(exact)
+    return whole if exact - whole < 1e-9 else whole + 1
+
+
+def _failure_reason(summary: DeliverySummary, failed: int, why: str) -> str:
+    listed = ", ".join(f"{f['message_id']} ({f['remark'] or 'no remark'})" for f in summary.failed[:10])
+    more = f" and {failed - 10} more" if failed > 10 else ""
+    return f"{why}: {failed} failed: {listed}{more}"

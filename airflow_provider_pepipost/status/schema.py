@@ -1,0 +1,103 @@
+"""The status store's tables, in one place, with the schema version they make up.
+
+Bump SCHEMA_VERSION and add a step to ``store.MIGRATIONS`` for any change to these tables.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+# SQLite autoincrements only an INTEGER PRIMARY KEY; PostgreSQL wants room for billions of events.
+_EventId = BigInteger().with_variant(Integer(), "sqlite")
+
+schema_version = Table(
+    "pepipost_schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", Float, nullable=False),
+)
+
+# One row per message a task decided to send: written before the request goes out, updated with
+# the outcome. A retry of the task reads it back so that nothing is sent twice.
+ledger = Table(
+    "pepipost_ledger",
+    metadata,
+    Column("idempotency_key", String(64), primary_key=True),
+    Column("api_header", String(512), nullable=False),
+    Column("message_id", String(128), nullable=True),
+    Column("recipient", String(64), nullable=False),
+    Column("dag_id", String(250), nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("task_id", String(250), nullable=False),
+    Column("map_index", Integer, nullable=False),
+    Column("row_index", Integer, nullable=False),
+    # sending -> accepted | rejected | unknown; unknown -> accepted when a report reconciles it
+    Column("state", String(16), nullable=False),
+    Column("error_code", String(32), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("sent_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("reconciled_at", Float, nullable=True),
+    Index("ix_pepipost_ledger_task", "dag_id", "run_id", "task_id", "map_index"),
+    Index("ix_pepipost_ledger_message_id", "message_id", unique=True),
+    Index("ix_pepipost_ledger_api_header", "api_header"),
+)
+
+# The current status of each message, moved only up the rank ladder (status.model.STATUS_RANK).
+# Keyed by message id alone, so that a report arriving before the ledger row still counts.
+message_status = Table(
+    "pepipost_message_status",
+    metadata,
+    Column("message_id", String(128), primary_key=True),
+    Column("status", String(32), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("remark", Text, nullable=False, default=""),
+    Column("reported_at", Float, nullable=True),
+    Column("updated_at", Float, nullable=False),
+)
+
+# Every delivery event as it came, once: the key folds message id, status and reported time.
+events = Table(
+    "pepipost_events",
+    metadata,
+    Column("id", _EventId, primary_key=True, autoincrement=True),
+    Column("event_key", String(64), nullable=False),
+    Column("message_id", String(128), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("raw_status", String(64), nullable=False),
+    Column("remark", Text, nullable=False),
+    Column("reported_at", Float, nullable=True),
+    Column("received_at", Float, nullable=False),
+    Column("api_header", String(512), nullable=True),
+    Column("recipient", String(64), nullable=True),
+    Column("raw", Text, nullable=False),
+    Index("ux_pepipost_events_key", "event_key", unique=True),
+    Index("ix_pepipost_events_message_id", "message_id"),
+)
+
+# What the receiver could not read as a delivery report, kept with the reason instead of dropped.
+dead_letters = Table(
+    "pepipost_dead_letters",
+    metadata,
+    Column("id", _EventId, primary_key=True, autoincrement=True),
+    Column("received_at", Float, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("raw", Text, nullable=False),
+)
+
+# Customer replies (incoming_message[]) come to the same webhook; kept apart, never a status.
+inbound_messages = Table(
+    "pepipost_inbound_messages",
+    metadata,
+    Column("id", _EventId, primary_key=True, autoincrement=True),
+    Column("inbound_key", String(64), nullable=False),
+    Column("sender", String(64), nullable=True),
+    Column("context_message_id", String(128), nullable=True),
+    Column("received_at", Float, nullable=False),
+    Column("raw", Text, nullable=False),
+    Index("ux_pepipost_inbound_key", "inbound_key", unique=True),
+)

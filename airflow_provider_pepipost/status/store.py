@@ -1,0 +1,604 @@
+"""The status store: the send ledger and every delivery event, in the provider's own database.
+
+SQLAlchemy Core over an embedded SQLite file by default, or any SQLAlchemy URL (PostgreSQL in
+production). Never Airflow's metadata database: Airflow 3 tasks may not touch it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+
+from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary
+
+STORE_URL_ENV = "PEPIPOST_STATUS_STORE_URL"
+DEFAULT_SQLITE_NAME = "pepipost_status.db"
+# Bound parameters per IN (...) chunk: well under SQLite's 32766 and fast on PostgreSQL.
+ID_CHUNK = 5000
+IN_FLIGHT_STATES = ("sending", "unknown")
+
+
+def default_store_url() -> str:
+    """``$PEPIPOST_STATUS_STORE_URL``, else a SQLite file in ``$AIRFLOW_HOME``."""
+    if url := os.environ.get(STORE_URL_ENV):
+        return url
+    home = Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
+    return f"sqlite:///{home / DEFAULT_SQLITE_NAME}"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password hidden, for log lines."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class TaskKey:
+    """The task instance that sent a set of messages."""
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int = -1
+
+    LEDGER_REF = "pepipost_ledger"
+
+    def to_ref(self) -> dict[str, Any]:
+        """The XCom form of 'everything this task instance sent', for sends too big to list."""
+        return {
+            self.LEDGER_REF: {
+                "dag_id": self.dag_id,
+                "run_id": self.run_id,
+                "task_id": self.task_id,
+                "map_index": self.map_index,
+            }
+        }
+
+    @classmethod
+    def from_ref(cls, ref: Mapping[str, Any]) -> TaskKey:
+        return cls(**ref[cls.LEDGER_REF])
+
+    @classmethod
+    def is_ref(cls, value: Any) -> bool:
+        return isinstance(value, Mapping) and cls.LEDGER_REF in value
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    idempotency_key: str
+    api_header: str
+    message_id: str | None
+    state: str
+    row_index: int
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass
+class IngestResult:
+    """What one webhook batch did to the store."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    inbound: int = 0
+    reconciled: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+_ENGINES: dict[str, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+_SCHEMA_READY: set[str] = set()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the sensor read while the receiver writes. synchronous=NORMAL keeps every commit
+    # through a process crash (SIGKILL); only a power loss can take the last ones.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def get_engine(url: str) -> Engine:
+    """One engine per URL per process: pools are shared by every hook, sensor and request."""
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(url)
+        if engine is None:
+            parsed = make_url(url)
+            if parsed.get_backend_name() == "sqlite":
+                if parsed.database and parsed.database != ":memory:":
+                    Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                engine = create_engine(url, pool_size=8, max_overflow=56, pool_timeout=60)
+                event.listen(engine, "connect", _sqlite_pragmas)
+            else:
+                engine = create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True, pool_timeout=60)
+            _ENGINES[url] = engine
+        return engine
+
+
+def _insert_for(conn: Connection, table: Any) -> Any:
+    """An INSERT that knows ON CONFLICT, for the dialects the store supports."""
+    name = conn.dialect.name
+    if name == "sqlite":
+        return sqlite.insert(table)
+    if name == "postgresql":
+        return postgresql.insert(table)
+    raise NotImplementedError(f"the status store supports SQLite and PostgreSQL, not {name}")
+
+
+def _chunks(items: Sequence[str], size: int = ID_CHUNK) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def event_key(message_id: str, status: str, reported_at: float | None) -> str:
+    """A report sent twice has the same key, so it is stored once."""
+    return hashlib.sha256(f"{message_id}\x1f{status}\x1f{reported_at}".encode()).hexdigest()[:40]
+
+
+class StatusStore:
+    """The ledger of sent messages and the delivery events reported for them."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or default_store_url()
+        self.engine = get_engine(self.url)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        # SQLite has one writer at a time; queueing writers here beats spinning on its busy lock.
+        self._write_lock = _sqlite_write_lock(self.url) if self.is_sqlite else None
+        self.ensure_schema()
+
+    def __repr__(self) -> str:
+        return f"StatusStore({redact_url(self.url)!r})"
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def ensure_schema(self) -> None:
+        """Create the tables on first use, and record the schema version."""
+        if self.url in _SCHEMA_READY:
+            return
+        with self._writing() as conn:
+            schema.metadata.create_all(conn, checkfirst=True)
+            found = conn.execute(select(func.max(schema.schema_version.c.version))).scalar()
+            if found is None:
+                conn.execute(
+                    _insert_for(conn, schema.schema_version)
+                    .values(version=schema.SCHEMA_VERSION, applied_at=time.time())
+                    .on_conflict_do_nothing()
+                )
+            elif found > schema.SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the status store at {redact_url(self.url)} has schema version {found}, newer than "
+                    f"this provider's {schema.SCHEMA_VERSION}: upgrade airflow-provider-pepipost"
+                )
+        _SCHEMA_READY.add(self.url)
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(schema.schema_version.c.version))).scalar() or 0)
+
+    def ping(self) -> None:
+        """Raise if the database cannot be read."""
+        with self.engine.connect() as conn:
+            conn.execute(select(func.count()).select_from(schema.schema_version)).scalar()
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A write transaction, committed on exit; serialized per process on SQLite."""
+        if self._write_lock is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    # -- ledger ---------------------------------------------------------------------------------
+
+    def open_ledger(self, task: TaskKey) -> dict[str, LedgerEntry]:
+        """What earlier tries of this task instance recorded, by idempotency key.
+
+        Rows an earlier try left 'sending' died in flight: they may have been accepted, so they
+        become 'unknown' and are never sent again.
+        """
+        led = schema.ledger
+        where = (
+            (led.c.dag_id == task.dag_id)
+            & (led.c.run_id == task.run_id)
+            & (led.c.task_id == task.task_id)
+            & (led.c.map_index == task.map_index)
+        )
+        with self._writing() as conn:
+            conn.execute(
+                update(led)
+                .where(where & (led.c.state == "sending"))
+                .values(
+                    state="unknown",
+                    error_message="the try that sent it ended before the answer came",
+                    updated_at=time.time(),
+                )
+            )
+            rows = conn.execute(
+                select(
+                    led.c.idempotency_key,
+                    led.c.api_header,
+                    led.c.message_id,
+                    led.c.state,
+                    led.c.row_index,
+                    led.c.error_code,
+                    led.c.error_message,
+                ).where(where)
+            ).all()
+        return {row.idempotency_key: LedgerEntry(*row) for row in rows}
+
+    def claim_for_sending(self, task: TaskKey, key: str, api_header: str, recipient: str, row_index: int) -> bool:
+        """Record, before the request goes out, that this message is being sent.
+
+        False when the ledger already holds it (sent, in flight, unknown): it must not go out again.
+        """
+        now = time.time()
+        with self._writing() as conn:
+            stmt = _insert_for(conn, schema.ledger).values(
+                idempotency_key=key,
+                api_header=api_header,
+                recipient=recipient,
+                dag_id=task.dag_id,
+                run_id=task.run_id,
+                task_id=task.task_id,
+                map_index=task.map_index,
+                row_index=row_index,
+                state="sending",
+                sent_at=now,
+                updated_at=now,
+            )
+            # Only a row an earlier try saw rejected is sent again.
+            result = conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[schema.ledger.c.idempotency_key],
+                    set_={
+                        "state": "sending",
+                        "error_code": None,
+                        "error_message": None,
+                        "updated_at": now,
+                        "sent_at": now,
+                    },
+                    where=schema.ledger.c.state == "rejected",
+                )
+            )
+        return result.rowcount > 0
+
+    def record_outcome(
+        self,
+        key: str,
+        state: str,
+        *,
+        message_id: str | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+    ) -> None:
+        """The answer to a send: accepted (with its id), rejected (with the error) or unknown."""
+        with self._writing() as conn:
+            conn.execute(
+                update(schema.ledger)
+                .where(schema.ledger.c.idempotency_key == key)
+                .values(
+                    state=state,
+                    message_id=message_id,
+                    error_code=error_code,
+                    error_message=error_message,
+                    updated_at=time.time(),
+                )
+            )
+
+    def ledger_message_ids(self, task: TaskKey) -> list[str]:
+        """The ids of every accepted message of a task instance, in input order."""
+        led = schema.ledger
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(led.c.message_id)
+                    .where(*self._task_filter(task), led.c.message_id.is_not(None))
+                    .order_by(led.c.row_index)
+                ).scalars()
+            )
+
+    @staticmethod
+    def _task_filter(task: TaskKey) -> tuple[Any, ...]:
+        led = schema.ledger
+        return (
+            led.c.dag_id == task.dag_id,
+            led.c.run_id == task.run_id,
+            led.c.task_id == task.task_id,
+            led.c.map_index == task.map_index,
+        )
+
+    # -- delivery reports -----------------------------------------------------------------------
+
+    def ingest(
+        self,
+        events: Sequence[DeliveryEvent],
+        rejected: Sequence[tuple[str, str]] = (),
+        inbound: Sequence[Mapping[str, Any]] = (),
+    ) -> IngestResult:
+        """Store one webhook batch in one transaction: events, dead letters and inbound messages.
+
+        ``rejected`` holds (reason, raw) pairs; ``inbound`` dicts with sender, context_message_id,
+        raw. Returns only after the commit, so the caller may then acknowledge the batch.
+        """
+        result = IngestResult(rejected=len(rejected), inbound=len(inbound))
+        now = time.time()
+        with self._writing() as conn:
+            if events:
+                new_rows = self._new_event_rows(conn, events, now)
+                result.accepted = len(new_rows)
+                result.duplicates = len(events) - len(new_rows)
+                if new_rows:
+                    conn.execute(
+                        _insert_for(conn, schema.events).on_conflict_do_nothing(index_elements=["event_key"]),
+                        new_rows,
+                    )
+                self._raise_statuses(conn, events, now)
+                result.reconciled = self._reconcile(conn, events, now)
+            if rejected:
+                conn.execute(
+                    insert(schema.dead_letters),
+                    [{"received_at": now, "reason": reason, "raw": raw} for reason, raw in rejected],
+                )
+            if inbound:
+                rows = {hashlib.sha256(item["raw"].encode()).hexdigest()[:40]: item for item in inbound}
+                conn.execute(
+                    _insert_for(conn, schema.inbound_messages).on_conflict_do_nothing(index_elements=["inbound_key"]),
+                    [
+                        {
+                            "inbound_key": key,
+                            "sender": item.get("sender"),
+                            "context_message_id": item.get("context_message_id"),
+                            "received_at": now,
+                            "raw": item["raw"],
+                        }
+                        for key, item in rows.items()
+                    ],
+                )
+        return result
+
+    def record_dead_letter(self, reason: str, raw: str) -> None:
+        """Keep a body the receiver could not read at all, with the reason."""
+        self.ingest((), rejected=[(reason, raw)])
+
+    @staticmethod
+    def _new_event_rows(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> list[dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        for ev in events:
+            key = event_key(ev.message_id, ev.status, ev.reported_at)
+            rows.setdefault(
+                key,
+                {
+                    "event_key": key,
+                    "message_id": ev.message_id,
+                    "status": ev.status,
+                    "raw_status": ev.raw_status,
+                    "remark": ev.remark,
+                    "reported_at": ev.reported_at,
+                    "received_at": now,
+                    "api_header": ev.api_header,
+                    "recipient": ev.recipient,
+                    "raw": ev.raw,
+                },
+            )
+        seen: set[str] = set()
+        for chunk in _chunks(list(rows)):
+            seen.update(
+                conn.execute(select(schema.events.c.event_key).where(schema.events.c.event_key.in_(chunk))).scalars()
+            )
+        return [row for key, row in rows.items() if key not in seen]
+
+    @staticmethod
+    def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> None:
+        """Move each message's current status up, never down (one row per message per statement)."""
+        best: dict[str, DeliveryEvent] = {}
+        for ev in events:
+            held = best.get(ev.message_id)
+            if held is None or ev.rank > held.rank:
+                best[ev.message_id] = ev
+        stmt = _insert_for(conn, schema.message_status)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[schema.message_status.c.message_id],
+            set_={
+                "status": stmt.excluded.status,
+                "rank": stmt.excluded.rank,
+                "remark": stmt.excluded.remark,
+                "reported_at": stmt.excluded.reported_at,
+                "updated_at": stmt.excluded.updated_at,
+            },
+            where=schema.message_status.c.rank < stmt.excluded.rank,
+        )
+        conn.execute(
+            stmt,
+            [
+                {
+                    "message_id": ev.message_id,
+                    "status": ev.status,
+                    "rank": ev.rank,
+                    "remark": ev.remark,
+                    "reported_at": ev.reported_at,
+                    "updated_at": now,
+                }
+                for ev in best.values()
+            ],
+        )
+
+    @staticmethod
+    def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> int:
+        """Give unknown sends their message id from reports that echo their x-apiheader."""
+        by_header = {ev.api_header: ev.message_id for ev in events if ev.api_header}
+        if not by_header:
+            return 0
+        led = schema.ledger
+        waiting: dict[str, list[str]] = {}
+        for chunk in _chunks(list(by_header)):
+            for key, header in conn.execute(
+                select(led.c.idempotency_key, led.c.api_header).where(
+                    led.c.api_header.in_(chunk), led.c.message_id.is_(None), led.c.state.in_(IN_FLIGHT_STATES)
+                )
+            ):
+                waiting.setdefault(header, []).append(key)
+        reconciled = 0
+        for header, keys in waiting.items():
+            if len(keys) != 1:
+                continue  # a header shared by several rows cannot tell them apart
+            message_id = by_header[header]
+            if conn.execute(select(led.c.idempotency_key).where(led.c.message_id == message_id)).first():
+                continue
+            conn.execute(
+                update(led)
+                .where(led.c.idempotency_key == keys[0])
+                .values(message_id=message_id, state="accepted", reconciled_at=now, updated_at=now)
+            )
+            reconciled += 1
+        return reconciled
+
+    # -- summaries ------------------------------------------------------------------------------
+
+    def summarize_ids(self, message_ids: Iterable[str]) -> DeliverySummary:
+        """Counts by current status for these ids, and the failed ones with their remarks."""
+        ids = list(dict.fromkeys(message_ids))
+        summary = DeliverySummary(total=len(ids))
+        st = schema.message_status
+        with self.engine.connect() as conn:
+            for chunk in _chunks(ids):
+                chunk_failed = 0
+                for status, count in conn.execute(
+                    select(st.c.status, func.count()).where(st.c.message_id.in_(chunk)).group_by(st.c.status)
+                ):
+                    summary.counts[status] = summary.counts.get(status, 0) + count
+                    if status == "failed":
+                        chunk_failed = count
+                if chunk_failed and len(summary.failed) < DeliverySummary.MAX_FAILED_LISTED:
+                    room = DeliverySummary.MAX_FAILED_LISTED - len(summary.failed)
+                    summary.failed.extend(
+                        {"message_id": mid, "remark": remark}
+                        for mid, remark in conn.execute(
+                            select(st.c.message_id, st.c.remark)
+                            .where(st.c.message_id.in_(chunk), st.c.status == "failed")
+                            .order_by(st.c.message_id)
+                            .limit(room)
+                        )
+                    )
+        summary.failed_total = summary.counts.get("failed", 0)
+        summary.pending = summary.total - sum(summary.counts.values())
+        return summary
+
+    def summarize_task(self, task: TaskKey) -> DeliverySummary:
+        """The summary of everything one task instance sent, unknown outcomes included."""
+        led, st = schema.ledger, schema.message_status
+        summary = DeliverySummary(total=0)
+        joined = led.outerjoin(st, st.c.message_id == led.c.message_id)
+        with self.engine.connect() as conn:
+            for state, status, count in conn.execute(
+                select(led.c.state, st.c.status, func.count())
+                .select_from(joined)
+                .where(*self._task_filter(task), led.c.state.in_(("accepted", *IN_FLIGHT_STATES)))
+                .group_by(led.c.state, st.c.status)
+            ):
+                summary.total += count
+                if state in IN_FLIGHT_STATES:
+                    summary.unknown += count
+                elif status is None:
+                    summary.pending += count
+                else:
+                    summary.counts[status] = summary.counts.get(status, 0) + count
+            summary.failed_total = summary.counts.get("failed", 0)
+            if summary.failed_total:
+                summary.failed = [
+                    {"message_id": mid, "remark": remark}
+                    for mid, remark in conn.execute(
+                        select(st.c.message_id, st.c.remark)
+                        .select_from(joined)
+                        .where(*self._task_filter(task), st.c.status == "failed")
+                        .order_by(led.c.row_index)
+                        .limit(DeliverySummary.MAX_FAILED_LISTED)
+                    )
+                ]
+        return summary
+
+    def summarize(self, targets: Sequence[str | TaskKey]) -> DeliverySummary:
+        """One summary over message ids and whole task instances together."""
+        ids = [t for t in targets if isinstance(t, str)]
+        parts = [self.summarize_ids(ids)] if ids else []
+        parts += [self.summarize_task(t) for t in targets if isinstance(t, TaskKey)]
+        return merge_summaries(parts)
+
+    # -- reading back, for reports and tests -----------------------------------------------------
+
+    def current_status(self, message_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(schema.message_status.c.status).where(schema.message_status.c.message_id == message_id)
+            ).scalar()
+
+    def count_rows(self, table_name: str) -> int:
+        table = schema.metadata.tables[table_name]
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(table)).scalar() or 0)
+
+    def dead_letters(self, limit: int = 100) -> list[tuple[str, str]]:
+        dl = schema.dead_letters
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(select(dl.c.reason, dl.c.raw).order_by(dl.c.id).limit(limit))]
+
+
+def merge_summaries(parts: Sequence[DeliverySummary]) -> DeliverySummary:
+    total = DeliverySummary(total=0)
+    for part in parts:
+        total.total += part.total
+        total.pending += part.pending
+        total.unknown += part.unknown
+        total.failed_total += part.failed_total
+        for status, count in part.counts.items():
+            total.counts[status] = total.counts.get(status, 0) + count
+        total.failed.extend(part.failed[: DeliverySummary.MAX_FAILED_LISTED - len(total.failed)])
+    return total
+
+
+_WRITE_LOCKS: dict[str, threading.Lock] = {}
+
+
+def _sqlite_write_lock(url: str) -> threading.Lock:
+    with _ENGINES_LOCK:
+        return _WRITE_LOCKS.setdefault(url, threading.Lock())
+
+
+def parse_message_targets(value: Any) -> list[str | TaskKey]:
+    """Message ids and ledger references from an XCom value, flattened.
+
+    Takes a list of ids, a ledger reference, or a list of either (a mapped send task's XCom).
+    """
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith(("[", "{")):
+            return parse_message_targets(json.loads(text))
+        return [text] if text else []
+    if TaskKey.is_ref(value):
+        return [TaskKey.from_ref(value)]
+    if isinstance(value, Mapping):
+        raise ValueError("message_ids: a dict must be a ledger reference {'pepipost_ledger': {...}}")
+    targets: list[str | TaskKey] = []
+    for item in value:
+        targets.extend(parse_message_targets(item))
+    return targets

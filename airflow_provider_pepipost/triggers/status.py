@@ -1,0 +1,99 @@
+"""WhatsAppMessageStatusTrigger: the deferrable sensor's wait, polling the status store in the triggerer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_pepipost.status.model import evaluate
+from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets, redact_url
+
+# Consecutive store errors the trigger rides out (a database restart) before it gives up.
+MAX_CONSECUTIVE_ERRORS = 5
+
+
+class WhatsAppMessageStatusTrigger(BaseTrigger):
+    """Fires once the messages reach ``target_status`` (success) or the failure policy trips.
+
+    Store reads run in a thread: the triggerer's event loop is shared by every trigger.
+
+    :param message_ids: message ids and ledger references ({"pepipost_ledger": {...}}).
+    :param store_url: the status store the receiver writes to.
+    Other parameters: see ``WhatsAppMessageStatusSensor``.
+    """
+
+    def __init__(
+        self,
+        message_ids: list[Any],
+        store_url: str,
+        target_status: str = "delivered",
+        min_success_ratio: float = 1.0,
+        fail_on: str = "unreachable",
+        unknown_policy: str = "wait",
+        poll_interval: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self.message_ids = message_ids
+        self.store_url = store_url
+        self.target_status = target_status
+        self.min_success_ratio = min_success_ratio
+        self.fail_on = fail_on
+        self.unknown_policy = unknown_policy
+        self.poll_interval = poll_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "message_ids": self.message_ids,
+                "store_url": self.store_url,
+                "target_status": self.target_status,
+                "min_success_ratio": self.min_success_ratio,
+                "fail_on": self.fail_on,
+                "unknown_policy": self.unknown_policy,
+                "poll_interval": self.poll_interval,
+            },
+        )
+
+    def __repr__(self) -> str:
+        # The default repr prints every kwarg: the store URL may hold a password, the ids are many.
+        return (
+            f"<{type(self).__qualname__} {len(self.message_ids)} target(s) -> '{self.target_status}' "
+            f"in {redact_url(self.store_url)}>"
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        targets: list[str | TaskKey] = parse_message_targets(self.message_ids)
+        errors = 0
+        while True:
+            try:
+                store = await asyncio.to_thread(StatusStore, self.store_url)
+                summary = await asyncio.to_thread(store.summarize, targets)
+            except Exception as err:
+                errors += 1
+                self.log.warning("Reading the status store failed (%d in a row): %s", errors, type(err).__name__)
+                if errors >= MAX_CONSECUTIVE_ERRORS:
+                    yield TriggerEvent({"status": "error", "reason": f"the status store could not be read: {err}"})
+                    return
+                await asyncio.sleep(self.poll_interval)
+                continue
+            errors = 0
+            verdict = evaluate(summary, self.target_status, self.min_success_ratio, self.fail_on, self.unknown_policy)
+            if verdict.done:
+                yield TriggerEvent(
+                    {
+                        "status": "failure" if verdict.failed else "success",
+                        "reason": verdict.reason,
+                        "summary": summary.to_dict(),
+                    }
+                )
+                return
+            self.log.info(
+                "%d of %d reached '%s'; %d pending, %d failed",
+                summary.reached(self.target_status), summary.total, self.target_status,
+                summary.pending, summary.failed_total,
+            )  # fmt: skip
+            await asyncio.sleep(self.poll_interval)

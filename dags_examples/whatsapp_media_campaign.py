@@ -1,0 +1,84 @@
+"""Example campaign: build the audience, send each customer their invoice on WhatsApp, wait for delivery, report.
+
+Runs as-is against the local sandbox (`make demo`); point the `pepipost_default` connection at
+https://waapi.pepipost.com with a real key to run it for real.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pendulum
+from airflow.sdk import dag, task
+
+from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppMediaOperator
+from airflow_provider_pepipost.sensors.whatsapp import WhatsAppMessageStatusSensor
+
+
+@dag(
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    tags=["pepipost", "whatsapp", "example"],
+    params={"audience_size": 40, "attachment_id": "demo-invoice-pdf", "settle_seconds": 5},
+)
+def whatsapp_media_campaign():
+    @task
+    def build_audience(params=None) -> list[dict]:
+        """In production: a query against the CRM. Here: synthetic customers."""
+        return [
+            {
+                "recipient_whatsapp": f"+91 98{index:08d}",
+                "name": f"Customer {index}",
+                "attachment_id": params["attachment_id"],
+            }
+            for index in range(int(params["audience_size"]))
+        ]
+
+    send = SendWhatsAppMediaOperator(
+        task_id="send_invoices",
+        recipients=build_audience(),
+        caption="Hi {name}, here is your invoice for {{ ds }}.",
+        max_workers=8,
+        max_rejected_ratio=0.05,
+        retries=2,
+    )
+
+    wait = WhatsAppMessageStatusSensor(
+        task_id="wait_for_delivery",
+        message_ids=send.output,
+        target_status="delivered",
+        min_success_ratio=0.75,
+        deferrable=True,
+        poke_interval=2,
+        timeout=15 * 60,
+    )
+
+    @task
+    def report(message_ids: list, sensor_summary: dict, params=None) -> dict:
+        """Print the delivery funnel, once late reports have settled."""
+        from airflow_provider_pepipost.hooks.pepipost import PepipostHook
+        from airflow_provider_pepipost.status.store import parse_message_targets
+
+        store = PepipostHook().get_status_store()
+        targets = parse_message_targets(message_ids)
+        deadline = time.monotonic() + float(params["settle_seconds"])
+        funnel = store.summarize(targets).funnel()
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            latest = store.summarize(targets).funnel()
+            if latest == funnel:
+                break
+            funnel = latest
+        summary = store.summarize(targets)
+        print(f"Delivery funnel for {funnel['total']} messages (sensor saw {sensor_summary['counts']}):")
+        for stage in ("sent", "delivered", "read", "failed", "pending", "unknown"):
+            print(f"  {stage:<10}{funnel[stage]:>6}")
+        for failed in summary.failed[:10]:
+            print(f"  failed {failed['message_id']}: {failed['remark']}")
+        return funnel
+
+    report(send.output, wait.output)
+
+
+whatsapp_media_campaign()
