@@ -1,0 +1,127 @@
+"""Test set-up: a throwaway AIRFLOW_HOME (set before Airflow is imported), real loopback servers, real stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+# Airflow reads its configuration when first imported: point it at a throwaway home first.
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="pepipost-tests-airflow-"))
+os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(_AIRFLOW_HOME / "dags")
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+os.environ.pop("PEPIPOST_STATUS_STORE_URL", None)
+os.environ.pop("AIRFLOW_CONN_PEPIPOST_DEFAULT", None)
+
+import pytest  # noqa: E402
+
+from airflow_provider_pepipost.sandbox import DEFAULT_API_KEY, DEFAULT_SOURCE, SandboxServer, Scenario  # noqa: E402
+from tests.helpers import ServedApp  # noqa: E402
+
+POSTGRES_URL_ENV = "PEPIPOST_TEST_POSTGRES_URL"
+WEBHOOK_TOKEN = "test-webhook-token-4f1c"
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated SQLite Airflow database, as dag.test() needs."""
+    subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env=dict(os.environ),
+    )
+    return _AIRFLOW_HOME
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'status.db'}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> str:
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if not url:
+        pytest.skip(f"no PostgreSQL for this run: set {POSTGRES_URL_ENV} (.ci/run does) to run the PostgreSQL tests")
+    return url
+
+
+@pytest.fixture
+def postgres_url(postgres_server_url: str):
+    """A fresh PostgreSQL database per test, dropped afterwards."""
+    import sqlalchemy
+
+    name = f"pepipost_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    url = sqlalchemy.engine.make_url(postgres_server_url).set(database=name).render_as_string(hide_password=False)
+    yield url
+    from airflow_provider_pepipost.status import store as store_module
+
+    engine = store_module._ENGINES.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+    store_module._SCHEMA_READY.discard(url)
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """Each store test runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def receiver(store_url: str):
+    """The webhook receiver on a real loopback port, writing to ``store_url``."""
+    from airflow_provider_pepipost.webhook.app import create_app
+
+    with ServedApp(create_app(store_url, WEBHOOK_TOKEN)) as served:
+        served.webhook_url = f"{served.url}/pepipost/webhook"
+        yield served
+
+
+@pytest.fixture
+def sqlite_receiver(sqlite_url: str):
+    from airflow_provider_pepipost.webhook.app import create_app
+
+    with ServedApp(create_app(sqlite_url, WEBHOOK_TOKEN)) as served:
+        served.webhook_url = f"{served.url}/pepipost/webhook"
+        served.store_url = sqlite_url
+        yield served
+
+
+@pytest.fixture
+def sandbox():
+    """The sandbox with no delivery reports; tests that need reports start their own."""
+    with SandboxServer(Scenario(status_delay=0.01)) as server:
+        yield server
+
+
+def connection_json(base_url: str, store_url: str | None = None, **extra: object) -> str:
+    extras = {"source": DEFAULT_SOURCE, "max_retries": 3, "backoff_max": 0.2, **extra}
+    if store_url:
+        extras["status_store_url"] = store_url
+    return json.dumps({"conn_type": "pepipost", "host": base_url, "password": DEFAULT_API_KEY, "extra": extras})
+
+
+@pytest.fixture
+def pepipost_conn(monkeypatch: pytest.MonkeyPatch):
+    """Point ``pepipost_default`` at a server: ``pepipost_conn(url, store_url=..., **extras)``."""
+
+    def point(base_url: str, store_url: str | None = None, **extra: object) -> None:
+        monkeypatch.setenv("AIRFLOW_CONN_PEPIPOST_DEFAULT", connection_json(base_url, store_url, **extra))
+
+    return point

@@ -1,0 +1,233 @@
+"""PepipostHook against real loopback servers: the sandbox, and pytest-httpserver for one-off faults."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+from werkzeug import Response
+
+from airflow_provider_pepipost.errors import FailureKind, PepipostApiError, PepipostOutcomeUnknownError
+from airflow_provider_pepipost.hooks.pepipost import PepipostHook, parse_retry_after
+from airflow_provider_pepipost.messages import MediaMessage
+from airflow_provider_pepipost.sandbox import DEFAULT_API_KEY
+
+MESSAGE = MediaMessage("919833078369", "sandbox-source", attachment_id="media-1", caption="Hi", api_header="h-1")
+SUCCESS = {"status": "success", "message": "Request received successfully.", "data": {"id": "id-1"}}
+
+
+def failure(code: str, message: str = "nope") -> dict:
+    return {"status": "failure", "error": {"code": code, "message": message}}
+
+
+@pytest.fixture
+def hook_for(pepipost_conn):
+    def make(base_url: str, **extra: object) -> PepipostHook:
+        pepipost_conn(base_url, **extra)
+        return PepipostHook()
+
+    return make
+
+
+def test_sends_bearer_key_and_the_exact_body(httpserver, hook_for):
+    httpserver.expect_oneshot_request(
+        "/api/v2/message/",
+        method="POST",
+        headers={"Authorization": f"Bearer {DEFAULT_API_KEY}", "Content-Type": "application/json"},
+    ).respond_with_json(SUCCESS)
+    hook = hook_for(httpserver.url_for("").rstrip("/"))
+    assert hook.send_message(MESSAGE) == "id-1"
+    ((request, _),) = httpserver.log
+    assert json.loads(request.data) == {"message": [MESSAGE.to_payload()]}
+
+
+def test_connection_settings_from_uri_form(monkeypatch):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PEPIPOST_DEFAULT",
+        "pepipost://:secret-key@waapi.example.test/?source=src-9&timeout=12&endpoint=%2Fapi%2Fv2%2Fmessage%2Fnc",
+    )
+    settings = PepipostHook().settings
+    assert settings.base_url == "https://waapi.example.test"
+    assert settings.send_url == "https://waapi.example.test/api/v2/message/nc"
+    assert settings.source == "src-9"
+    assert settings.timeout == 12.0
+    assert "secret-key" not in repr(settings)
+
+
+def test_default_base_url_and_bearer_prefix_in_the_password_is_not_doubled(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_PEPIPOST_DEFAULT", json.dumps({"conn_type": "pepipost", "password": "Bearer k1"}))
+    hook = PepipostHook()
+    assert hook.settings.base_url == "https://waapi.pepipost.com"
+    assert hook.session.headers["Authorization"] == "Bearer k1"
+
+
+def test_missing_key_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_PEPIPOST_DEFAULT", json.dumps({"conn_type": "pepipost", "host": "h"}))
+    with pytest.raises(ValueError, match="has no API key: put the Pepipost API key in its password"):
+        PepipostHook().settings
+
+
+def test_bad_number_extra_names_the_extra(monkeypatch):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PEPIPOST_DEFAULT",
+        json.dumps({"conn_type": "pepipost", "password": "k", "extra": {"timeout": "soon"}}),
+    )
+    with pytest.raises(ValueError, match="extra 'timeout' must be a number"):
+        PepipostHook().settings
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        ("8002", FailureKind.RECIPIENT),
+        ("8003", FailureKind.RECIPIENT),
+        ("8007", FailureKind.RECIPIENT),
+        ("8001", FailureKind.MESSAGE),
+        ("8006", FailureKind.MESSAGE),
+        ("8004", FailureKind.JOB),
+        ("8008", FailureKind.JOB),
+        ("9999", FailureKind.MESSAGE),
+    ],
+)
+def test_failure_bodies_become_classified_errors(httpserver, hook_for, code, kind):
+    httpserver.expect_request("/api/v2/message/").respond_with_json(failure(code, " type is required."), status=400)
+    with pytest.raises(PepipostApiError) as caught:
+        hook_for(httpserver.url_for("").rstrip("/")).send_message(MESSAGE)
+    assert caught.value.code == code
+    assert caught.value.kind is kind
+    assert caught.value.message == "type is required."
+    assert len(httpserver.log) == 1  # none of these is retried
+
+
+def test_failure_is_judged_by_the_body_even_with_http_200(httpserver, hook_for):
+    httpserver.expect_request("/api/v2/message/").respond_with_json(failure("8003"), status=200)
+    with pytest.raises(PepipostApiError, match="8003"):
+        hook_for(httpserver.url_for("").rstrip("/")).send_message(MESSAGE)
+
+
+def test_429_is_retried_after_the_retry_after_it_names(httpserver, hook_for):
+    httpserver.expect_ordered_request("/api/v2/message/").respond_with_json(
+        failure("429", "slow down"), status=429, headers={"Retry-After": "0.4"}
+    )
+    httpserver.expect_ordered_request("/api/v2/message/").respond_with_json(SUCCESS)
+    hook = hook_for(httpserver.url_for("").rstrip("/"))
+    started = time.monotonic()
+    assert hook.send_message(MESSAGE) == "id-1"
+    assert time.monotonic() - started >= 0.4
+    assert len(httpserver.log) == 2
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        Response("bad gateway", status=502),
+        Response(json.dumps(failure("8005", "technical error")), status=500, content_type="application/json"),
+        Response("{}", status=503),
+    ],
+)
+def test_transient_failures_are_retried(httpserver, hook_for, first):
+    httpserver.expect_ordered_request("/api/v2/message/").respond_with_response(first)
+    httpserver.expect_ordered_request("/api/v2/message/").respond_with_json(SUCCESS)
+    assert hook_for(httpserver.url_for("").rstrip("/")).send_message(MESSAGE) == "id-1"
+
+
+def test_retries_are_bounded(httpserver, hook_for):
+    httpserver.expect_request("/api/v2/message/").respond_with_data("down", status=503)
+    with pytest.raises(PepipostApiError) as caught:
+        hook_for(httpserver.url_for("").rstrip("/"), max_retries=2).send_message(MESSAGE)
+    assert caught.value.is_transient
+    assert len(httpserver.log) == 3
+
+
+def test_a_read_timeout_is_not_resent(httpserver, hook_for):
+    def slow(_request):
+        time.sleep(1.0)
+        return Response(json.dumps(SUCCESS), content_type="application/json")
+
+    httpserver.expect_request("/api/v2/message/").respond_with_handler(slow)
+    with pytest.raises(PepipostOutcomeUnknownError, match="may have been accepted"):
+        hook_for(httpserver.url_for("").rstrip("/"), timeout=0.3).send_message(MESSAGE)
+    assert len(httpserver.log) <= 1
+    time.sleep(0.8)
+    assert len(httpserver.log) == 1
+
+
+def test_connection_refused_is_retried_then_stops_the_job(hook_for):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(PepipostApiError) as caught:
+        hook_for(f"http://127.0.0.1:{port}", max_retries=1).send_message(MESSAGE)
+    assert caught.value.kind is FailureKind.JOB
+    assert "could not connect" in str(caught.value)
+
+
+def test_success_without_an_id_is_an_unknown_outcome(httpserver, hook_for):
+    httpserver.expect_request("/api/v2/message/").respond_with_json({"status": "success", "data": {}})
+    with pytest.raises(PepipostOutcomeUnknownError):
+        hook_for(httpserver.url_for("").rstrip("/")).send_message(MESSAGE)
+
+
+def test_unexpected_body_is_quoted_short_and_without_the_key(httpserver, hook_for):
+    httpserver.expect_request("/api/v2/message/").respond_with_data(
+        f"<html>proxy error for key {DEFAULT_API_KEY}</html>" + "x" * 500, status=418
+    )
+    with pytest.raises(PepipostApiError) as caught:
+        hook_for(httpserver.url_for("").rstrip("/")).send_message(MESSAGE)
+    text = str(caught.value)
+    assert DEFAULT_API_KEY not in text
+    assert "proxy error" in text and len(text) < 400
+
+
+def test_sends_to_the_sandbox_and_the_key_is_checked(sandbox, hook_for, pepipost_conn):
+    assert hook_for(sandbox.url).send_message(MESSAGE)
+    assert sandbox.state.accepted[0]["body"] == {"message": [MESSAGE.to_payload()]}
+    pepipost_conn(sandbox.url)
+    hook = PepipostHook()
+    hook.settings  # noqa: B018 - load, then swap the key for a wrong one
+    object.__setattr__(hook.settings, "api_key", "wrong-key")
+    with pytest.raises(PepipostApiError) as caught:
+        hook.send_message(MESSAGE)
+    assert caught.value.kind is FailureKind.JOB
+
+
+def test_test_connection_tells_a_good_key_from_a_bad_one(sandbox, monkeypatch, pepipost_conn):
+    pepipost_conn(sandbox.url)
+    ok, text = PepipostHook().test_connection()
+    assert ok, text
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PEPIPOST_DEFAULT",
+        json.dumps({"conn_type": "pepipost", "host": sandbox.url, "password": "not-the-key"}),
+    )
+    ok, text = PepipostHook().test_connection()
+    assert not ok and "refused" in text and "not-the-key" not in text
+    assert sandbox.state.accepted_count == 0  # nobody was messaged
+
+
+def test_test_connection_reports_an_unreachable_host(hook_for):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ok, text = hook_for(f"http://127.0.0.1:{port}").test_connection()
+    assert not ok and "Could not reach" in text
+
+
+def test_the_key_is_registered_with_the_secrets_masker(hook_for, sandbox):
+    from airflow.sdk.log import mask_secret  # noqa: F401 - the masker the hook registers with
+    from airflow.sdk._shared.secrets_masker import redact
+
+    hook_for(sandbox.url).settings  # noqa: B018
+    assert DEFAULT_API_KEY not in str(redact(f"key is {DEFAULT_API_KEY}"))
+
+
+@pytest.mark.parametrize(("value", "expected"), [("3", 3.0), ("0.5", 0.5), (None, None), ("soon", None)])
+def test_retry_after_parsing(value, expected):
+    assert parse_retry_after(value) == expected
+
+
+def test_retry_after_as_http_date():
+    from email.utils import formatdate
+
+    assert 1.0 < parse_retry_after(formatdate(time.time() + 5, usegmt=True)) <= 5.5

@@ -1,0 +1,183 @@
+"""The status store on SQLite and PostgreSQL: ledger, monotonic statuses, dedupe, reconciliation, summaries."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.model import DeliveryEvent, normalize_status
+from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets
+
+TASK = TaskKey("dag", "run-1", "send", -1)
+
+
+def event(
+    message_id: str, status: str, at: float = 1000.0, header: str | None = None, remark: str = ""
+) -> DeliveryEvent:
+    return DeliveryEvent(message_id, normalize_status(status), status, at, remark, header, "919833078369", "{}")
+
+
+def sent(store: StatusStore, key: str, message_id: str | None, row: int = 0, state: str = "accepted", header=None):
+    assert store.claim_for_sending(TASK, key, header or key, "919833078369", row)
+    store.record_outcome(key, state, message_id=message_id)
+
+
+def test_schema_is_created_and_versioned(store_url):
+    store = StatusStore(store_url)
+    assert store.schema_version() == schema.SCHEMA_VERSION
+    StatusStore(store_url).ensure_schema()  # a second start changes nothing
+    assert store.count_rows("pepipost_schema_version") == 1
+
+
+def test_status_only_moves_up_and_failed_is_terminal(store_url):
+    store = StatusStore(store_url)
+    store.ingest([event("m1", "read", 3)])
+    store.ingest([event("m1", "delivered", 2)])
+    assert store.current_status("m1") == "read"
+    store.ingest([event("m2", "sent"), event("m2", "FAILED", 5, remark="unreachable")])
+    store.ingest([event("m2", "read", 6)])
+    assert store.current_status("m2") == "failed"
+    store.ingest([event("m3", "mystery")])
+    assert store.current_status("m3") == "mystery"  # an unknown value is kept...
+    store.ingest([event("m3", "delivered")])
+    assert store.current_status("m3") == "delivered"  # ...and never holds a known one back
+
+
+def test_duplicates_are_stored_once_and_every_event_is_kept(store_url):
+    store = StatusStore(store_url)
+    first = store.ingest([event("m1", "sent", 1), event("m1", "sent", 1), event("m1", "delivered", 2)])
+    assert (first.accepted, first.duplicates) == (2, 1)
+    again = store.ingest([event("m1", "sent", 1), event("m1", "delivered", 2)])
+    assert (again.accepted, again.duplicates) == (0, 2)
+    assert store.count_rows("pepipost_events") == 2
+
+
+def test_out_of_order_in_one_batch(store_url):
+    store = StatusStore(store_url)
+    store.ingest([event("m1", "read", 3), event("m1", "sent", 1), event("m1", "delivered", 2)])
+    assert store.current_status("m1") == "read"
+
+
+def test_reports_before_the_ledger_row_still_count(store_url):
+    store = StatusStore(store_url)
+    store.ingest([event("m1", "delivered")])
+    sent(store, "k1", "m1")
+    summary = store.summarize_task(TASK)
+    assert summary.counts == {"delivered": 1} and summary.pending == 0
+
+
+def test_claim_once_and_rejected_rows_can_be_claimed_again(store_url):
+    store = StatusStore(store_url)
+    assert store.claim_for_sending(TASK, "k1", "k1", "919833078369", 0)
+    assert not store.claim_for_sending(TASK, "k1", "k1", "919833078369", 0)  # in flight
+    store.record_outcome("k1", "rejected", error_code="8003", error_message="no contact")
+    assert store.claim_for_sending(TASK, "k1", "k1", "919833078369", 0)
+    store.record_outcome("k1", "accepted", message_id="m1")
+    assert not store.claim_for_sending(TASK, "k1", "k1", "919833078369", 0)
+
+
+def test_open_ledger_turns_rows_left_in_flight_into_unknown(store_url):
+    store = StatusStore(store_url)
+    store.claim_for_sending(TASK, "k1", "h1", "919833078369", 0)  # the try died here
+    sent(store, "k2", "m2", row=1)
+    ledger = store.open_ledger(TASK)
+    assert ledger["k1"].state == "unknown" and ledger["k2"].message_id == "m2"
+    assert store.open_ledger(TaskKey("dag", "run-2", "send")) == {}
+
+
+def test_unknown_sends_are_reconciled_from_reports_that_echo_the_header(store_url):
+    store = StatusStore(store_url)
+    sent(store, "k1", None, state="unknown", header="hdr-1")
+    assert store.summarize_task(TASK).unknown == 1
+    result = store.ingest([event("m9", "delivered", header="hdr-1"), event("m8", "sent", header="other")])
+    assert result.reconciled == 1
+    assert store.ledger_message_ids(TASK) == ["m9"]
+    summary = store.summarize_task(TASK)
+    assert (summary.unknown, summary.counts) == (0, {"delivered": 1})
+
+
+def test_summaries_by_ids_and_by_task(store_url):
+    store = StatusStore(store_url)
+    for i in range(6):
+        sent(store, f"k{i}", f"m{i}", row=i)
+    store.ingest(
+        [event("m0", "read"), event("m1", "delivered"), event("m2", "sent"), event("m3", "failed", remark="bad media")]
+    )
+    by_ids = store.summarize_ids([f"m{i}" for i in range(6)] + ["m0"])
+    assert by_ids.total == 6
+    assert by_ids.counts == {"read": 1, "delivered": 1, "sent": 1, "failed": 1}
+    assert by_ids.pending == 2
+    assert by_ids.failed == [{"message_id": "m3", "remark": "bad media"}]
+    assert by_ids.reached("delivered") == 2
+    by_task = store.summarize_task(TASK)
+    assert by_task.to_dict() == by_ids.to_dict()
+    both = store.summarize([*("m0", "m1"), TASK])
+    assert both.total == 8
+
+
+def test_summaries_over_more_ids_than_one_query_binds(store_url):
+    store = StatusStore(store_url)
+    ids = [f"m{i}" for i in range(12_000)]
+    store.ingest([event(mid, "delivered") for mid in ids[:11_000]])
+    summary = store.summarize_ids(ids)
+    assert (summary.total, summary.counts["delivered"], summary.pending) == (12_000, 11_000, 1_000)
+
+
+def test_dead_letters_and_inbound_are_kept_apart(store_url):
+    store = StatusStore(store_url)
+    result = store.ingest([], rejected=[("bad item", "{}")], inbound=[{"sender": "9199", "raw": '{"a":1}'}])
+    assert (result.rejected, result.inbound) == (1, 1)
+    assert store.dead_letters() == [("bad item", "{}")]
+    assert store.count_rows("pepipost_inbound_messages") == 1
+    assert store.count_rows("pepipost_events") == 0
+
+
+def test_concurrent_writers_lose_and_double_nothing(store_url):
+    store = StatusStore(store_url)
+    batches = [
+        [event(f"m{w}-{i}", s, float(n)) for i in range(50) for n, s in enumerate(("sent", "delivered"))]
+        for w in range(8)
+    ]
+    errors: list[BaseException] = []
+
+    def write(batch):
+        try:
+            for _ in range(3):  # every batch three times: the vendor resends
+                StatusStore(store_url).ingest(batch)
+        except BaseException as err:  # noqa: BLE001 - surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert store.count_rows("pepipost_events") == 8 * 50 * 2
+    with store.engine.connect() as conn:
+        statuses = set(conn.execute(select(schema.message_status.c.status)).scalars())
+    assert statuses == {"delivered"}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (["a", "b"], ["a", "b"]),
+        ([["a"], ["b", "c"]], ["a", "b", "c"]),
+        ('["a", "b"]', ["a", "b"]),
+        ("a", ["a"]),
+        (None, []),
+        (TASK.to_ref(), [TASK]),
+        ([TASK.to_ref(), ["x"]], [TASK, "x"]),
+    ],
+)
+def test_message_targets_are_flattened(value, expected):
+    assert parse_message_targets(value) == expected
+
+
+def test_a_plain_dict_is_not_a_target():
+    with pytest.raises(ValueError, match="ledger reference"):
+        parse_message_targets({"ids": ["a"]})
