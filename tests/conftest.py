@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,9 +29,21 @@ POSTGRES_URL_ENV = "PEPIPOST_TEST_POSTGRES_URL"
 WEBHOOK_TOKEN = "test-webhook-token-4f1c"
 
 
+REPO = Path(__file__).resolve().parent.parent
+DAG_SOURCES = [REPO / "tests" / "dags" / "dag_files", REPO / "dags_examples"]
+
+
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
-    """A migrated SQLite Airflow database, as dag.test() needs."""
+    """A migrated SQLite Airflow database, and a DAGs folder holding the test and example DAGs.
+
+    dag.test() runs only DAGs that its bundle (the DAGs folder) holds.
+    """
+    dags = _AIRFLOW_HOME / "dags"
+    dags.mkdir(exist_ok=True)
+    for folder in DAG_SOURCES:
+        for source in folder.glob("*.py"):
+            shutil.copy(source, dags / source.name)
     subprocess.run(
         [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
         check=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import time
@@ -44,3 +45,52 @@ def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.05) ->
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+class DagResult:
+    """What a dag.test() run left: its state, each task's state and tries, and the XComs pushed."""
+
+    def __init__(self, dag_run: Any) -> None:
+        from airflow.models.dagrun import DagRun
+        from airflow.models.xcom import XComModel
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            run = session.get(DagRun, dag_run.id)
+            self.state = str(run.state)
+            self.run_id = run.run_id
+            self.tasks = {
+                (ti.task_id, ti.map_index): (str(ti.state), ti.try_number)
+                for ti in run.get_task_instances(session=session)
+            }
+            rows = session.query(XComModel).filter(XComModel.dag_id == run.dag_id, XComModel.run_id == run.run_id)
+            self.xcom = {(row.task_id, row.map_index, row.key): row.value for row in rows}
+
+    def task_state(self, task_id: str, map_index: int = -1) -> str:
+        return self.tasks[(task_id, map_index)][0]
+
+    def tries(self, task_id: str, map_index: int = -1) -> int:
+        return self.tasks[(task_id, map_index)][1]
+
+    def value(self, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+        return self.xcom.get((task_id, map_index, key))
+
+
+@functools.cache
+def _dag_bag() -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(safe_mode=False)
+    assert not bag.import_errors, bag.import_errors
+    return bag
+
+
+def load_dag(dag_id: str) -> Any:
+    """The DAG object from the copy in the DAGs folder, which is what dag.test() syncs."""
+    dag = _dag_bag().get_dag(dag_id)
+    assert dag is not None, f"no DAG {dag_id} in the DAGs folder"
+    return dag
+
+
+def run_dag(dag_id: str, **conf: Any) -> DagResult:
+    return DagResult(load_dag(dag_id).test(run_conf=conf or None))

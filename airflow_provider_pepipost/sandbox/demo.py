@@ -138,20 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] migrating a throwaway Airflow database in {workdir / 'airflow'}", flush=True)
         subprocess.run([str(bin_dir / "airflow"), "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
         children.append(subprocess.Popen([str(bin_dir / "pepipost-webhook"), "--port", str(webhook_port)], env=env))
-        children.append(
-            subprocess.Popen(
-                [
-                    str(bin_dir / "pepipost-sandbox"),
-                    "--port",
-                    str(sandbox_port),
-                    "--webhook-url",
-                    webhook_url,
-                    "--scenario",
-                    json.dumps(DEMO_SCENARIO),
-                ],
-                env=env,
-            )  # fmt: skip
-        )
+        sandbox_command = [str(bin_dir / "pepipost-sandbox"), "--port", str(sandbox_port)]
+        sandbox_command += ["--webhook-url", webhook_url, "--scenario", json.dumps(DEMO_SCENARIO)]
+        children.append(subprocess.Popen(sandbox_command, env=env))
         wait_http(f"http://127.0.0.1:{webhook_port}/pepipost/healthz")
         wait_http(f"{sandbox_url}/_sandbox/stats")
         print(f"[demo] sandbox {sandbox_url}, receiver {webhook_url}; running airflow dags test {args.dag}", flush=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
-from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException, AirflowSensorTimeout
 from sqlalchemy.engine import make_url
 
 from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
@@ -130,6 +131,7 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
                 fail_on=self.fail_on,
                 unknown_policy=self.unknown_policy,
                 poll_interval=self.poke_interval,
+                deadline=time.time() + self.timeout,
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=self.timeout),
@@ -141,4 +143,10 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
             return event["summary"]
         if event.get("status") == "failure":
             raise WhatsAppDeliveryFailed(event["reason"])
+        if event.get("status") == "timeout":
+            summary = event["summary"]
+            raise AirflowSensorTimeout(
+                f"timed out after {self.timeout}s: {summary['pending']} pending, {summary['unknown']} unknown, "
+                f"counts {summary['counts']}"
+            )
         raise RuntimeError(f"the status trigger stopped: {event.get('reason')}")

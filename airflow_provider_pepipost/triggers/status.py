@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +23,8 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
 
     :param message_ids: message ids and ledger references ({"pepipost_ledger": {...}}).
     :param store_url: the status store the receiver writes to.
+    :param deadline: epoch seconds after which it fires a timeout event. Airflow enforces the
+        deferral timeout too; this one also holds where nothing else does (``dag.test()``).
     Other parameters: see ``WhatsAppMessageStatusSensor``.
     """
 
@@ -34,6 +37,7 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
         fail_on: str = "unreachable",
         unknown_policy: str = "wait",
         poll_interval: float = 30.0,
+        deadline: float | None = None,
     ) -> None:
         super().__init__()
         self.message_ids = message_ids
@@ -43,6 +47,7 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
         self.fail_on = fail_on
         self.unknown_policy = unknown_policy
         self.poll_interval = poll_interval
+        self.deadline = deadline
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -55,6 +60,7 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
                 "fail_on": self.fail_on,
                 "unknown_policy": self.unknown_policy,
                 "poll_interval": self.poll_interval,
+                "deadline": self.deadline,
             },
         )
 
@@ -90,6 +96,9 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
                         "summary": summary.to_dict(),
                     }
                 )
+                return
+            if self.deadline is not None and time.time() >= self.deadline:
+                yield TriggerEvent({"status": "timeout", "reason": verdict.reason, "summary": summary.to_dict()})
                 return
             self.log.info(
                 "%d of %d reached '%s'; %d pending, %d failed",

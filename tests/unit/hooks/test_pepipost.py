@@ -66,7 +66,7 @@ def test_default_base_url_and_bearer_prefix_in_the_password_is_not_doubled(monke
 def test_missing_key_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_PEPIPOST_DEFAULT", json.dumps({"conn_type": "pepipost", "host": "h"}))
     with pytest.raises(ValueError, match="has no API key: put the Pepipost API key in its password"):
-        PepipostHook().settings
+        _ = PepipostHook().settings
 
 
 def test_bad_number_extra_names_the_extra(monkeypatch):
@@ -75,7 +75,7 @@ def test_bad_number_extra_names_the_extra(monkeypatch):
         json.dumps({"conn_type": "pepipost", "password": "k", "extra": {"timeout": "soon"}}),
     )
     with pytest.raises(ValueError, match="extra 'timeout' must be a number"):
-        PepipostHook().settings
+        _ = PepipostHook().settings
 
 
 @pytest.mark.parametrize(
@@ -186,7 +186,7 @@ def test_sends_to_the_sandbox_and_the_key_is_checked(sandbox, hook_for, pepipost
     assert sandbox.state.accepted[0]["body"] == {"message": [MESSAGE.to_payload()]}
     pepipost_conn(sandbox.url)
     hook = PepipostHook()
-    hook.settings  # noqa: B018 - load, then swap the key for a wrong one
+    _ = hook.settings  # load, then swap the key for a wrong one
     object.__setattr__(hook.settings, "api_key", "wrong-key")
     with pytest.raises(PepipostApiError) as caught:
         hook.send_message(MESSAGE)
@@ -215,10 +215,9 @@ def test_test_connection_reports_an_unreachable_host(hook_for):
 
 
 def test_the_key_is_registered_with_the_secrets_masker(hook_for, sandbox):
-    from airflow.sdk.log import mask_secret  # noqa: F401 - the masker the hook registers with
     from airflow.sdk._shared.secrets_masker import redact
 
-    hook_for(sandbox.url).settings  # noqa: B018
+    _ = hook_for(sandbox.url).settings
     assert DEFAULT_API_KEY not in str(redact(f"key is {DEFAULT_API_KEY}"))
 
 

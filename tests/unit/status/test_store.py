@@ -147,7 +147,7 @@ def test_concurrent_writers_lose_and_double_nothing(store_url):
         try:
             for _ in range(3):  # every batch three times: the vendor resends
                 StatusStore(store_url).ingest(batch)
-        except BaseException as err:  # noqa: BLE001 - surfaced below
+        except BaseException as err:
             errors.append(err)
 
     threads = [threading.Thread(target=write, args=(b,)) for b in batches]

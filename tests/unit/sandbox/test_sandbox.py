@@ -1,0 +1,159 @@
+"""The sandbox checks requests as the vendor does, and posts delivery reports as the vendor does."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import requests
+from fastapi import FastAPI, Request
+
+from airflow_provider_pepipost.sandbox import DEFAULT_API_KEY, SandboxServer, Scenario
+from tests.helpers import ServedApp, wait_until
+
+AUTH = {"Authorization": f"Bearer {DEFAULT_API_KEY}"}
+
+
+def media(**overrides) -> dict:
+    item = {
+        "recipient_whatsapp": "919833078369",
+        "message_type": "media",
+        "recipient_type": "individual",
+        "source": "sandbox-source",
+        "x-apiheader": "h1",
+        "type_media": [{"attachments": [{"attachment_id": "m-1", "caption": "c"}]}],
+    }
+    item.update(overrides)
+    return {k: v for k, v in item.items() if v is not None}
+
+
+def send(sandbox: SandboxServer, body, headers=AUTH) -> requests.Response:
+    return requests.post(f"{sandbox.url}/api/v2/message/", json=body, headers=headers, timeout=10)
+
+
+def test_accepts_the_vendor_example_and_answers_with_an_id(sandbox):
+    answer = send(sandbox, {"message": [media()]})
+    assert answer.status_code == 200
+    assert answer.json()["status"] == "success" and answer.json()["data"]["id"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({}, 403), ({"Authorization": DEFAULT_API_KEY}, 403), ({"Authorization": "Bearer wrong"}, 401)],
+)
+def test_auth(sandbox, headers, status):
+    answer = send(sandbox, {"message": [media()]}, headers)
+    assert answer.status_code == status and answer.json()["error"]["code"] == "8004"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"message": [media(recipient_whatsapp=None)]}, "8001"),
+        ({"message": [media(source=None)]}, "8001"),
+        ({"message": [media(message_type="text")]}, "8006"),
+        ({"message": [media(recipient_whatsapp="12345")]}, "8006"),
+        ({"message": [media(recipient_type="channel")]}, "8006"),
+        ({"message": [media(source="other")]}, "8006"),
+        ({"message": [media(type_media=None)]}, "8001"),
+        ({"message": [media(type_media=[{"attachments": [{"caption": "c"}]}])]}, "8001"),
+        (
+            {
+                "message": [
+                    media(type_media=[{"attachments": [{"attachment_url": "https://x", "attachment_type": "gif"}]}])
+                ]
+            },
+            "8006",
+        ),
+        ({"message": []}, "8001"),
+        ({"message": [media(), media()]}, "8006"),
+    ],
+)
+def test_validation_codes(sandbox, body, code):
+    answer = send(sandbox, body)
+    assert answer.json() == {"status": "failure", "error": {"code": code, "message": answer.json()["error"]["message"]}}
+    assert sandbox.state.accepted_count == 0
+
+
+def test_unknown_media_is_8008():
+    with SandboxServer(media_ids={"known"}) as sandbox:
+        assert send(sandbox, {"message": [media()]}).json()["error"]["code"] == "8008"
+
+
+def test_recipient_rejections_are_fixed_by_the_seed():
+    scenario = Scenario(seed=3, reject_ratio={"8003": 0.5})
+    codes = []
+    for _ in range(2):
+        with SandboxServer(scenario) as sandbox:
+            codes.append(
+                [
+                    send(sandbox, {"message": [media(recipient_whatsapp=f"91983307{i:04d}")]})
+                    .json()
+                    .get("error", {})
+                    .get("code")
+                    for i in range(20)
+                ]
+            )
+    assert codes[0] == codes[1] and "8003" in codes[0] and None in codes[0]
+
+
+def test_faults_429_with_retry_after_and_drops():
+    with SandboxServer(Scenario(rate_429=1.0, retry_after=1.5)) as sandbox:
+        answer = send(sandbox, {"message": [media()]})
+        assert answer.status_code == 429 and answer.headers["Retry-After"] == "1.5"
+    with SandboxServer(Scenario(rate_drop=1.0)) as sandbox, pytest.raises(requests.ConnectionError):
+        send(sandbox, {"message": [media()]})
+
+
+def test_reports_are_posted_in_batches_with_both_time_forms():
+    received: list[dict] = []
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.post("/hook")
+    async def hook(request: Request):
+        body = await request.json()
+        with lock:
+            received.append({"body": body, "token": request.headers.get("x-pepipost-token")})
+        return {"ok": True}
+
+    with ServedApp(app) as receiver:
+        for version in (1, 2):
+            scenario = Scenario(final_mix={"read": 1.0}, status_delay=0.05, webhook_version=version, inbound_ratio=1.0)
+            with SandboxServer(
+                scenario, webhook_url=f"{receiver.url}/hook", webhook_headers={"X-Pepipost-Token": "t"}
+            ) as sandbox:
+                message_id = send(sandbox, {"message": [media(**{"x-apiheader": f"h-v{version}"})]}).json()["data"][
+                    "id"
+                ]
+                assert sandbox.wait_for_reports(10)
+            assert wait_until(lambda v=version: sum(1 for r in received if _items_of(r, v)) > 0)
+    items = [item for r in received for item in r["body"].get("delivery_status", [])]
+    assert {r["token"] for r in received} == {"t"}
+    v1 = [i for i in items if "x-apiheader" not in i]
+    v2 = [i for i in items if "x-apiheader" in i]
+    assert [i["status"] for i in v1] == ["sent", "delivered", "read"]
+    assert v1[0]["received_at"].count(":") == 2  # "YYYY-MM-DD HH:MM:SS"
+    assert v2[0]["received_at"].isdigit() and v2[0]["x-apiheader"] == "h-v2" and "pricing" in v2[0]
+    assert v2[-1]["ncmessage_id"] == message_id
+    inbound = [i for r in received for i in r["body"].get("incoming_message", [])]
+    assert inbound and inbound[0]["context"]["ncmessage_id"]
+
+
+def _items_of(record: dict, version: int) -> list:
+    items = record["body"].get("delivery_status", [])
+    return [i for i in items if ("x-apiheader" in i) == (version == 2)]
+
+
+def test_scenario_from_json_names_unknown_keys():
+    assert Scenario.from_json(json.dumps({"latency": 0.1})).latency == 0.1
+    with pytest.raises(ValueError, match="unknown scenario keys"):
+        Scenario.from_json('{"latencyy": 1}')
+
+
+def test_the_final_mix_follows_the_scenario():
+    scenario = Scenario(final_mix={"read": 0.5, "failed": 0.5})
+    finals = [scenario.final_status(f"id-{i}") for i in range(2000)]
+    assert 900 < finals.count("failed") < 1100
+    assert set(finals) == {"read", "failed"}
