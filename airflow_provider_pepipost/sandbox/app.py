@@ -116,7 +116,9 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
             number = state.requests
             if sc.outage_after is not None and number == sc.outage_after + 1:
                 state.outage_until = time.monotonic() + sc.outage_seconds
-            in_outage = time.monotonic() < state.outage_until
+            in_outage = time.monotonic() < state.outage_until or (
+                sc.outage_after is not None and sc.outage_after < number <= sc.outage_after + sc.outage_requests
+            )
         if sc.latency:
             await asyncio.sleep(sc.latency)
         if in_outage:

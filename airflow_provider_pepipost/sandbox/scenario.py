@@ -44,8 +44,9 @@ class Scenario:
     rate_drop: float = 0.0  # the connection is closed without an answer, before accepting
     rate_slow: float = 0.0  # accepted, but answered only after slow_seconds
     slow_seconds: float = 5.0
-    outage_after: int | None = None  # after this many requests, answer 503 for outage_seconds
+    outage_after: int | None = None  # after this many requests, answer 503 for outage_seconds...
     outage_seconds: float = 0.0
+    outage_requests: int = 0  # ...or to the next outage_requests requests (not bound to timing)
     failures_with_http_200: bool = False  # the vendor's failure bodies with HTTP 200
     webhook_version: int = 2
     batch_size: int = 50

@@ -124,7 +124,7 @@ def test_a_bad_key_stops_the_job_at_once(campaign, pepipost_conn, sqlite_url):
 
 def test_a_retried_task_sends_only_what_the_first_try_did_not(campaign):
     # The vendor goes down after 20 requests for long enough that the first try gives up.
-    sandbox = campaign(Scenario(outage_after=20, outage_seconds=0.6), max_retries=1, backoff_max=0.05)
+    sandbox = campaign(Scenario(outage_after=20, outage_requests=12), max_retries=1, backoff_max=0.05)
     result = run_dag("pepipost_send_with_retries", audience_size=60)
     assert result.state == "success", result.tasks
     assert result.tries("send") >= 2

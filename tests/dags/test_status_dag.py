@@ -32,7 +32,8 @@ def loop(airflow_db, receiver, store_url, pepipost_conn):
         server.stop()
 
 
-MIXED = {"read": 0.5, "delivered": 0.4, "sent": 0.1}
+# Every message gets delivered: the statuses' order, timing and duplicates vary, the outcome not.
+MIXED = {"read": 0.5, "delivered": 0.5}
 
 
 @pytest.mark.parametrize("dag_id", ["pepipost_status_poke", "pepipost_status_reschedule", "pepipost_status_deferrable"])

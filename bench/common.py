@@ -1,0 +1,99 @@
+"""Shared bench plumbing: a sandbox process on loopback, a stand-in task instance, RSS and timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import requests
+
+BIN = Path(sys.executable).parent
+API_KEY = "sandbox-api-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@contextmanager
+def sandbox_process(scenario: dict[str, Any]):
+    """The sandbox in its own process, so that it does not share the GIL with what is measured."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(BIN / "pepipost-sandbox"),
+            "--port",
+            str(port),
+            "--no-record",
+            "--any-source",
+            "--scenario",
+            json.dumps(scenario),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/_sandbox/stats")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def point_connection(base_url: str, store_url: str, **extra: Any) -> None:
+    os.environ["AIRFLOW_CONN_PEPIPOST_DEFAULT"] = json.dumps(
+        {
+            "conn_type": "pepipost",
+            "host": base_url,
+            "password": API_KEY,
+            "extra": {"source": "bench-source", "status_store_url": store_url, **extra},
+        }
+    )
+
+
+class BenchTaskInstance:
+    """What SendWhatsAppMediaOperator.execute reads from the context, without a scheduler."""
+
+    def __init__(self, dag_id: str, run_id: str, task_id: str = "send") -> None:
+        self.dag_id, self.run_id, self.task_id, self.map_index = dag_id, run_id, task_id, -1
+        self.xcom: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcom[key] = value
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0

@@ -1,0 +1,101 @@
+"""Bench 1: send throughput against the sandbox with a fixed 50 ms latency.
+
+The operator (default and tuned workers) side by side with the loop a user writes today: one
+requests.post per message, in sequence. Run alone: python bench/send_throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+from bench.common import API_KEY, BenchTaskInstance, point_connection, sandbox_process
+
+LATENCY = 0.05
+
+
+def audience(count: int) -> list[str]:
+    return [f"9198{index:08d}" for index in range(count)]
+
+
+def sequential_baseline(base_url: str, count: int) -> float:
+    """The baseline: a plain loop of requests.post, one message after the other. Returns msg/s."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    started = time.perf_counter()
+    for phone in audience(count):
+        body = {
+            "message": [
+                {
+                    "recipient_whatsapp": phone,
+                    "message_type": "media",
+                    "recipient_type": "individual",
+                    "source": "bench-source",
+                    "type_media": [{"attachments": [{"attachment_id": "m-1", "caption": "Hi"}]}],
+                }
+            ]
+        }
+        answer = requests.post(f"{base_url}/api/v2/message/", data=json.dumps(body), headers=headers, timeout=30)
+        assert answer.json()["status"] == "success"
+    return count / (time.perf_counter() - started)
+
+
+def operator_rate(base_url: str, count: int, workers: int, store_dir: Path) -> dict:
+    from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppMediaOperator
+
+    store_url = f"sqlite:///{store_dir / f'send-{workers}-{uuid.uuid4().hex[:6]}.db'}"
+    point_connection(base_url, store_url)
+    operator = SendWhatsAppMediaOperator(
+        task_id="send",
+        recipients=audience(count),
+        attachment_id="m-1",
+        caption="Hi",
+        max_workers=workers,
+        progress_interval=3600,
+    )
+    ti = BenchTaskInstance("bench_send", f"run-{uuid.uuid4().hex}")
+    started = time.perf_counter()
+    result = operator.execute({"ti": ti})
+    elapsed = time.perf_counter() - started
+    accepted = ti.xcom["send_summary"]["accepted"]
+    assert accepted == count, ti.xcom["send_summary"]
+    rate = count / elapsed
+    limit = workers / LATENCY
+    return {
+        "workers": workers,
+        "messages": count,
+        "seconds": round(elapsed, 2),
+        "msg_per_s": round(rate, 1),
+        "limit_msg_per_s": limit,
+        "share_of_limit": round(rate / limit, 3),
+        "ids_returned": len(result),
+    }
+
+
+def run(count: int = 10_000, baseline_count: int = 300, tuned_workers: int = 48) -> dict:
+    with tempfile.TemporaryDirectory(prefix="pepipost-bench-") as tmp, sandbox_process({"latency": LATENCY}) as url:
+        baseline = sequential_baseline(url, baseline_count)
+        default = operator_rate(url, count, 16, Path(tmp))
+        tuned = operator_rate(url, count, tuned_workers, Path(tmp))
+    for row in (default, tuned):
+        row["vs_baseline"] = round(row["msg_per_s"] / baseline, 1)
+    return {
+        "latency_s": LATENCY,
+        "baseline_msg_per_s": round(baseline, 1),
+        "baseline_messages": baseline_count,
+        "default": default,
+        "tuned": tuned,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=48)
+    args = parser.parse_args()
+    print(json.dumps(run(args.count, tuned_workers=args.workers), indent=2))

@@ -1,0 +1,55 @@
+"""The receiver mounted by the provider's plugin inside a real `airflow api-server`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from airflow_provider_pepipost.status.store import StatusStore
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.dag
+
+
+def test_the_api_server_mounts_the_receiver_with_its_own_token(airflow_db, sqlite_url):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PEPIPOST_WEBHOOK_TOKEN="api-server-token", PEPIPOST_STATUS_STORE_URL=sqlite_url)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "airflow"), "api-server", "--port", str(port), "--host", "127.0.0.1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/pepipost"
+
+    def up() -> bool:
+        try:
+            return requests.get(f"{base}/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        assert wait_until(up, timeout=90, interval=0.5), "the API server did not come up"
+        body = {"delivery_status": [{"ncmessage_id": "m-api", "status": "delivered", "received_at": "1700000000"}]}
+        assert (
+            requests.post(f"{base}/webhook", json=body, timeout=10).status_code == 401
+        )  # Airflow's auth does not apply
+        answer = requests.post(
+            f"{base}/webhook", json=body, headers={"X-Pepipost-Token": "api-server-token"}, timeout=10
+        )
+        assert answer.status_code == 200 and answer.json()["accepted"] == 1
+        assert StatusStore(sqlite_url).current_status("m-api") == "delivered"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
