@@ -196,10 +196,23 @@ class PepipostHook(BaseHook):
         )
         return session
 
+    @cached_property
+    def _send_request(self) -> tuple[requests.PreparedRequest, dict[str, Any]]:
+        """The send request prepared once, and the session's proxy/TLS settings merged once.
+
+        Session.post re-merges headers, cookies and environment settings on every call; for a
+        campaign that is most of the client's CPU (bench/: 650 us a call, 375 us this way).
+        """
+        url = self.settings.send_url
+        prepared = self.session.prepare_request(requests.Request("POST", url, data=b"{}"))
+        return prepared, self.session.merge_environment_settings(url, {}, None, None, None)
+
     def close(self) -> None:
-        if "session" in self.__dict__:
-            self.session.close()
-            del self.__dict__["session"]
+        for name in ("_send_request", "session"):
+            if name in self.__dict__:
+                if name == "session":
+                    self.session.close()
+                del self.__dict__[name]
 
     def get_status_store(self, url: str | None = None) -> StatusStore:
         """The delivery-status store named by ``url``, the connection's extra, or the default."""
@@ -236,9 +249,12 @@ class PepipostHook(BaseHook):
 
     def _post_once(self, data: bytes) -> str:
         settings = self.settings
+        template, environment = self._send_request
+        request = template.copy()
+        request.prepare_body(data, None)
         try:
-            response = self.session.post(
-                settings.send_url, data=data, timeout=(settings.connect_timeout, settings.timeout)
+            response = self.session.send(
+                request, timeout=(settings.connect_timeout, settings.timeout), allow_redirects=False, **environment
             )
         except requests.exceptions.ConnectTimeout as err:
             raise _NotSentError(f"connect timeout: {err}") from None

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,8 @@ from airflow_provider_pepipost.errors import (
 )
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import MediaMessage, idempotency_key
-from airflow_provider_pepipost.status.store import LedgerEntry, StatusStore, TaskKey
+from airflow_provider_pepipost.status.ledger_writer import LedgerWriter
+from airflow_provider_pepipost.status.store import Claim, LedgerEntry, Outcome, StatusStore, TaskKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +124,21 @@ class CampaignSender:
         self.result = CampaignResult(total=total, outcomes=[] if keep_outcomes else None)
 
     def run(self, messages: Iterable[tuple[int, MediaMessage]]) -> CampaignResult:
+        self.ledger = LedgerWriter(self.store, self.task)
+        try:
+            return self._run(messages)
+        finally:
+            self.ledger.close()  # every outcome is in the ledger before the task moves on
+
+    def _run(self, messages: Iterable[tuple[int, MediaMessage]]) -> CampaignResult:
         earlier = self.store.open_ledger(self.task)
         if earlier:
             self.log.info("Found %d rows recorded by an earlier try; they will not be sent again", len(earlier))
         started = time.monotonic()
         last_log = started
-        in_flight: set[Future] = set()
+        # Finished sends arrive here; waiting on a queue costs the same whatever is in flight.
+        finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        in_flight = 0
         window = self.max_workers * 2
         done_rows = 0
         with ThreadPoolExecutor(self.max_workers, thread_name_prefix="pepipost-send") as pool:
@@ -148,16 +159,24 @@ class CampaignSender:
                     self._record(RowOutcome(row, message.recipient_whatsapp, header, None, "not_sent"))
                     done_rows += 1
                     continue
-                in_flight.add(pool.submit(self._send_one, row, key, message))
-                if len(in_flight) >= window:
-                    finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                    done_rows += self._collect(finished)
+                pool.submit(self._send_one, row, key, message).add_done_callback(finished.put)
+                in_flight += 1
+                while in_flight >= window or not finished.empty():
+                    self._record(finished.get().result())
+                    in_flight -= 1
+                    done_rows += 1
                 if time.monotonic() - last_log >= self.progress_interval:
                     self._log_progress(done_rows, started)
                     last_log = time.monotonic()
             while in_flight:
-                finished, in_flight = wait(in_flight, timeout=self.progress_interval, return_when=FIRST_COMPLETED)
-                done_rows += self._collect(finished)
+                try:
+                    future = finished.get(timeout=self.progress_interval)
+                except queue.Empty:
+                    future = None
+                if future is not None:
+                    self._record(future.result())
+                    in_flight -= 1
+                    done_rows += 1
                 if time.monotonic() - last_log >= self.progress_interval:
                     self._log_progress(done_rows, started)
                     last_log = time.monotonic()
@@ -166,17 +185,12 @@ class CampaignSender:
             self.result.outcomes.sort(key=lambda outcome: outcome.row)
         return self.result
 
-    def _collect(self, finished: set[Future]) -> int:
-        for future in finished:
-            self._record(future.result())
-        return len(finished)
-
     def _send_one(self, row: int, key: str, message: MediaMessage) -> RowOutcome:
         header = message.api_header or key
         recipient = message.recipient_whatsapp
         if self._stop.is_set():
             return RowOutcome(row, recipient, header, None, "not_sent")
-        if not self.store.claim_for_sending(self.task, key, header, recipient, row):
+        if not self.ledger.claim(Claim(key, header, recipient, row)):
             return RowOutcome(
                 row, recipient, header, None, "duplicate", error_message="same recipient and attachment as another row"
             )
@@ -185,19 +199,19 @@ class CampaignSender:
         try:
             message_id = self.hook.send_message(message)
         except PepipostOutcomeUnknownError as err:
-            self.store.record_outcome(key, "unknown", error_message=str(err))
+            self.ledger.record(Outcome(key, "unknown", error_message=str(err)))
             return RowOutcome(row, recipient, header, None, "unknown", error_message=str(err))
         except PepipostApiError as err:
-            self.store.record_outcome(key, "rejected", error_code=err.code, error_message=err.message)
+            self.ledger.record(Outcome(key, "rejected", error_code=err.code, error_message=err.message))
             if err.kind is FailureKind.JOB or err.kind is FailureKind.TRANSIENT:
                 # A transient failure that outlived every retry stops the job like a fatal one.
                 self._stop_campaign(err)
             return RowOutcome(row, recipient, header, None, "rejected", err.code, err.message)
         except BaseException:
             # Unexpected: the outcome of the request is not known, so it must not be resent.
-            self.store.record_outcome(key, "unknown", error_message="the send raised unexpectedly")
+            self.ledger.record(Outcome(key, "unknown", error_message="the send raised unexpectedly"))
             raise
-        self.store.record_outcome(key, "accepted", message_id=message_id)
+        self.ledger.record(Outcome(key, "accepted", message_id=message_id))
         return RowOutcome(row, recipient, header, message_id, "accepted")
 
     def _stop_campaign(self, err: PepipostApiError) -> None:

@@ -17,7 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    String,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
@@ -73,6 +85,27 @@ class TaskKey:
     @classmethod
     def is_ref(cls, value: Any) -> bool:
         return isinstance(value, Mapping) and cls.LEDGER_REF in value
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A message about to be sent, as the ledger records it."""
+
+    key: str
+    api_header: str
+    recipient: str
+    row_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The answer to one send."""
+
+    key: str
+    state: str  # accepted | rejected | unknown
+    message_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
 
 
 @dataclass(frozen=True)
@@ -245,41 +278,81 @@ class StatusStore:
             ).all()
         return {row.idempotency_key: LedgerEntry(*row) for row in rows}
 
-    def claim_for_sending(self, task: TaskKey, key: str, api_header: str, recipient: str, row_index: int) -> bool:
-        """Record, before the request goes out, that this message is being sent.
+    def write_ledger(
+        self, task: TaskKey, claims: Sequence[Claim] = (), outcomes: Sequence[Outcome] = (), *, since: float = 0.0
+    ) -> list[bool]:
+        """Claims and outcomes of many sends in one transaction (the send loop's group commit).
 
-        False when the ledger already holds it (sent, in flight, unknown): it must not go out again.
+        A claim records, before the request goes out, that a message is being sent; it is granted
+        (True) only when the ledger does not hold the message yet, or holds it as rejected by a try
+        that started before ``since``. Anything else (sent, in flight, unknown, or a duplicate row
+        of this try) must not go out again.
         """
         now = time.time()
+        granted: list[bool] = []
         with self._writing() as conn:
-            stmt = _insert_for(conn, schema.ledger).values(
-                idempotency_key=key,
-                api_header=api_header,
-                recipient=recipient,
-                dag_id=task.dag_id,
-                run_id=task.run_id,
-                task_id=task.task_id,
-                map_index=task.map_index,
-                row_index=row_index,
-                state="sending",
-                sent_at=now,
-                updated_at=now,
-            )
-            # Only a row an earlier try saw rejected is sent again.
-            result = conn.execute(
-                stmt.on_conflict_do_update(
+            if claims:
+                # One statement, compiled once and cached; each claim is its own execute because
+                # each needs its own answer (rowcount: granted or not).
+                insert_stmt = _insert_for(conn, schema.ledger)
+                claim_stmt = insert_stmt.on_conflict_do_update(
                     index_elements=[schema.ledger.c.idempotency_key],
                     set_={
                         "state": "sending",
                         "error_code": None,
                         "error_message": None,
-                        "updated_at": now,
-                        "sent_at": now,
+                        "updated_at": insert_stmt.excluded.updated_at,
+                        "sent_at": insert_stmt.excluded.sent_at,
                     },
-                    where=schema.ledger.c.state == "rejected",
+                    where=(schema.ledger.c.state == "rejected") & (schema.ledger.c.sent_at < bindparam("since")),
                 )
-            )
-        return result.rowcount > 0
+                common = {
+                    "dag_id": task.dag_id,
+                    "run_id": task.run_id,
+                    "task_id": task.task_id,
+                    "map_index": task.map_index,
+                    "state": "sending",
+                    "sent_at": now,
+                    "updated_at": now,
+                    "since": since,
+                }
+                for claim in claims:
+                    params = {
+                        "idempotency_key": claim.key,
+                        "api_header": claim.api_header,
+                        "recipient": claim.recipient,
+                        "row_index": claim.row_index,
+                        **common,
+                    }
+                    granted.append(conn.execute(claim_stmt, params).rowcount > 0)
+            if outcomes:
+                led = schema.ledger
+                conn.execute(
+                    update(led)
+                    .where(led.c.idempotency_key == bindparam("key"))
+                    .values(
+                        state=bindparam("new_state"),
+                        message_id=bindparam("new_message_id"),
+                        error_code=bindparam("new_error_code"),
+                        error_message=bindparam("new_error_message"),
+                        updated_at=now,
+                    ),
+                    [
+                        {
+                            "key": o.key,
+                            "new_state": o.state,
+                            "new_message_id": o.message_id,
+                            "new_error_code": o.error_code,
+                            "new_error_message": o.error_message,
+                        }
+                        for o in outcomes
+                    ],
+                )
+        return granted
+
+    def claim_for_sending(self, task: TaskKey, key: str, api_header: str, recipient: str, row_index: int) -> bool:
+        """One claim in its own transaction: see ``write_ledger``."""
+        return self.write_ledger(task, [Claim(key, api_header, recipient, row_index)], since=time.time())[0]
 
     def record_outcome(
         self,
@@ -291,18 +364,8 @@ class StatusStore:
         error_message: str | None = None,
     ) -> None:
         """The answer to a send: accepted (with its id), rejected (with the error) or unknown."""
-        with self._writing() as conn:
-            conn.execute(
-                update(schema.ledger)
-                .where(schema.ledger.c.idempotency_key == key)
-                .values(
-                    state=state,
-                    message_id=message_id,
-                    error_code=error_code,
-                    error_message=error_message,
-                    updated_at=time.time(),
-                )
-            )
+        outcome = Outcome(key, state, message_id, error_code, error_message)
+        self.write_ledger(TaskKey("", "", ""), outcomes=[outcome])
 
     def ledger_message_ids(self, task: TaskKey) -> list[str]:
         """The ids of every accepted message of a task instance, in input order."""
@@ -473,16 +536,21 @@ class StatusStore:
 
     # -- summaries ------------------------------------------------------------------------------
 
-    def summarize_ids(self, message_ids: Iterable[str]) -> DeliverySummary:
-        """Counts by current status for these ids, and the failed ones with their remarks."""
+    def summarize_ids(self, message_ids: Iterable[str], *, chunked: bool = False) -> DeliverySummary:
+        """Counts by current status for these ids, and the failed ones with their remarks.
+
+        On SQLite and PostgreSQL all ids travel in one bound parameter (a JSON array, an array),
+        so 100k ids cost one indexed query; ``chunked`` forces IN lists of ID_CHUNK ids, the
+        portable way used for other databases.
+        """
         ids = list(dict.fromkeys(message_ids))
         summary = DeliverySummary(total=len(ids))
         st = schema.message_status
         with self.engine.connect() as conn:
-            for chunk in _chunks(ids):
+            for matches in self._id_filters(conn, st.c.message_id, ids, chunked):
                 chunk_failed = 0
                 for status, count in conn.execute(
-                    select(st.c.status, func.count()).where(st.c.message_id.in_(chunk)).group_by(st.c.status)
+                    select(st.c.status, func.count()).where(matches).group_by(st.c.status)
                 ):
                     summary.counts[status] = summary.counts.get(status, 0) + count
                     if status == "failed":
@@ -493,7 +561,7 @@ class StatusStore:
                         {"message_id": mid, "remark": remark}
                         for mid, remark in conn.execute(
                             select(st.c.message_id, st.c.remark)
-                            .where(st.c.message_id.in_(chunk), st.c.status == "failed")
+                            .where(matches, st.c.status == "failed")
                             .order_by(st.c.message_id)
                             .limit(room)
                         )
@@ -501,6 +569,20 @@ class StatusStore:
         summary.failed_total = summary.counts.get("failed", 0)
         summary.pending = summary.total - sum(summary.counts.values())
         return summary
+
+    @staticmethod
+    def _id_filters(conn: Connection, column: Any, ids: list[str], chunked: bool) -> Iterator[Any]:
+        """WHERE clauses that together match ``column`` against every id."""
+        if not ids:
+            return
+        if not chunked and conn.dialect.name == "sqlite":
+            values = func.json_each(json.dumps(ids)).table_valued("value")
+            yield column.in_(select(values.c.value))
+        elif not chunked and conn.dialect.name == "postgresql":
+            yield column == any_(bindparam("ids", ids, type_=postgresql.ARRAY(String)))
+        else:
+            for chunk in _chunks(ids):
+                yield column.in_(chunk)
 
     def summarize_task(self, task: TaskKey) -> DeliverySummary:
         """The summary of everything one task instance sent, unknown outcomes included."""

@@ -118,12 +118,15 @@ def test_summaries_by_ids_and_by_task(store_url):
     assert both.total == 8
 
 
-def test_summaries_over_more_ids_than_one_query_binds(store_url):
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-parameter", "chunked"])
+def test_summaries_over_more_ids_than_one_query_binds(store_url, chunked):
     store = StatusStore(store_url)
     ids = [f"m{i}" for i in range(12_000)]
     store.ingest([event(mid, "delivered") for mid in ids[:11_000]])
-    summary = store.summarize_ids(ids)
-    assert (summary.total, summary.counts["delivered"], summary.pending) == (12_000, 11_000, 1_000)
+    store.ingest([event(mid, "failed", remark="gone") for mid in ids[10_990:11_000]])
+    summary = store.summarize_ids(ids, chunked=chunked)
+    assert (summary.total, summary.counts, summary.pending) == (12_000, {"delivered": 10_990, "failed": 10}, 1_000)
+    assert summary.failed == [{"message_id": f"m{i}", "remark": "gone"} for i in range(10_990, 11_000)]
 
 
 def test_dead_letters_and_inbound_are_kept_apart(store_url):

@@ -1,0 +1,84 @@
+"""Group commit for the send loop: the ledger writes of many sending threads in few transactions.
+
+Each message needs a durable claim before its request goes out. One transaction per claim makes
+the database's commit the campaign's speed limit (SQLite has one writer); here one thread commits
+whatever claims and outcomes are waiting, in one transaction, and wakes the threads it served.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+
+from airflow_provider_pepipost.status.store import Claim, Outcome, StatusStore, TaskKey
+
+MAX_BATCH = 500
+
+
+class LedgerWriter:
+    """Batches ``claim`` (waits for its commit) and ``record`` (committed with the next batch)."""
+
+    def __init__(self, store: StatusStore, task: TaskKey, since: float | None = None) -> None:
+        self.store = store
+        self.task = task
+        self.since = time.time() if since is None else since
+        self._claims: list[tuple[Claim, Future]] = []
+        self._outcomes: list[Outcome] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pepipost-ledger", daemon=True)
+        self._thread.start()
+
+    def claim(self, claim: Claim) -> bool:
+        """True when this message may be sent; returns once the claim is committed."""
+        future: Future = Future()
+        with self._cond:
+            self._raise_if_failed()
+            self._claims.append((claim, future))
+            self._cond.notify()
+        return future.result()
+
+    def record(self, outcome: Outcome) -> None:
+        """Queue an outcome; ``close`` (or the next batch) commits it."""
+        with self._cond:
+            self._raise_if_failed()
+            self._outcomes.append(outcome)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Commit everything queued and stop; raises if a write failed."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the status store could not be written: {self._error}") from self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._claims or self._outcomes or self._closing):
+                    self._cond.wait()
+                claims, self._claims = self._claims[:MAX_BATCH], self._claims[MAX_BATCH:]
+                outcomes, self._outcomes = self._outcomes, []
+                if not claims and not outcomes and self._closing:
+                    return
+            try:
+                granted = self.store.write_ledger(self.task, [c for c, _ in claims], outcomes, since=self.since)
+            except BaseException as err:  # every waiting sender must hear of it
+                with self._cond:
+                    self._error = err
+                for _, future in claims:
+                    future.set_exception(err)
+                with self._cond:  # fail the claims queued since, and stop
+                    for _, future in self._claims:
+                        future.set_exception(err)
+                    self._claims = []
+                return
+            for (_, future), ok in zip(claims, granted, strict=True):
+                future.set_result(ok)

@@ -1,0 +1,125 @@
+"""`make bench`: every benchmark side by side in one run, each figure next to its target and baseline.
+
+Prints a table and writes bench/results/bench.json. PostgreSQL figures come when
+PEPIPOST_BENCH_POSTGRES_URL (or PEPIPOST_TEST_POSTGRES_URL) names a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import memory_stream, send_throughput, sensor_poke, webhook_ingest  # noqa: E402
+
+
+def table(rows: list[tuple[str, str, str, str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory-rows", type=int, default=int(os.environ.get("PEPIPOST_BENCH_MEMORY_ROWS", 200_000)))
+    parser.add_argument("--only", choices=["send", "memory", "ingest", "poke"], action="append")
+    args = parser.parse_args()
+    pg = os.environ.get("PEPIPOST_BENCH_POSTGRES_URL") or os.environ.get("PEPIPOST_TEST_POSTGRES_URL")
+    only = set(args.only or ["send", "memory", "ingest", "poke"])
+    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
+    rows = [("figure", "measured", "target", "verdict")]
+    started = time.monotonic()
+
+    if "send" in only:
+        print("[bench] 1/4 send throughput (sandbox latency 50 ms) ...", flush=True)
+        send = results["send"] = send_throughput.run()
+        base = send["baseline_msg_per_s"]
+        rows.append(("sequential requests.post loop (baseline)", f"{base} msg/s", "-", "-"))
+        for name in ("default", "tuned"):
+            r = send[name]
+            rows.append(
+                (
+                    f"operator, {r['workers']} workers, {r['messages']} msgs",
+                    f"{r['msg_per_s']} msg/s = {r['share_of_limit']:.0%} of {r['limit_msg_per_s']:.0f}",
+                    ">= 90% of workers/latency",
+                    verdict(r["share_of_limit"] >= 0.9),
+                )
+            )
+            rows.append(
+                (
+                    f"  ratio to baseline ({r['workers']} workers)",
+                    f"{r['vs_baseline']}x",
+                    ">= 15x",
+                    verdict(r["vs_baseline"] >= 15),
+                )
+            )
+    if "memory" in only:
+        print(f"[bench] 2/4 memory, {args.memory_rows} JSONL rows streamed ...", flush=True)
+        mem = results["memory"] = memory_stream.run(args.memory_rows)
+        rows.append(
+            (
+                f"peak RSS, {mem['rows']} rows validated + sent",
+                f"{mem['peak_rss_mb']} MB",
+                "< 300 MB",
+                verdict(mem["peak_rss_mb"] < 300),
+            )
+        )
+        rows.append(("  send rate, no latency", f"{mem['msg_per_s']} msg/s", "-", "-"))
+    if "ingest" in only:
+        print("[bench] 3/4 webhook ingest ...", flush=True)
+        ingest = results["ingest"] = webhook_ingest.run(pg)
+        for r in ingest:
+            rows.append(
+                (
+                    f"webhook ingest, {r['store']}, batch {r['batch']}",
+                    f"{r['events_per_s']} ev/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms",
+                    ">= 2000 ev/s",
+                    verdict(r["events_per_s"] >= 2000),
+                )
+            )
+    if "poke" in only:
+        print("[bench] 4/4 sensor poke over 100k ids ...", flush=True)
+        poke = results["poke"] = sensor_poke.run(100_000, pg)
+        for store, r in poke.items():
+            rows.append(
+                (
+                    f"sensor poke, {store}, 100k ids / {r['events']} events",
+                    f"{r['poke_ms_ids_one_parameter']} ms",
+                    "< 200 ms",
+                    verdict(r["poke_ms_ids_one_parameter"] < 200),
+                )
+            )
+            rows.append((f"  before (chunked IN lists), {store}", f"{r['poke_ms_ids_chunked_before']} ms", "-", "-"))
+            rows.append(
+                (
+                    f"  by ledger reference, {store}",
+                    f"{r['poke_ms_ledger_reference']} ms",
+                    "< 200 ms",
+                    verdict(r["poke_ms_ledger_reference"] < 200),
+                )
+            )
+
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    print()
+    print(table(rows))
+    print(f"\n[bench] {results['machine']}; {results['wall_seconds']} s; written to bench/results/bench.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Bench 4: one sensor poke (a delivery summary) over 100k message ids with 300k stored events.
+
+Run alone: python bench/sensor_poke.py [--postgres URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from airflow_provider_pepipost.status.model import DeliveryEvent
+from airflow_provider_pepipost.status.store import StatusStore, TaskKey
+
+STATUSES = ("sent", "delivered", "read")
+
+
+def fill(store: StatusStore, count: int) -> tuple[list[str], TaskKey]:
+    """count ledger rows, and sent/delivered/read for each: 3 x count events."""
+    task = TaskKey("bench_poke", "run-1", "send")
+    ids = [f"msg-{index:08d}" for index in range(count)]
+    rows = [
+        {
+            "idempotency_key": f"k{index}",
+            "api_header": f"k{index}",
+            "message_id": mid,
+            "recipient": "919800000000",
+            "dag_id": task.dag_id,
+            "run_id": task.run_id,
+            "task_id": task.task_id,
+            "map_index": -1,
+            "row_index": index,
+            "state": "accepted",
+            "sent_at": 0.0,
+            "updated_at": 0.0,
+        }
+        for index, mid in enumerate(ids)
+    ]
+    from airflow_provider_pepipost.status import schema
+
+    with store.engine.begin() as conn:
+        conn.execute(schema.ledger.insert(), rows)
+    batch: list[DeliveryEvent] = []
+    for index, mid in enumerate(ids):
+        # Most messages reach read; every tenth stops at delivered, every fiftieth fails.
+        path = STATUSES if index % 10 else STATUSES[:2]
+        for step, status in enumerate(path):
+            batch.append(DeliveryEvent(mid, status, status, 1_700_000_000.0 + step, "", None, None, "{}"))
+        if index % 50 == 0:
+            batch.append(DeliveryEvent(mid, "failed", "failed", 1_700_000_009.0, "unreachable", None, None, "{}"))
+        if len(batch) >= 5000:
+            store.ingest(batch)
+            batch = []
+    if batch:
+        store.ingest(batch)
+    return ids, task
+
+
+def timed(fn, repeat: int = 5) -> float:
+    """Median milliseconds of ``repeat`` calls, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 1)
+
+
+def run_one(url: str, count: int) -> dict:
+    store = StatusStore(url)
+    started = time.perf_counter()
+    ids, task = fill(store, count)
+    fill_seconds = time.perf_counter() - started
+    expected = store.summarize_ids(ids)
+    assert store.summarize_ids(ids, chunked=True).to_dict() == expected.to_dict()
+    return {
+        "message_ids": count,
+        "events": store.count_rows("pepipost_events"),
+        "fill_seconds": round(fill_seconds, 1),
+        "poke_ms_ids_one_parameter": timed(lambda: store.summarize_ids(ids)),
+        "poke_ms_ids_chunked_before": timed(lambda: store.summarize_ids(ids, chunked=True)),
+        "poke_ms_ledger_reference": timed(lambda: store.summarize_task(task)),
+        "counts": expected.counts,
+    }
+
+
+def run(count: int = 100_000, postgres_url: str | None = None) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="pepipost-bench-") as tmp:
+        results["sqlite"] = run_one(f"sqlite:///{Path(tmp) / 'poke.db'}", count)
+    if postgres_url:
+        from bench.pg import scratch_database
+
+        with scratch_database(postgres_url) as url:
+            results["postgresql"] = run_one(url, count)
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--postgres")
+    args = parser.parse_args()
+    print(json.dumps(run(args.count, args.postgres), indent=2))
