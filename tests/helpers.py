@@ -94,3 +94,29 @@ def load_dag(dag_id: str) -> Any:
 
 def run_dag(dag_id: str, **conf: Any) -> DagResult:
     return DagResult(load_dag(dag_id).test(run_conf=conf or None))
+
+
+class StandInTaskInstance:
+    """What SendWhatsAppMediaOperator.execute reads from its context: for tests that drive the
+    operator directly (thousands of rows, many fault scenarios) without a scheduler loop."""
+
+    def __init__(self, dag_id: str = "faults", run_id: str = "faults-run", task_id: str = "send") -> None:
+        self.dag_id, self.run_id, self.task_id, self.map_index = dag_id, run_id, task_id, -1
+        self.xcom: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcom[key] = value
+
+
+def run_operator(recipients: Any, ti: StandInTaskInstance | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    """Execute SendWhatsAppMediaOperator once; returns (return value or the exception, task instance)."""
+    from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppMediaOperator
+
+    ti = ti or StandInTaskInstance()
+    kwargs.setdefault("attachment_id", "media-1")
+    kwargs.setdefault("progress_interval", 3600)
+    operator = SendWhatsAppMediaOperator(task_id=ti.task_id, recipients=recipients, **kwargs)
+    try:
+        return operator.execute({"ti": ti}), ti
+    except Exception as err:  # the caller asserts on it
+        return err, ti

@@ -21,13 +21,18 @@ from sqlalchemy import (
     Connection,
     Engine,
     String,
+    Text,
     any_,
     bindparam,
+    cast,
     create_engine,
     event,
     func,
     insert,
+    literal,
+    null,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -279,7 +284,12 @@ class StatusStore:
         return {row.idempotency_key: LedgerEntry(*row) for row in rows}
 
     def write_ledger(
-        self, task: TaskKey, claims: Sequence[Claim] = (), outcomes: Sequence[Outcome] = (), *, since: float = 0.0
+        self,
+        task: TaskKey | None,
+        claims: Sequence[Claim] = (),
+        outcomes: Sequence[Outcome] = (),
+        *,
+        since: float = 0.0,
     ) -> list[bool]:
         """Claims and outcomes of many sends in one transaction (the send loop's group commit).
 
@@ -292,6 +302,8 @@ class StatusStore:
         granted: list[bool] = []
         with self._writing() as conn:
             if claims:
+                if task is None:
+                    raise ValueError("claims need the task instance that sends them")
                 # One statement, compiled once and cached; each claim is its own execute because
                 # each needs its own answer (rowcount: granted or not).
                 insert_stmt = _insert_for(conn, schema.ledger)
@@ -327,9 +339,14 @@ class StatusStore:
                     granted.append(conn.execute(claim_stmt, params).rowcount > 0)
             if outcomes:
                 led = schema.ledger
+                # A delivery report may have reconciled the row while its request hung: a late
+                # 'unknown' (or 'rejected') must not wipe the message id it found.
                 conn.execute(
                     update(led)
-                    .where(led.c.idempotency_key == bindparam("key"))
+                    .where(
+                        led.c.idempotency_key == bindparam("key"),
+                        led.c.message_id.is_(None) | (bindparam("new_state") == "accepted"),
+                    )
                     .values(
                         state=bindparam("new_state"),
                         message_id=bindparam("new_message_id"),
@@ -365,7 +382,7 @@ class StatusStore:
     ) -> None:
         """The answer to a send: accepted (with its id), rejected (with the error) or unknown."""
         outcome = Outcome(key, state, message_id, error_code, error_message)
-        self.write_ledger(TaskKey("", "", ""), outcomes=[outcome])
+        self.write_ledger(None, outcomes=[outcome])
 
     def ledger_message_ids(self, task: TaskKey) -> list[str]:
         """The ids of every accepted message of a task instance, in input order."""
@@ -548,24 +565,25 @@ class StatusStore:
         st = schema.message_status
         with self.engine.connect() as conn:
             for matches in self._id_filters(conn, st.c.message_id, ids, chunked):
-                chunk_failed = 0
-                for status, count in conn.execute(
-                    select(st.c.status, func.count()).where(matches).group_by(st.c.status)
-                ):
-                    summary.counts[status] = summary.counts.get(status, 0) + count
-                    if status == "failed":
-                        chunk_failed = count
-                if chunk_failed and len(summary.failed) < DeliverySummary.MAX_FAILED_LISTED:
-                    room = DeliverySummary.MAX_FAILED_LISTED - len(summary.failed)
-                    summary.failed.extend(
-                        {"message_id": mid, "remark": remark}
-                        for mid, remark in conn.execute(
-                            select(st.c.message_id, st.c.remark)
-                            .where(matches, st.c.status == "failed")
-                            .order_by(st.c.message_id)
-                            .limit(room)
-                        )
-                    )
+                # One statement per id set, so the ids travel once: the counts by status, then
+                # (marked by a null status) the first failed ids with their remarks.
+                matched = select(st.c.message_id, st.c.status, st.c.remark).where(matches).cte("matched")
+                counts = select(
+                    matched.c.status, func.count().label("n"), cast(null(), String).label("mid"), cast(null(), Text)
+                ).group_by(matched.c.status)
+                room = max(DeliverySummary.MAX_FAILED_LISTED - len(summary.failed), 0)
+                failed = (
+                    select(cast(null(), String), literal(0), matched.c.message_id, matched.c.remark)
+                    .where(matched.c.status == "failed")
+                    .order_by(matched.c.message_id)
+                    .limit(room)
+                    .subquery()
+                )
+                for status, count, message_id, remark in conn.execute(union_all(counts, select(failed))):
+                    if status is None:
+                        summary.failed.append({"message_id": message_id, "remark": remark})
+                    else:
+                        summary.counts[status] = summary.counts.get(status, 0) + count
         summary.failed_total = summary.counts.get("failed", 0)
         summary.pending = summary.total - sum(summary.counts.values())
         return summary

@@ -144,6 +144,10 @@ def create_app(
         except (ValueError, RecursionError) as err:
             reason = "JSON nested too deeply" if isinstance(err, RecursionError) else f"invalid JSON: {err}"
             return await reject_body(reason, text)
+        if not isinstance(data, dict):
+            return await reject_body(f"body must be a JSON object, not {type(data).__name__}", text)
+        # An object of an unknown kind is acknowledged and kept aside: the vendor may post other
+        # event types to the same URL, and refusing them could make it stop posting reports.
         batch = parse_body(data)
         try:
             result = await run_in_threadpool(store().ingest, batch.events, batch.rejected, batch.inbound)
