@@ -5,35 +5,16 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import requests
+from airflow_provider_pepipost.sandbox.demo import free_port, wait_http
 
 BIN = Path(sys.executable).parent
 API_KEY = "sandbox-api-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 @contextmanager

@@ -37,6 +37,23 @@ class ServedApp:
         self._sock.close()
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on (yet)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_ok(url: str) -> bool:
+    """True when ``url`` answers 200; False while the server is not up."""
+    import requests
+
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.05) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` passes; bounded by time, never forever."""
     deadline = time.monotonic() + timeout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,13 @@ import pytest
 import requests
 
 from airflow_provider_pepipost.status.store import StatusStore
-from tests.helpers import wait_until
+from tests.helpers import free_port, http_ok, wait_until
 
 pytestmark = pytest.mark.dag
 
 
 def test_the_api_server_mounts_the_receiver_with_its_own_token(airflow_db, sqlite_url):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PEPIPOST_WEBHOOK_TOKEN="api-server-token", PEPIPOST_STATUS_STORE_URL=sqlite_url)
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "airflow"), "api-server", "--port", str(port), "--host", "127.0.0.1"],
@@ -30,14 +27,8 @@ def test_the_api_server_mounts_the_receiver_with_its_own_token(airflow_db, sqlit
     )
     base = f"http://127.0.0.1:{port}/pepipost"
 
-    def up() -> bool:
-        try:
-            return requests.get(f"{base}/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
     try:
-        assert wait_until(up, timeout=90, interval=0.5), "the API server did not come up"
+        assert wait_until(lambda: http_ok(f"{base}/healthz"), timeout=90, interval=0.5), "the API server is not up"
         body = {"delivery_status": [{"ncmessage_id": "m-api", "status": "delivered", "received_at": "1700000000"}]}
         assert (
             requests.post(f"{base}/webhook", json=body, timeout=10).status_code == 401

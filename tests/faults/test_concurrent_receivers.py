@@ -14,18 +14,10 @@ from sqlalchemy import select
 
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.store import StatusStore
-from tests.helpers import wait_until
+from tests.helpers import free_port, http_ok, wait_until
 
 TOKEN = "concurrent-token"
 STATUSES = ("sent", "delivered", "read")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_receiver(store_url: str) -> tuple[subprocess.Popen, str]:
@@ -37,14 +29,7 @@ def start_receiver(store_url: str) -> tuple[subprocess.Popen, str]:
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}/pepipost"
-
-    def up() -> bool:
-        try:
-            return requests.get(f"{base}/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    assert wait_until(up, timeout=60, interval=0.2)
+    assert wait_until(lambda: http_ok(f"{base}/healthz"), timeout=60, interval=0.2)
     return proc, f"{base}/webhook"
 
 

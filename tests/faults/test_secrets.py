@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
 from tests.conftest import connection_json
-from tests.helpers import wait_until
+from tests.helpers import free_port, http_ok, wait_until
 
 pytestmark = pytest.mark.dag
 BIN = Path(sys.executable).parent
@@ -60,11 +60,7 @@ def test_the_api_key_appears_nowhere(airflow_db, sqlite_url, sandbox_key):
 
 
 def test_the_webhook_token_stays_out_of_the_receivers_log(sqlite_url):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     receiver = subprocess.Popen(
         [str(BIN / "pepipost-webhook"), "--port", str(port), "--store-url", sqlite_url],
         env=dict(os.environ, PEPIPOST_WEBHOOK_TOKEN=TOKEN),
@@ -74,7 +70,7 @@ def test_the_webhook_token_stays_out_of_the_receivers_log(sqlite_url):
     )
     base = f"http://127.0.0.1:{port}/pepipost"
     try:
-        assert wait_until(lambda: _up(f"{base}/healthz"), timeout=60, interval=0.2)
+        assert wait_until(lambda: http_ok(f"{base}/healthz"), timeout=60, interval=0.2)
         requests.post(f"{base}/webhook?token={TOKEN}", data=b"{not json", timeout=10)  # logged as a dead letter
         requests.post(f"{base}/webhook?token={TOKEN}x", json={"delivery_status": []}, timeout=10)
         requests.post(f"{base}/webhook", json={"delivery_status": [7]}, headers={"X-Pepipost-Token": TOKEN}, timeout=10)
@@ -83,10 +79,3 @@ def test_the_webhook_token_stays_out_of_the_receivers_log(sqlite_url):
         output, _ = receiver.communicate(timeout=15)
     assert "dead letter" in output  # the receiver did log these requests
     assert TOKEN not in output
-
-
-def _up(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False

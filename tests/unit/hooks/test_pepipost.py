@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
@@ -13,6 +12,7 @@ from airflow_provider_pepipost.errors import FailureKind, PepipostApiError, Pepi
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook, parse_retry_after
 from airflow_provider_pepipost.messages import MediaMessage
 from airflow_provider_pepipost.sandbox import DEFAULT_API_KEY
+from tests.helpers import free_port
 
 MESSAGE = MediaMessage("919833078369", "sandbox-source", attachment_id="media-1", caption="Hi", api_header="h-1")
 SUCCESS = {"status": "success", "message": "Request received successfully.", "data": {"id": "id-1"}}
@@ -155,9 +155,7 @@ def test_a_read_timeout_is_not_resent(httpserver, hook_for):
 
 
 def test_connection_refused_is_retried_then_stops_the_job(hook_for):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with pytest.raises(PepipostApiError) as caught:
         hook_for(f"http://127.0.0.1:{port}", max_retries=1).send_message(MESSAGE)
     assert caught.value.kind is FailureKind.JOB
@@ -207,9 +205,7 @@ def test_test_connection_tells_a_good_key_from_a_bad_one(sandbox, monkeypatch, p
 
 
 def test_test_connection_reports_an_unreachable_host(hook_for):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ok, text = hook_for(f"http://127.0.0.1:{port}").test_connection()
     assert not ok and "Could not reach" in text
 
