@@ -83,7 +83,7 @@ def load(url: str, payloads: list[bytes], clients: int, seconds: float) -> tuple
     return accepted[0], time.perf_counter() - started, latencies
 
 
-def run_store(store_url: str, label: str, batches=(1, 50, 500), clients: int = 8, workers: int = 2) -> list[dict]:
+def run_store(store_url: str, label: str, batches=(1, 50, 500), clients: int = 16, workers: int = 1) -> list[dict]:
     port = free_port()
     env = dict(os.environ, PEPIPOST_WEBHOOK_TOKEN=TOKEN)
     receiver = subprocess.Popen(
@@ -126,12 +126,13 @@ def run_store(store_url: str, label: str, batches=(1, 50, 500), clients: int = 8
 def run(postgres_url: str | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="pepipost-bench-") as tmp:
-        rows += run_store(f"sqlite:///{Path(tmp) / 'ingest.db'}", "sqlite")
+        # SQLite has one writer: one receiver process group-commits best. PostgreSQL takes two.
+        rows += run_store(f"sqlite:///{Path(tmp) / 'ingest.db'}", "sqlite", workers=1)
     if postgres_url:
         from bench.pg import scratch_database
 
         with scratch_database(postgres_url) as url:
-            rows += run_store(url, "postgresql")
+            rows += run_store(url, "postgresql", workers=2)
     return rows
 
 

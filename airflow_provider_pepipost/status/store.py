@@ -138,6 +138,9 @@ class IngestResult:
         return dict(self.__dict__)
 
 
+# One webhook body, parsed: (events, rejected (reason, raw) pairs, inbound message dicts).
+WebhookBatch = tuple[Sequence[DeliveryEvent], Sequence[tuple[str, str]], Sequence[Mapping[str, Any]]]
+
 _ENGINES: dict[str, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 _SCHEMA_READY: set[str] = set()
@@ -419,20 +422,40 @@ class StatusStore:
         ``rejected`` holds (reason, raw) pairs; ``inbound`` dicts with sender, context_message_id,
         raw. Returns only after the commit, so the caller may then acknowledge the batch.
         """
-        result = IngestResult(rejected=len(rejected), inbound=len(inbound))
+        return self.ingest_many([(events, rejected, inbound)])[0]
+
+    def ingest_many(self, batches: Sequence[WebhookBatch]) -> list[IngestResult]:
+        """Several webhook batches in one transaction (the receiver's group commit).
+
+        Each batch gets its own counts; an event in two batches counts as accepted in the first.
+        """
+        results = [IngestResult(rejected=len(rej), inbound=len(inb)) for _, rej, inb in batches]
+        events = [ev for evs, _, _ in batches for ev in evs]
+        rejected = [item for _, rej, _ in batches for item in rej]
+        inbound = [item for _, _, inb in batches for item in inb]
         now = time.time()
         with self._writing() as conn:
             if events:
                 new_rows = self._new_event_rows(conn, events, now)
-                result.accepted = len(new_rows)
-                result.duplicates = len(events) - len(new_rows)
                 if new_rows:
                     conn.execute(
                         _insert_for(conn, schema.events).on_conflict_do_nothing(index_elements=["event_key"]),
                         new_rows,
                     )
                 self._raise_statuses(conn, events, now)
-                result.reconciled = self._reconcile(conn, events, now)
+                reconciled = self._reconcile(conn, events, now)
+                fresh = {row["event_key"] for row in new_rows}
+                for result, (evs, _, _) in zip(results, batches, strict=True):
+                    for ev in evs:
+                        key = event_key(ev.message_id, ev.status, ev.reported_at)
+                        if key in fresh:
+                            fresh.discard(key)
+                            result.accepted += 1
+                        else:
+                            result.duplicates += 1
+                        if ev.api_header in reconciled:
+                            reconciled.discard(ev.api_header)
+                            result.reconciled += 1
             if rejected:
                 conn.execute(
                     insert(schema.dead_letters),
@@ -453,7 +476,7 @@ class StatusStore:
                         for key, item in rows.items()
                     ],
                 )
-        return result
+        return results
 
     def record_dead_letter(self, reason: str, raw: str) -> None:
         """Keep a body the receiver could not read at all, with the reason."""
@@ -522,11 +545,14 @@ class StatusStore:
         )
 
     @staticmethod
-    def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> int:
-        """Give unknown sends their message id from reports that echo their x-apiheader."""
+    def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> set[str]:
+        """Give unknown sends their message id from reports that echo their x-apiheader.
+
+        Returns the headers whose rows were reconciled.
+        """
         by_header = {ev.api_header: ev.message_id for ev in events if ev.api_header}
         if not by_header:
-            return 0
+            return set()
         led = schema.ledger
         waiting: dict[str, list[str]] = {}
         for chunk in _chunks(list(by_header)):
@@ -536,7 +562,7 @@ class StatusStore:
                 )
             ):
                 waiting.setdefault(header, []).append(key)
-        reconciled = 0
+        reconciled: set[str] = set()
         for header, keys in waiting.items():
             if len(keys) != 1:
                 continue  # a header shared by several rows cannot tell them apart
@@ -548,7 +574,7 @@ class StatusStore:
                 .where(led.c.idempotency_key == keys[0])
                 .values(message_id=message_id, state="accepted", reconciled_at=now, updated_at=now)
             )
-            reconciled += 1
+            reconciled.add(header)
         return reconciled
 
     # -- summaries ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from airflow_provider_pepipost.status.store import StatusStore, default_store_url, redact_url
+from airflow_provider_pepipost.webhook.batching import IngestQueue
 from airflow_provider_pepipost.webhook.payload import MAX_RAW_CHARS, parse_body
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ def create_app(
             holder["store"] = StatusStore(url)
         return holder["store"]
 
+    ingest_queue = IngestQueue(store)
+
     def token_ok(request: Request) -> bool:
         given = request.headers.get(TOKEN_HEADER) or request.query_params.get("token") or ""
         auth = request.headers.get("authorization", "")
@@ -150,7 +153,7 @@ def create_app(
         # event types to the same URL, and refusing them could make it stop posting reports.
         batch = parse_body(data)
         try:
-            result = await run_in_threadpool(store().ingest, batch.events, batch.rejected, batch.inbound)
+            result = await ingest_queue.ingest((batch.events, batch.rejected, batch.inbound))
         except Exception:
             # Not stored, so not acknowledged: the vendor should send it again.
             log.exception("Pepipost webhook: could not store a batch of %d events", len(batch.events))

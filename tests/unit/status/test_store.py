@@ -184,3 +184,13 @@ def test_message_targets_are_flattened(value, expected):
 def test_a_plain_dict_is_not_a_target():
     with pytest.raises(ValueError, match="ledger reference"):
         parse_message_targets({"ids": ["a"]})
+
+
+def test_several_batches_in_one_transaction_keep_their_own_counts(store_url):
+    store = StatusStore(store_url)
+    sent(store, "k1", None, state="unknown", header="hdr-1")
+    first = [event("m1", "sent", 1), event("m2", "read", 1, header="hdr-1")]
+    second = [event("m1", "sent", 1), event("m3", "read", 1)]
+    results = store.ingest_many([(first, [], []), (second, [("bad", "{}")], [])])
+    assert [(r.accepted, r.duplicates, r.reconciled, r.rejected) for r in results] == [(2, 0, 1, 0), (1, 1, 0, 1)]
+    assert store.count_rows("pepipost_events") == 3

@@ -150,3 +150,15 @@ def test_tokens_in_query_strings_are_redacted_from_access_logs(receiver, caplog)
             '%s - "%s %s HTTP/%s" %d', "127.0.0.1", "POST", f"/pepipost/webhook?token={WEBHOOK_TOKEN}", "1.1", 200
         )
     assert WEBHOOK_TOKEN not in caplog.text and "token=***" in caplog.text
+
+
+def test_concurrent_single_event_posts_are_each_stored_and_counted(receiver, store_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(index: int) -> dict:
+        return post(receiver.webhook_url, {"delivery_status": [report(f"c{index}", "delivered")]}).json()
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(300)))
+    assert all(answer["accepted"] == 1 for answer in answers)
+    assert StatusStore(store_url).count_rows("pepipost_events") == 300
