@@ -67,6 +67,7 @@ def run(rows: int = 1_000_000, workers: int = 32) -> dict:
     with tempfile.TemporaryDirectory(prefix="pepipost-bench-") as tmp:
         path = Path(tmp) / "audience.jsonl"
         write_audience(path, rows)
+        file_mb = round(path.stat().st_size / 2**20, 1)
         with sandbox_process({"latency": 0.0}) as url:
             out = subprocess.run(
                 [
@@ -84,7 +85,7 @@ def run(rows: int = 1_000_000, workers: int = 32) -> dict:
                 check=True,
             )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["file_mb"] = round(path.stat().st_size / 2**20, 1) if path.exists() else None
+    result["file_mb"] = file_mb
     return result
 
 
