@@ -208,11 +208,11 @@ class PepipostHook(BaseHook):
         return prepared, self.session.merge_environment_settings(url, {}, None, None, None)
 
     def close(self) -> None:
-        for name in ("_send_request", "session"):
-            if name in self.__dict__:
-                if name == "session":
-                    self.session.close()
-                del self.__dict__[name]
+        """Close the pooled connections; the next send opens new ones."""
+        self.__dict__.pop("_send_request", None)
+        session = self.__dict__.pop("session", None)
+        if session is not None:
+            session.close()
 
     def get_status_store(self, url: str | None = None) -> StatusStore:
         """The delivery-status store named by ``url``, the connection's extra, or the default."""

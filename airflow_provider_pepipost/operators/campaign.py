@@ -121,6 +121,7 @@ class CampaignSender:
         self.log = log or logging.getLogger(__name__)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._last_log = 0.0
         self.result = CampaignResult(total=total, outcomes=[] if keep_outcomes else None)
 
     def run(self, messages: Iterable[tuple[int, MediaMessage]]) -> CampaignResult:
@@ -135,58 +136,45 @@ class CampaignSender:
         if earlier:
             self.log.info("Found %d rows recorded by an earlier try; they will not be sent again", len(earlier))
         started = time.monotonic()
-        last_log = started
+        self._last_log = started
         # Finished sends arrive here; waiting on a queue costs the same whatever is in flight.
         finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
         in_flight = 0
         window = self.max_workers * 2
-        done_rows = 0
         with ThreadPoolExecutor(self.max_workers, thread_name_prefix="pepipost-send") as pool:
             for row, message in messages:
                 key = idempotency_key(
                     self.task.dag_id, self.task.run_id, self.task.task_id, self.task.map_index,
                     message.recipient_whatsapp, message.attachment,
                 )  # fmt: skip
-                header = message.api_header or key
                 if message.api_header is None:
                     message = dataclasses.replace(message, api_header=key)
                 entry = earlier.get(key)
                 if entry is not None and entry.state != "rejected":
                     self._record(self._from_ledger(row, message, entry), reused=True)
-                    done_rows += 1
-                    continue
-                if self._stop.is_set():
-                    self._record(RowOutcome(row, message.recipient_whatsapp, header, None, "not_sent"))
-                    done_rows += 1
-                    continue
-                pool.submit(self._send_one, row, key, message).add_done_callback(finished.put)
-                in_flight += 1
+                elif self._stop.is_set():
+                    self._record(RowOutcome(row, message.recipient_whatsapp, message.api_header, None, "not_sent"))
+                else:
+                    pool.submit(self._send_one, row, key, message).add_done_callback(finished.put)
+                    in_flight += 1
                 while in_flight >= window or not finished.empty():
                     self._record(finished.get().result())
                     in_flight -= 1
-                    done_rows += 1
-                if time.monotonic() - last_log >= self.progress_interval:
-                    self._log_progress(done_rows, started)
-                    last_log = time.monotonic()
+                self._log_progress_every_interval(started)
             while in_flight:
                 try:
-                    future = finished.get(timeout=self.progress_interval)
-                except queue.Empty:
-                    future = None
-                if future is not None:
-                    self._record(future.result())
+                    self._record(finished.get(timeout=self.progress_interval).result())
                     in_flight -= 1
-                    done_rows += 1
-                if time.monotonic() - last_log >= self.progress_interval:
-                    self._log_progress(done_rows, started)
-                    last_log = time.monotonic()
-        self._log_progress(done_rows, started)
+                except queue.Empty:
+                    pass
+                self._log_progress_every_interval(started)
+        self._log_progress(started)
         if self.result.outcomes is not None:
             self.result.outcomes.sort(key=lambda outcome: outcome.row)
         return self.result
 
     def _send_one(self, row: int, key: str, message: MediaMessage) -> RowOutcome:
-        header = message.api_header or key
+        header = message.api_header or key  # always set by run(); kept total for direct callers
         recipient = message.recipient_whatsapp
         if self._stop.is_set():
             return RowOutcome(row, recipient, header, None, "not_sent")
@@ -244,9 +232,15 @@ class CampaignSender:
             entry.error_code, entry.error_message,
         )  # fmt: skip
 
-    def _log_progress(self, done: int, started: float) -> None:
+    def _log_progress_every_interval(self, started: float) -> None:
+        if time.monotonic() - self._last_log >= self.progress_interval:
+            self._log_progress(started)
+            self._last_log = time.monotonic()
+
+    def _log_progress(self, started: float) -> None:
         elapsed = max(time.monotonic() - started, 1e-6)
         counts = self.result.counts
+        done = sum(counts.values())
         self.log.info(
             "Sent %d of %d (%.0f%%), %.1f msg/s; accepted %d, rejected %d, unknown %d, duplicate %d",
             done, self.total, 100.0 * done / max(self.total, 1), done / elapsed,
