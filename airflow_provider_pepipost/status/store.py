@@ -7,6 +7,7 @@ production). Never Airflow's metadata database: Airflow 3 tasks may not touch it
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import threading
@@ -436,7 +437,8 @@ class StatusStore:
         now = time.time()
         with self._writing() as conn:
             if events:
-                new_rows = self._new_event_rows(conn, events, now)
+                keys = [event_key(ev.message_id, ev.status, ev.reported_at) for ev in events]
+                new_rows = self._new_event_rows(conn, events, keys, now)
                 if new_rows:
                     conn.execute(
                         _insert_for(conn, schema.events).on_conflict_do_nothing(index_elements=["event_key"]),
@@ -445,9 +447,9 @@ class StatusStore:
                 self._raise_statuses(conn, events, now)
                 reconciled = self._reconcile(conn, events, now)
                 fresh = {row["event_key"] for row in new_rows}
+                keyed = iter(zip(keys, events, strict=True))  # the events, batch by batch, in order
                 for result, (evs, _, _) in zip(results, batches, strict=True):
-                    for ev in evs:
-                        key = event_key(ev.message_id, ev.status, ev.reported_at)
+                    for key, ev in itertools.islice(keyed, len(evs)):
                         if key in fresh:
                             fresh.discard(key)
                             result.accepted += 1
@@ -483,10 +485,11 @@ class StatusStore:
         self.ingest((), rejected=[(reason, raw)])
 
     @staticmethod
-    def _new_event_rows(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> list[dict[str, Any]]:
+    def _new_event_rows(
+        conn: Connection, events: Sequence[DeliveryEvent], keys: Sequence[str], now: float
+    ) -> list[dict[str, Any]]:
         rows: dict[str, dict[str, Any]] = {}
-        for ev in events:
-            key = event_key(ev.message_id, ev.status, ev.reported_at)
+        for key, ev in zip(keys, events, strict=True):
             rows.setdefault(
                 key,
                 {
