@@ -25,7 +25,14 @@ from airflow_provider_pepipost.errors import (
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import MediaMessage, idempotency_key
 from airflow_provider_pepipost.status.ledger_writer import LedgerWriter
-from airflow_provider_pepipost.status.store import Claim, LedgerEntry, Outcome, StatusStore, TaskKey
+from airflow_provider_pepipost.status.store import (
+    RESENDABLE_STATES,
+    Claim,
+    LedgerEntry,
+    Outcome,
+    StatusStore,
+    TaskKey,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +144,28 @@ class CampaignSender:
             self.log.info("Found %d rows recorded by an earlier try; they will not be sent again", len(earlier))
         started = time.monotonic()
         self._last_log = started
+        # Claims are committed by this thread, a batch at a time, while the workers send the batch
+        # before: no worker waits on a commit. The price: a try killed outright leaves up to
+        # `window` claimed rows 'unknown' (never resent), where one claim per worker left max_workers.
+        batch_size = max(1, self.max_workers // 2)
+        window = self.max_workers + 2 * batch_size
         # Finished sends arrive here; waiting on a queue costs the same whatever is in flight.
         finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        batch: list[tuple[int, str, MediaMessage]] = []
         in_flight = 0
-        window = self.max_workers * 2
         with ThreadPoolExecutor(self.max_workers, thread_name_prefix="pepipost-send") as pool:
+
+            def claim_and_submit() -> int:
+                claims = [Claim(key, msg.api_header or key, msg.recipient_whatsapp, row) for row, key, msg in batch]
+                granted = self.ledger.claim_many(claims)
+                for (row, key, message), ok in zip(batch, granted, strict=True):
+                    if ok:
+                        pool.submit(self._send_one, row, key, message).add_done_callback(finished.put)
+                    else:
+                        self._record(self._duplicate(row, message))
+                batch.clear()
+                return sum(granted)
+
             for row, message in messages:
                 key = idempotency_key(
                     self.task.dag_id, self.task.run_id, self.task.task_id, self.task.map_index,
@@ -150,17 +174,23 @@ class CampaignSender:
                 if message.api_header is None:
                     message = dataclasses.replace(message, api_header=key)
                 entry = earlier.get(key)
-                if entry is not None and entry.state != "rejected":
+                if entry is not None and entry.state not in RESENDABLE_STATES:
                     self._record(self._from_ledger(row, message, entry), reused=True)
                 elif self._stop.is_set():
                     self._record(RowOutcome(row, message.recipient_whatsapp, message.api_header, None, "not_sent"))
                 else:
-                    pool.submit(self._send_one, row, key, message).add_done_callback(finished.put)
-                    in_flight += 1
-                while in_flight >= window or not finished.empty():
+                    batch.append((row, key, message))
+                    if len(batch) >= batch_size:
+                        in_flight += claim_and_submit()
+                # Keep one batch queued behind the workers, so that they never wait for the next claim.
+                while in_flight > window - batch_size or not finished.empty():
                     self._record(finished.get().result())
                     in_flight -= 1
                 self._log_progress_every_interval(started)
+            if batch and not self._stop.is_set():
+                in_flight += claim_and_submit()
+            for row, _key, message in batch:  # the campaign stopped while they waited for a claim
+                self._record(RowOutcome(row, message.recipient_whatsapp, message.api_header, None, "not_sent"))
             while in_flight:
                 try:
                     self._record(finished.get(timeout=self.progress_interval).result())
@@ -174,14 +204,12 @@ class CampaignSender:
         return self.result
 
     def _send_one(self, row: int, key: str, message: MediaMessage) -> RowOutcome:
+        """Send one claimed message and record its outcome."""
         header = message.api_header or key  # always set by run(); kept total for direct callers
         recipient = message.recipient_whatsapp
         if self._stop.is_set():
+            self.ledger.record(Outcome(key, "not_sent"))  # give the claim back: a later try sends it
             return RowOutcome(row, recipient, header, None, "not_sent")
-        if not self.ledger.claim(Claim(key, header, recipient, row)):
-            return RowOutcome(
-                row, recipient, header, None, "duplicate", error_message="same recipient and attachment as another row"
-            )
         if self.limiter:
             self.limiter.acquire()
         try:
@@ -201,6 +229,13 @@ class CampaignSender:
             raise
         self.ledger.record(Outcome(key, "accepted", message_id=message_id))
         return RowOutcome(row, recipient, header, message_id, "accepted")
+
+    @staticmethod
+    def _duplicate(row: int, message: MediaMessage) -> RowOutcome:
+        return RowOutcome(
+            row, message.recipient_whatsapp, message.api_header or "", None, "duplicate",
+            error_message="same recipient and attachment as another row",
+        )  # fmt: skip
 
     def _stop_campaign(self, err: PepipostApiError) -> None:
         with self._lock:

@@ -1,8 +1,8 @@
-"""Group commit for the send loop: the ledger writes of many sending threads in few transactions.
+"""Group commit for the send loop: the ledger writes of a campaign in few transactions.
 
 Each message needs a durable claim before its request goes out. One transaction per claim makes
 the database's commit the campaign's speed limit (SQLite has one writer); here one thread commits
-whatever claims and outcomes are waiting, in one transaction, and wakes the threads it served.
+whatever claims and outcomes are waiting, in one transaction, and wakes the callers it served.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ MAX_BATCH = 500
 
 
 class LedgerWriter:
-    """Batches ``claim`` (waits for its commit) and ``record`` (committed with the next batch)."""
+    """Batches ``claim_many`` (waits for its commit) and ``record`` (committed with the next batch)."""
 
     def __init__(self, store: StatusStore, task: TaskKey, since: float | None = None) -> None:
         self.store = store
@@ -31,14 +31,14 @@ class LedgerWriter:
         self._thread = threading.Thread(target=self._run, name="pepipost-ledger", daemon=True)
         self._thread.start()
 
-    def claim(self, claim: Claim) -> bool:
-        """True when this message may be sent; returns once the claim is committed."""
-        future: Future = Future()
+    def claim_many(self, claims: list[Claim]) -> list[bool]:
+        """For each claim, whether its message may be sent; returns once all are committed."""
+        futures: list[Future] = [Future() for _ in claims]
         with self._cond:
             self._raise_if_failed()
-            self._claims.append((claim, future))
+            self._claims.extend(zip(claims, futures, strict=True))
             self._cond.notify()
-        return future.result()
+        return [future.result() for future in futures]
 
     def record(self, outcome: Outcome) -> None:
         """Queue an outcome; ``close`` (or the next batch) commits it."""

@@ -35,7 +35,8 @@ ledger = Table(
     Column("task_id", String(250), nullable=False),
     Column("map_index", Integer, nullable=False),
     Column("row_index", Integer, nullable=False),
-    # sending -> accepted | rejected | unknown; unknown -> accepted when a report reconciles it
+    # sending -> accepted | rejected | unknown | not_sent (never went out: the campaign stopped first);
+    # unknown -> accepted when a report reconciles it
     Column("state", String(16), nullable=False),
     Column("error_code", String(32), nullable=True),
     Column("error_message", Text, nullable=True),

@@ -47,6 +47,8 @@ DEFAULT_SQLITE_NAME = "pepipost_status.db"
 # Bound parameters per IN (...) chunk: well under SQLite's 32766 and fast on PostgreSQL.
 ID_CHUNK = 5000
 IN_FLIGHT_STATES = ("sending", "unknown")
+# Rows a later try may send again: the vendor refused them, or a stopped campaign never sent them.
+RESENDABLE_STATES = ("rejected", "not_sent")
 
 
 def default_store_url() -> str:
@@ -108,7 +110,7 @@ class Outcome:
     """The answer to one send."""
 
     key: str
-    state: str  # accepted | rejected | unknown
+    state: str  # accepted | rejected | unknown | not_sent (a claim given back unsent)
     message_id: str | None = None
     error_code: str | None = None
     error_message: str | None = None
@@ -298,9 +300,10 @@ class StatusStore:
         """Claims and outcomes of many sends in one transaction (the send loop's group commit).
 
         A claim records, before the request goes out, that a message is being sent; it is granted
-        (True) only when the ledger does not hold the message yet, or holds it as rejected by a try
-        that started before ``since``. Anything else (sent, in flight, unknown, or a duplicate row
-        of this try) must not go out again.
+        (True) only when the ledger does not hold the message yet, or holds it as rejected or not
+        sent by a try that started before ``since``. Anything else (sent, in flight, unknown, or a
+        duplicate row of this try) must not go out again. The outcome ``not_sent`` gives back a
+        claim whose request never went out.
         """
         now = time.time()
         granted: list[bool] = []
@@ -320,7 +323,7 @@ class StatusStore:
                         "updated_at": insert_stmt.excluded.updated_at,
                         "sent_at": insert_stmt.excluded.sent_at,
                     },
-                    where=(schema.ledger.c.state == "rejected") & (schema.ledger.c.sent_at < bindparam("since")),
+                    where=schema.ledger.c.state.in_(RESENDABLE_STATES) & (schema.ledger.c.sent_at < bindparam("since")),
                 )
                 common = {
                     "dag_id": task.dag_id,

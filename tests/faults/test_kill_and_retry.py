@@ -68,8 +68,9 @@ def test_killed_mid_campaign_then_retried(airflow_db, sqlite_receiver):
         # No id lost: every message the vendor took is in the ledger with its id.
         assert {row.message_id for row in accepted} == set(sandbox.state.final_by_id)
         assert len(rows) == 3000
-        # What stays unknown is what was in flight at the kill and never reached the vendor.
-        assert len(unknown) <= 8
+        # What stays unknown is what was in flight or claimed next at the kill (at most 2 x the
+        # DAG's 8 workers) and never reached the vendor.
+        assert len(unknown) <= 2 * 8
         assert not {row.api_header for row in unknown} & set(sandbox.state.accepted_by_header)
         # The ledger and the XCom agree: the second try returned every accepted id, in input order.
         assert xcom_return_value() == [row.message_id for row in accepted]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from sqlalchemy import select
 
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.model import DeliveryEvent, normalize_status
-from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets
+from airflow_provider_pepipost.status.store import Claim, Outcome, StatusStore, TaskKey, parse_message_targets
 
 TASK = TaskKey("dag", "run-1", "send", -1)
 
@@ -77,6 +78,18 @@ def test_claim_once_and_rejected_rows_can_be_claimed_again(store_url):
     assert store.claim_for_sending(TASK, "k1", "k1", "919833078369", 0)
     store.record_outcome("k1", "accepted", message_id="m1")
     assert not store.claim_for_sending(TASK, "k1", "k1", "919833078369", 0)
+
+
+def test_a_claim_given_back_unsent_is_sent_by_the_next_try_only(store_url):
+    store = StatusStore(store_url)
+    first_try = store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 0)], since=100.0)
+    assert first_try == [True]
+    store.write_ledger(TASK, outcomes=[Outcome("k1", "not_sent")])  # the campaign stopped before it went out
+    entry = store.open_ledger(TASK)["k1"]
+    assert (entry.state, entry.message_id) == ("not_sent", None)  # not turned into 'unknown' like a lost send
+    # The same try (a duplicate row) may not take it again; a try that starts later may.
+    assert store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 5)], since=100.0) == [False]
+    assert store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 0)], since=time.time() + 1) == [True]
 
 
 def test_open_ledger_turns_rows_left_in_flight_into_unknown(store_url):
