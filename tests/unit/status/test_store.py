@@ -142,6 +142,16 @@ def test_summaries_over_more_ids_than_one_query_binds(store_url, chunked):
     assert summary.failed == [{"message_id": f"m{i}", "remark": "gone"} for i in range(10_990, 11_000)]
 
 
+def test_summaries_take_ids_with_any_character(store_url):
+    # PostgreSQL gets the ids joined by a newline; an id holding one must still match exactly.
+    store = StatusStore(store_url)
+    odd = ["m\n1", "m,2", 'm"3', "m{4}", "m 5", "m\\6"]
+    store.ingest([event(mid, "delivered") for mid in odd])
+    for ids in (odd, odd[1:]):
+        summary = store.summarize_ids([*ids, "m"])
+        assert (summary.counts, summary.pending) == ({"delivered": len(ids)}, 1)
+
+
 def test_dead_letters_and_inbound_are_kept_apart(store_url):
     store = StatusStore(store_url)
     result = store.ingest([], rejected=[("bad item", "{}")], inbound=[{"sender": "9199", "raw": '{"a":1}'}])
