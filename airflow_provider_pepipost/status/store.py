@@ -505,12 +505,12 @@ class StatusStore:
                 },
             )
         insert_stmt = _insert_for(conn, schema.events).on_conflict_do_nothing(index_elements=["event_key"])
-        if conn.dialect.insert_returning:
-            # RETURNING names exactly the rows added (another receiver may add the same ones at the
-            # same time), and only with it does SQLAlchemy send an upsert as one multi-row INSERT:
-            # without, psycopg2 makes one round trip per row.
+        if conn.dialect.name == "postgresql":
+            # Only with RETURNING does SQLAlchemy send an upsert as one multi-row INSERT (without,
+            # psycopg2 makes a round trip per row), and it names exactly the rows added, even when
+            # another receiver adds the same ones at the same time. SQLite's executemany is faster.
             return set(conn.execute(insert_stmt.returning(schema.events.c.event_key), list(rows.values())).scalars())
-        seen: set[str] = set()  # SQLite before 3.35 has no RETURNING
+        seen: set[str] = set()
         for chunk in _chunks(list(rows)):
             seen.update(
                 conn.execute(select(schema.events.c.event_key).where(schema.events.c.event_key.in_(chunk))).scalars()
@@ -540,7 +540,7 @@ class StatusStore:
             },
             where=schema.message_status.c.rank < stmt.excluded.rank,
         )
-        if conn.dialect.insert_returning:
+        if conn.dialect.name == "postgresql":
             stmt = stmt.returning(schema.message_status.c.message_id)  # one multi-row INSERT (see above)
         conn.execute(
             stmt,

@@ -56,16 +56,6 @@ def test_duplicates_are_stored_once_and_every_event_is_kept(store_url):
     assert store.count_rows("pepipost_events") == 2
 
 
-def test_without_returning_duplicates_count_the_same(tmp_path):
-    # SQLite before 3.35 has no RETURNING: the store then looks the keys up before inserting.
-    store = StatusStore(f"sqlite:///{tmp_path / 'old-sqlite.db'}")
-    store.engine.dialect.insert_returning = False
-    first = store.ingest([event("m1", "sent", 1), event("m1", "sent", 1), event("m1", "delivered", 2)])
-    again = store.ingest([event("m1", "sent", 1), event("m1", "read", 3)])
-    assert [(r.accepted, r.duplicates) for r in (first, again)] == [(2, 1), (1, 1)]
-    assert (store.count_rows("pepipost_events"), store.current_status("m1")) == (3, "read")
-
-
 def test_out_of_order_in_one_batch(store_url):
     store = StatusStore(store_url)
     store.ingest([event("m1", "read", 3), event("m1", "sent", 1), event("m1", "delivered", 2)])
