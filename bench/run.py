@@ -48,19 +48,21 @@ def main() -> int:
 
     if "send" in only:
         print("[bench] 1/4 send throughput (sandbox latency 50 ms) ...", flush=True)
-        send = results["send"] = send_throughput.run()
+        send = results["send"] = send_throughput.run(postgres_url=pg)
         base = send["baseline_msg_per_s"]
         add("sequential requests.post loop (baseline)", f"{base} msg/s")
-        for name in ("default", "tuned"):
+        for name, ledger in (("default", "sqlite"), ("tuned", "sqlite"), ("tuned_postgresql", "postgresql")):
+            if name not in send:
+                continue
             r = send[name]
             add(
-                f"operator, {r['workers']} workers, {r['messages']} msgs",
+                f"operator, {r['workers']} workers, {r['messages']} msgs, {ledger} ledger",
                 f"{r['msg_per_s']} msg/s = {r['share_of_limit']:.0%} of {r['limit_msg_per_s']:.0f}",
                 ">= 90% of workers/latency",
                 r["share_of_limit"] >= 0.9,
             )
             add(
-                f"  ratio to baseline ({r['workers']} workers)",
+                f"  ratio to baseline ({r['workers']} workers, {ledger})",
                 f"{r['vs_baseline']}x",
                 ">= 15x",
                 r["vs_baseline"] >= 15,

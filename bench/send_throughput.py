@@ -45,10 +45,10 @@ def sequential_baseline(base_url: str, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-def operator_rate(base_url: str, count: int, workers: int, store_dir: Path) -> dict:
+def operator_rate(base_url: str, count: int, workers: int, store_url: str) -> dict:
+    """The operator sending ``count`` messages with ``workers`` threads, its ledger in ``store_url``."""
     from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppMediaOperator
 
-    store_url = f"sqlite:///{store_dir / f'send-{workers}-{uuid.uuid4().hex[:6]}.db'}"
     point_connection(base_url, store_url)
     operator = SendWhatsAppMediaOperator(
         task_id="send",
@@ -77,25 +77,33 @@ def operator_rate(base_url: str, count: int, workers: int, store_dir: Path) -> d
     }
 
 
-def run(count: int = 10_000, baseline_count: int = 300, tuned_workers: int = 48) -> dict:
+def run(
+    count: int = 10_000, baseline_count: int = 300, tuned_workers: int = 48, postgres_url: str | None = None
+) -> dict:
+    """Baseline, then the operator with 16 and ``tuned_workers`` workers (SQLite ledger, and
+    PostgreSQL for the tuned one when ``postgres_url`` names a server)."""
+    results: dict = {"latency_s": LATENCY, "baseline_messages": baseline_count}
     with tempfile.TemporaryDirectory(prefix="pepipost-bench-") as tmp, sandbox_process({"latency": LATENCY}) as url:
         baseline = sequential_baseline(url, baseline_count)
-        default = operator_rate(url, count, 16, Path(tmp))
-        tuned = operator_rate(url, count, tuned_workers, Path(tmp))
-    for row in (default, tuned):
-        row["vs_baseline"] = round(row["msg_per_s"] / baseline, 1)
-    return {
-        "latency_s": LATENCY,
-        "baseline_msg_per_s": round(baseline, 1),
-        "baseline_messages": baseline_count,
-        "default": default,
-        "tuned": tuned,
-    }
+        for name, workers in (("default", 16), ("tuned", tuned_workers)):
+            store_url = f"sqlite:///{Path(tmp) / f'send-{workers}.db'}"
+            results[name] = operator_rate(url, count, workers, store_url)
+        if postgres_url:
+            from bench.pg import scratch_database
+
+            with scratch_database(postgres_url) as store_url:
+                results["tuned_postgresql"] = operator_rate(url, count, tuned_workers, store_url)
+    results["baseline_msg_per_s"] = round(baseline, 1)
+    for name in ("default", "tuned", "tuned_postgresql"):
+        if name in results:
+            results[name]["vs_baseline"] = round(results[name]["msg_per_s"] / baseline, 1)
+    return results
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=48)
+    parser.add_argument("--postgres")
     args = parser.parse_args()
-    print(json.dumps(run(args.count, tuned_workers=args.workers), indent=2))
+    print(json.dumps(run(args.count, tuned_workers=args.workers, postgres_url=args.postgres), indent=2))

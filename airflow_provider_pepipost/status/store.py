@@ -32,6 +32,7 @@ from sqlalchemy import (
     insert,
     literal,
     null,
+    or_,
     select,
     union_all,
     update,
@@ -172,7 +173,10 @@ def get_engine(url: str) -> Engine:
                 engine = create_engine(url, pool_size=8, max_overflow=56, pool_timeout=60)
                 event.listen(engine, "connect", _sqlite_pragmas)
             else:
-                engine = create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True, pool_timeout=60)
+                # psycopg2 runs an executemany UPDATE (the ledger's outcomes) one round trip per
+                # row; execute_batch pages them.
+                batch = {"executemany_mode": "values_plus_batch"} if parsed.get_driver_name() == "psycopg2" else {}
+                engine = create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True, pool_timeout=60, **batch)
             _ENGINES[url] = engine
         return engine
 
@@ -312,8 +316,6 @@ class StatusStore:
             if claims:
                 if task is None:
                     raise ValueError("claims need the task instance that sends them")
-                # One statement, compiled once and cached; each claim is its own execute because
-                # each needs its own answer (rowcount: granted or not).
                 insert_stmt = _insert_for(conn, schema.ledger)
                 claim_stmt = insert_stmt.on_conflict_do_update(
                     index_elements=[schema.ledger.c.idempotency_key],
@@ -324,7 +326,10 @@ class StatusStore:
                         "updated_at": insert_stmt.excluded.updated_at,
                         "sent_at": insert_stmt.excluded.sent_at,
                     },
-                    where=schema.ledger.c.state.in_(RESENDABLE_STATES) & (schema.ledger.c.sent_at < bindparam("since")),
+                    # or_ of equalities, not in_: an IN list is an expanding parameter, which a
+                    # multi-row statement cannot hold.
+                    where=or_(*(schema.ledger.c.state == state for state in RESENDABLE_STATES))
+                    & (schema.ledger.c.sent_at < bindparam("since")),
                 )
                 common = {
                     "dag_id": task.dag_id,
@@ -336,15 +341,17 @@ class StatusStore:
                     "updated_at": now,
                     "since": since,
                 }
-                for claim in claims:
-                    params = {
+                rows = [
+                    {
                         "idempotency_key": claim.key,
                         "api_header": claim.api_header,
                         "recipient": claim.recipient,
                         "row_index": claim.row_index,
                         **common,
                     }
-                    granted.append(conn.execute(claim_stmt, params).rowcount > 0)
+                    for claim in claims
+                ]
+                granted = self._grant_claims(conn, claim_stmt, rows)
             if outcomes:
                 led = schema.ledger
                 # A delivery report may have reconciled the row while its request hung: a late
@@ -374,6 +381,21 @@ class StatusStore:
                     ],
                 )
         return granted
+
+    @staticmethod
+    def _grant_claims(conn: Connection, claim_stmt: Any, rows: list[dict[str, Any]]) -> list[bool]:
+        """Run the claim upsert for each row; True where it inserted or took over the row."""
+        if conn.dialect.name != "postgresql":
+            # In-process SQLite: one execute per claim, its rowcount the answer.
+            return [conn.execute(claim_stmt, row).rowcount > 0 for row in rows]
+        # PostgreSQL: one multi-row statement whose RETURNING names the keys granted. A key twice in
+        # one statement is an error there, and only its first row may win anyway.
+        first: dict[str, int] = {}
+        for index, row in enumerate(rows):
+            first.setdefault(row["idempotency_key"], index)
+        unique = [rows[index] for index in first.values()]
+        won = set(conn.execute(claim_stmt.returning(schema.ledger.c.idempotency_key), unique).scalars())
+        return [key in won and first[key] == index for index, key in enumerate(r["idempotency_key"] for r in rows)]
 
     def claim_for_sending(self, task: TaskKey, key: str, api_header: str, recipient: str, row_index: int) -> bool:
         """One claim in its own transaction: see ``write_ledger``."""

@@ -92,6 +92,24 @@ def test_a_claim_given_back_unsent_is_sent_by_the_next_try_only(store_url):
     assert store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 0)], since=time.time() + 1) == [True]
 
 
+def test_many_claims_in_one_transaction_each_get_their_answer(store_url):
+    store = StatusStore(store_url)
+    store.write_ledger(TASK, [Claim("k0", "k0", "919833078369", 0), Claim("k1", "k1", "919833078369", 1)], since=1.0)
+    store.write_ledger(TASK, outcomes=[Outcome("k0", "rejected", error_code="8003"), Outcome("k1", "accepted", "m1")])
+    claims = [Claim(key, key, "919833078369", row) for row, key in enumerate(["k0", "k1", "k2", "k2", "k3"])]
+    # k0 was rejected by an earlier try, k1 accepted, k2 comes twice in this batch, k3 is new.
+    granted = store.write_ledger(TASK, claims, since=time.time() + 1)
+    assert granted == [True, False, True, False, True]
+    ledger = store.open_ledger(TASK)
+    assert {key: ledger[key].state for key in ledger} == {
+        "k0": "unknown",
+        "k1": "accepted",
+        "k2": "unknown",
+        "k3": "unknown",
+    }
+    assert ledger["k2"].row_index == 2  # the first of the two rows holds the claim
+
+
 def test_open_ledger_turns_rows_left_in_flight_into_unknown(store_url):
     store = StatusStore(store_url)
     store.claim_for_sending(TASK, "k1", "h1", "919833078369", 0)  # the try died here
