@@ -44,10 +44,12 @@ def test_provider_info_matches_airflows_schema_and_every_class_imports():
 
 def test_airflow_lists_the_provider_and_its_connection_form():
     from airflow.providers_manager import ProvidersManager
+    from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
 
     manager = ProvidersManager()
     assert "airflow-provider-pepipost" in manager.providers
-    assert manager.hooks["pepipost"].hook_class_name == "airflow_provider_pepipost.hooks.pepipost.PepipostHook"
+    hook = ProvidersManagerTaskRuntime().hooks["pepipost"]  # where tasks look hooks up in Airflow 3.3
+    assert hook.hook_class_name == "airflow_provider_pepipost.hooks.pepipost.PepipostHook"
     assert "extra__pepipost__source" in manager.connection_form_widgets
     assert manager.field_behaviours["pepipost"]["hidden_fields"] == ["schema", "port", "login", "extra"]
 
