@@ -145,8 +145,8 @@ class CampaignSender:
         started = time.monotonic()
         self._last_log = started
         # Claims are committed by this thread, a batch at a time, while the workers send the batch
-        # before: no worker waits on a commit. The price: a try killed outright leaves up to
-        # `window` claimed rows 'unknown' (never resent), where one claim per worker left max_workers.
+        # before: no worker waits on a commit. The price: a try killed outright can leave up to
+        # `window` claimed rows 'unknown' (never resent), not only the max_workers being sent.
         batch_size = max(1, self.max_workers // 2)
         window = self.max_workers + 2 * batch_size
         # Finished sends arrive here; waiting on a queue costs the same whatever is in flight.
