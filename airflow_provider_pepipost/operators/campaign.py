@@ -177,7 +177,7 @@ class CampaignSender:
                 if entry is not None and entry.state not in RESENDABLE_STATES:
                     self._record(self._from_ledger(row, message, entry), reused=True)
                 elif self._stop.is_set():
-                    self._record(RowOutcome(row, message.recipient_whatsapp, message.api_header, None, "not_sent"))
+                    self._record(self._not_sent(row, message))
                 else:
                     batch.append((row, key, message))
                     if len(batch) >= batch_size:
@@ -190,7 +190,7 @@ class CampaignSender:
             if batch and not self._stop.is_set():
                 in_flight += claim_and_submit()
             for row, _key, message in batch:  # the campaign stopped while they waited for a claim
-                self._record(RowOutcome(row, message.recipient_whatsapp, message.api_header, None, "not_sent"))
+                self._record(self._not_sent(row, message))
             while in_flight:
                 try:
                     self._record(finished.get(timeout=self.progress_interval).result())
@@ -209,7 +209,7 @@ class CampaignSender:
         recipient = message.recipient_whatsapp
         if self._stop.is_set():
             self.ledger.record(Outcome(key, "not_sent"))  # give the claim back: a later try sends it
-            return RowOutcome(row, recipient, header, None, "not_sent")
+            return self._not_sent(row, message)
         if self.limiter:
             self.limiter.acquire()
         try:
@@ -229,6 +229,10 @@ class CampaignSender:
             raise
         self.ledger.record(Outcome(key, "accepted", message_id=message_id))
         return RowOutcome(row, recipient, header, message_id, "accepted")
+
+    @staticmethod
+    def _not_sent(row: int, message: MediaMessage) -> RowOutcome:
+        return RowOutcome(row, message.recipient_whatsapp, message.api_header or "", None, "not_sent")
 
     @staticmethod
     def _duplicate(row: int, message: MediaMessage) -> RowOutcome:
