@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import requests
+from sqlalchemy.engine import make_url
 
 from bench.common import API_KEY, BenchTaskInstance, point_connection, sandbox_process
 
@@ -68,6 +69,7 @@ def operator_rate(base_url: str, count: int, workers: int, store_url: str) -> di
     limit = workers / LATENCY
     return {
         "workers": workers,
+        "ledger": make_url(store_url).get_backend_name(),
         "messages": count,
         "seconds": round(elapsed, 2),
         "msg_per_s": round(rate, 1),
@@ -82,22 +84,24 @@ def run(
 ) -> dict:
     """Baseline, then the operator with 16 and ``tuned_workers`` workers (SQLite ledger, and
     PostgreSQL for the tuned one when ``postgres_url`` names a server)."""
-    results: dict = {"latency_s": LATENCY, "baseline_messages": baseline_count}
+    runs = []
     with tempfile.TemporaryDirectory(prefix="pepipost-bench-") as tmp, sandbox_process({"latency": LATENCY}) as url:
         baseline = sequential_baseline(url, baseline_count)
-        for name, workers in (("default", 16), ("tuned", tuned_workers)):
-            store_url = f"sqlite:///{Path(tmp) / f'send-{workers}.db'}"
-            results[name] = operator_rate(url, count, workers, store_url)
+        for workers in (16, tuned_workers):
+            runs.append(operator_rate(url, count, workers, f"sqlite:///{Path(tmp) / f'send-{workers}.db'}"))
         if postgres_url:
             from bench.pg import scratch_database
 
             with scratch_database(postgres_url) as store_url:
-                results["tuned_postgresql"] = operator_rate(url, count, tuned_workers, store_url)
-    results["baseline_msg_per_s"] = round(baseline, 1)
-    for name in ("default", "tuned", "tuned_postgresql"):
-        if name in results:
-            results[name]["vs_baseline"] = round(results[name]["msg_per_s"] / baseline, 1)
-    return results
+                runs.append(operator_rate(url, count, tuned_workers, store_url))
+    for row in runs:
+        row["vs_baseline"] = round(row["msg_per_s"] / baseline, 1)
+    return {
+        "latency_s": LATENCY,
+        "baseline_msg_per_s": round(baseline, 1),
+        "baseline_messages": baseline_count,
+        "runs": runs,
+    }
 
 
 if __name__ == "__main__":
