@@ -8,7 +8,7 @@ whatever claims and outcomes are waiting, in one transaction, and wakes the call
 from __future__ import annotations
 
 import threading
-import time
+import uuid
 from concurrent.futures import Future
 
 from airflow_provider_pepipost.status.store import Claim, Outcome, StatusStore, TaskKey
@@ -19,10 +19,12 @@ MAX_BATCH = 500
 class LedgerWriter:
     """Batches ``claim_many`` (waits for its commit) and ``record`` (committed with the next batch)."""
 
-    def __init__(self, store: StatusStore, task: TaskKey, since: float | None = None) -> None:
+    def __init__(self, store: StatusStore, task: TaskKey, *, resend_unknown: bool = False) -> None:
         self.store = store
         self.task = task
-        self.since = time.time() if since is None else since
+        # One id per try: the ledger tells this try's rows from an earlier try's without clocks.
+        self.attempt = uuid.uuid4().hex
+        self.resend_unknown = resend_unknown
         self._claims: list[tuple[Claim, Future]] = []
         self._outcomes: list[Outcome] = []
         self._cond = threading.Condition()
@@ -69,7 +71,13 @@ class LedgerWriter:
                 if not claims and not outcomes and self._closing:
                     return
             try:
-                granted = self.store.write_ledger(self.task, [c for c, _ in claims], outcomes, since=self.since)
+                granted = self.store.write_ledger(
+                    self.task,
+                    [c for c, _ in claims],
+                    outcomes,
+                    attempt=self.attempt,
+                    resend_unknown=self.resend_unknown,
+                )
             except BaseException as err:  # every waiting sender must hear of it
                 with self._cond:
                     self._error = err

@@ -1,13 +1,13 @@
 """The status store's tables, in one place, with the schema version they make up.
 
-Bump SCHEMA_VERSION and add a step to ``store.MIGRATIONS`` for any change to these tables.
+Bump SCHEMA_VERSION and add a step to ``migrations.MIGRATIONS`` for any change to these tables.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -43,6 +43,9 @@ ledger = Table(
     Column("sent_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("reconciled_at", Float, nullable=True),
+    # The try that claimed the row (a random id per try): a later try may take over a row that
+    # was refused or never sent, the same try may not. Tries are told apart without clocks.
+    Column("attempt", String(32), nullable=True),
     Index("ix_pepipost_ledger_task", "dag_id", "run_id", "task_id", "map_index"),
     Index("ix_pepipost_ledger_message_id", "message_id", unique=True),
     Index("ix_pepipost_ledger_api_header", "api_header"),

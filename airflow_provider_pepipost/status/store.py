@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
 from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.migrations import migrate
 from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary
 
 STORE_URL_ENV = "PEPIPOST_STATUS_STORE_URL"
@@ -224,12 +226,14 @@ class StatusStore:
         with self._writing() as conn:
             schema.metadata.create_all(conn, checkfirst=True)
             found = conn.execute(select(func.max(schema.schema_version.c.version))).scalar()
-            if found is None:
-                conn.execute(
-                    _insert_for(conn, schema.schema_version)
-                    .values(version=schema.SCHEMA_VERSION, applied_at=time.time())
-                    .on_conflict_do_nothing()
-                )
+            if found is None or found < schema.SCHEMA_VERSION:
+                applied = migrate(conn, found) if found is not None else [schema.SCHEMA_VERSION]
+                for version in applied:
+                    conn.execute(
+                        _insert_for(conn, schema.schema_version)
+                        .values(version=version, applied_at=time.time())
+                        .on_conflict_do_nothing()
+                    )
             elif found > schema.SCHEMA_VERSION:
                 raise RuntimeError(
                     f"the status store at {redact_url(self.url)} has schema version {found}, newer than "
@@ -300,15 +304,16 @@ class StatusStore:
         claims: Sequence[Claim] = (),
         outcomes: Sequence[Outcome] = (),
         *,
-        since: float = 0.0,
+        attempt: str = "",
+        resend_unknown: bool = False,
     ) -> list[bool]:
         """Claims and outcomes of many sends in one transaction (the send loop's group commit).
 
         A claim records, before the request goes out, that a message is being sent; it is granted
         (True) only when the ledger does not hold the message yet, or holds it as rejected or not
-        sent by a try that started before ``since``. Anything else (sent, in flight, unknown, or a
-        duplicate row of this try) must not go out again. The outcome ``not_sent`` gives back a
-        claim whose request never went out.
+        sent by another try than ``attempt`` (with ``resend_unknown``, also as unknown). Anything
+        else (sent, in flight, unknown, or a duplicate row of this try) must not go out again. The
+        outcome ``not_sent`` gives back a claim whose request never went out.
         """
         now = time.time()
         granted: list[bool] = []
@@ -316,6 +321,7 @@ class StatusStore:
             if claims:
                 if task is None:
                     raise ValueError("claims need the task instance that sends them")
+                resendable = (*RESENDABLE_STATES, "unknown") if resend_unknown else RESENDABLE_STATES
                 insert_stmt = _insert_for(conn, schema.ledger)
                 claim_stmt = insert_stmt.on_conflict_do_update(
                     index_elements=[schema.ledger.c.idempotency_key],
@@ -325,11 +331,12 @@ class StatusStore:
                         "error_message": None,
                         "updated_at": insert_stmt.excluded.updated_at,
                         "sent_at": insert_stmt.excluded.sent_at,
+                        "attempt": insert_stmt.excluded.attempt,
                     },
                     # or_ of equalities, not in_: an IN list is an expanding parameter, which a
                     # multi-row statement cannot hold.
-                    where=or_(*(schema.ledger.c.state == state for state in RESENDABLE_STATES))
-                    & (schema.ledger.c.sent_at < bindparam("since")),
+                    where=or_(*(schema.ledger.c.state == state for state in resendable))
+                    & (schema.ledger.c.attempt.is_(None) | (schema.ledger.c.attempt != insert_stmt.excluded.attempt)),
                 )
                 common = {
                     "dag_id": task.dag_id,
@@ -339,7 +346,7 @@ class StatusStore:
                     "state": "sending",
                     "sent_at": now,
                     "updated_at": now,
-                    "since": since,
+                    "attempt": attempt,
                 }
                 rows = [
                     {
@@ -399,7 +406,7 @@ class StatusStore:
 
     def claim_for_sending(self, task: TaskKey, key: str, api_header: str, recipient: str, row_index: int) -> bool:
         """One claim in its own transaction: see ``write_ledger``."""
-        return self.write_ledger(task, [Claim(key, api_header, recipient, row_index)], since=time.time())[0]
+        return self.write_ledger(task, [Claim(key, api_header, recipient, row_index)], attempt=uuid.uuid4().hex)[0]
 
     def record_outcome(
         self,

@@ -82,23 +82,70 @@ def test_claim_once_and_rejected_rows_can_be_claimed_again(store_url):
 
 def test_a_claim_given_back_unsent_is_sent_by_the_next_try_only(store_url):
     store = StatusStore(store_url)
-    first_try = store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 0)], since=100.0)
+    first_try = store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 0)], attempt="try-1")
     assert first_try == [True]
     store.write_ledger(TASK, outcomes=[Outcome("k1", "not_sent")])  # the campaign stopped before it went out
     entry = store.open_ledger(TASK)["k1"]
     assert (entry.state, entry.message_id) == ("not_sent", None)  # not turned into 'unknown' like a lost send
-    # The same try (a duplicate row) may not take it again; a try that starts later may.
-    assert store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 5)], since=100.0) == [False]
-    assert store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 0)], since=time.time() + 1) == [True]
+    # The same try (a duplicate row) may not take it again; another try may.
+    assert store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 5)], attempt="try-1") == [False]
+    assert store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 0)], attempt="try-2") == [True]
+
+
+def test_tries_are_told_apart_without_clocks(store_url):
+    """A retry on a worker whose clock is behind still sends what the first try did not."""
+    store = StatusStore(store_url)
+    store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 0)], attempt="try-1")
+    store.write_ledger(TASK, outcomes=[Outcome("k1", "rejected", error_code="8005")])
+    # The row's sent_at is in the future of the next try's clock: no matter.
+    with store.engine.begin() as conn:
+        conn.execute(schema.ledger.update().values(sent_at=time.time() + 120, updated_at=time.time() + 120))
+    assert store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 0)], attempt="try-2") == [True]
+
+
+def test_unknown_rows_are_claimed_again_only_when_asked(store_url):
+    store = StatusStore(store_url)
+    store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 0)], attempt="try-1")
+    store.write_ledger(TASK, outcomes=[Outcome("k1", "unknown", error_message="read timeout")])
+    assert store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 0)], attempt="try-2") == [False]
+    granted = store.write_ledger(TASK, [Claim("k1", "k1", "919833078369", 0)], attempt="try-3", resend_unknown=True)
+    assert granted == [True]
+
+
+def test_a_store_of_schema_version_1_is_migrated(sqlite_url):
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(sqlite_url)
+    with engine.begin() as conn:  # the v1 ledger: no attempt column
+        conn.execute(sqlalchemy.text(
+            "CREATE TABLE pepipost_ledger (idempotency_key VARCHAR(64) PRIMARY KEY, api_header VARCHAR(512) NOT NULL,"
+            " message_id VARCHAR(128), recipient VARCHAR(64) NOT NULL, dag_id VARCHAR(250) NOT NULL,"
+            " run_id VARCHAR(250) NOT NULL, task_id VARCHAR(250) NOT NULL, map_index INTEGER NOT NULL,"
+            " row_index INTEGER NOT NULL, state VARCHAR(16) NOT NULL, error_code VARCHAR(32), error_message TEXT,"
+            " sent_at FLOAT NOT NULL, updated_at FLOAT NOT NULL, reconciled_at FLOAT)"
+        ))  # fmt: skip
+        conn.execute(
+            sqlalchemy.text("CREATE TABLE pepipost_schema_version (version INTEGER PRIMARY KEY, applied_at FLOAT)")
+        )
+        conn.execute(sqlalchemy.text("INSERT INTO pepipost_schema_version VALUES (1, 0)"))
+        conn.execute(sqlalchemy.text(
+            "INSERT INTO pepipost_ledger VALUES ('k1', 'k1', NULL, '919833078369', 'd', 'r', 't', -1, 0, 'rejected',"
+            " '8005', NULL, 1, 1, NULL)"
+        ))  # fmt: skip
+    engine.dispose()
+    store = StatusStore(sqlite_url)
+    assert store.schema_version() == schema.SCHEMA_VERSION
+    # A row from before the migration counts as another try's.
+    assert store.write_ledger(TaskKey("d", "r", "t"), [Claim("k1", "k1", "919833078369", 0)], attempt="a") == [True]
 
 
 def test_many_claims_in_one_transaction_each_get_their_answer(store_url):
     store = StatusStore(store_url)
-    store.write_ledger(TASK, [Claim("k0", "k0", "919833078369", 0), Claim("k1", "k1", "919833078369", 1)], since=1.0)
+    store.write_ledger(TASK, [Claim("k0", "k0", "919833078369", 0), Claim("k1", "k1", "919833078369", 1)], attempt="1")
     store.write_ledger(TASK, outcomes=[Outcome("k0", "rejected", error_code="8003"), Outcome("k1", "accepted", "m1")])
     claims = [Claim(key, key, "919833078369", row) for row, key in enumerate(["k0", "k1", "k2", "k2", "k3"])]
     # k0 was rejected by an earlier try, k1 accepted, k2 comes twice in this batch, k3 is new.
-    granted = store.write_ledger(TASK, claims, since=time.time() + 1)
+    granted = store.write_ledger(TASK, claims, attempt="2")
     assert granted == [True, False, True, False, True]
     ledger = store.open_ledger(TASK)
     assert {key: ledger[key].state for key in ledger} == {

@@ -1,0 +1,39 @@
+"""Bring a status store made by an older provider version up to ``schema.SCHEMA_VERSION``.
+
+``create_all`` makes missing tables, never missing columns: each version that adds a column to an
+existing table has a step here, run once, in order, inside the schema transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Connection, inspect, text
+
+from airflow_provider_pepipost.status import schema
+
+
+def _add_column(conn: Connection, table: str, column: str, ddl_type: str) -> None:
+    # Two processes may migrate at once: adding a column that is already there is a no-op.
+    if column not in {c["name"] for c in inspect(conn).get_columns(table)}:
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl_type}"))
+
+
+def _v2_ledger_attempt(conn: Connection) -> None:
+    """v2: the ledger records which try claimed a row, so that no decision compares clocks."""
+    _add_column(conn, schema.ledger.name, "attempt", "VARCHAR(32)")
+
+
+# version -> the step that makes it from the version before
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    2: _v2_ledger_attempt,
+}
+
+
+def migrate(conn: Connection, found: int) -> list[int]:
+    """Run the steps after version ``found``; return the versions applied."""
+    applied = []
+    for version in range(found + 1, schema.SCHEMA_VERSION + 1):
+        MIGRATIONS[version](conn)
+        applied.append(version)
+    return applied
