@@ -24,9 +24,18 @@ def _v2_ledger_attempt(conn: Connection) -> None:
     _add_column(conn, schema.ledger.name, "attempt", "VARCHAR(32)")
 
 
+def _v3_dead_letter_key(conn: Connection) -> None:
+    """v3: dead letters carry a key (the body's hash and the item's place), stored once each."""
+    _add_column(conn, schema.dead_letters.name, "letter_key", "VARCHAR(64)")
+    # IF NOT EXISTS: SQLite and PostgreSQL both know it, and two migrating processes may race.
+    table = schema.dead_letters.name
+    conn.execute(text(f"CREATE UNIQUE INDEX IF NOT EXISTS ux_pepipost_dead_letters_key ON {table} (letter_key)"))
+
+
 # version -> the step that makes it from the version before
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     2: _v2_ledger_attempt,
+    3: _v3_dead_letter_key,
 }
 
 

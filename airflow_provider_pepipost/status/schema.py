@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
 
-SCHEMA_VERSION = 2
+from airflow_provider_pepipost import limits
+
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -26,26 +28,26 @@ schema_version = Table(
 ledger = Table(
     "pepipost_ledger",
     metadata,
-    Column("idempotency_key", String(64), primary_key=True),
-    Column("api_header", String(512), nullable=False),
-    Column("message_id", String(128), nullable=True),
-    Column("recipient", String(64), nullable=False),
-    Column("dag_id", String(250), nullable=False),
-    Column("run_id", String(250), nullable=False),
-    Column("task_id", String(250), nullable=False),
+    Column("idempotency_key", String(limits.IDEMPOTENCY_KEY_MAX), primary_key=True),
+    Column("api_header", String(limits.API_HEADER_MAX), nullable=False),
+    Column("message_id", String(limits.MESSAGE_ID_MAX), nullable=True),
+    Column("recipient", String(limits.RECIPIENT_MAX), nullable=False),
+    Column("dag_id", String(limits.AIRFLOW_ID_MAX), nullable=False),
+    Column("run_id", String(limits.AIRFLOW_ID_MAX), nullable=False),
+    Column("task_id", String(limits.AIRFLOW_ID_MAX), nullable=False),
     Column("map_index", Integer, nullable=False),
     Column("row_index", Integer, nullable=False),
     # sending -> accepted | rejected | unknown | not_sent (never went out: the campaign stopped first);
     # unknown -> accepted when a report reconciles it
-    Column("state", String(16), nullable=False),
-    Column("error_code", String(32), nullable=True),
+    Column("state", String(limits.LEDGER_STATE_MAX), nullable=False),
+    Column("error_code", String(limits.ERROR_CODE_MAX), nullable=True),
     Column("error_message", Text, nullable=True),
     Column("sent_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("reconciled_at", Float, nullable=True),
     # The try that claimed the row (a random id per try): a later try may take over a row that
     # was refused or never sent, the same try may not. Tries are told apart without clocks.
-    Column("attempt", String(32), nullable=True),
+    Column("attempt", String(limits.ATTEMPT_MAX), nullable=True),
     Index("ix_pepipost_ledger_task", "dag_id", "run_id", "task_id", "map_index"),
     Index("ix_pepipost_ledger_message_id", "message_id", unique=True),
     Index("ix_pepipost_ledger_api_header", "api_header"),
@@ -56,8 +58,8 @@ ledger = Table(
 message_status = Table(
     "pepipost_message_status",
     metadata,
-    Column("message_id", String(128), primary_key=True),
-    Column("status", String(32), nullable=False),
+    Column("message_id", String(limits.MESSAGE_ID_MAX), primary_key=True),
+    Column("status", String(limits.STATUS_MAX), nullable=False),
     Column("rank", Integer, nullable=False),
     Column("remark", Text, nullable=False, default=""),
     Column("reported_at", Float, nullable=True),
@@ -69,15 +71,15 @@ events = Table(
     "pepipost_events",
     metadata,
     Column("id", _EventId, primary_key=True, autoincrement=True),
-    Column("event_key", String(64), nullable=False),
-    Column("message_id", String(128), nullable=False),
-    Column("status", String(32), nullable=False),
-    Column("raw_status", String(64), nullable=False),
+    Column("event_key", String(limits.EVENT_KEY_MAX), nullable=False),
+    Column("message_id", String(limits.MESSAGE_ID_MAX), nullable=False),
+    Column("status", String(limits.STATUS_MAX), nullable=False),
+    Column("raw_status", String(limits.RAW_STATUS_MAX), nullable=False),
     Column("remark", Text, nullable=False),
     Column("reported_at", Float, nullable=True),
     Column("received_at", Float, nullable=False),
-    Column("api_header", String(512), nullable=True),
-    Column("recipient", String(64), nullable=True),
+    Column("api_header", String(limits.API_HEADER_MAX), nullable=True),
+    Column("recipient", String(limits.RECIPIENT_MAX), nullable=True),
     Column("raw", Text, nullable=False),
     Index("ux_pepipost_events_key", "event_key", unique=True),
     Index("ix_pepipost_events_message_id", "message_id"),
@@ -91,6 +93,10 @@ dead_letters = Table(
     Column("received_at", Float, nullable=False),
     Column("reason", Text, nullable=False),
     Column("raw", Text, nullable=False),
+    # v3: a hash of the body and the item's place in it, so that a body sent again adds no dead
+    # letters. Rows from before v3 have none (NULLs never conflict).
+    Column("letter_key", String(limits.EVENT_KEY_MAX), nullable=True),
+    Index("ux_pepipost_dead_letters_key", "letter_key", unique=True),
 )
 
 # Customer replies (incoming_message[]) come to the same webhook; kept apart, never a status.
@@ -98,9 +104,9 @@ inbound_messages = Table(
     "pepipost_inbound_messages",
     metadata,
     Column("id", _EventId, primary_key=True, autoincrement=True),
-    Column("inbound_key", String(64), nullable=False),
-    Column("sender", String(64), nullable=True),
-    Column("context_message_id", String(128), nullable=True),
+    Column("inbound_key", String(limits.EVENT_KEY_MAX), nullable=False),
+    Column("sender", String(limits.SENDER_MAX), nullable=True),
+    Column("context_message_id", String(limits.MESSAGE_ID_MAX), nullable=True),
     Column("received_at", Float, nullable=False),
     Column("raw", Text, nullable=False),
     Index("ux_pepipost_inbound_key", "inbound_key", unique=True),

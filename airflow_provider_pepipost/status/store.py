@@ -30,7 +30,6 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    insert,
     literal,
     null,
     or_,
@@ -145,8 +144,17 @@ class IngestResult:
         return dict(self.__dict__)
 
 
-# One webhook body, parsed: (events, rejected (reason, raw) pairs, inbound message dicts).
-WebhookBatch = tuple[Sequence[DeliveryEvent], Sequence[tuple[str, str]], Sequence[Mapping[str, Any]]]
+# One webhook body, parsed: (events, dead letters, inbound message dicts). A dead letter is
+# (reason, raw) or (reason, raw, key): equal keys are stored once.
+DeadLetterItem = tuple[str, str] | tuple[str, str, str]
+WebhookBatch = tuple[Sequence[DeliveryEvent], Sequence[DeadLetterItem], Sequence[Mapping[str, Any]]]
+
+
+def _letter_key(letter: DeadLetterItem) -> str:
+    if len(letter) > 2 and letter[2]:
+        return letter[2][:40]
+    return hashlib.sha256(f"{letter[0]}\x1f{letter[1]}".encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
 
 _ENGINES: dict[str, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
@@ -164,7 +172,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def get_engine(url: str) -> Engine:
-    """One engine per URL per process: pools are shared by every hook, sensor and request."""
+    """One engine per URL per process: pools are shared by every hook, sensor and request.
+
+    ``hide_parameters``: a failed statement's error names its SQL, never the values bound to it
+    (phone numbers, remarks), wherever that error is logged.
+    """
     with _ENGINES_LOCK:
         engine = _ENGINES.get(url)
         if engine is None:
@@ -172,13 +184,21 @@ def get_engine(url: str) -> Engine:
             if parsed.get_backend_name() == "sqlite":
                 if parsed.database and parsed.database != ":memory:":
                     Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-                engine = create_engine(url, pool_size=8, max_overflow=56, pool_timeout=60)
+                engine = create_engine(url, pool_size=8, max_overflow=56, pool_timeout=60, hide_parameters=True)
                 event.listen(engine, "connect", _sqlite_pragmas)
             else:
                 # psycopg2 runs an executemany UPDATE (the ledger's outcomes) one round trip per
                 # row; execute_batch pages them.
                 batch = {"executemany_mode": "values_plus_batch"} if parsed.get_driver_name() == "psycopg2" else {}
-                engine = create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True, pool_timeout=60, **batch)
+                engine = create_engine(
+                    url,
+                    pool_size=8,
+                    max_overflow=32,
+                    pool_pre_ping=True,
+                    pool_timeout=60,
+                    hide_parameters=True,
+                    **batch,
+                )
             _ENGINES[url] = engine
         return engine
 
@@ -448,7 +468,7 @@ class StatusStore:
     def ingest(
         self,
         events: Sequence[DeliveryEvent],
-        rejected: Sequence[tuple[str, str]] = (),
+        rejected: Sequence[DeadLetterItem] = (),
         inbound: Sequence[Mapping[str, Any]] = (),
     ) -> IngestResult:
         """Store one webhook batch in one transaction: events, dead letters and inbound messages.
@@ -486,9 +506,15 @@ class StatusStore:
                             reconciled.discard(ev.api_header)
                             result.reconciled += 1
             if rejected:
+                # Keyed, so that a body sent again adds no dead letters; a pair without a key is
+                # keyed by its content.
+                letters = {_letter_key(letter): letter for letter in rejected}
                 conn.execute(
-                    insert(schema.dead_letters),
-                    [{"received_at": now, "reason": reason, "raw": raw} for reason, raw in rejected],
+                    _insert_for(conn, schema.dead_letters).on_conflict_do_nothing(index_elements=["letter_key"]),
+                    [
+                        {"received_at": now, "reason": letter[0], "raw": letter[1], "letter_key": key}
+                        for key, letter in letters.items()
+                    ],
                 )
             if inbound:
                 rows = {hashlib.sha256(item["raw"].encode()).hexdigest()[:40]: item for item in inbound}
@@ -507,9 +533,9 @@ class StatusStore:
                 )
         return results
 
-    def record_dead_letter(self, reason: str, raw: str) -> None:
-        """Keep a body the receiver could not read at all, with the reason."""
-        self.ingest((), rejected=[(reason, raw)])
+    def record_dead_letter(self, reason: str, raw: str, key: str | None = None) -> None:
+        """Keep a body the receiver could not read at all, with the reason (once per ``key``)."""
+        self.ingest((), rejected=[(reason, raw, key) if key else (reason, raw)])
 
     @staticmethod
     def _insert_new_events(
@@ -733,6 +759,24 @@ class StatusStore:
         dl = schema.dead_letters
         with self.engine.connect() as conn:
             return [tuple(r) for r in conn.execute(select(dl.c.reason, dl.c.raw).order_by(dl.c.id).limit(limit))]
+
+    def last_event_received_at(self, message_ids: Iterable[str] | None = None) -> float | None:
+        """When the store last received a delivery report (epoch seconds), or None if never.
+
+        With ``message_ids``, the last report for any of those messages: what a sensor that timed
+        out can say about its receiver ("no report since ..." or "none at all").
+        """
+        ev = schema.events
+        with self.engine.connect() as conn:
+            if message_ids is None:  # the newest row by primary key: no scan of the events
+                return conn.execute(select(ev.c.received_at).order_by(ev.c.id.desc()).limit(1)).scalar()
+            ids = list(dict.fromkeys(message_ids))
+            latest = None
+            for matches in self._id_filters(conn, ev.c.message_id, ids, chunked=False):
+                found = conn.execute(select(func.max(ev.c.received_at)).where(matches)).scalar()
+                if found is not None and (latest is None or found > latest):
+                    latest = found
+            return latest
 
 
 def merge_summaries(parts: Sequence[DeliverySummary]) -> DeliverySummary:

@@ -1,18 +1,19 @@
 """The delivery-report receiver: a FastAPI app that stores Pepipost's webhook batches before it answers.
 
-Runs standalone (``pepipost-webhook``) or inside Airflow's API server through the provider's
-plugin. Either way Airflow's auth does not cover it: every POST must carry the shared token.
+Runs standalone (``pepipost-webhook``, see ``webhook.cli``) or inside Airflow's API server through
+the provider's plugin. Either way Airflow's auth does not cover it: every POST must carry the
+shared token.
 """
 
 from __future__ import annotations
 
-import argparse
+import asyncio
 import hmac
 import ipaddress
 import json
 import logging
 import os
-import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,42 +21,60 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from airflow_provider_pepipost.status.store import StatusStore, default_store_url, redact_url
-from airflow_provider_pepipost.webhook.batching import IngestQueue
-from airflow_provider_pepipost.webhook.payload import MAX_RAW_CHARS, parse_body
+from airflow_provider_pepipost.status.store import StatusStore, default_store_url
+from airflow_provider_pepipost.webhook.batching import (
+    DEFAULT_MAX_QUEUED_BODIES,
+    DEFAULT_MAX_QUEUED_BYTES,
+    IngestQueue,
+    QueueFull,
+)
+from airflow_provider_pepipost.webhook.logs import RefusalLog, capped, redact_access_logs
+from airflow_provider_pepipost.webhook.payload import MAX_RAW_CHARS, ParsedBatch, body_key, letter, parse_body
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "PEPIPOST_WEBHOOK_TOKEN"
 TOKEN_HEADER = "X-Pepipost-Token"
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT = 10.0  # seconds to receive a whole body once its headers are in
+RETRY_AFTER_SECONDS = 5
 _JSON_TYPES = ("application/json", "text/plain", "application/octet-stream")
-_TOKEN_IN_QUERY = re.compile(r"(token=)[^&\s\"]+", re.IGNORECASE)
+_PARSE_INLINE_BYTES = 64 * 1024  # larger bodies are parsed in a thread, off the event loop
+_MAX_INT_DIGITS = 400  # a JSON integer longer than this is read as infinity (no time is that long)
 
 
-class _RedactTokens(logging.Filter):
-    """Access logs print the query string; a token given as ?token=... must not reach them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
-            record.args = tuple(
-                _TOKEN_IN_QUERY.sub(r"\1***", arg) if isinstance(arg, str) else arg for arg in record.args
-            )
-        record.msg = _TOKEN_IN_QUERY.sub(r"\1***", str(record.msg))
-        return True
-
-
-def redact_access_logs() -> None:
-    for name in ("uvicorn.access", "uvicorn.error", "airflow.api_fastapi"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _RedactTokens) for f in logger.filters):
-            logger.addFilter(_RedactTokens())
+def _parse_int(text: str) -> int | float:
+    # Python refuses to read integers of more than 4300 digits (a ValueError for the whole body).
+    if len(text) <= _MAX_INT_DIGITS:
+        return int(text)
+    return float("-inf") if text.startswith("-") else float("inf")
 
 
 def _parse_networks(allowed_ips: Sequence[str] | None) -> list[Any] | None:
     if not allowed_ips:
         return None
     return [ipaddress.ip_network(item.strip(), strict=False) for item in allowed_ips if item.strip()]
+
+
+def read_body(body: bytes) -> tuple[ParsedBatch, str | None]:
+    """Decode and sort one body; returns the batch and, when the body is unreadable as a whole, why."""
+    key = body_key(body)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        reason = "body is not UTF-8"
+        return ParsedBatch(rejected=[letter(reason, body.decode("utf-8", "replace"), key, "body")]), reason
+    try:
+        data = json.loads(text, parse_int=_parse_int)
+    except (ValueError, RecursionError) as err:
+        reason = "JSON nested too deeply" if isinstance(err, RecursionError) else f"invalid JSON: {err}"
+        return ParsedBatch(rejected=[letter(reason, text[:MAX_RAW_CHARS], key, "body")]), reason
+    if not isinstance(data, dict):
+        reason = f"body must be a JSON object, not {type(data).__name__}"
+        return ParsedBatch(rejected=[letter(reason, text[:MAX_RAW_CHARS], key, "body")]), reason
+    # An object of an unknown kind is acknowledged and kept aside: the vendor may post other
+    # event types to the same URL, and refusing them could make it stop posting reports.
+    return parse_body(data, key), None
 
 
 def create_app(
@@ -65,22 +84,33 @@ def create_app(
     path_prefix: str = "/pepipost",
     allowed_ips: Sequence[str] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_queued_bodies: int = DEFAULT_MAX_QUEUED_BODIES,
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+    refusal_log_interval: float = 60.0,
 ) -> FastAPI:
-    """The receiver app: ``POST {path_prefix}/webhook`` and ``GET {path_prefix}/healthz``.
+    """The receiver app: ``POST {path_prefix}/webhook``, ``GET {path_prefix}/healthz`` and ``/status``.
 
-    :param store_url: status store URL; default ``$PEPIPOST_STATUS_STORE_URL`` or SQLite in AIRFLOW_HOME.
+    :param store_url: status store URL; default: the store resolver (``$PEPIPOST_STATUS_STORE_URL``,
+        ``[pepipost]`` config, else SQLite in AIRFLOW_HOME).
     :param token: the shared secret every POST must carry (header ``X-Pepipost-Token``,
         ``Authorization: Bearer``, or query ``?token=``); default ``$PEPIPOST_WEBHOOK_TOKEN``.
         Without one, the receiver refuses every report (503) rather than accept them unchecked.
     :param path_prefix: "/pepipost" standalone; "" when mounted by the plugin under /pepipost.
-    :param allowed_ips: optional source addresses or networks (the vendor's published IPs).
+    :param allowed_ips: optional source addresses or networks (the vendor's published IPs). The
+        address is the TCP peer's, unless the server was told to trust a proxy's forwarded headers.
     :param max_body_bytes: larger bodies are refused with 413.
+    :param body_timeout: a body not received within this many seconds is refused with 408.
+    :param max_queued_bodies: bodies admitted and not yet answered; beyond it 503 with Retry-After.
+    :param max_queued_bytes: the same bound in bytes of body.
+    :param refusal_log_interval: refused requests are logged at most once per this many seconds.
     """
     expected = (token if token is not None else os.environ.get(TOKEN_ENV, "")).encode()
     networks = _parse_networks(allowed_ips)
     url = store_url or default_store_url()
     app = FastAPI(title="Pepipost delivery-report receiver", docs_url=None, redoc_url=None, openapi_url=None)
     holder: dict[str, StatusStore] = {}
+    refusals = RefusalLog(refusal_log_interval)
     redact_access_logs()
 
     def store() -> StatusStore:
@@ -89,7 +119,7 @@ def create_app(
             holder["store"] = StatusStore(url)
         return holder["store"]
 
-    ingest_queue = IngestQueue(store)
+    ingest_queue = IngestQueue(store, max_bodies=max_queued_bodies, max_bytes=max_queued_bytes)
 
     def token_ok(request: Request) -> bool:
         given = request.headers.get(TOKEN_HEADER) or request.query_params.get("token") or ""
@@ -98,14 +128,25 @@ def create_app(
             given = auth[7:]
         return hmac.compare_digest(given.encode(), expected)
 
+    def source(request: Request) -> str:
+        return request.client.host if request.client else ""
+
     def client_allowed(request: Request) -> bool:
         if networks is None:
             return True
         try:
-            address = ipaddress.ip_address(request.client.host if request.client else "")
+            address = ipaddress.ip_address(source(request))
         except ValueError:
             return False
         return any(address in network for network in networks)
+
+    def refuse(request: Request, status: int, detail: str, **headers: str) -> JSONResponse:
+        refusals.note(status, detail, source(request))
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
+
+    def busy(request: Request) -> JSONResponse:
+        # The vendor resends: better than a queue that grows with every body (about 20x its size).
+        return refuse(request, 503, "the receiver is busy; send it again", **{"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     async def read_capped(request: Request) -> bytes | None:
         declared = request.headers.get("content-length")
@@ -119,107 +160,103 @@ def create_app(
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def reject_body(reason: str, raw: str) -> JSONResponse:
-        await run_in_threadpool(store().record_dead_letter, reason, raw[:MAX_RAW_CHARS])
-        log.warning("Pepipost webhook: body refused and kept as a dead letter: %s", reason)
-        return JSONResponse({"detail": reason}, status_code=400)
-
     @app.post(f"{path_prefix}/webhook")
     async def receive(request: Request) -> JSONResponse:
         if not expected:
             return JSONResponse({"detail": f"the receiver has no token configured: set {TOKEN_ENV}"}, status_code=503)
         if not client_allowed(request):
-            return JSONResponse({"detail": "source address not allowed"}, status_code=403)
+            return refuse(request, 403, "source address not allowed")
         if not token_ok(request):
-            return JSONResponse({"detail": "missing or wrong token"}, status_code=401)
+            return refuse(request, 401, "missing or wrong token")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type and content_type not in _JSON_TYPES and not content_type.endswith("+json"):
-            return JSONResponse({"detail": f"content type {content_type!r} is not JSON"}, status_code=415)
-        body = await read_capped(request)
+            return refuse(request, 415, f"content type {capped(content_type, 60)!r} is not JSON")
+        if ingest_queue.full():  # before reading the body: it would only take more memory
+            return busy(request)
+        try:
+            body = await asyncio.wait_for(read_capped(request), body_timeout)
+        except asyncio.TimeoutError:
+            return refuse(request, 408, f"body not received within {body_timeout:g} s", Connection="close")
         if body is None:
-            return JSONResponse({"detail": f"body larger than {max_body_bytes} bytes"}, status_code=413)
+            return refuse(request, 413, f"body larger than {max_body_bytes} bytes")
         try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            return await reject_body("body is not UTF-8", body.decode("utf-8", "replace"))
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as err:
-            reason = "JSON nested too deeply" if isinstance(err, RecursionError) else f"invalid JSON: {err}"
-            return await reject_body(reason, text)
-        if not isinstance(data, dict):
-            return await reject_body(f"body must be a JSON object, not {type(data).__name__}", text)
-        # An object of an unknown kind is acknowledged and kept aside: the vendor may post other
-        # event types to the same URL, and refusing them could make it stop posting reports.
-        batch = parse_body(data)
+            with ingest_queue.admit(len(body)):
+                return await store_body(request, body)
+        except QueueFull:
+            return busy(request)
+
+    async def store_body(request: Request, body: bytes) -> JSONResponse:
+        if len(body) > _PARSE_INLINE_BYTES:
+            batch, unreadable = await run_in_threadpool(read_body, body)
+        else:
+            batch, unreadable = read_body(body)
         try:
             result = await ingest_queue.ingest((batch.events, batch.rejected, batch.inbound))
-        except Exception:
+        except Exception as err:
             # Not stored, so not acknowledged: the vendor should send it again.
-            log.exception("Pepipost webhook: could not store a batch of %d events", len(batch.events))
+            log.error("Pepipost webhook: could not store a body of %d events: %s", len(batch.events), capped(err))
             return JSONResponse({"detail": "could not store the batch; send it again"}, status_code=503)
+        if unreadable:
+            log.warning("Pepipost webhook: body refused and kept as a dead letter: %s", capped(unreadable))
+            return refuse(request, 400, unreadable)
+        # Past the per-body cap, many bad items share one dead letter: the answer counts items.
+        result.rejected += batch.rejected_items - len(batch.rejected)
         if batch.rejected:
             log.warning(
-                "Pepipost webhook: %d item(s) kept as dead letters: %s", len(batch.rejected), batch.rejected[0][0]
+                "Pepipost webhook: %d item(s) kept as dead letters: %s",
+                batch.rejected_items,
+                capped(batch.rejected[0][0]),
             )
         return JSONResponse(result.to_dict())
 
     @app.get(f"{path_prefix}/healthz")
     async def healthz() -> JSONResponse:
+        # No token needed, so nothing else in the answer: not the store's address, not the error.
         try:
-            await run_in_threadpool(store().ping)
+            await run_in_threadpool(lambda: store().ping())
         except Exception as err:
-            return JSONResponse({"status": "error", "detail": type(err).__name__}, status_code=503)
-        return JSONResponse({"status": "ok", "store": redact_url(url)})
+            log.warning("Pepipost webhook: health check failed: %s", capped(type(err).__name__))
+            return JSONResponse({"status": "not ok"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get(f"{path_prefix}/status")
+    async def status(request: Request) -> JSONResponse:
+        """Is the vendor reaching this receiver? Behind the token."""
+        if not expected or not token_ok(request):
+            return refuse(request, 401, "missing or wrong token")
+
+        def read() -> dict[str, Any]:
+            last = store().last_event_received_at()
+            return {
+                "last_report_at": last,
+                "seconds_since_last_report": None if last is None else round(time.time() - last, 1),
+                "dead_letters": store().count_rows("pepipost_dead_letters"),
+            }
+
+        try:
+            facts = await run_in_threadpool(read)
+        except Exception as err:
+            log.warning("Pepipost webhook: status read failed: %s", capped(type(err).__name__))
+            return JSONResponse({"detail": "the store cannot be read"}, status_code=503)
+        facts["refused_since_start"] = dict(refusals.totals)
+        facts["queued_bodies"] = ingest_queue.held_bodies
+        return JSONResponse(facts)
 
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``pepipost-webhook``: receive Pepipost delivery reports into the status store."""
-    import uvicorn
-
-    parser = argparse.ArgumentParser(prog="pepipost-webhook", description=main.__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8481)
-    parser.add_argument(
-        "--store-url", default=None, help="SQLAlchemy URL; default $PEPIPOST_STATUS_STORE_URL or SQLite"
-    )
-    parser.add_argument("--token", default=None, help=f"shared token; default ${TOKEN_ENV} (prefer the env var)")
-    parser.add_argument("--allow-ip", action="append", help="allowed source address or network (repeat)")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s webhook %(levelname)s %(message)s")
-    token = args.token or os.environ.get(TOKEN_ENV)
-    if not token:
-        parser.error(f"a token is required: set {TOKEN_ENV} or pass --token")
-    os.environ[TOKEN_ENV] = token  # worker processes read it from here
-    if args.store_url:
-        os.environ["PEPIPOST_STATUS_STORE_URL"] = args.store_url
-    if args.allow_ip:
-        os.environ["PEPIPOST_WEBHOOK_ALLOWED_IPS"] = ",".join(args.allow_ip)
-    os.environ["PEPIPOST_WEBHOOK_MAX_BODY_BYTES"] = str(args.max_body_bytes)
-    log.info("Pepipost webhook receiver on http://%s:%s/pepipost/webhook, store %s", args.host, args.port,
-             redact_url(args.store_url or default_store_url()))  # fmt: skip
-    uvicorn.run(
-        "airflow_provider_pepipost.webhook.app:app_from_env",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        access_log=False,
-        log_level="warning",
-    )
-
-
 def app_from_env() -> FastAPI:
     """The standalone app, configured from the environment (so that uvicorn workers can build it)."""
-    allowed = os.environ.get("PEPIPOST_WEBHOOK_ALLOWED_IPS")
-    return create_app(
-        allowed_ips=allowed.split(",") if allowed else None,
-        max_body_bytes=int(os.environ.get("PEPIPOST_WEBHOOK_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)),
-    )
+    from airflow_provider_pepipost.webhook.cli import app_from_env as build
+
+    return build()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``pepipost-webhook``: receive Pepipost delivery reports into the status store (see ``webhook.cli``)."""
+    from airflow_provider_pepipost.webhook.cli import main as run
+
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -2,27 +2,79 @@
 
 Every request still waits for the commit that holds its events before it answers, so nothing is
 acknowledged unstored; what changes is that one commit serves every request waiting at that moment.
+Two bounds keep one client from costing the others: the queue holds a limited number of bodies
+(beyond it a request is told to come back later), and a commit that fails because of what one body
+holds is retried body by body, so that no request fails because of another's items.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 
 from airflow_provider_pepipost.status.store import IngestResult, StatusStore, WebhookBatch
+from airflow_provider_pepipost.webhook.payload import DeadLetter, letter
 
 MAX_BATCHES_PER_COMMIT = 64
+DEFAULT_MAX_QUEUED_BODIES = 1024
+# Bytes of request bodies admitted and not yet answered; a parsed body costs about 20x its size.
+DEFAULT_MAX_QUEUED_BYTES = 16 * 1024 * 1024
+
+
+class QueueFull(Exception):
+    """Too much is waiting to be stored: the request should be sent again later (503, Retry-After)."""
+
+
+def is_transient(err: BaseException) -> bool:
+    """True when the store itself failed (down, locked, pool exhausted), not something a body holds.
+
+    Such a failure fails every request of the commit alike; retrying body by body would only wait
+    on the same lock or the same dead server once per body.
+    """
+    if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
+        return True
+    return isinstance(err, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError))
 
 
 class IngestQueue:
     """Queues parsed webhook bodies; one task at a time writes everything queued."""
 
-    def __init__(self, store: Callable[[], StatusStore]) -> None:
+    def __init__(
+        self,
+        store: Callable[[], StatusStore],
+        *,
+        max_bodies: int = DEFAULT_MAX_QUEUED_BODIES,
+        max_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+    ) -> None:
         self._store = store
         self._waiting: list[tuple[WebhookBatch, asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
+        self.max_bodies, self.max_bytes = max_bodies, max_bytes
+        self.held_bodies = self.held_bytes = 0
+
+    def full(self) -> bool:
+        return self.held_bodies >= self.max_bodies or self.held_bytes >= self.max_bytes
+
+    @contextmanager
+    def admit(self, size: int) -> Iterator[None]:
+        """Hold room for one body (``size`` bytes) from its parse to its answer; QueueFull if none.
+
+        A body alone is always admitted, however large: the body cap bounds it.
+        """
+        if self.held_bodies and (self.held_bodies >= self.max_bodies or self.held_bytes + size > self.max_bytes):
+            raise QueueFull
+        self.held_bodies += 1
+        self.held_bytes += size
+        try:
+            yield
+        finally:
+            self.held_bodies -= 1
+            self.held_bytes -= size
 
     async def ingest(self, batch: WebhookBatch) -> IngestResult:
         """Store one body; returns its counts once the transaction holding it has committed."""
@@ -35,13 +87,79 @@ class IngestQueue:
     async def _write_all(self) -> None:
         while self._waiting:
             taken, self._waiting = self._waiting[:MAX_BATCHES_PER_COMMIT], self._waiting[MAX_BATCHES_PER_COMMIT:]
+            batches = [batch for batch, _ in taken]
             try:
-                results = await run_in_threadpool(self._store().ingest_many, [batch for batch, _ in taken])
-            except Exception as err:  # each waiting request answers 503 and the vendor resends
-                for _, future in taken:
-                    if not future.done():
-                        future.set_exception(err)
-                continue
+                results: list[Any] = await run_in_threadpool(self._store().ingest_many, batches)
+            except Exception as err:
+                if is_transient(err):  # each waiting request answers 503 and the vendor resends
+                    results = [err] * len(taken)
+                else:
+                    results = await run_in_threadpool(self._store_each, batches)
             for (_, future), result in zip(taken, results, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
                     future.set_result(result)
+
+    def _store_each(self, batches: Sequence[WebhookBatch]) -> list[IngestResult | BaseException]:
+        """A failed group commit again, one body per transaction, each body's poison set apart."""
+        outcomes: list[IngestResult | BaseException] = []
+        for batch in batches:
+            try:
+                outcomes.append(store_apart(self._store(), batch))
+            except Exception as err:
+                outcomes.append(err)
+        return outcomes
+
+
+def store_apart(store: StatusStore, batch: WebhookBatch) -> IngestResult:
+    """Store one body; if the store refuses what it holds, find the items it refuses by halving.
+
+    Those become dead letters with the database's reason, the rest is stored, and the body can be
+    acknowledged. Checking items against ``limits`` first makes this a last resort. A failure of
+    the store itself (``is_transient``) is raised: nothing is acknowledged unstored.
+    """
+    try:
+        return store.ingest_many([batch])[0]
+    except Exception as err:
+        if is_transient(err):
+            raise
+    events, rejected, inbound = batch
+    total = IngestResult()
+    refused: list[DeadLetter] = []
+    _halve(store, list(events), lambda part: (part, (), ()), total, refused)
+    _halve(store, list(inbound), lambda part: ((), (), part), total, refused)
+    letters = [*rejected, *refused]
+    if letters:
+        store.ingest_many([((), letters, ())])
+    total.rejected += len(letters)
+    return total
+
+
+def _halve(
+    store: StatusStore,
+    items: list[Any],
+    as_batch: Callable[[list[Any]], WebhookBatch],
+    total: IngestResult,
+    refused: list[DeadLetter],
+) -> None:
+    if not items:
+        return
+    try:
+        result = store.ingest_many([as_batch(items)])[0]
+    except Exception as err:
+        if is_transient(err):
+            raise
+        if len(items) == 1:
+            item = items[0]
+            raw = item.get("raw", "") if isinstance(item, dict) else getattr(item, "raw", "")
+            refused.append(letter(f"the store refused this item: {type(err).__name__}: {str(err)[:300]}", raw))
+            return
+        middle = len(items) // 2
+        _halve(store, items[:middle], as_batch, total, refused)
+        _halve(store, items[middle:], as_batch, total, refused)
+        return
+    for name in ("accepted", "duplicates", "inbound", "reconciled"):
+        setattr(total, name, getattr(total, name) + getattr(result, name))

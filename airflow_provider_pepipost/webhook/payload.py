@@ -1,29 +1,51 @@
 """Read a Pepipost webhook body: delivery reports (v1 and v2), customer replies, and what is malformed.
 
-Pure code: it decides what each item is; the store keeps all three kinds.
+Pure code: it decides what each item is; the store keeps all three kinds. Every value bound for a
+column is checked against ``limits`` first, so an item the database would refuse is a dead letter
+with a reason, never a failed transaction. The work one body can cause is bounded: past
+MAX_ITEM_LETTERS bad items, the rest of a body's bad items are kept together as one dead letter.
 """
 
 from __future__ import annotations
 
 import calendar
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.status.model import DeliveryEvent, normalize_status
 
-MAX_ID_LENGTH = 128
-MAX_STATUS_LENGTH = 64
-MAX_HEADER_LENGTH = 512
-MAX_RAW_CHARS = 65_536  # of a dead letter: enough to see what went wrong
+MAX_RAW_CHARS = limits.RAW_MAX  # of a dead letter: enough to see what went wrong
+MAX_ITEM_LETTERS = 20  # dead letters of their own per body; the rest of its bad items share one
+
+# A dead letter as the store takes it: (reason, raw, key). Equal keys are stored once, so a body
+# sent again adds no dead letters.
+DeadLetter = tuple[str, str, str]
 
 
 @dataclass
 class ParsedBatch:
     events: list[DeliveryEvent] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (reason, raw)
+    rejected: list[DeadLetter] = field(default_factory=list)
     inbound: list[dict[str, Any]] = field(default_factory=list)
+    rejected_items: int = 0  # items that could not be used; more than len(rejected) past the cap
+
+
+def body_key(body: bytes | str) -> str:
+    """The hash a body's dead letters are keyed by."""
+    data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    return hashlib.sha256(data).hexdigest()
+
+
+def letter(reason: str, raw: str, key: str | None = None, where: str = "") -> DeadLetter:
+    """A dead letter safe to store: reason and raw escaped and capped; keyed by body and position."""
+    reason = limits.storable(reason, limits.REASON_MAX)
+    raw = limits.storable(raw, limits.RAW_MAX)
+    seed = f"{key}\x1f{where}" if key else f"{reason}\x1f{raw}"
+    return reason, raw, hashlib.sha256(seed.encode()).hexdigest()[:40]
 
 
 def _raw(item: Any) -> str:
@@ -35,15 +57,19 @@ def _raw(item: Any) -> str:
 
 
 def parse_time(value: Any) -> float | None:
-    """Epoch seconds from the report's ``received_at``.
+    """Epoch seconds from the report's ``received_at``; raises ValueError when it is not a time.
 
     v1 sends "YYYY-MM-DD HH:MM:SS" (read as UTC: the vendor names no zone), v2 epoch seconds,
-    as a number or a string; epoch milliseconds are recognized by their size.
+    as a number or a string; epoch milliseconds are recognized by their size. Infinity, NaN and
+    times outside year 0..9999 (1e400, 10**400) are not times.
     """
     if value is None or value == "" or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            raise ValueError(f"received_at {str(value)[:40]!r} is out of range") from None
     else:
         text = str(value).strip()
         try:
@@ -55,10 +81,10 @@ def parse_time(value: Any) -> float | None:
                 except ValueError:
                     continue
             raise ValueError(f"received_at {text[:40]!r} is neither epoch seconds nor 'YYYY-MM-DD HH:MM:SS'") from None
-    if seconds != seconds or seconds < 0:  # NaN or negative
-        raise ValueError(f"received_at {value!r} is not a time")
     if seconds > 1e11:  # milliseconds
         seconds /= 1000.0
+    if problem := limits.time_problem(seconds):
+        raise ValueError(f"received_at {str(value)[:40]!r} {problem}")
     return seconds
 
 
@@ -73,62 +99,138 @@ def _text_field(item: dict[str, Any], name: str, limit: int, required: bool) -> 
     text = str(value).strip()
     if len(text) > limit:
         raise ValueError(f"'{name}' is longer than {limit} characters")
+    if problem := limits.text_problem(text):
+        raise ValueError(f"'{name}' {problem}")
     return text
 
 
 def parse_delivery_item(item: Any) -> DeliveryEvent:
-    """One ``delivery_status[]`` item; raises ValueError with the reason when it cannot be used."""
+    """One ``delivery_status[]`` item; raises ValueError with the reason when it cannot be stored."""
     if not isinstance(item, dict):
         raise ValueError(f"item must be an object, not {type(item).__name__}")
-    message_id = _text_field(item, "ncmessage_id", MAX_ID_LENGTH, required=True)
-    raw_status = _text_field(item, "status", MAX_STATUS_LENGTH, required=True)
+    message_id = _text_field(item, "ncmessage_id", limits.MESSAGE_ID_MAX, required=True)
+    raw_status = _text_field(item, "status", limits.STATUS_MAX, required=True)
+    raw = _raw(item)
+    if problem := limits.text_problem(raw):  # anywhere in the item, even in a field not kept
+        raise ValueError(f"item {problem}")
     remark = item.get("status_remark")
+    remark = "" if remark is None else str(remark)[: limits.REMARK_MAX]
+    if problem := limits.text_problem(remark):
+        raise ValueError(f"'status_remark' {problem}")
     return DeliveryEvent(
         message_id=message_id or "",
         status=normalize_status(raw_status),
         raw_status=raw_status or "",
         reported_at=parse_time(item.get("received_at")),
-        remark="" if remark is None else str(remark)[:2000],
-        api_header=_text_field(item, "x-apiheader", MAX_HEADER_LENGTH, required=False),
-        recipient=_text_field(item, "recipient", MAX_ID_LENGTH, required=False),
-        raw=_raw(item),
+        remark=remark,
+        api_header=_text_field(item, "x-apiheader", limits.API_HEADER_MAX, required=False),
+        recipient=_text_field(item, "recipient", limits.RECIPIENT_MAX, required=False),
+        raw=raw,
     )
 
 
-def parse_body(body: Any) -> ParsedBatch:
-    """Sort a decoded webhook body into delivery events, inbound messages and rejected items."""
+def _inbound_item(item: dict[str, Any]) -> dict[str, Any]:
+    """One ``incoming_message[]`` item as the store keeps it; ValueError when it cannot be stored."""
+    raw = _raw(item)
+    if problem := limits.text_problem(raw):
+        raise ValueError(f"item {problem}")
+    context = item.get("context") if isinstance(item.get("context"), dict) else {}
+    sender = str(item.get("from") or "")
+    context_id = str(context.get("ncmessage_id") or "")
+    for name, text, limit in (
+        ("from", sender, limits.SENDER_MAX),
+        ("context.ncmessage_id", context_id, limits.MESSAGE_ID_MAX),
+    ):
+        if problem := limits.text_problem(text):
+            raise ValueError(f"'{name}' {problem}")
+        if len(text) > limit:
+            raise ValueError(f"'{name}' is longer than {limit} characters")
+    return {"sender": sender or None, "context_message_id": context_id or None, "raw": raw}
+
+
+class _Rejects:
+    """A body's bad items: the first MAX_ITEM_LETTERS each a dead letter, the rest one dead letter."""
+
+    def __init__(self, batch: ParsedBatch, key: str | None) -> None:
+        self.batch, self.key = batch, key
+        self.full = False  # past the cap: bad items go to the one shared dead letter
+        self.overflow: list[Any] = []  # those items (parse_body appends junk to it directly)
+        self.first_overflow = ""  # where the first of them was
+
+    def add(self, name: str, index: int | None, reason: str, item: Any) -> None:
+        where = name if index is None else f"{name}[{index}]"
+        if self.full:
+            self.first_overflow = self.first_overflow or where
+            self.overflow.append(item)
+            return
+        self.batch.rejected_items += 1
+        self.batch.rejected.append(letter(f"{where}: {reason}", _raw(item), self.key, where))
+        self.full = len(self.batch.rejected) >= MAX_ITEM_LETTERS
+
+    def close(self) -> None:
+        if not self.overflow:
+            return
+        self.batch.rejected_items += len(self.overflow)
+        parts, size = [], 0
+        for item in self.overflow:  # as much as fits in one dead letter, not a byte more
+            part = _raw(item)
+            size += len(part) + 1
+            if size > MAX_RAW_CHARS:
+                break
+            parts.append(part)
+        reason = f"{len(self.overflow)} more items could not be read, the first at {self.first_overflow}"
+        self.batch.rejected.append(letter(reason, "[" + ",".join(parts) + "]", self.key, "overflow"))
+
+
+def _may_be_report(item: Any) -> bool:
+    """False for what is certainly not a report: a quick test, without exceptions, for junk bodies."""
+    return type(item) is dict and item.get("ncmessage_id") not in (None, "") and item.get("status") not in (None, "")
+
+
+def parse_body(body: Any, key: str | None = None) -> ParsedBatch:
+    """Sort a decoded webhook body into delivery events, inbound messages and dead letters.
+
+    :param key: the body's hash (``body_key``): its dead letters are keyed by it and their place
+        in the body, so the same body sent twice adds no dead letters.
+    """
     batch = ParsedBatch()
     if not isinstance(body, dict):
-        batch.rejected.append((f"body must be a JSON object, not {type(body).__name__}", _raw(body)))
-        return batch
+        return _whole(batch, f"body must be a JSON object, not {type(body).__name__}", body, key)
     reports = body.get("delivery_status")
     replies = body.get("incoming_message")
     if reports is None and replies is None:
-        batch.rejected.append(("body has neither delivery_status[] nor incoming_message[]", _raw(body)))
-        return batch
+        return _whole(batch, "body has neither delivery_status[] nor incoming_message[]", body, key)
+    rejects = _Rejects(batch, key)
     if reports is not None:
         if not isinstance(reports, list):
-            batch.rejected.append(("delivery_status must be a list", _raw(reports)))
+            rejects.add("delivery_status", None, "must be a list", reports)
         else:
+            junk = rejects.overflow
             for index, item in enumerate(reports):
+                if rejects.full and not _may_be_report(item):  # past the cap, junk costs as little as can be
+                    rejects.first_overflow = rejects.first_overflow or f"delivery_status[{index}]"
+                    junk.append(item)
+                    continue
                 try:
                     batch.events.append(parse_delivery_item(item))
                 except (ValueError, TypeError) as err:
-                    batch.rejected.append((f"delivery_status[{index}]: {err}", _raw(item)))
+                    rejects.add("delivery_status", index, str(err), item)
     if replies is not None:
         if not isinstance(replies, list):
-            batch.rejected.append(("incoming_message must be a list", _raw(replies)))
+            rejects.add("incoming_message", None, "must be a list", replies)
         else:
             for index, item in enumerate(replies):
-                if not isinstance(item, dict):
-                    batch.rejected.append((f"incoming_message[{index}]: item must be an object", _raw(item)))
-                    continue
-                context = item.get("context") if isinstance(item.get("context"), dict) else {}
-                batch.inbound.append(
-                    {
-                        "sender": str(item.get("from") or "")[:MAX_ID_LENGTH] or None,
-                        "context_message_id": str(context.get("ncmessage_id") or "")[:MAX_ID_LENGTH] or None,
-                        "raw": _raw(item),
-                    }
-                )
+                try:
+                    if not isinstance(item, dict):
+                        raise ValueError("item must be an object")
+                    batch.inbound.append(_inbound_item(item))
+                except ValueError as err:
+                    rejects.add("incoming_message", index, str(err), item)
+    rejects.close()
+    return batch
+
+
+def _whole(batch: ParsedBatch, reason: str, body: Any, key: str | None) -> ParsedBatch:
+    batch.rejected.append(letter(reason, _raw(body), key, "body"))
+    batch.rejected_items = 1
     return batch

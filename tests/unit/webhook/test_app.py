@@ -12,7 +12,7 @@ import requests
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.app import create_app
 from tests.conftest import WEBHOOK_TOKEN
-from tests.helpers import ServedApp
+from tests.helpers import ServedApp, wait_until
 
 HEADERS = {"X-Pepipost-Token": WEBHOOK_TOKEN}
 
@@ -134,13 +134,17 @@ def test_a_receiver_without_a_token_refuses_everything(sqlite_url, monkeypatch):
     assert answer.status_code == 503 and "PEPIPOST_WEBHOOK_TOKEN" in answer.json()["detail"]
 
 
-def test_healthz(receiver):
-    assert requests.get(f"{receiver.url}/pepipost/healthz", timeout=5).json()["status"] == "ok"
+def test_healthz_says_ok_and_nothing_about_the_store(receiver, store_url):
+    answer = requests.get(f"{receiver.url}/pepipost/healthz", timeout=5)
+    assert answer.status_code == 200 and answer.json() == {"status": "ok"}
 
 
-def test_healthz_and_posts_say_503_when_the_store_is_down():
-    with ServedApp(create_app("postgresql+psycopg2://nobody@127.0.0.1:1/none", WEBHOOK_TOKEN)) as served:
-        assert requests.get(f"{served.url}/pepipost/healthz", timeout=30).status_code == 503
+def test_healthz_says_not_ok_and_nothing_more_when_the_store_is_down():
+    url = "postgresql+psycopg2://secretuser:secretpw@127.0.0.1:1/secretdb"
+    with ServedApp(create_app(url, WEBHOOK_TOKEN)) as served:
+        answer = requests.get(f"{served.url}/pepipost/healthz", timeout=30)
+    assert answer.status_code == 503 and answer.json() == {"status": "not ok"}
+    assert not any(word in answer.text for word in ("secret", "127.0.0.1", "5432", "Error"))
 
 
 def test_tokens_in_query_strings_are_redacted_from_access_logs(receiver, caplog):
@@ -150,6 +154,20 @@ def test_tokens_in_query_strings_are_redacted_from_access_logs(receiver, caplog)
             '%s - "%s %s HTTP/%s" %d', "127.0.0.1", "POST", f"/pepipost/webhook?token={WEBHOOK_TOKEN}", "1.1", 200
         )
     assert WEBHOOK_TOKEN not in caplog.text and "token=***" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["tok%65n", "%74oken", "TOKEN", "to%6B%65n"])
+def test_tokens_are_redacted_by_their_decoded_parameter_name(receiver, caplog, name):
+    # The app reads the decoded name, so each of these carries the token...
+    assert post(f"{receiver.webhook_url}?{name}={WEBHOOK_TOKEN}", {"delivery_status": []}, headers={}).ok is (
+        name != "TOKEN"
+    )
+    logger = logging.getLogger("uvicorn.access")
+    with caplog.at_level(logging.INFO, logger="uvicorn.access"):
+        path = f"/pepipost/webhook?a=1&{name}={WEBHOOK_TOKEN}&b=2"
+        logger.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1", "POST", path, "1.1", 200)
+    # ...and none of them reaches the access log.
+    assert WEBHOOK_TOKEN not in caplog.text and f"{name}=***" in caplog.text and "b=2" in caplog.text
 
 
 def test_concurrent_single_event_posts_are_each_stored_and_counted(receiver, store_url):
@@ -162,3 +180,109 @@ def test_concurrent_single_event_posts_are_each_stored_and_counted(receiver, sto
         answers = list(pool.map(one, range(300)))
     assert all(answer["accepted"] == 1 for answer in answers)
     assert StatusStore(store_url).count_rows("pepipost_events") == 300
+
+
+# -- issue 11: poison items, amplification, bounded queue, refusals, status ---------------------
+
+POISONS = {
+    "lone-surrogate": '{"ncmessage_id": "p1", "status": "read", "note": "\\ud800"}',
+    "nul": '{"ncmessage_id": "p\\u0000", "status": "read"}',
+    "recipient-100": json.dumps({"ncmessage_id": "p3", "status": "read", "recipient": "9" * 100}),
+    "status-40": json.dumps({"ncmessage_id": "p4", "status": "s" * 40}),
+    "time-10**400": json.dumps({"ncmessage_id": "p5", "status": "read", "received_at": 10**400}),
+    "time-1e400": '{"ncmessage_id": "p6", "status": "read", "received_at": 1e400}',
+    "time-Infinity": '{"ncmessage_id": "p7", "status": "read", "received_at": Infinity}',
+}
+
+
+@pytest.mark.parametrize("poison", list(POISONS.values()), ids=list(POISONS))
+def test_a_poison_item_is_a_dead_letter_and_the_rest_of_its_body_is_stored(receiver, store_url, poison):
+    body = '{"delivery_status": [' + json.dumps(report("good-1", "read")) + ", " + poison + "]}"
+    answer = post(receiver.webhook_url, body)
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["accepted"], answer.json()["rejected"]) == (1, 1)
+    store = StatusStore(store_url)
+    assert store.current_status("good-1") == "read"
+    assert len(store.dead_letters()) == 1
+    assert post(receiver.webhook_url, body).status_code == 200  # and the vendor's resend is acknowledged too
+
+
+def test_a_body_sent_again_adds_no_dead_letters(receiver, store_url):
+    body = {"delivery_status": [report("m1", "read"), 7, {"status": "read"}]}
+    for _ in range(3):
+        assert post(receiver.webhook_url, body).json()["rejected"] == 2
+    post(receiver.webhook_url, b"{not json")
+    post(receiver.webhook_url, b"{not json")
+    assert StatusStore(store_url).count_rows("pepipost_dead_letters") == 3
+
+
+def test_two_mib_of_junk_is_a_bounded_number_of_dead_letters(receiver, store_url):
+    junk = b'{"delivery_status": [' + b"1," * (1024 * 1024 - 20) + b"1]}"
+    assert len(junk) <= 2 * 1024 * 1024
+    for _ in range(2):  # the vendor resends it: still no more rows
+        answer = post(receiver.webhook_url, junk)
+        assert answer.status_code == 200 and answer.json()["rejected"] == 1024 * 1024 - 19
+    assert StatusStore(store_url).count_rows("pepipost_dead_letters") <= 21
+
+
+def test_a_full_ingest_queue_answers_503_with_retry_after(sqlite_url):
+    """The store is locked by another process, so bodies pile up: past the bound, come back later."""
+    import sqlite3
+    import threading
+
+    StatusStore(sqlite_url)
+    locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # holds the write lock until released below
+    answers: list[requests.Response] = []
+    with ServedApp(create_app(sqlite_url, WEBHOOK_TOKEN, max_queued_bodies=2)) as served:
+        url = f"{served.url}/pepipost/webhook"
+
+        def one(index: int) -> None:
+            body = json.dumps({"delivery_status": [report(f"q{index}", "read")]})
+            answers.append(
+                requests.post(url, data=body, headers={**HEADERS, "Content-Type": "application/json"}, timeout=60)
+            )
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: sum(a.status_code == 503 for a in answers) >= 6, timeout=20)
+        locker.execute("ROLLBACK")
+        for thread in threads:
+            thread.join(timeout=30)
+    busy = [a for a in answers if a.status_code == 503]
+    assert len(answers) == 8 and len(busy) == 6
+    assert all(a.headers.get("Retry-After") == "5" for a in busy)
+    assert StatusStore(sqlite_url).count_rows("pepipost_events") == 2  # those admitted, and only those
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408(sqlite_url):
+    import socket
+
+    with ServedApp(create_app(sqlite_url, WEBHOOK_TOKEN, body_timeout=1)) as served, socket.socket() as sock:
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", served.port))
+        head = f"POST /pepipost/webhook HTTP/1.1\r\nHost: x\r\nX-Pepipost-Token: {WEBHOOK_TOKEN}\r\n"
+        sock.sendall(f"{head}Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{".encode())
+        assert sock.recv(200).startswith(b"HTTP/1.1 408")
+
+
+def test_refused_requests_are_logged_by_source_and_rate_limited(sqlite_url, caplog):
+    with ServedApp(create_app(sqlite_url, WEBHOOK_TOKEN, refusal_log_interval=3600)) as served:
+        with caplog.at_level(logging.WARNING, logger="airflow_provider_pepipost.webhook"):
+            for _ in range(5):
+                post(f"{served.url}/pepipost/webhook", {"delivery_status": []}, headers={"X-Pepipost-Token": "old"})
+        lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(lines) == 1 and "1 x 401 from 127.0.0.1" in lines[0]  # one line, not five
+        status = requests.get(f"{served.url}/pepipost/status", headers=HEADERS, timeout=10).json()
+    assert status["refused_since_start"] == {"401": 5}
+
+
+def test_the_status_endpoint_needs_the_token_and_says_when_the_last_report_came(receiver, store_url):
+    status_url = f"{receiver.url}/pepipost/status"
+    assert requests.get(status_url, timeout=10).status_code == 401
+    before = requests.get(status_url, headers=HEADERS, timeout=10).json()
+    assert before["last_report_at"] is None and before["dead_letters"] == 0
+    post(receiver.webhook_url, {"delivery_status": [report("s1", "read"), 7]})
+    after = requests.get(status_url, headers=HEADERS, timeout=10).json()
+    assert after["last_report_at"] > 0 and after["seconds_since_last_report"] < 60 and after["dead_letters"] == 1

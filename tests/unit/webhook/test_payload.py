@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from airflow_provider_pepipost.webhook.payload import parse_body, parse_time
+from airflow_provider_pepipost import limits
+from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.webhook.payload import MAX_ITEM_LETTERS, body_key, parse_body, parse_time
 
 V1_ITEM = {
     "ncmessage_id": "fa9d-5d12",
@@ -58,7 +60,7 @@ def test_malformed_items_are_kept_with_a_reason_and_the_rest_stored():
     }
     batch = parse_body(body)
     assert [e.message_id for e in batch.events] == ["fa9d-5d12"]
-    reasons = [reason for reason, _ in batch.rejected]
+    reasons = [reason for reason, *_ in batch.rejected]
     assert reasons[0].startswith("delivery_status[1]: item must be an object")
     assert "'ncmessage_id' is missing" in reasons[1]
     assert "'status' must be a string" in reasons[2]
@@ -81,3 +83,77 @@ def test_inbound_messages_are_not_delivery_reports():
 def test_bodies_of_the_wrong_shape_are_rejected_whole(body):
     batch = parse_body(body)
     assert batch.events == [] and len(batch.rejected) == 1
+
+
+# -- what the store's columns hold (issue 11, point 1) --------------------------------------------
+
+
+def _item(**fields):
+    return {"ncmessage_id": "m1", "status": "read", "received_at": "1700000000", **fields}
+
+
+@pytest.mark.parametrize(
+    ("item", "reason"),
+    [
+        (_item(recipient="9" * 65), "'recipient' is longer than 64"),
+        (_item(status="s" * 33), "'status' is longer than 32"),
+        (_item(ncmessage_id="m\x00"), "NUL"),
+        (_item(status_remark="gone\x00"), "NUL"),
+        (_item(recipient="91\x0099"), "NUL"),
+        (_item(ignored="\ud800"), "lone surrogate"),
+        (_item(**{"x-apiheader": "h\udfff"}), "lone surrogate"),
+        (_item(received_at=float("inf")), "not a finite number"),
+        (_item(received_at="Infinity"), "not a finite number"),
+        (_item(received_at="NaN"), "not a finite number"),
+        (_item(received_at=10**400), "out of range"),
+        (_item(received_at=1e300), "outside"),
+        (_item(received_at=-5), "outside"),
+    ],
+    ids=str.split(
+        "recipient-65 status-33 nul-id nul-remark nul-recipient surrogate-ignored surrogate-header inf "
+        "infinity-text nan-text 10**400 1e300 negative"
+    ),
+)
+def test_values_the_store_cannot_hold_are_dead_letters_with_a_reason(item, reason):
+    batch = parse_body({"delivery_status": [_item(ncmessage_id="good"), item]})
+    assert [e.message_id for e in batch.events] == ["good"]
+    assert len(batch.rejected) == 1 and reason in batch.rejected[0][0], batch.rejected
+    dead_reason, raw, _ = batch.rejected[0]
+    assert limits.text_problem(dead_reason) is None and limits.text_problem(raw) is None  # storable
+
+
+def test_every_value_the_parser_accepts_fits_its_column():
+    longest = _item(
+        ncmessage_id="m" * limits.MESSAGE_ID_MAX,
+        status="s" * limits.STATUS_MAX,
+        recipient="9" * limits.RECIPIENT_MAX,
+        **{"x-apiheader": "h" * limits.API_HEADER_MAX},
+    )
+    event = parse_body({"delivery_status": [longest]}).events[0]
+    columns = schema.events.c
+    for column, value in [
+        (columns.message_id, event.message_id),
+        (columns.status, event.status),
+        (columns.raw_status, event.raw_status),
+        (columns.recipient, event.recipient),
+        (columns.api_header, event.api_header),
+    ]:
+        assert len(value) <= column.type.length, column
+    assert schema.ledger.c.recipient.type.length == limits.RECIPIENT_MAX
+
+
+def test_a_body_of_junk_makes_a_bounded_number_of_dead_letters():
+    batch = parse_body({"delivery_status": [1] * 200_000 + [_item()]}, key=body_key(b"junk"))
+    assert len(batch.events) == 1
+    assert len(batch.rejected) == MAX_ITEM_LETTERS + 1 and batch.rejected_items == 200_000
+    assert "199980 more items could not be read, the first at delivery_status[20]" in batch.rejected[-1][0]
+    assert len(batch.rejected[-1][1]) <= limits.RAW_MAX
+
+
+def test_dead_letter_keys_follow_the_body_so_a_replay_adds_none():
+    body = {"delivery_status": [7, {"status": "read"}]}
+    first = parse_body(body, key=body_key(b"one body")).rejected
+    again = parse_body(body, key=body_key(b"one body")).rejected
+    other = parse_body(body, key=body_key(b"another body")).rejected
+    assert [k for *_, k in first] == [k for *_, k in again]
+    assert len({k for *_, k in first}) == 2 and not {k for *_, k in first} & {k for *_, k in other}

@@ -1,0 +1,163 @@
+"""``pepipost-webhook``: run the receiver (the default), or ``import FILE`` of reports kept elsewhere.
+
+The server runs under uvicorn with the limits a public endpoint needs: deadlines on request heads
+and bodies, a cap on concurrent connections, and forwarded headers believed only from the proxies
+named by ``--trusted-proxy``. Settings travel to uvicorn's worker processes in the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from fastapi import FastAPI
+
+from airflow_provider_pepipost.status.store import redact_url
+from airflow_provider_pepipost.webhook.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, TOKEN_ENV, create_app
+from airflow_provider_pepipost.webhook.batching import DEFAULT_MAX_QUEUED_BODIES
+from airflow_provider_pepipost.webhook.server import DEFAULT_HEAD_TIMEOUT, HEAD_TIMEOUT_ENV
+
+log = logging.getLogger("airflow_provider_pepipost.webhook")
+
+STORE_URL_ENV = "PEPIPOST_STATUS_STORE_URL"
+STORE_CONN_ENV = "PEPIPOST_WEBHOOK_STORE_CONN_ID"
+_ENV = {  # setting -> the variable that carries it to worker processes
+    "allowed_ips": "PEPIPOST_WEBHOOK_ALLOWED_IPS",
+    "max_body_bytes": "PEPIPOST_WEBHOOK_MAX_BODY_BYTES",
+    "body_timeout": "PEPIPOST_WEBHOOK_BODY_TIMEOUT",
+    "max_queued_bodies": "PEPIPOST_WEBHOOK_MAX_QUEUED_BODIES",
+}
+DEFAULT_LIMIT_CONCURRENCY = 512
+DEFAULT_KEEP_ALIVE = 5.0
+
+
+def store_url(url: str | None = None, conn_id: str | None = None) -> str:
+    """The store: ``--store-url``, else the store resolver (``--store-conn-id``, env, Airflow config, SQLite)."""
+    if url:
+        return url
+    try:
+        from airflow_provider_pepipost.status.resolver import resolve_store_url
+    except ImportError:  # a provider without the resolver: the environment, else SQLite
+        from airflow_provider_pepipost.status.store import default_store_url
+
+        if conn_id:
+            raise SystemExit("--store-conn-id needs airflow_provider_pepipost.status.resolver") from None
+        return default_store_url()
+    return resolve_store_url(conn_id)
+
+
+def app_from_env() -> FastAPI:
+    """The standalone app, configured from the environment (so that uvicorn workers can build it)."""
+    allowed = os.environ.get(_ENV["allowed_ips"])
+    return create_app(
+        store_url=store_url(os.environ.get(STORE_URL_ENV), os.environ.get(STORE_CONN_ENV)),
+        allowed_ips=allowed.split(",") if allowed else None,
+        max_body_bytes=int(os.environ.get(_ENV["max_body_bytes"]) or DEFAULT_MAX_BODY_BYTES),
+        body_timeout=float(os.environ.get(_ENV["body_timeout"]) or DEFAULT_BODY_TIMEOUT),
+        max_queued_bodies=int(os.environ.get(_ENV["max_queued_bodies"]) or DEFAULT_MAX_QUEUED_BODIES),
+    )
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store-conn-id",
+        default=None,
+        help="Airflow connection of the status store (preferred: no password in the process list)",
+    )
+    parser.add_argument("--store-url", default=None, help=f"SQLAlchemy URL; prefer --store-conn-id or ${STORE_URL_ENV}")
+
+
+def serve(argv: list[str] | None = None) -> None:
+    """Receive Pepipost delivery reports into the status store."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="pepipost-webhook", description=serve.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8481)
+    _store_options(parser)
+    parser.add_argument("--token", default=None, help=f"shared token; default ${TOKEN_ENV} (prefer the env var)")
+    parser.add_argument("--allow-ip", action="append", help="allowed source address or network (repeat)")
+    parser.add_argument(
+        "--trusted-proxy",
+        action="append",
+        help="address of a proxy whose X-Forwarded-For is believed (repeat); default none: the TCP peer counts",
+    )
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--head-timeout", type=float, default=DEFAULT_HEAD_TIMEOUT, help="seconds for request headers")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT, help="seconds for a request body")
+    parser.add_argument("--keep-alive", type=float, default=DEFAULT_KEEP_ALIVE, help="idle seconds between requests")
+    parser.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=DEFAULT_LIMIT_CONCURRENCY,
+        help="connections per worker beyond which requests get 503",
+    )
+    parser.add_argument("--max-queued-bodies", type=int, default=DEFAULT_MAX_QUEUED_BODIES)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s webhook %(levelname)s %(message)s")
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        parser.error(f"a token is required: set {TOKEN_ENV} or pass --token")
+    os.environ[TOKEN_ENV] = token  # worker processes read it from here
+    if args.store_url:
+        os.environ[STORE_URL_ENV] = args.store_url
+    if args.store_conn_id:
+        os.environ[STORE_CONN_ENV] = args.store_conn_id
+    if args.allow_ip:
+        os.environ[_ENV["allowed_ips"]] = ",".join(args.allow_ip)
+    os.environ[_ENV["max_body_bytes"]] = str(args.max_body_bytes)
+    os.environ[_ENV["body_timeout"]] = str(args.body_timeout)
+    os.environ[_ENV["max_queued_bodies"]] = str(args.max_queued_bodies)
+    os.environ[HEAD_TIMEOUT_ENV] = str(args.head_timeout)
+    url = store_url(args.store_url, args.store_conn_id)
+    log.info("Pepipost webhook receiver on http://%s:%s/pepipost/webhook, store %s", args.host, args.port,
+             redact_url(url))  # fmt: skip
+    trusted = [address.strip() for address in args.trusted_proxy or [] if address.strip()]
+    uvicorn.run(
+        "airflow_provider_pepipost.webhook.cli:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        access_log=False,
+        log_level="warning",
+        http="airflow_provider_pepipost.webhook.server:GuardedHttpProtocol",
+        # Uvicorn believes X-Forwarded-For from 127.0.0.1 by default, which lets any local client
+        # pass --allow-ip. Forwarded headers count only from the proxies named here.
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=",".join(trusted) if trusted else None,
+        timeout_keep_alive=args.keep_alive,
+        limit_concurrency=args.limit_concurrency,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+
+
+def import_file(argv: list[str]) -> None:
+    """Load delivery reports from a JSON Lines file through the receiver's validation into the store."""
+    from airflow_provider_pepipost.status.store import StatusStore
+    from airflow_provider_pepipost.webhook.importer import import_reports
+
+    parser = argparse.ArgumentParser(prog="pepipost-webhook import", description=import_file.__doc__)
+    parser.add_argument("file", help="a report object (delivery_status[] item) or a whole body per line; - for stdin")
+    _store_options(parser)
+    args = parser.parse_args(argv)
+    store = StatusStore(store_url(args.store_url, args.store_conn_id))
+    if args.file == "-":
+        totals = import_reports(sys.stdin, store)
+    else:
+        with open(args.file, encoding="utf-8", errors="surrogateescape") as lines:
+            totals = import_reports(lines, store)
+    print(json.dumps(totals))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``pepipost-webhook [options]`` serves; ``pepipost-webhook import FILE`` loads reports from a file."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["import"]:
+        import_file(argv[1:])
+    else:
+        serve(argv)

@@ -1,0 +1,79 @@
+"""Load delivery reports from a JSON Lines file into the store, through the receiver's own checks.
+
+For reports the receiver never got (it was down longer than the vendor retries): exported from the
+vendor's dashboard, or kept by a proxy in front of the receiver. Each line is one report object
+(a ``delivery_status[]`` item) or one whole webhook body. Reports already stored count as
+duplicates, so a file can be loaded twice; lines that cannot be used become dead letters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.webhook.payload import ParsedBatch, body_key, letter, parse_body
+
+LINES_PER_TRANSACTION = 500
+
+
+def _parse_line(line: str, number: int) -> tuple[str, Any]:
+    """("item", report), ("body", whole body) or ("bad", reason)."""
+    try:
+        value = json.loads(line)
+    except (ValueError, RecursionError) as err:
+        return "bad", f"line {number}: not JSON: {str(err)[:200]}"
+    if isinstance(value, dict) and ("delivery_status" in value or "incoming_message" in value):
+        return "body", value
+    return "item", value
+
+
+def import_reports(lines: Iterable[str], store: StatusStore) -> dict[str, int]:
+    """Store every report of ``lines``; returns the counts (accepted, duplicates, rejected, ...)."""
+    totals = {"lines": 0, "accepted": 0, "duplicates": 0, "rejected": 0, "inbound": 0, "reconciled": 0}
+    items: list[Any] = []
+    first_line = 0
+
+    def flush(batch: ParsedBatch) -> None:
+        result = store.ingest(batch.events, batch.rejected, batch.inbound)
+        for name, value in result.to_dict().items():
+            totals[name] += value
+        totals["rejected"] += batch.rejected_items - len(batch.rejected)
+
+    def flush_items() -> None:
+        if items:
+            key = body_key(json.dumps(items, ensure_ascii=True, default=str))
+            batch = parse_body({"delivery_status": items}, key)
+            # Name the lines, not the places in this chunk, in the dead letters' reasons.
+            batch.rejected = [(_renumber(reason, first_line), raw, k) for reason, raw, k in batch.rejected]
+            flush(batch)
+            items.clear()
+
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        totals["lines"] += 1
+        kind, value = _parse_line(line, number)
+        if kind == "item":
+            if not items:
+                first_line = number
+            items.append(value)
+            if len(items) >= LINES_PER_TRANSACTION:
+                flush_items()
+            continue
+        flush_items()  # keep the file's order: earlier reports first
+        if kind == "body":
+            flush(parse_body(value, body_key(line)))
+        else:
+            flush(ParsedBatch(rejected=[letter(value, line, body_key(line), "line")], rejected_items=1))
+    flush_items()
+    return totals
+
+
+def _renumber(reason: str, first_line: int) -> str:
+    """'delivery_status[3]: ...' of a chunk starting at line 10 -> 'line 13: ...' (blank lines aside)."""
+    head, sep, rest = reason.partition("]: ")
+    if sep and head.startswith("delivery_status[") and head[16:].isdigit():
+        return f"line {first_line + int(head[16:])}{sep[1:]}{rest}"
+    return reason
