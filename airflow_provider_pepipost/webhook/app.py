@@ -28,7 +28,7 @@ from airflow_provider_pepipost.webhook.batching import (
     IngestQueue,
     QueueFull,
 )
-from airflow_provider_pepipost.webhook.logs import RefusalLog, capped, redact_access_logs
+from airflow_provider_pepipost.webhook.logs import RefusalLog, capped, describe_error, redact_access_logs
 from airflow_provider_pepipost.webhook.payload import MAX_RAW_CHARS, ParsedBatch, body_key, letter, parse_body
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,9 @@ def create_app(
             result = await ingest_queue.ingest((batch.events, batch.rejected, batch.inbound))
         except Exception as err:
             # Not stored, so not acknowledged: the vendor should send it again.
-            log.error("Pepipost webhook: could not store a body of %d events: %s", len(batch.events), capped(err))
+            log.error(
+                "Pepipost webhook: could not store a body of %d events: %s", len(batch.events), describe_error(err)
+            )
             return JSONResponse({"detail": "could not store the batch; send it again"}, status_code=503)
         if unreadable:
             log.warning("Pepipost webhook: body refused and kept as a dead letter: %s", capped(unreadable))

@@ -18,6 +18,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 
 from airflow_provider_pepipost.status.store import IngestResult, StatusStore, WebhookBatch
+from airflow_provider_pepipost.webhook.logs import describe_error
 from airflow_provider_pepipost.webhook.payload import DeadLetter, letter
 
 MAX_BATCHES_PER_COMMIT = 64
@@ -155,7 +156,7 @@ def _halve(
         if len(items) == 1:
             item = items[0]
             raw = item.get("raw", "") if isinstance(item, dict) else getattr(item, "raw", "")
-            refused.append(letter(f"the store refused this item: {type(err).__name__}: {str(err)[:300]}", raw))
+            refused.append(letter(f"the store refused this item: {describe_error(err)}", raw))
             return
         middle = len(items) // 2
         _halve(store, items[:middle], as_batch, total, refused)

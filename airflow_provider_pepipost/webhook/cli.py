@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from airflow_provider_pepipost.status.store import redact_url
 from airflow_provider_pepipost.webhook.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, TOKEN_ENV, create_app
 from airflow_provider_pepipost.webhook.batching import DEFAULT_MAX_QUEUED_BODIES
-from airflow_provider_pepipost.webhook.server import DEFAULT_HEAD_TIMEOUT, HEAD_TIMEOUT_ENV
+from airflow_provider_pepipost.webhook.server import DEFAULT_HEAD_TIMEOUT, HEAD_TIMEOUT_ENV, GuardedHttpProtocol
 
 log = logging.getLogger("airflow_provider_pepipost.webhook")
 
@@ -112,7 +112,8 @@ def serve(argv: list[str] | None = None) -> None:
     os.environ[_ENV["max_body_bytes"]] = str(args.max_body_bytes)
     os.environ[_ENV["body_timeout"]] = str(args.body_timeout)
     os.environ[_ENV["max_queued_bodies"]] = str(args.max_queued_bodies)
-    os.environ[HEAD_TIMEOUT_ENV] = str(args.head_timeout)
+    os.environ[HEAD_TIMEOUT_ENV] = str(args.head_timeout)  # for worker processes, which import anew
+    GuardedHttpProtocol.head_timeout = args.head_timeout  # for this one, which has imported it already
     url = store_url(args.store_url, args.store_conn_id)
     log.info("Pepipost webhook receiver on http://%s:%s/pepipost/webhook, store %s", args.host, args.port,
              redact_url(url))  # fmt: skip
@@ -125,7 +126,9 @@ def serve(argv: list[str] | None = None) -> None:
         workers=args.workers,
         access_log=False,
         log_level="warning",
-        http="airflow_provider_pepipost.webhook.server:GuardedHttpProtocol",
+        http=GuardedHttpProtocol
+        if args.workers == 1
+        else "airflow_provider_pepipost.webhook.server:GuardedHttpProtocol",
         # Uvicorn believes X-Forwarded-For from 127.0.0.1 by default, which lets any local client
         # pass --allow-ip. Forwarded headers count only from the proxies named here.
         proxy_headers=bool(trusted),

@@ -33,7 +33,7 @@ def import_reports(lines: Iterable[str], store: StatusStore) -> dict[str, int]:
     """Store every report of ``lines``; returns the counts (accepted, duplicates, rejected, ...)."""
     totals = {"lines": 0, "accepted": 0, "duplicates": 0, "rejected": 0, "inbound": 0, "reconciled": 0}
     items: list[Any] = []
-    first_line = 0
+    numbers: list[int] = []  # the line of each item
 
     def flush(batch: ParsedBatch) -> None:
         result = store.ingest(batch.events, batch.rejected, batch.inbound)
@@ -46,9 +46,10 @@ def import_reports(lines: Iterable[str], store: StatusStore) -> dict[str, int]:
             key = body_key(json.dumps(items, ensure_ascii=True, default=str))
             batch = parse_body({"delivery_status": items}, key)
             # Name the lines, not the places in this chunk, in the dead letters' reasons.
-            batch.rejected = [(_renumber(reason, first_line), raw, k) for reason, raw, k in batch.rejected]
+            batch.rejected = [(_renumber(reason, numbers), raw, k) for reason, raw, k in batch.rejected]
             flush(batch)
             items.clear()
+            numbers.clear()
 
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -56,9 +57,8 @@ def import_reports(lines: Iterable[str], store: StatusStore) -> dict[str, int]:
         totals["lines"] += 1
         kind, value = _parse_line(line, number)
         if kind == "item":
-            if not items:
-                first_line = number
             items.append(value)
+            numbers.append(number)
             if len(items) >= LINES_PER_TRANSACTION:
                 flush_items()
             continue
@@ -71,9 +71,9 @@ def import_reports(lines: Iterable[str], store: StatusStore) -> dict[str, int]:
     return totals
 
 
-def _renumber(reason: str, first_line: int) -> str:
-    """'delivery_status[3]: ...' of a chunk starting at line 10 -> 'line 13: ...' (blank lines aside)."""
+def _renumber(reason: str, numbers: list[int]) -> str:
+    """'delivery_status[3]: ...' -> 'line 13: ...' when the chunk's fourth item came from line 13."""
     head, sep, rest = reason.partition("]: ")
     if sep and head.startswith("delivery_status[") and head[16:].isdigit():
-        return f"line {first_line + int(head[16:])}{sep[1:]}{rest}"
+        return f"line {numbers[int(head[16:])]}{sep[1:]}{rest}"
     return reason

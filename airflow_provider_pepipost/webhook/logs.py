@@ -52,6 +52,17 @@ def capped(text: object, limit: int = MAX_LOGGED_CHARS) -> str:
     return value if len(value) <= limit else value[:limit] + f"... ({len(value)} chars)"
 
 
+def describe_error(err: BaseException) -> str:
+    """A store error for a log line or a dead letter's reason: its kind and first line, no values.
+
+    The engine hides bound parameters, but PostgreSQL's own message adds a DETAIL line that can
+    quote the failing row (a phone number among it); only the first line is kept.
+    """
+    cause = getattr(err, "orig", None) or err
+    lines = str(cause).strip().splitlines()
+    return capped(f"{type(cause).__name__}: {lines[0] if lines else ''}", 200)
+
+
 class RefusalLog:
     """Counts refused requests by status, and logs them by source at most once per ``interval`` seconds."""
 
