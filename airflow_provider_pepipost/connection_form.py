@@ -17,16 +17,18 @@ DEFAULT_ENDPOINT = "/api/v2/message/"
 EXTRA_FIELDS: dict[str, tuple[str, str, Any, str]] = {
     "source": ("Source id", "string", None, "Default WhatsApp source id (from the vendor's source API)"),
     "endpoint": ("Send endpoint path", "string", DEFAULT_ENDPOINT, "Use /api/v2/message/nc on the Netcore host"),
-    "timeout": ("Read timeout (s)", "number", 30, "A send that times out is recorded as unknown, never resent"),
+    "timeout": ("Read timeout (s)", "number", 30, "No answer this long after sending: unknown, never resent"),
     "connect_timeout": ("Connect timeout (s)", "number", 10, "A connect failure is retried: nothing was sent"),
-    "max_retries": ("Retries of transient failures", "integer", 5, "429, 5xx, code 8005, refused connections"),
-    "backoff_max": ("Longest wait between retries (s)", "number", 60, "Retry-After is honoured up to 10x this"),
-    "status_store_url": (
-        "Status store URL",
-        "string",
-        None,
-        "SQLAlchemy URL of the delivery-status store; empty: $PEPIPOST_STATUS_STORE_URL or SQLite in AIRFLOW_HOME",
+    "deadline": ("Deadline per request (s)", "number", 60, "The whole answer must be in by then; past it: unknown"),
+    "max_answer_bytes": ("Largest answer (bytes)", "integer", 1048576, "A longer answer is cut off: unknown"),
+    "keepalive_idle_max": (
+        "Idle connection reuse (s)",
+        "number",
+        0.2,
+        "A pooled connection idle longer than this is not reused, so a server closing idle ones cannot race a send",
     ),
+    "max_retries": ("Retries of unprocessed sends", "integer", 5, "Not sent, failure bodies, 429, 503 + Retry-After"),
+    "backoff_max": ("Longest wait between retries (s)", "number", 60, "Retry-After is honoured up to 10x this"),
 }
 
 UI_FIELD_BEHAVIOUR: dict[str, Any] = {

@@ -36,14 +36,25 @@ ERROR_CODE_KINDS: dict[str, FailureKind] = {
 }
 
 
+# What to check when a failure stops the whole send, by vendor code or HTTP status.
+JOB_FAILURE_HINTS: dict[str, str] = {
+    "8004": "the API key was refused; check the connection's password.",
+    "401": "the API key was refused; check the connection's password.",
+    "403": "the API key may not use this endpoint or source; check the key and the source id.",
+    "8008": "the media could not be used; check the attachment id or URL.",
+    "404": "the endpoint was not found; check the connection's host and extra 'endpoint'.",
+    "405": "the endpoint does not take this request; check the connection's host and extra 'endpoint'.",
+}
+
+
 def kind_of_failure(code: str | None, http_status: int | None) -> FailureKind:
     """Classify a failed send by the vendor's error code first, then by the HTTP status."""
     if code is not None and code in ERROR_CODE_KINDS:
         return ERROR_CODE_KINDS[code]
     if http_status is not None:
-        if http_status == 429 or http_status >= 500:
+        if http_status in (408, 429) or http_status >= 500:
             return FailureKind.TRANSIENT
-        if http_status in (401, 403):
+        if http_status in (401, 403, 404, 405) or 300 <= http_status < 400:
             return FailureKind.JOB
     return FailureKind.MESSAGE
 
@@ -73,9 +84,8 @@ class PepipostApiError(PepipostError):
             parts.append(f"(HTTP {self.http_status})")
         text = " ".join(parts) + f": {self.message}"
         if self.kind is FailureKind.JOB:
-            text += (
-                ". This stops the whole send: check the connection's API key (password), "
-                "the source id and the attachment id."
+            text += ". This stops the whole send: " + JOB_FAILURE_HINTS.get(
+                self.code or str(self.http_status), "every further send would fail the same way."
             )
         return text
 
@@ -85,11 +95,24 @@ class PepipostApiError(PepipostError):
 
 
 class PepipostOutcomeUnknownError(PepipostError):
-    """The request went out but no answer came back (read timeout, connection dropped).
+    """The request went out, and the answer cannot tell whether the vendor processed it.
 
-    The vendor may have accepted the message, so it must not be sent again: the row is recorded
-    as unknown and reconciled from the delivery reports, which echo its x-apiheader.
+    A read timeout, a connection dropped after sending, a gateway's 5xx page, an answer over the
+    size or time limit: the vendor may have accepted the message, so it is not sent again. The row
+    is recorded as unknown and reconciled from the delivery reports, which echo its x-apiheader.
     """
+
+
+class PepipostNotSentError(PepipostError):
+    """The request could not reach the vendor (DNS, refused connection, TLS, proxy): nothing was sent.
+
+    ``retryable`` is False where trying again later cannot help (a TLS or certificate problem is
+    the connection's configuration, not the network's mood).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        self.retryable = retryable
+        super().__init__(message)
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,20 @@ class MediaMessage:
     api_header: str | None = None
 
     @property
-    def attachment(self) -> str:
-        """The attachment's identity: its media id, or its URL."""
-        return self.attachment_id or self.attachment_url or ""
+    def recipient(self) -> str:
+        return self.recipient_whatsapp
+
+    def identity(self) -> str:
+        """Everything the recipient would see, as one string for the idempotency key."""
+        parts = (
+            self.recipient_type,
+            self.source,
+            self.attachment_id or "",
+            self.attachment_url or "",
+            self.attachment_type or "",
+            "" if self.caption is None else "c:" + self.caption,
+        )
+        return "\x1f".join(parts)
 
     def to_payload(self) -> dict[str, Any]:
         """One element of the request's ``message`` list, field for field as the vendor page shows."""
@@ -115,13 +126,20 @@ def normalize_phone(value: Any) -> str:
     return text
 
 
-def idempotency_key(dag_id: str, run_id: str, task_id: str, map_index: int, recipient: str, attachment: str) -> str:
-    """The stable identity of one message of one task instance.
+def default_campaign_key(dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
+    """The campaign a send task belongs to unless the user names one: its task instance."""
+    return f"{dag_id}/{run_id}/{task_id}/{map_index}"
 
-    The same inputs give the same key in every try of the task, so a retry finds what the
-    earlier try sent. It is also the default ``x-apiheader``, which delivery reports echo.
+
+def idempotency_key(campaign: str, recipient: str, content: str) -> str:
+    """The stable identity of one message of one campaign.
+
+    ``content`` is everything the recipient would see (``MediaMessage.identity()``): two rows that
+    differ in any of it are two messages. The same inputs give the same key in every try, so a
+    retry finds what the earlier try sent. It is also the default ``x-apiheader``, which delivery
+    reports echo.
     """
-    raw = "\x1f".join((dag_id, run_id, task_id, str(map_index), recipient, attachment))
+    raw = "\x1f".join((campaign, recipient, content))
     return "af-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 

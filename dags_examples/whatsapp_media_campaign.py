@@ -23,7 +23,7 @@ from airflow_provider_pepipost.sensors.whatsapp import WhatsAppMessageStatusSens
     params={"audience_size": 40, "attachment_id": "demo-invoice-pdf", "settle_seconds": 5},
 )
 def whatsapp_media_campaign():
-    @task
+    @task(show_return_value_in_logs=False)  # phone numbers stay out of the task log
     def build_audience(params=None) -> list[dict]:
         """In production: a query against the CRM. Here: synthetic customers."""
         return [
@@ -38,7 +38,8 @@ def whatsapp_media_campaign():
     send = SendWhatsAppMediaOperator(
         task_id="send_invoices",
         recipients=build_audience(),
-        caption="Hi {name}, here is your invoice for {{ ds }}.",
+        # A run triggered by hand has no logical date ({{ ds }} is undefined there); run_after always exists.
+        caption="Hi {name}, here is your invoice of {{ dag_run.run_after | ds }}.",
         max_workers=8,
         max_rejected_ratio=0.05,
         retries=2,
@@ -57,10 +58,9 @@ def whatsapp_media_campaign():
     @task
     def report(message_ids: list, sensor_summary: dict, params=None) -> dict:
         """Print the delivery funnel, once late reports have settled."""
-        from airflow_provider_pepipost.hooks.pepipost import PepipostHook
-        from airflow_provider_pepipost.status.store import parse_message_targets
+        from airflow_provider_pepipost.status.store import StatusStore, parse_message_targets
 
-        store = PepipostHook().get_status_store()
+        store = StatusStore()  # the store every part resolves: [pepipost] status_store_conn_id, or the default
         targets = parse_message_targets(message_ids)
         deadline = time.monotonic() + float(params["settle_seconds"])
         funnel = store.summarize(targets).funnel()

@@ -17,7 +17,7 @@ from airflow_provider_pepipost.sensors.whatsapp import WhatsAppMessageStatusSens
     params={"segments": 3, "per_segment": 10},
 )
 def whatsapp_media_campaign_mapped():
-    @task
+    @task(show_return_value_in_logs=False)  # phone numbers stay out of the task log
     def build_segments(params=None) -> list[list[dict]]:
         return [
             [
@@ -32,6 +32,7 @@ def whatsapp_media_campaign_mapped():
         attachment_id="demo-brochure-pdf",
         caption="Your {segment} brochure",
         max_workers=4,
+        max_rejected_ratio=0.05,  # a real audience holds a few numbers that are not on WhatsApp
     ).expand(recipients=build_segments())
 
     WhatsAppMessageStatusSensor(

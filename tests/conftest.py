@@ -19,6 +19,7 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(_AIRFLOW_HOME / "dags")
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ.pop("PEPIPOST_STATUS_STORE_URL", None)
 os.environ.pop("AIRFLOW_CONN_PEPIPOST_DEFAULT", None)
+os.environ.pop("AIRFLOW__PEPIPOST__STATUS_STORE_CONN_ID", None)
 
 import pytest  # noqa: E402
 
@@ -123,18 +124,54 @@ def sandbox():
         yield server
 
 
+STORE_CONN_ID = "pepipost_status_store"
+
+
 def connection_json(base_url: str, store_url: str | None = None, **extra: object) -> str:
+    """The ``pepipost_default`` connection as JSON; the store goes in ``store_env``, not in here."""
     extras = {"source": DEFAULT_SOURCE, "max_retries": 3, "backoff_max": 0.2, **extra}
-    if store_url:
-        extras["status_store_url"] = store_url
     return json.dumps({"conn_type": "pepipost", "host": base_url, "password": DEFAULT_API_KEY, "extra": extras})
+
+
+def store_connection_json(store_url: str) -> str:
+    """A SQLAlchemy URL as the Airflow connection (postgres or sqlite type) a user would make."""
+    import sqlalchemy
+
+    url = sqlalchemy.engine.make_url(store_url)
+    if url.get_backend_name() == "sqlite":
+        return json.dumps({"conn_type": "sqlite", "host": url.database})
+    fields = {"host": url.host, "port": url.port, "login": url.username, "password": url.password}
+    return json.dumps({"conn_type": "postgres", "schema": url.database, **{k: v for k, v in fields.items() if v}})
+
+
+def store_env(store_url: str) -> dict[str, str]:
+    """Environment that makes every part resolve ``store_url`` through an Airflow connection."""
+    return {
+        f"AIRFLOW_CONN_{STORE_CONN_ID.upper()}": store_connection_json(store_url),
+        "AIRFLOW__PEPIPOST__STATUS_STORE_CONN_ID": STORE_CONN_ID,
+    }
 
 
 @pytest.fixture
 def pepipost_conn(monkeypatch: pytest.MonkeyPatch):
-    """Point ``pepipost_default`` at a server: ``pepipost_conn(url, store_url=..., **extras)``."""
+    """Point ``pepipost_default`` at a server and the store resolver at a store:
+    ``pepipost_conn(url, store_url=..., **extras)``."""
 
     def point(base_url: str, store_url: str | None = None, **extra: object) -> None:
-        monkeypatch.setenv("AIRFLOW_CONN_PEPIPOST_DEFAULT", connection_json(base_url, store_url, **extra))
+        monkeypatch.setenv("AIRFLOW_CONN_PEPIPOST_DEFAULT", connection_json(base_url, **extra))
+        if store_url:
+            for name, value in store_env(store_url).items():
+                monkeypatch.setenv(name, value)
+
+    return point
+
+
+@pytest.fixture
+def use_store(monkeypatch: pytest.MonkeyPatch):
+    """``use_store(url)`` makes ``url`` the store of the connection it returns the id of."""
+
+    def point(store_url: str) -> str:
+        monkeypatch.setenv(f"AIRFLOW_CONN_{STORE_CONN_ID.upper()}", store_connection_json(store_url))
+        return STORE_CONN_ID
 
     return point

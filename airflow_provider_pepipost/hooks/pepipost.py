@@ -5,16 +5,19 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import socket
+import ssl
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import requests
 from airflow.sdk import BaseHook
-from requests.adapters import HTTPAdapter
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
 
 from airflow_provider_pepipost.connection_form import (
     CONN_TYPE,
@@ -28,10 +31,11 @@ from airflow_provider_pepipost.errors import (
     FailureKind,
     PepipostApiError,
     PepipostConfigError,
+    PepipostNotSentError,
     PepipostOutcomeUnknownError,
 )
+from airflow_provider_pepipost.hooks.transport import TrackingAdapter, begin_request, end_request
 from airflow_provider_pepipost.messages import MediaMessage, request_body
-from airflow_provider_pepipost.status.store import StatusStore
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,9 @@ class PepipostSettings:
     connect_timeout: float
     max_retries: int
     backoff_max: float
-    status_store_url: str | None
+    deadline: float
+    max_answer_bytes: int
+    keepalive_idle_max: float
 
     @property
     def send_url(self) -> str:
@@ -69,10 +75,6 @@ class PepipostSettings:
 
     def __repr__(self) -> str:  # the dataclass repr would print the key
         return f"PepipostSettings(base_url={self.base_url!r}, source={self.source!r}, endpoint={self.endpoint!r})"
-
-
-class _NotSentError(Exception):
-    """The connection failed before the request went out: safe to try again."""
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -134,6 +136,13 @@ class PepipostHook(BaseHook):
     def settings(self) -> PepipostSettings:
         conn = self.get_connection(self.pepipost_conn_id)
         extra = conn.extra_dejson
+        if extra.get("status_store_url"):
+            # A URL in an extra comes back in plain text from Airflow's API, password included.
+            raise PepipostConfigError(
+                f"connection '{self.pepipost_conn_id}': extra 'status_store_url' is no longer read. Put the store "
+                "in an Airflow connection of type postgres or sqlite and name it with the operator's and sensor's "
+                "status_store_conn_id, or [pepipost] status_store_conn_id for all of them"
+            )
         api_key = (conn.password or "").strip()
         if not api_key:
             raise PepipostConfigError(
@@ -165,7 +174,9 @@ class PepipostHook(BaseHook):
             connect_timeout=number("connect_timeout", float),
             max_retries=number("max_retries", int),
             backoff_max=number("backoff_max", float),
-            status_store_url=extra.get("status_store_url") or None,
+            deadline=number("deadline", float),
+            max_answer_bytes=number("max_answer_bytes", int),
+            keepalive_idle_max=number("keepalive_idle_max", float),
         )
 
     @staticmethod
@@ -183,7 +194,12 @@ class PepipostHook(BaseHook):
     def session(self) -> requests.Session:
         """One pooled session per hook; retries are ours (below), so the adapter makes none."""
         session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(1, self.pool_size), max_retries=0)
+        adapter = TrackingAdapter(
+            idle_max=self.settings.keepalive_idle_max,
+            pool_connections=1,
+            pool_maxsize=max(1, self.pool_size),
+            max_retries=0,
+        )
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.headers.update(
@@ -196,115 +212,187 @@ class PepipostHook(BaseHook):
         )
         return session
 
+    def get_conn(self) -> requests.Session:
+        """The pooled session, as Airflow's HTTP hooks give it."""
+        return self.session
+
     @cached_property
-    def _send_request(self) -> tuple[requests.PreparedRequest, dict[str, Any]]:
-        """The send request prepared once, and the session's proxy/TLS settings merged once.
+    def _retry_log(self) -> RetryLog:
+        return RetryLog(log)
+
+    def _prepared(self, path: str) -> tuple[requests.PreparedRequest, dict[str, Any]]:
+        """A POST to ``path`` prepared once, and the session's proxy/TLS settings merged once.
 
         Session.post re-merges headers, cookies and environment settings on every call; for a
         campaign that is most of the client's CPU (bench/: 650 us a call, 375 us this way).
         """
-        url = self.settings.send_url
-        prepared = self.session.prepare_request(requests.Request("POST", url, data=b"{}"))
-        return prepared, self.session.merge_environment_settings(url, {}, None, None, None)
+        cache = self.__dict__.setdefault("_prepared_requests", {})
+        if path not in cache:
+            url = self.settings.base_url.rstrip("/") + "/" + path.lstrip("/")
+            prepared = self.session.prepare_request(requests.Request("POST", url, data=b"{}"))
+            cache[path] = (prepared, self.session.merge_environment_settings(url, {}, None, None, None))
+        return cache[path]
 
     def close(self) -> None:
         """Close the pooled connections; the next send opens new ones."""
-        self.__dict__.pop("_send_request", None)
+        self.__dict__.pop("_prepared_requests", None)
         session = self.__dict__.pop("session", None)
         if session is not None:
             session.close()
-
-    def get_status_store(self, url: str | None = None) -> StatusStore:
-        """The delivery-status store named by ``url``, the connection's extra, or the default."""
-        return StatusStore(url or self.settings.status_store_url)
+        if "_retry_log" in self.__dict__:
+            self._retry_log.flush()
 
     # -- sending --------------------------------------------------------------------------------
 
     def send_message(self, message: MediaMessage) -> str:
         """Send one media message; return its message id.
 
-        Retries transient failures with exponential backoff and jitter, honouring Retry-After.
-        Raises ``PepipostApiError`` when the vendor refuses it, and
-        ``PepipostOutcomeUnknownError`` when the request went out but no answer came back.
+        Retries what the vendor cannot have processed (see ``post_json``). Raises
+        ``PepipostApiError`` when the vendor refuses it, ``PepipostNotSentError`` when it could not
+        be reached, and ``PepipostOutcomeUnknownError`` when it may have been processed.
         """
         return self.post_message_body(request_body(message))
 
     def post_message_body(self, body: dict[str, Any]) -> str:
+        return message_id_of(self.post_json(self.settings.endpoint, body), self._redact)
+
+    def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` to ``path`` of the vendor's API; return the answer's JSON object.
+
+        The one request path of every endpoint: auth, retries, error mapping, masking, size and
+        time limits. Only what the vendor cannot have processed is retried, with exponential
+        backoff and jitter, honouring Retry-After: a failure before the request left, a failure
+        body, 429, 503 with Retry-After. The README's "Which answers are retried" table says why.
+        """
         data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         retrying = Retrying(
             stop=stop_after_attempt(self.settings.max_retries + 1),
             wait=self._wait_before_retry,
-            retry=retry_if_exception(lambda err: isinstance(err, _NotSentError) or getattr(err, "is_transient", False)),
+            retry=retry_if_exception(_worth_retrying),
             before_sleep=self._log_retry,
             reraise=True,
         )
-        try:
-            return retrying(self._post_once, data)
-        except _NotSentError as err:
-            raise PepipostApiError(
-                None,
-                f"could not connect to {self.settings.base_url} after {self.settings.max_retries + 1} tries: {err}",
-                kind=FailureKind.JOB,
-            ) from None
+        return retrying(self._post_once, path, data)
 
-    def _post_once(self, data: bytes) -> str:
+    def _post_once(self, path: str, data: bytes) -> dict[str, Any]:
         settings = self.settings
-        template, environment = self._send_request
+        template, environment = self._prepared(path)
         request = template.copy()
         request.prepare_body(data, None)
+        progress = begin_request(settings.deadline)
         try:
-            response = self.session.send(
-                request, timeout=(settings.connect_timeout, settings.timeout), allow_redirects=False, **environment
-            )
-        except requests.exceptions.ConnectTimeout as err:
-            raise _NotSentError(f"connect timeout: {err}") from None
-        except requests.exceptions.ReadTimeout:
-            raise PepipostOutcomeUnknownError(
-                f"no answer within {settings.timeout}s after the request was sent; it may have been accepted"
-            ) from None
-        except requests.exceptions.ConnectionError as err:
-            if _failed_before_sending(err):
-                raise _NotSentError(f"connection failed: {_reason(err)}") from None
-            raise PepipostOutcomeUnknownError(
-                f"connection dropped after the request was sent ({_reason(err)}); it may have been accepted"
-            ) from None
-        return self._parse_send_response(response)
+            try:
+                response = self.session.send(
+                    request,
+                    timeout=(settings.connect_timeout, settings.timeout),
+                    allow_redirects=False,
+                    **{**environment, "stream": True},  # the body is read below, under the size cap
+                )
+                content = self._read_capped(response, progress)
+            except requests.exceptions.RequestException as err:
+                raise self._classify_exception(err, progress) from None
+        finally:
+            end_request(progress)
+        return self._parse_answer(response, content)
 
-    def _parse_send_response(self, response: requests.Response) -> str:
+    def _read_capped(self, response: requests.Response, progress: Any) -> bytes:
+        """The whole answer, or unknown past ``max_answer_bytes`` (the answer never ends, or is a flood)."""
+        limit = self.settings.max_answer_bytes
+        try:
+            declared = int(response.headers.get("Content-Length", "-1"))
+        except ValueError:
+            declared = -1
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            if declared > limit:
+                raise PepipostOutcomeUnknownError(
+                    f"the answer (HTTP {response.status_code}) declares {declared} bytes, over the "
+                    f"{limit}-byte limit; the message may have been accepted"
+                )
+            for chunk in response.raw.stream(16384, decode_content=True):
+                size += len(chunk)
+                if size > limit:
+                    raise PepipostOutcomeUnknownError(
+                        f"the answer (HTTP {response.status_code}) ran past the {limit}-byte limit; "
+                        "the message may have been accepted"
+                    )
+                chunks.append(chunk)
+        except PepipostOutcomeUnknownError:
+            response.close()  # the connection is not reused: its rest is unread
+            raise
+        except Exception as err:
+            response.close()
+            if progress.expired:
+                raise self._past_deadline(response.status_code) from None
+            raise PepipostOutcomeUnknownError(
+                f"the answer (HTTP {response.status_code}) broke off ({type(err).__name__}); "
+                "the message may have been accepted"
+            ) from None
+        return b"".join(chunks)
+
+    def _past_deadline(self, status: int | None = None) -> PepipostOutcomeUnknownError:
+        answer = f"the answer (HTTP {status})" if status else "no answer"
+        return PepipostOutcomeUnknownError(
+            f"{answer} was not complete within the {self.settings.deadline:g}s deadline (extra 'deadline'); "
+            "the message may have been accepted"
+        )
+
+    def _classify_exception(self, err: requests.exceptions.RequestException, progress: Any) -> Exception:
+        """Not sent (retry) when the request never fully left; unknown (never resend) when it did."""
+        if not progress.sent:
+            return describe_not_sent(err, self.settings)
+        if progress.expired:
+            return self._past_deadline()
+        if isinstance(err, requests.exceptions.ReadTimeout):
+            return PepipostOutcomeUnknownError(
+                f"no answer within {self.settings.timeout:g}s after the request was sent; it may have been accepted"
+            )
+        return PepipostOutcomeUnknownError(
+            f"the connection dropped after the request was sent ({_reason(err)}); it may have been accepted"
+        )
+
+    def _parse_answer(self, response: requests.Response, content: bytes) -> dict[str, Any]:
+        """The vendor's JSON answer; failures mapped by what they say about the request's fate."""
+        status = response.status_code
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         try:
-            body = response.json()
+            body = json.loads(content) if content else None
         except ValueError:
             body = None
-        if isinstance(body, dict) and body.get("status") == "success":
-            message_id = (body.get("data") or {}).get("id") if isinstance(body.get("data"), dict) else None
-            if isinstance(message_id, str) and message_id:
-                return message_id
-            raise PepipostOutcomeUnknownError(f"the API said success but gave no data.id: {self._excerpt(response)}")
         if isinstance(body, dict) and body.get("status") == "failure":
+            # The vendor's own refusal: it did not process the request.
             error = body.get("error") if isinstance(body.get("error"), dict) else {}
             code = error.get("code")
             raise PepipostApiError(
                 str(code) if code is not None else None,
-                self._redact(str(error.get("message") or "no error message").strip()),
-                http_status=response.status_code,
+                self._redact(str(error.get("message") or "no error message").strip())[:EXCERPT_CHARS],
+                http_status=status,
                 retry_after=retry_after,
             )
-        if 200 <= response.status_code < 300:
-            # Not the documented shape, yet a 2xx: the vendor may have taken the message.
+        if isinstance(body, dict) and 200 <= status < 300:
+            return body
+        excerpt = self._excerpt(content)
+        if status == 429 or (status == 503 and retry_after is not None):
+            # Throttled or shedding load: the request was turned away before any work.
+            raise PepipostApiError(None, f"busy: {excerpt}", http_status=status, retry_after=retry_after)
+        if status >= 500 or 200 <= status < 300:
+            # A gateway's page, or a 2xx that is not the vendor's: it may have passed the request on.
             raise PepipostOutcomeUnknownError(
-                f"unexpected answer (HTTP {response.status_code}): {self._excerpt(response)}"
+                f"HTTP {status} without the vendor's answer ({excerpt}); the message may have been accepted"
             )
-        raise PepipostApiError(
-            None,
-            f"unexpected answer: {self._excerpt(response)}",
-            http_status=response.status_code,
-            retry_after=retry_after,
-        )
+        if 300 <= status < 400:
+            raise PepipostApiError(
+                None,
+                f"the endpoint redirects to {response.headers.get('Location', '?')!r}: set the connection's host "
+                "to the address it names",
+                http_status=status,
+            )
+        raise PepipostApiError(None, f"unexpected answer: {excerpt}", http_status=status, retry_after=retry_after)
 
     def _wait_before_retry(self, retry_state: Any) -> float:
         err = retry_state.outcome.exception() if retry_state.outcome else None
-        backoff = wait_exponential_jitter(initial=0.5, max=self.settings.backoff_max)(retry_state)
+        backoff = wait_exponential_jitter(multiplier=0.5, max=self.settings.backoff_max)(retry_state)
         retry_after = getattr(err, "retry_after", None)
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.settings.backoff_max * RETRY_AFTER_CEILING_FACTOR)
@@ -312,16 +400,11 @@ class PepipostHook(BaseHook):
 
     def _log_retry(self, retry_state: Any) -> None:
         err = retry_state.outcome.exception() if retry_state.outcome else None
-        log.warning(
-            "Pepipost send try %d failed (%s); retrying in %.1fs",
-            retry_state.attempt_number,
-            err,
-            retry_state.upcoming_sleep,
-        )
+        self._retry_log.add(retry_cause(err), retry_state.upcoming_sleep)
 
-    def _excerpt(self, response: requests.Response) -> str:
-        text = response.text[:EXCERPT_CHARS]
-        return repr(self._redact(text)) + (" ..." if len(response.text) > EXCERPT_CHARS else "")
+    def _excerpt(self, content: bytes) -> str:
+        text = content[: EXCERPT_CHARS * 4].decode("utf-8", "replace")
+        return repr(self._redact(text)[:EXCERPT_CHARS]) + (" ..." if len(content) > EXCERPT_CHARS else "")
 
     def _redact(self, text: str) -> str:
         key = self.settings.api_key
@@ -338,28 +421,131 @@ class PepipostHook(BaseHook):
         probe = {"message": [{"message_type": "media"}]}
         data = json.dumps(probe).encode()
         try:
-            message_id = self._post_once(data)
+            answer = self._post_once(self.settings.endpoint, data)
         except PepipostApiError as err:
             if err.code in ("8001", "8006"):
                 return True, f"Reached {self.settings.base_url}; the API key was accepted"
             if err.kind is FailureKind.JOB:
-                return False, f"The API key was refused: {err}"
+                return False, str(err)
             return False, str(err)
-        except (_NotSentError, PepipostOutcomeUnknownError) as err:
+        except (PepipostNotSentError, PepipostOutcomeUnknownError) as err:
             return False, f"Could not reach {self.settings.base_url}: {err}"
         except Exception as err:
             return False, f"{type(err).__name__}: {self._redact(str(err))}"
-        return False, f"The API accepted an empty probe (id {message_id}): is the base URL right?"
+        return False, f"The API accepted an empty probe ({self._redact(str(answer))[:100]}): is the base URL right?"
 
 
-def _reason(err: requests.exceptions.ConnectionError) -> str:
+def message_id_of(answer: dict[str, Any], redact: Any = str) -> str:
+    """The message id of a send's success answer, or unknown when the answer does not give one."""
+    data = answer.get("data")
+    message_id = data.get("id") if isinstance(data, dict) else None
+    if answer.get("status") == "success" and isinstance(message_id, str) and message_id:
+        return message_id
+    raise PepipostOutcomeUnknownError(
+        f"the answer is not the vendor's success shape: {redact(repr(answer))[:EXCERPT_CHARS]}"
+    )
+
+
+def _worth_retrying(err: BaseException) -> bool:
+    if isinstance(err, PepipostNotSentError):
+        return err.retryable
+    return getattr(err, "is_transient", False)
+
+
+def retry_cause(err: BaseException | None) -> str:
+    """A short name for why a send is retried, for the summarised retry log."""
+    if isinstance(err, PepipostApiError):
+        if err.code:
+            return f"vendor code {err.code}"
+        return "HTTP 429 (rate limited)" if err.http_status == 429 else f"HTTP {err.http_status}"
+    if isinstance(err, PepipostNotSentError):
+        return "could not connect"
+    return type(err).__name__
+
+
+class RetryLog:
+    """Retries summarised: the first one at once, then one line per interval with the counts by cause."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._longest_wait = 0.0
+        self._last = float("-inf")
+
+    def add(self, cause: str, wait: float) -> None:
+        with self._lock:
+            self._counts[cause] += 1
+            self._longest_wait = max(self._longest_wait, wait)
+            if time.monotonic() - self._last >= self.interval:
+                self._emit()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._counts:
+                self._emit()
+
+    def _emit(self) -> None:
+        causes = ", ".join(f"{cause} x{count}" for cause, count in self._counts.most_common())
+        self.logger.warning(
+            "Retrying %d send(s) that the vendor did not process (%s); waits up to %.1fs",
+            sum(self._counts.values()), causes, self._longest_wait,
+        )  # fmt: skip
+        self._counts.clear()
+        self._longest_wait = 0.0
+        self._last = time.monotonic()
+
+
+def _reason(err: BaseException) -> str:
     inner = err.args[0] if err.args else err
     reason = getattr(inner, "reason", inner)
-    return type(reason).__name__ + (f": {reason}" if str(reason) else "")
+    return type(reason).__name__ + (f": {str(reason)[:EXCERPT_CHARS]}" if str(reason) else "")
 
 
-def _failed_before_sending(err: requests.exceptions.ConnectionError) -> bool:
-    """True when the connection could not be opened, so the vendor never saw the request."""
-    inner = err.args[0] if err.args else None
-    reason = getattr(inner, "reason", inner)
-    return isinstance(reason, (NewConnectionError, ConnectTimeoutError, NameResolutionError))
+def _innermost(err: BaseException) -> BaseException:
+    """The root cause under requests' and urllib3's wrappers."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = err.args[0] if err.args and isinstance(err.args[0], BaseException) else None
+        inner = getattr(err, "reason", None) if isinstance(getattr(err, "reason", None), BaseException) else inner
+        inner = inner or err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    return err
+
+
+def describe_not_sent(err: requests.exceptions.RequestException, settings: PepipostSettings) -> PepipostNotSentError:
+    """Why the request could not reach the vendor, in a user's words, and whether trying again can help."""
+    base = settings.base_url
+    root = _innermost(err)
+    detail = f"{type(root).__name__}: {str(root)[:EXCERPT_CHARS]}"
+    if isinstance(err, requests.exceptions.SSLError) or isinstance(root, ssl.SSLError):
+        if isinstance(root, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(err):
+            return PepipostNotSentError(
+                f"the TLS certificate of {base} could not be verified ({detail}); check the host name, or point "
+                "REQUESTS_CA_BUNDLE at your CA bundle",
+                retryable=False,
+            )
+        hint = ""
+        if base.startswith("https://"):
+            hint = (
+                "; if the server speaks plain HTTP, check the scheme of the connection's host "
+                f"(http://{base[len('https://') :]})"
+            )
+        return PepipostNotSentError(f"the TLS handshake with {base} failed ({detail}){hint}", retryable=False)
+    if isinstance(err, requests.exceptions.ProxyError):
+        return PepipostNotSentError(
+            f"the proxy for {base} failed the connection ({detail}); check HTTPS_PROXY / HTTP_PROXY / NO_PROXY"
+        )
+    if isinstance(root, (NameResolutionError, socket.gaierror)):
+        return PepipostNotSentError(f"the host name of {base} could not be resolved ({detail}); check the host")
+    if isinstance(err, requests.exceptions.ConnectTimeout) or isinstance(root, ConnectTimeoutError):
+        return PepipostNotSentError(f"no connection to {base} within {settings.connect_timeout:g}s ({detail})")
+    if isinstance(root, ConnectionRefusedError):
+        return PepipostNotSentError(
+            f"{base} refused the connection ({detail}); is the service up, and are the host and port right?"
+        )
+    return PepipostNotSentError(f"could not send to {base} ({detail}); nothing was sent")

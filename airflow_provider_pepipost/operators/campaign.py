@@ -20,10 +20,11 @@ from airflow_provider_pepipost.errors import (
     FailureKind,
     PepipostApiError,
     PepipostError,
+    PepipostNotSentError,
     PepipostOutcomeUnknownError,
 )
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
-from airflow_provider_pepipost.messages import MediaMessage, idempotency_key
+from airflow_provider_pepipost.messages import MediaMessage, default_campaign_key, idempotency_key
 from airflow_provider_pepipost.status.ledger_writer import LedgerWriter
 from airflow_provider_pepipost.status.store import (
     RESENDABLE_STATES,
@@ -46,6 +47,7 @@ class RowOutcome:
     state: str  # accepted | rejected | unknown | duplicate | not_sent
     error_code: str | None = None
     error_message: str | None = None
+    reconciled: bool = False  # the id came from a delivery report, after an unknown outcome
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,8 +68,10 @@ class CampaignResult:
     reused: int = 0  # accepted by an earlier try, not sent again
     error_codes: Counter = field(default_factory=Counter)
     outcomes: list[RowOutcome] | None = None  # in input order, when kept
-    fatal: PepipostApiError | None = None
+    fatal: PepipostError | None = None  # stopped by an error no retry of the task can mend
+    stopped: PepipostError | None = None  # stopped by an error a later try may not meet
     stopped_reason: str | None = None
+    duplicate_rows: list[int] = field(default_factory=list)  # the first ones, for the log
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -109,6 +113,8 @@ class CampaignSender:
         task: TaskKey,
         *,
         total: int,
+        campaign_key: str | None = None,
+        resend_unknown: bool = False,
         max_workers: int = 16,
         max_rate: float | None = None,
         max_rejected_ratio: float = 0.0,
@@ -120,6 +126,8 @@ class CampaignSender:
         self.store = store
         self.task = task
         self.total = total
+        self.campaign_key = campaign_key or default_campaign_key(*task.instance)
+        self.resend_unknown = resend_unknown
         self.max_workers = max_workers
         self.limiter = RateLimiter(max_rate) if max_rate else None
         self.max_rejected = int(max_rejected_ratio * total + 1e-9)
@@ -132,7 +140,7 @@ class CampaignSender:
         self.result = CampaignResult(total=total, outcomes=[] if keep_outcomes else None)
 
     def run(self, messages: Iterable[tuple[int, MediaMessage]]) -> CampaignResult:
-        self.ledger = LedgerWriter(self.store, self.task)
+        self.ledger = LedgerWriter(self.store, self.task, resend_unknown=self.resend_unknown)
         try:
             return self._run(messages)
         finally:
@@ -141,7 +149,8 @@ class CampaignSender:
     def _run(self, messages: Iterable[tuple[int, MediaMessage]]) -> CampaignResult:
         earlier = self.store.open_ledger(self.task)
         if earlier:
-            self.log.info("Found %d rows recorded by an earlier try; they will not be sent again", len(earlier))
+            self._log_earlier_try(earlier)
+        resendable = (*RESENDABLE_STATES, "unknown") if self.resend_unknown else RESENDABLE_STATES
         started = time.monotonic()
         self._last_log = started
         # Claims are committed by this thread, a batch at a time, while the workers send the batch
@@ -156,7 +165,7 @@ class CampaignSender:
         with ThreadPoolExecutor(self.max_workers, thread_name_prefix="pepipost-send") as pool:
 
             def claim_and_submit() -> int:
-                claims = [Claim(key, msg.api_header or key, msg.recipient_whatsapp, row) for row, key, msg in batch]
+                claims = [Claim(key, msg.api_header or key, msg.recipient, row) for row, key, msg in batch]
                 granted = self.ledger.claim_many(claims)
                 for (row, key, message), ok in zip(batch, granted, strict=True):
                     if ok:
@@ -167,14 +176,11 @@ class CampaignSender:
                 return sum(granted)
 
             for row, message in messages:
-                key = idempotency_key(
-                    self.task.dag_id, self.task.run_id, self.task.task_id, self.task.map_index,
-                    message.recipient_whatsapp, message.attachment,
-                )  # fmt: skip
+                key = idempotency_key(self.campaign_key, message.recipient, message.identity())
                 if message.api_header is None:
                     message = dataclasses.replace(message, api_header=key)
                 entry = earlier.get(key)
-                if entry is not None and entry.state not in RESENDABLE_STATES:
+                if entry is not None and entry.state not in resendable:
                     self._record(self._from_ledger(row, message, entry), reused=True)
                 elif self._stop.is_set():
                     self._record(self._not_sent(row, message))
@@ -206,10 +212,9 @@ class CampaignSender:
     def _send_one(self, row: int, key: str, message: MediaMessage) -> RowOutcome:
         """Send one claimed message and record its outcome."""
         header = message.api_header or key  # always set by run(); kept total for direct callers
-        recipient = message.recipient_whatsapp
+        recipient = message.recipient
         if self._stop.is_set():
-            self.ledger.record(Outcome(key, "not_sent"))  # give the claim back: a later try sends it
-            return self._not_sent(row, message)
+            return self._give_back(row, key, message, None)
         if self.limiter:
             self.limiter.acquire()
         try:
@@ -217,11 +222,18 @@ class CampaignSender:
         except PepipostOutcomeUnknownError as err:
             self.ledger.record(Outcome(key, "unknown", error_message=str(err)))
             return RowOutcome(row, recipient, header, None, "unknown", error_message=str(err))
+        except PepipostNotSentError as err:
+            # It never reached the vendor, after the hook's retries: the network or the connection.
+            self._stop_campaign(err, fatal=not err.retryable)
+            return self._give_back(row, key, message, err)
         except PepipostApiError as err:
+            if err.kind is FailureKind.TRANSIENT:
+                # The vendor turned it away (throttled, busy) through every retry: not processed.
+                self._stop_campaign(err, fatal=False)
+                return self._give_back(row, key, message, err)
             self.ledger.record(Outcome(key, "rejected", error_code=err.code, error_message=err.message))
-            if err.kind is FailureKind.JOB or err.kind is FailureKind.TRANSIENT:
-                # A transient failure that outlived every retry stops the job like a fatal one.
-                self._stop_campaign(err)
+            if err.kind is FailureKind.JOB:
+                self._stop_campaign(err, fatal=True)
             return RowOutcome(row, recipient, header, None, "rejected", err.code, err.message)
         except BaseException:
             # Unexpected: the outcome of the request is not known, so it must not be resent.
@@ -230,21 +242,32 @@ class CampaignSender:
         self.ledger.record(Outcome(key, "accepted", message_id=message_id))
         return RowOutcome(row, recipient, header, message_id, "accepted")
 
-    @staticmethod
-    def _not_sent(row: int, message: MediaMessage) -> RowOutcome:
-        return RowOutcome(row, message.recipient_whatsapp, message.api_header or "", None, "not_sent")
+    def _give_back(self, row: int, key: str, message: MediaMessage, err: PepipostError | None) -> RowOutcome:
+        """A claimed row whose request never reached the vendor: a later try sends it."""
+        reason = str(err) if err is not None else "the campaign stopped before it was sent"
+        self.ledger.record(Outcome(key, "not_sent", error_message=reason))
+        return self._not_sent(row, message, reason)
 
     @staticmethod
-    def _duplicate(row: int, message: MediaMessage) -> RowOutcome:
+    def _not_sent(row: int, message: MediaMessage, reason: str | None = None) -> RowOutcome:
+        reason = reason or "the campaign stopped before it was sent"
+        return RowOutcome(row, message.recipient, message.api_header or "", None, "not_sent", error_message=reason)
+
+    def _duplicate(self, row: int, message: MediaMessage) -> RowOutcome:
+        if len(self.result.duplicate_rows) < 20:
+            self.result.duplicate_rows.append(row)
         return RowOutcome(
-            row, message.recipient_whatsapp, message.api_header or "", None, "duplicate",
-            error_message="same recipient and attachment as another row",
+            row, message.recipient, message.api_header or "", None, "duplicate",
+            error_message="the same recipient and content as an earlier row of this campaign",
         )  # fmt: skip
 
-    def _stop_campaign(self, err: PepipostApiError) -> None:
+    def _stop_campaign(self, err: PepipostError, *, fatal: bool) -> None:
         with self._lock:
-            if self.result.fatal is None:
-                self.result.fatal = err
+            if self.result.fatal is None and self.result.stopped is None:
+                if fatal:
+                    self.result.fatal = err
+                else:
+                    self.result.stopped = err
                 self.result.stopped_reason = str(err)
         self._stop.set()
 
@@ -267,8 +290,19 @@ class CampaignSender:
     @staticmethod
     def _from_ledger(row: int, message: MediaMessage, entry: LedgerEntry) -> RowOutcome:
         return RowOutcome(
-            row, message.recipient_whatsapp, entry.api_header, entry.message_id, entry.state,
-            entry.error_code, entry.error_message,
+            row, message.recipient, entry.api_header, entry.message_id, entry.state,
+            entry.error_code, entry.error_message, reconciled=entry.reconciled,
+        )  # fmt: skip
+
+    def _log_earlier_try(self, earlier: dict[str, LedgerEntry]) -> None:
+        states = Counter(entry.state for entry in earlier.values())
+        again = ("rejected", "not_sent", "unknown") if self.resend_unknown else ("rejected", "not_sent")
+        self.log.info(
+            "An earlier try of this task recorded %d rows (%s). Sent again now if still in the audience: %s; "
+            "never sent again: the rest%s",
+            len(earlier), ", ".join(f"{state} {n}" for state, n in sorted(states.items())),
+            " and ".join(again),
+            "" if self.resend_unknown else " (unknown outcomes are reconciled from delivery reports)",
         )  # fmt: skip
 
     def _log_progress_every_interval(self, started: float) -> None:
@@ -281,9 +315,10 @@ class CampaignSender:
         counts = self.result.counts
         done = sum(counts.values())
         self.log.info(
-            "Sent %d of %d (%.0f%%), %.1f msg/s; accepted %d, rejected %d, unknown %d, duplicate %d",
+            "Processed %d of %d rows (%.0f%%), %.1f rows/s: accepted %d, rejected %d, unknown %d, not sent %d, "
+            "duplicate %d",
             done, self.total, 100.0 * done / max(self.total, 1), done / elapsed,
-            counts["accepted"], counts["rejected"], counts["unknown"], counts["duplicate"],
+            counts["accepted"], counts["rejected"], counts["unknown"], counts["not_sent"], counts["duplicate"],
         )  # fmt: skip
 
 

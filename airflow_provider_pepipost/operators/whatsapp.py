@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.audience import Audience
 from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
+from airflow_provider_pepipost.errors import MessageValidationError, PepipostConfigError
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import MessageDefaults, iter_messages, validate_rows
-from airflow_provider_pepipost.operators.campaign import CampaignError, CampaignSender
-from airflow_provider_pepipost.status.store import TaskKey
+from airflow_provider_pepipost.operators.campaign import CampaignError, CampaignResult, CampaignSender, RowOutcome
+from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
+from airflow_provider_pepipost.status.store import StatusStore, TaskKey
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -45,15 +49,27 @@ class SendWhatsAppMediaOperator(BaseOperator):
     :param max_rate: at most this many messages per second; None for no limit.
     :param max_rejected_ratio: share of rows the vendor may reject (unknown number, not opted in,
         outside the 24 h window...) before the task fails; sending stops as soon as it is exceeded.
-    :param status_store_url: SQLAlchemy URL of the status store; default: the connection extra
-        ``status_store_url``, then ``$PEPIPOST_STATUS_STORE_URL``, then SQLite in AIRFLOW_HOME.
+    :param max_unknown_ratio: share of rows whose outcome may stay unknown (the request left, the
+        answer could not tell whether the vendor took it) before the task fails; a later try, once
+        delivery reports reconciled them, may pass.
+    :param campaign_key: names the campaign; every message's idempotency key and default
+        x-apiheader derive from it, the recipient and everything the recipient would see. Default:
+        the task instance (dag, run, task, map index), so that retries and clears never send the
+        same message twice. Give a new one to send the same content again on purpose. (templated)
+    :param resend_unknown: send again the rows an earlier try left unknown. Off by default: such a
+        row may have reached its recipient, who would then get the message twice.
+    :param status_store_conn_id: Airflow connection (postgres or sqlite) of the status store;
+        default ``[pepipost] status_store_conn_id``, then ``$PEPIPOST_STATUS_STORE_URL``, then SQLite
+        in AIRFLOW_HOME (see ``airflow_provider_pepipost.status.resolver``).
     :param xcom_ids_limit: above this many rows, return a ledger reference instead of the ids.
     :param progress_interval: seconds between progress lines in the task log.
 
-    Returns (XCom ``return_value``) the accepted message ids in input order, or a ledger
-    reference ``{"pepipost_ledger": {...}}`` above ``xcom_ids_limit``. Pushes XCom ``messages``
-    (one row per input row: recipient, x-apiheader, message id or null, state, error) when the ids
-    are listed, and ``send_summary`` (counts) always.
+    Returns (XCom ``return_value``) the accepted message ids in input order, followed, when some
+    outcomes are unknown, by a ledger reference to those rows
+    (``{"pepipost_ledger": {..., "outcome": "unknown"}}``) so that the sensor waits for them too;
+    above ``xcom_ids_limit`` rows, one ledger reference ``{"pepipost_ledger": {...}}`` to all of
+    them. Pushes XCom ``messages`` (one row per input row: recipient, x-apiheader, message id
+    or null, state, error) when the ids are listed, and ``send_summary`` (counts) always.
     """
 
     template_fields: Sequence[str] = (
@@ -64,6 +80,7 @@ class SendWhatsAppMediaOperator(BaseOperator):
         "caption",
         "source",
         "x_apiheader",
+        "campaign_key",
     )
     template_fields_renderers = {"recipients": "py", "caption": "txt"}
     ui_color = "#25d366"
@@ -83,7 +100,10 @@ class SendWhatsAppMediaOperator(BaseOperator):
         max_workers: int = 16,
         max_rate: float | None = None,
         max_rejected_ratio: float = 0.0,
-        status_store_url: str | None = None,
+        max_unknown_ratio: float = 0.1,
+        campaign_key: str | None = None,
+        resend_unknown: bool = False,
+        status_store_conn_id: str | None = None,
         xcom_ids_limit: int = DEFAULT_XCOM_IDS_LIMIT,
         progress_interval: float = 10.0,
         **kwargs: Any,
@@ -101,39 +121,49 @@ class SendWhatsAppMediaOperator(BaseOperator):
         self.max_workers = max_workers
         self.max_rate = max_rate
         self.max_rejected_ratio = max_rejected_ratio
-        self.status_store_url = status_store_url
+        self.max_unknown_ratio = max_unknown_ratio
+        self.campaign_key = campaign_key
+        self.resend_unknown = resend_unknown
+        self.status_store_conn_id = status_store_conn_id
         self.xcom_ids_limit = xcom_ids_limit
         self.progress_interval = progress_interval
 
-    def execute(self, context: Context) -> list[str] | dict[str, Any]:
+    def execute(self, context: Context) -> list[Any] | dict[str, Any]:
+        for name in ("max_rejected_ratio", "max_unknown_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise AirflowFailException(f"{name} must be between 0 and 1, not {getattr(self, name)!r}")
         if self.max_workers < 1:
-            raise ValueError("max_workers must be at least 1")
-        if not 0.0 <= self.max_rejected_ratio <= 1.0:
-            raise ValueError("max_rejected_ratio must be between 0 and 1")
+            raise AirflowFailException(f"max_workers must be at least 1, not {self.max_workers!r}")
         hook = PepipostHook(self.pepipost_conn_id, pool_size=self.max_workers)
         audience = Audience(self.recipients)
-        defaults = MessageDefaults(
-            source=self.source or hook.settings.source,
-            attachment_id=self.attachment_id or None,
-            attachment_url=self.attachment_url or None,
-            attachment_type=self.attachment_type or None,
-            caption=self.caption,
-            recipient_type=self.recipient_type,
-            x_apiheader=self.x_apiheader or None,
-        )
-        self.log.info("Validating recipients from %s", audience.source_description)
-        total = validate_rows(audience, defaults)
+        try:
+            defaults = MessageDefaults(
+                source=self.source or hook.settings.source,
+                attachment_id=self.attachment_id or None,
+                attachment_url=self.attachment_url or None,
+                attachment_type=self.attachment_type or None,
+                caption=self.caption,
+                recipient_type=self.recipient_type,
+                x_apiheader=self.x_apiheader or None,
+            )
+            self.log.info("Validating recipients from %s", audience.source_description)
+            total = validate_rows(audience, defaults)
+        except (MessageValidationError, PepipostConfigError) as err:
+            raise AirflowFailException(str(err)) from err  # the same input fails the same way every try
         self.log.info("All %d rows are valid; sending with %d workers", total, self.max_workers)
 
         ti = context["ti"]
         task = TaskKey(ti.dag_id, ti.run_id, ti.task_id, ti.map_index if ti.map_index is not None else -1)
-        store = hook.get_status_store(self.status_store_url)
+        self.log.info("Status store: %s", store_source(self.status_store_conn_id))
+        store = StatusStore(resolve_store_url(self.status_store_conn_id))
         keep = total <= self.xcom_ids_limit
         sender = CampaignSender(
             hook,
             store,
             task,
             total=total,
+            campaign_key=self.campaign_key or None,
+            resend_unknown=self.resend_unknown,
             max_workers=self.max_workers,
             max_rate=self.max_rate,
             max_rejected_ratio=self.max_rejected_ratio,
@@ -150,19 +180,62 @@ class SendWhatsAppMediaOperator(BaseOperator):
         ti.xcom_push(key="send_summary", value=summary)
         if keep and result.outcomes is not None:
             ti.xcom_push(key="messages", value=[outcome.to_dict() for outcome in result.outcomes])
-        if result.counts["unknown"]:
-            self.log.warning(
-                "%d message(s) have an unknown outcome (no answer after sending); they are not resent and "
-                "will be reconciled from delivery reports that echo their x-apiheader",
-                result.counts["unknown"],
-            )
-        if result.fatal is not None:
-            raise CampaignError(f"Sending stopped: {result.fatal}. Summary: {summary}")
-        if result.stopped_reason:
-            raise CampaignError(f"Sending stopped: {result.stopped_reason}. Summary: {summary}")
-        if result.counts["rejected"] > sender.max_rejected:
-            raise CampaignError(f"{result.counts['rejected']} of {total} rows were rejected. Summary: {summary}")
+        judge_campaign(result, total, sender.max_rejected, self.max_unknown_ratio, self.log)
         self.log.info("Done: %s", summary)
         if not keep:
             return task.to_ref()
-        return [o.message_id for o in result.outcomes or () if o.message_id is not None]
+        return xcom_message_targets(result.outcomes or [], task)
+
+
+def xcom_message_targets(outcomes: Sequence[RowOutcome], task: TaskKey) -> list[Any]:
+    """The accepted ids in input order, then a reference to the unknown rows if there are any.
+
+    A row reconciled from a report after an unknown outcome is counted through the reference,
+    not listed, so that no row counts twice.
+    """
+    targets: list[Any] = [o.message_id for o in outcomes if o.message_id is not None and not o.reconciled]
+    if any(o.state == "unknown" or o.reconciled for o in outcomes):
+        targets.append(dataclasses.replace(task, only_unknown=True).to_ref())
+    return targets
+
+
+def judge_campaign(result: CampaignResult, total: int, max_rejected: int, max_unknown_ratio: float, log: Any) -> None:
+    """Fail the task unless the campaign did what a green task says it did."""
+    summary = result.summary()
+    counts = result.counts
+    if result.duplicate_rows:
+        log.warning(
+            "%d row(s) repeat an earlier row of this campaign exactly (the same recipient and content) and were "
+            "not sent twice: rows %s%s",
+            counts["duplicate"], ", ".join(map(str, result.duplicate_rows)),
+            " ..." if counts["duplicate"] > len(result.duplicate_rows) else "",
+        )  # fmt: skip
+    if counts["unknown"]:
+        log.warning(
+            "%d message(s) have an unknown outcome (the request left, but the answer could not tell whether the "
+            "vendor took it). They are not sent again; delivery reports that echo their x-apiheader reconcile "
+            "them. To send them again anyway (a recipient may get it twice), set resend_unknown=True and clear "
+            "the task.",
+            counts["unknown"],
+        )
+    if result.fatal is not None:
+        raise AirflowFailException(f"Sending stopped: {result.fatal}. Summary: {summary}")
+    if result.stopped is not None:
+        raise CampaignError(
+            f"Sending stopped: {result.stopped}. The rows not sent are sent by the next try. Summary: {summary}"
+        )
+    if counts["rejected"] > max_rejected:
+        raise AirflowFailException(
+            f"{counts['rejected']} of {total} rows were rejected, more than max_rejected_ratio allows "
+            f"({max_rejected}); a retry would send them again and meet the same refusals. Summary: {summary}"
+        )
+    if result.stopped_reason:
+        raise CampaignError(f"Sending stopped: {result.stopped_reason}. Summary: {summary}")
+    if counts["unknown"] > max_unknown_ratio * total + 1e-9:
+        raise CampaignError(
+            f"{counts['unknown']} of {total} outcomes are unknown, more than max_unknown_ratio "
+            f"({max_unknown_ratio:g}) allows: the vendor or the network failed mid-answer. A later try counts the "
+            f"ones delivery reports reconcile by then. Summary: {summary}"
+        )
+    if total and not counts["accepted"]:
+        raise CampaignError(f"None of the {total} rows was accepted by the vendor. Summary: {summary}")

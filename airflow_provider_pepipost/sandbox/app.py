@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from airflow_provider_pepipost.sandbox.reports import AcceptedMessage, ReportSender
 from airflow_provider_pepipost.sandbox.scenario import RECIPIENT_ERRORS, Scenario
@@ -106,6 +106,32 @@ def _check_message(item: Any, state: SandboxState) -> tuple[str, str] | None:
     return None
 
 
+GATEWAY_502_PAGE = (
+    "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
+    "<hr><center>nginx</center></body></html>"
+)
+
+
+def _after_acceptance(fault: str, answer: dict[str, Any], sc: Scenario) -> Response:
+    """The vendor took the message; what reaches the client is not its answer."""
+    if fault == "gateway_502":
+        return HTMLResponse(GATEWAY_502_PAGE, status_code=502)
+    body = json.dumps(answer).encode()
+
+    async def trickle() -> Any:
+        for index in range(len(body)):
+            yield body[index : index + 1]
+            await asyncio.sleep(sc.trickle_interval)
+
+    async def huge() -> Any:
+        yield body[:-1] + b', "padding": "'
+        chunk = b"x" * 65536
+        for _ in range(sc.huge_bytes // len(chunk)):
+            yield chunk
+
+    return StreamingResponse(trickle() if fault == "trickle" else huge(), media_type="application/json")
+
+
 def create_sandbox_app(state: SandboxState) -> FastAPI:
     app = FastAPI(title="Pepipost WhatsApp sandbox", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -178,9 +204,12 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
             state.reports.schedule(accepted)
         if fault == "slow":
             await asyncio.sleep(sc.slow_seconds)
-        return JSONResponse(
-            {"status": "success", "message": "Request received successfully.", "data": {"id": message_id}}
-        )
+        answer = {"status": "success", "message": "Request received successfully.", "data": {"id": message_id}}
+        if fault in ("gateway_502", "trickle", "huge"):
+            with state.lock:
+                state.responses[fault] += 1
+            return _after_acceptance(fault, answer, sc)
+        return JSONResponse(answer)
 
     app.add_api_route("/api/v2/message/", send_message, methods=["POST"])
     app.add_api_route("/api/v2/message/nc", send_message, methods=["POST"])

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                     "conn_type": "pepipost",
                     "host": sandbox_url,
                     "password": "sandbox-api-key",
-                    "extra": {"source": "sandbox-source", "status_store_url": store_url},
+                    "extra": {"source": "sandbox-source"},
                 }
             ),
         }

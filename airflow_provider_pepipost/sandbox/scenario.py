@@ -44,6 +44,13 @@ class Scenario:
     rate_drop: float = 0.0  # the connection is closed without an answer, before accepting
     rate_slow: float = 0.0  # accepted, but answered only after slow_seconds
     slow_seconds: float = 5.0
+    # Faults after the message was accepted: what gateways and broken proxies send back.
+    rate_gateway_502: float = 0.0  # accepted, then a gateway's HTML 502 page instead of the answer
+    rate_trickle: float = 0.0  # accepted, the answer sent a byte every trickle_interval
+    trickle_interval: float = 0.5
+    rate_huge: float = 0.0  # accepted, then an answer of huge_bytes that starts like the real one
+    huge_bytes: int = 200 * 1024 * 1024
+    keep_alive_timeout: float = 30.0  # idle keep-alive connections are closed after this long
     outage_after: int | None = None  # after this many requests, answer 503 for outage_seconds...
     outage_seconds: float = 0.0
     outage_requests: int = 0  # ...or to the next outage_requests requests (not bound to timing)
@@ -72,7 +79,7 @@ class Scenario:
         return int.from_bytes(digest, "big") / 2**64
 
     def request_fault(self, identity: str, attempt: int) -> str | None:
-        """The fault this try of this message meets: '429', '5xx', '8005', 'drop', 'slow' or None."""
+        """The fault this try of this message meets (a name in the loop below), or None."""
         roll = self.draw("fault", identity, attempt)
         for name, rate in (
             ("429", self.rate_429),
@@ -80,6 +87,9 @@ class Scenario:
             ("8005", self.rate_8005),
             ("drop", self.rate_drop),
             ("slow", self.rate_slow),
+            ("gateway_502", self.rate_gateway_502),
+            ("trickle", self.rate_trickle),
+            ("huge", self.rate_huge),
         ):
             if roll < rate:
                 return name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
@@ -82,7 +83,7 @@ class SandboxServer:
             create_sandbox_app(self.state),
             log_level="warning",
             access_log=False,
-            timeout_keep_alive=30,
+            timeout_keep_alive=self.scenario.keep_alive_timeout,
             backlog=2048,
         )
 
@@ -140,18 +141,33 @@ class SandboxServer:
 
 def main(argv: list[str] | None = None) -> None:
     """``pepipost-sandbox``: a local Pepipost WhatsApp API for demos and tests."""
-    parser = argparse.ArgumentParser(prog="pepipost-sandbox", description=main.__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8480)
-    parser.add_argument("--api-key", default=os.environ.get("PEPIPOST_SANDBOX_API_KEY", DEFAULT_API_KEY))
-    parser.add_argument("--source", action="append", help="valid source id (repeat); default: sandbox-source")
+    defaults = Scenario().to_dict()
+    parser = argparse.ArgumentParser(
+        prog="pepipost-sandbox",
+        description=main.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="scenario keys (JSON object for --scenario) and their defaults:\n"
+        + "\n".join(f"  {name} = {json.dumps(value)}" for name, value in defaults.items()),
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8480, help="port to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("PEPIPOST_SANDBOX_API_KEY", DEFAULT_API_KEY),
+        help=f"the API key it accepts (default: $PEPIPOST_SANDBOX_API_KEY, else {DEFAULT_API_KEY!r})",
+    )
+    parser.add_argument("--source", action="append", help=f"valid source id (repeat); default: {DEFAULT_SOURCE!r}")
     parser.add_argument("--any-source", action="store_true", help="accept any source id")
     parser.add_argument("--media-id", action="append", help="valid attachment id (repeat); default: any")
-    parser.add_argument("--webhook-url", help="where to post delivery reports")
+    parser.add_argument("--webhook-url", help="where to post delivery reports (default: nowhere)")
     parser.add_argument(
-        "--webhook-token", default=os.environ.get("PEPIPOST_WEBHOOK_TOKEN"), help="sent as X-Pepipost-Token"
+        "--webhook-token",
+        default=os.environ.get("PEPIPOST_WEBHOOK_TOKEN"),
+        help="sent as X-Pepipost-Token with every report (default: $PEPIPOST_WEBHOOK_TOKEN)",
     )
-    parser.add_argument("--scenario", default="", help="JSON object of Scenario fields, or @file.json")
+    parser.add_argument(
+        "--scenario", default="", help="JSON object of scenario keys (below), or @file.json; default: all defaults"
+    )
     parser.add_argument("--no-record", action="store_true", help="keep counters only (long benchmarks)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sandbox %(levelname)s %(message)s")

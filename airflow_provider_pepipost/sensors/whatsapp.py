@@ -8,11 +8,8 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
-from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException, AirflowSensorTimeout
-from sqlalchemy.engine import make_url
+from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
-from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
-from airflow_provider_pepipost.hooks.pepipost import PepipostHook, mask_secret
 from airflow_provider_pepipost.status.model import (
     FAIL_ON_POLICIES,
     TARGET_STATUSES,
@@ -20,7 +17,8 @@ from airflow_provider_pepipost.status.model import (
     DeliverySummary,
     evaluate,
 )
-from airflow_provider_pepipost.status.store import StatusStore, default_store_url, parse_message_targets
+from airflow_provider_pepipost.status.resolver import resolve_store_url
+from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets
 from airflow_provider_pepipost.triggers.status import WhatsAppMessageStatusTrigger
 
 if TYPE_CHECKING:
@@ -44,8 +42,8 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         be met; ``any`` fails at the first failed message; ``never`` waits until the timeout.
     :param unknown_policy: sends whose outcome is unknown (timed out, not yet reconciled) are
         waited on (``wait``), left out of the count (``ignore``) or fail the sensor (``fail``).
-    :param pepipost_conn_id: connection whose extra ``status_store_url`` names the store.
-    :param status_store_url: the store's URL, if not the connection's or the default.
+    :param status_store_conn_id: Airflow connection (postgres or sqlite) of the status store; default
+        as the send operators resolve it (``airflow_provider_pepipost.status.resolver``).
     :param deferrable: wait in the triggerer instead of a worker slot.
 
     Returns (XCom ``return_value``) the delivery summary: counts by status, pending, unknown,
@@ -63,8 +61,7 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         min_success_ratio: float = 1.0,
         fail_on: str = "unreachable",
         unknown_policy: str = "wait",
-        pepipost_conn_id: str = DEFAULT_CONN_ID,
-        status_store_url: str | None = None,
+        status_store_conn_id: str | None = None,
         deferrable: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -74,8 +71,7 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         self.min_success_ratio = min_success_ratio
         self.fail_on = fail_on
         self.unknown_policy = unknown_policy
-        self.pepipost_conn_id = pepipost_conn_id
-        self.status_store_url = status_store_url
+        self.status_store_conn_id = status_store_conn_id
         self.deferrable = deferrable
         if fail_on not in FAIL_ON_POLICIES:
             raise ValueError(f"fail_on must be one of {FAIL_ON_POLICIES}, not {fail_on!r}")
@@ -84,24 +80,21 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         if not 0.0 <= min_success_ratio <= 1.0:
             raise ValueError(f"min_success_ratio must be between 0 and 1, not {min_success_ratio!r}")
 
-    def _resolve_store_url(self) -> str:
-        url = self.status_store_url
-        if not url:
-            try:
-                url = PepipostHook(self.pepipost_conn_id).settings.status_store_url
-            except AirflowNotFoundException:
-                url = None
-        url = url or default_store_url()
-        if password := make_url(url).password:
-            mask_secret(str(password))
-        return url
-
     def _check_target(self) -> None:
         if self.target_status not in TARGET_STATUSES:
             raise ValueError(f"target_status must be one of {TARGET_STATUSES}, not {self.target_status!r}")
 
+    def _targets(self) -> list[str | TaskKey]:
+        targets = parse_message_targets(self.message_ids)
+        if not targets:
+            raise AirflowFailException(
+                "message_ids is empty: there is nothing to wait for. Did the send task accept no message, "
+                "or does message_ids pull the wrong task's XCom?"
+            )
+        return targets
+
     def _summarize(self) -> DeliverySummary:
-        return StatusStore(self._resolve_store_url()).summarize(parse_message_targets(self.message_ids))
+        return StatusStore(resolve_store_url(self.status_store_conn_id)).summarize(self._targets())
 
     def poke(self, context: Context) -> PokeReturnValue:
         self._check_target()
@@ -124,8 +117,8 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
             return first.xcom_value
         self.defer(
             trigger=WhatsAppMessageStatusTrigger(
-                message_ids=[t if isinstance(t, str) else t.to_ref() for t in parse_message_targets(self.message_ids)],
-                store_url=self._resolve_store_url(),
+                message_ids=[t if isinstance(t, str) else t.to_ref() for t in self._targets()],
+                status_store_conn_id=self.status_store_conn_id,
                 target_status=self.target_status,
                 min_success_ratio=self.min_success_ratio,
                 fail_on=self.fail_on,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import threading
 import time
 import uuid
@@ -43,23 +42,17 @@ from sqlalchemy.engine import make_url
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.migrations import migrate
 from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary
+from airflow_provider_pepipost.status.resolver import resolve_store_url
 
-STORE_URL_ENV = "PEPIPOST_STATUS_STORE_URL"
-DEFAULT_SQLITE_NAME = "pepipost_status.db"
+# The receiver still imports the resolver under its old name here; one function either way.
+default_store_url = resolve_store_url
+
 # Bound parameters per IN (...) chunk: well under SQLite's 32766 and fast on PostgreSQL.
 ID_CHUNK = 5000
 ID_SEPARATOR = "\n"  # joins a PostgreSQL id list into one bound text (ids with it go as an array)
 IN_FLIGHT_STATES = ("sending", "unknown")
 # Rows a later try may send again: the vendor refused them, or a stopped campaign never sent them.
 RESENDABLE_STATES = ("rejected", "not_sent")
-
-
-def default_store_url() -> str:
-    """``$PEPIPOST_STATUS_STORE_URL``, else a SQLite file in ``$AIRFLOW_HOME``."""
-    if url := os.environ.get(STORE_URL_ENV):
-        return url
-    home = Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
-    return f"sqlite:///{home / DEFAULT_SQLITE_NAME}"
 
 
 def redact_url(url: str) -> str:
@@ -75,23 +68,33 @@ class TaskKey:
     run_id: str
     task_id: str
     map_index: int = -1
+    # Only the rows whose send outcome was unknown (the sensor's share of a listed send whose
+    # accepted ids travel beside this reference), reconciled ones included.
+    only_unknown: bool = False
 
     LEDGER_REF = "pepipost_ledger"
 
     def to_ref(self) -> dict[str, Any]:
         """The XCom form of 'everything this task instance sent', for sends too big to list."""
-        return {
-            self.LEDGER_REF: {
-                "dag_id": self.dag_id,
-                "run_id": self.run_id,
-                "task_id": self.task_id,
-                "map_index": self.map_index,
-            }
+        ref: dict[str, Any] = {
+            "dag_id": self.dag_id,
+            "run_id": self.run_id,
+            "task_id": self.task_id,
+            "map_index": self.map_index,
         }
+        if self.only_unknown:
+            ref["outcome"] = "unknown"
+        return {self.LEDGER_REF: ref}
 
     @classmethod
     def from_ref(cls, ref: Mapping[str, Any]) -> TaskKey:
-        return cls(**ref[cls.LEDGER_REF])
+        fields = dict(ref[cls.LEDGER_REF])
+        only_unknown = fields.pop("outcome", None) == "unknown"
+        return cls(**fields, only_unknown=only_unknown)
+
+    @property
+    def instance(self) -> tuple[str, str, str, int]:
+        return (self.dag_id, self.run_id, self.task_id, self.map_index)
 
     @classmethod
     def is_ref(cls, value: Any) -> bool:
@@ -128,6 +131,7 @@ class LedgerEntry:
     row_index: int
     error_code: str | None = None
     error_message: str | None = None
+    reconciled: bool = False  # the message id came from a delivery report, after an unknown outcome
 
 
 @dataclass
@@ -227,7 +231,7 @@ class StatusStore:
     """The ledger of sent messages and the delivery events reported for them."""
 
     def __init__(self, url: str | None = None) -> None:
-        self.url = url or default_store_url()
+        self.url = url or resolve_store_url()
         self.engine = get_engine(self.url)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         # SQLite has one writer at a time; queueing writers here beats spinning on its busy lock.
@@ -314,6 +318,7 @@ class StatusStore:
                     led.c.row_index,
                     led.c.error_code,
                     led.c.error_message,
+                    led.c.reconciled_at.is_not(None),
                 ).where(where)
             ).all()
         return {row.idempotency_key: LedgerEntry(*row) for row in rows}
@@ -707,11 +712,14 @@ class StatusStore:
         led, st = schema.ledger, schema.message_status
         summary = DeliverySummary(total=0)
         joined = led.outerjoin(st, st.c.message_id == led.c.message_id)
+        rows = (*self._task_filter(task), led.c.state.in_(("accepted", *IN_FLIGHT_STATES)))
+        if task.only_unknown:
+            rows += (led.c.state.in_(IN_FLIGHT_STATES) | led.c.reconciled_at.is_not(None),)
         with self.engine.connect() as conn:
             for state, status, count in conn.execute(
                 select(led.c.state, st.c.status, func.count())
                 .select_from(joined)
-                .where(*self._task_filter(task), led.c.state.in_(("accepted", *IN_FLIGHT_STATES)))
+                .where(*rows)
                 .group_by(led.c.state, st.c.status)
             ):
                 summary.total += count
@@ -728,7 +736,7 @@ class StatusStore:
                     for mid, remark in conn.execute(
                         select(st.c.message_id, st.c.remark)
                         .select_from(joined)
-                        .where(*self._task_filter(task), st.c.status == "failed")
+                        .where(*rows, st.c.status == "failed")
                         .order_by(led.c.row_index)
                         .limit(DeliverySummary.MAX_FAILED_LISTED)
                     )

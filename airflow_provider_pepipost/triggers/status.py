@@ -10,7 +10,8 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_pepipost.status.model import evaluate
-from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets, redact_url
+from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
+from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets
 
 # Consecutive store errors the trigger rides out (a database restart) before it gives up.
 MAX_CONSECUTIVE_ERRORS = 5
@@ -22,7 +23,8 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
     Store reads run in a thread: the triggerer's event loop is shared by every trigger.
 
     :param message_ids: message ids and ledger references ({"pepipost_ledger": {...}}).
-    :param store_url: the status store the receiver writes to.
+    :param status_store_conn_id: the store's Airflow connection; None: the resolver's default
+        (``airflow_provider_pepipost.status.resolver``). Only the id is serialized, never a URL.
     :param deadline: epoch seconds after which it fires a timeout event. Airflow enforces the
         deferral timeout too; this one also holds where nothing else does (``dag.test()``).
     Other parameters: see ``WhatsAppMessageStatusSensor``.
@@ -31,7 +33,7 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
     def __init__(
         self,
         message_ids: list[Any],
-        store_url: str,
+        status_store_conn_id: str | None = None,
         target_status: str = "delivered",
         min_success_ratio: float = 1.0,
         fail_on: str = "unreachable",
@@ -41,7 +43,7 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
     ) -> None:
         super().__init__()
         self.message_ids = message_ids
-        self.store_url = store_url
+        self.status_store_conn_id = status_store_conn_id
         self.target_status = target_status
         self.min_success_ratio = min_success_ratio
         self.fail_on = fail_on
@@ -54,7 +56,7 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
             f"{type(self).__module__}.{type(self).__qualname__}",
             {
                 "message_ids": self.message_ids,
-                "store_url": self.store_url,
+                "status_store_conn_id": self.status_store_conn_id,
                 "target_status": self.target_status,
                 "min_success_ratio": self.min_success_ratio,
                 "fail_on": self.fail_on,
@@ -65,18 +67,21 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
         )
 
     def __repr__(self) -> str:
-        # The default repr prints every kwarg: the store URL may hold a password, the ids are many.
+        # The default repr prints every kwarg: the ids are many.
         return (
             f"<{type(self).__qualname__} {len(self.message_ids)} target(s) -> '{self.target_status}' "
-            f"in {redact_url(self.store_url)}>"
+            f"in {store_source(self.status_store_conn_id)}>"
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         targets: list[str | TaskKey] = parse_message_targets(self.message_ids)
         errors = 0
+        store: StatusStore | None = None
         while True:
             try:
-                store = await asyncio.to_thread(StatusStore, self.store_url)
+                if store is None:
+                    url = await asyncio.to_thread(resolve_store_url, self.status_store_conn_id)
+                    store = await asyncio.to_thread(StatusStore, url)
                 summary = await asyncio.to_thread(store.summarize, targets)
             except Exception as err:
                 errors += 1

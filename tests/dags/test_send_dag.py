@@ -111,7 +111,7 @@ def test_a_bad_key_stops_the_job_at_once(campaign, pepipost_conn, sqlite_url):
 
     from tests.conftest import connection_json
 
-    conn = json.loads(connection_json(sandbox.url, sqlite_url))
+    conn = json.loads(connection_json(sandbox.url))
     conn["password"] = "wrong-key"
     import os
 

@@ -12,7 +12,7 @@ import requests
 from sqlalchemy import text
 
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
-from tests.conftest import connection_json
+from tests.conftest import connection_json, store_env
 from tests.helpers import free_port, http_ok, wait_until
 
 pytestmark = pytest.mark.dag
@@ -44,8 +44,8 @@ def files_text(root: Path) -> str:
 @pytest.mark.parametrize("sandbox_key", [API_KEY, "the-vendor-expects-another-key"], ids=["accepted", "refused"])
 def test_the_api_key_appears_nowhere(airflow_db, sqlite_url, sandbox_key):
     with SandboxServer(Scenario(), api_key=sandbox_key) as sandbox:
-        conn = connection_json(sandbox.url, sqlite_url).replace("sandbox-api-key", API_KEY)
-        env = dict(os.environ, AIRFLOW_CONN_PEPIPOST_DEFAULT=conn)
+        conn = connection_json(sandbox.url).replace("sandbox-api-key", API_KEY)
+        env = dict(os.environ, AIRFLOW_CONN_PEPIPOST_DEFAULT=conn, **store_env(sqlite_url))
         run = subprocess.run(
             [str(BIN / "airflow"), "dags", "test", "pepipost_secrets"], env=env, capture_output=True, text=True,
             timeout=300,

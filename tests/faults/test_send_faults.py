@@ -7,10 +7,12 @@ is fixed, so the sandbox's seeded faults fall on the same messages every run.
 from __future__ import annotations
 
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.operators.campaign import CampaignError
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
-from airflow_provider_pepipost.status.store import StatusStore, TaskKey
+from airflow_provider_pepipost.status.model import evaluate
+from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets
 from tests.conftest import WEBHOOK_TOKEN
 from tests.helpers import StandInTaskInstance, run_operator
 
@@ -79,7 +81,10 @@ def test_dropped_connections_are_unknown_and_never_resent(faulty):
     for row in unknown:
         assert sandbox.state.attempts[row["x-apiheader"]] == 1  # one try, never a second
         assert row["x-apiheader"] not in sandbox.state.accepted_by_header
-    assert len(ids) == COUNT - drops == sandbox.state.accepted_count
+    # The accepted ids, then a reference that lets the sensor see the unknown rows too.
+    *accepted, unknown_ref = ids
+    assert len(accepted) == COUNT - drops == sandbox.state.accepted_count
+    assert unknown_ref == {"pepipost_ledger": {**TASK.to_ref()["pepipost_ledger"], "outcome": "unknown"}}
     assert max(sandbox.state.accepted_by_header.values()) == 1
 
 
@@ -88,7 +93,9 @@ def test_read_timeouts_are_unknown_then_reconciled_from_v2_reports(faulty, sqlit
     sandbox = faulty(scenario, webhook=sqlite_receiver.webhook_url, timeout=0.5)
     ids, ti = run_operator(AUDIENCE, max_workers=32)
     unknown = [m for m in ti.xcom["messages"] if m["state"] == "unknown"]
-    assert len(unknown) > 20 and len(ids) == COUNT - len(unknown)
+    *accepted, unknown_ref = ids
+    assert len(unknown) > 20 and len(accepted) == COUNT - len(unknown)
+    assert TaskKey.from_ref(unknown_ref).only_unknown
     assert sandbox.state.accepted_count == COUNT  # the vendor did take the slow ones
     assert max(sandbox.state.attempts[m["x-apiheader"]] for m in unknown) == 1  # and we never resent them
     assert sandbox.wait_for_reports(60)
@@ -96,6 +103,25 @@ def test_read_timeouts_are_unknown_then_reconciled_from_v2_reports(faulty, sqlit
     summary = store.summarize_task(TASK)
     assert summary.unknown == 0 and summary.total == COUNT  # every unknown row found its message id
     assert set(store.ledger_message_ids(TASK)) == set(sandbox.state.final_by_id)
+    # What the sensor reads from the XCom covers every row, each once, whatever became of it.
+    seen = store.summarize(parse_message_targets(ids))
+    assert seen.total == COUNT and seen.unknown == 0 and seen.pending + sum(seen.counts.values()) == COUNT
+
+
+@pytest.mark.parametrize("policy", ["wait", "fail"])
+def test_the_sensor_sees_unknown_rows_of_a_listed_send(faulty, sqlite_url, policy):
+    """Below xcom_ids_limit the ids are listed; the rows without an id must still reach the sensor."""
+    faulty(Scenario(rate_drop=0.05))
+    ids, ti = run_operator(AUDIENCE, max_workers=16, max_unknown_ratio=0.2)
+    unknown = sum(m["state"] == "unknown" for m in ti.xcom["messages"])
+    assert unknown > 50
+    summary = StatusStore(sqlite_url).summarize(parse_message_targets(ids))
+    assert summary.total == COUNT and summary.unknown == unknown
+    verdict = evaluate(summary, "sent", 0.5, "unreachable", policy)
+    if policy == "fail":
+        assert verdict.failed and "unknown" in verdict.reason
+    else:
+        assert not verdict.done  # it waits for them to be reconciled
 
 
 @pytest.mark.parametrize(
@@ -117,7 +143,7 @@ def test_whole_job_failures_stop_at_once(faulty, sqlite_url, pepipost_conn, setu
         conn["password"] = setup["password"]
         os.environ["AIRFLOW_CONN_PEPIPOST_DEFAULT"] = json.dumps(conn)
     error, ti = run_operator(AUDIENCE, max_workers=16)
-    assert isinstance(error, CampaignError)
+    assert isinstance(error, AirflowFailException)  # no Airflow retry can mend it
     assert f"Pepipost error {code}" in str(error)
     assert sandbox.state.requests <= 2 * 16  # what was already in flight, nothing after
     assert sandbox.state.accepted_count == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from airflow_provider_pepipost.errors import MessageValidationError
@@ -9,6 +11,7 @@ from airflow_provider_pepipost.messages import (
     MediaMessage,
     MessageDefaults,
     build_message,
+    default_campaign_key,
     idempotency_key,
     iter_messages,
     normalize_phone,
@@ -176,8 +179,29 @@ def test_validate_counts_rows_and_iter_messages_keeps_order():
 
 
 def test_idempotency_key_is_stable_and_distinct():
-    key = idempotency_key("dag", "run", "task", -1, "919833078369", "media-1")
-    assert key == idempotency_key("dag", "run", "task", -1, "919833078369", "media-1")
-    assert key != idempotency_key("dag", "run", "task", 0, "919833078369", "media-1")
-    assert key != idempotency_key("dag", "run", "task", -1, "919833078369", "media-2")
+    campaign = default_campaign_key("dag", "run", "task", -1)
+    message = MediaMessage("919833078369", "src", attachment_id="media-1", caption="Hi")
+    key = idempotency_key(campaign, message.recipient, message.identity())
+    assert key == idempotency_key(campaign, message.recipient, message.identity())
+    assert key != idempotency_key(default_campaign_key("dag", "run", "task", 0), message.recipient, message.identity())
     assert key.startswith("af-") and len(key) == 35
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"attachment_id": "media-2"},
+        {"caption": "Hello"},
+        {"caption": None},
+        {"caption": ""},
+        {"source": "other-source"},
+        {"attachment_id": None, "attachment_url": "https://x.example/a.pdf", "attachment_type": "document"},
+    ],
+)
+def test_the_key_covers_everything_the_recipient_sees(change):
+    message = MediaMessage("919833078369", "src", attachment_id="media-1", caption="Hi")
+    other = dataclasses.replace(message, **change)
+    assert message.identity() != other.identity()
+    assert idempotency_key("c", message.recipient, message.identity()) != idempotency_key(
+        "c", other.recipient, other.identity()
+    )

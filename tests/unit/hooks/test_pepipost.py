@@ -8,7 +8,12 @@ import time
 import pytest
 from werkzeug import Response
 
-from airflow_provider_pepipost.errors import FailureKind, PepipostApiError, PepipostOutcomeUnknownError
+from airflow_provider_pepipost.errors import (
+    FailureKind,
+    PepipostApiError,
+    PepipostNotSentError,
+    PepipostOutcomeUnknownError,
+)
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook, parse_retry_after
 from airflow_provider_pepipost.messages import MediaMessage
 from airflow_provider_pepipost.sandbox import DEFAULT_API_KEY
@@ -122,19 +127,40 @@ def test_429_is_retried_after_the_retry_after_it_names(httpserver, hook_for):
 @pytest.mark.parametrize(
     "first",
     [
-        Response("bad gateway", status=502),
         Response(json.dumps(failure("8005", "technical error")), status=500, content_type="application/json"),
-        Response("{}", status=503),
+        Response(json.dumps(failure("8005", "technical error")), status=502, content_type="application/json"),
+        Response("slow down", status=429),
+        Response("<html>maintenance</html>", status=503, headers={"Retry-After": "0"}),
     ],
+    ids=["vendor-failure-500", "vendor-failure-502", "429", "503-retry-after"],
 )
-def test_transient_failures_are_retried(httpserver, hook_for, first):
+def test_answers_that_say_the_vendor_did_not_process_it_are_retried(httpserver, hook_for, first):
     httpserver.expect_ordered_request("/api/v2/message/").respond_with_response(first)
     httpserver.expect_ordered_request("/api/v2/message/").respond_with_json(SUCCESS)
     assert hook_for(httpserver.url_for("").rstrip("/")).send_message(MESSAGE) == "id-1"
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Response("<html><h1>502 Bad Gateway</h1></html>", status=502, content_type="text/html"),
+        Response("upstream timed out", status=504),
+        Response("{}", status=503),
+        Response("oops", status=500),
+        Response("<html>ok</html>", status=200, content_type="text/html"),
+    ],
+    ids=["502-html", "504", "503-without-retry-after", "500-text", "200-not-the-vendors"],
+)
+def test_answers_that_may_come_after_the_vendor_took_it_are_unknown_and_never_resent(httpserver, hook_for, answer):
+    """A gateway's page may arrive after the vendor accepted the message: resending could send it twice."""
+    httpserver.expect_request("/api/v2/message/").respond_with_response(answer)
+    with pytest.raises(PepipostOutcomeUnknownError, match="may have been accepted"):
+        hook_for(httpserver.url_for("").rstrip("/")).send_message(MESSAGE)
+    assert len(httpserver.log) == 1
+
+
 def test_retries_are_bounded(httpserver, hook_for):
-    httpserver.expect_request("/api/v2/message/").respond_with_data("down", status=503)
+    httpserver.expect_request("/api/v2/message/").respond_with_data("down", status=503, headers={"Retry-After": "0"})
     with pytest.raises(PepipostApiError) as caught:
         hook_for(httpserver.url_for("").rstrip("/"), max_retries=2).send_message(MESSAGE)
     assert caught.value.is_transient
@@ -154,12 +180,13 @@ def test_a_read_timeout_is_not_resent(httpserver, hook_for):
     assert len(httpserver.log) == 1
 
 
-def test_connection_refused_is_retried_then_stops_the_job(hook_for):
+def test_a_refused_connection_is_not_sent_retried_then_named(hook_for):
     port = free_port()
-    with pytest.raises(PepipostApiError) as caught:
+    with pytest.raises(PepipostNotSentError) as caught:
         hook_for(f"http://127.0.0.1:{port}", max_retries=1).send_message(MESSAGE)
-    assert caught.value.kind is FailureKind.JOB
-    assert "could not connect" in str(caught.value)
+    assert caught.value.retryable
+    assert "refused the connection" in str(caught.value)
+    assert "API key" not in str(caught.value)
 
 
 def test_success_without_an_id_is_an_unknown_outcome(httpserver, hook_for):

@@ -1,0 +1,186 @@
+"""The hook's HTTP transport: it knows whether a request left, bounds idle reuse, and enforces deadlines.
+
+Three things that ``requests`` alone cannot tell or do, and on which "never send twice" and "never
+green having sent nothing" rest:
+
+- **Did the request leave?** A failure before the whole request was written (DNS, refused
+  connection, connect timeout, TLS handshake, certificate, proxy, a write into a closed
+  connection) means the vendor cannot have processed it: safe to retry. A failure after it is
+  unknown. The connections below mark the moment, per thread, instead of guessing from exception
+  types (an SSLError can come from the handshake or from a read).
+- **Idle reuse.** A server or proxy that closes idle keep-alive connections can close one just as
+  a request is written into it: the request is then lost *after* it left, and unknown. A pooled
+  connection idle longer than ``idle_max`` is not reused, and each connection is checked once
+  more right before the write, so such closes do not race a request.
+- **A total deadline.** The read timeout applies to each read: an answer that trickles a byte at a
+  time never trips it. A watchdog shuts the socket of a request past its deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+_local = threading.local()
+
+
+@dataclass(eq=False)
+class RequestProgress:
+    """What one thread's current request has done so far."""
+
+    deadline: float  # time.monotonic() by which the whole answer must be in
+    sent: bool = False  # the whole request was written to the connection
+    expired: bool = False  # the watchdog cut it at the deadline
+    done: bool = False
+    connection: Any = field(default=None, repr=False)
+
+
+def begin_request(deadline_seconds: float) -> RequestProgress:
+    """Start tracking this thread's next request; pair with ``end_request``."""
+    progress = RequestProgress(deadline=time.monotonic() + deadline_seconds)
+    _local.progress = progress
+    return progress
+
+
+def end_request(progress: RequestProgress) -> None:
+    with _WATCHDOG.lock:
+        progress.done = True
+    _local.progress = None
+
+
+class _Watchdog:
+    """One thread per process that shuts the socket of every request past its deadline."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._wake = threading.Condition(self.lock)
+        self._heap: list[tuple[float, int, RequestProgress]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, progress: RequestProgress) -> None:
+        with self.lock:
+            heapq.heappush(self._heap, (progress.deadline, next(self._order), progress))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pepipost-deadline", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        with self.lock:
+            while True:
+                now = time.monotonic()
+                while self._heap and (self._heap[0][2].done or self._heap[0][0] <= now):
+                    _, _, progress = heapq.heappop(self._heap)
+                    if not progress.done:
+                        self._cut(progress)
+                timeout = self._heap[0][0] - now if self._heap else None
+                self._wake.wait(timeout)
+
+    @staticmethod
+    def _cut(progress: RequestProgress) -> None:
+        """Called with the lock held; the connection is still this request's (see _TrackedConnection)."""
+        connection = progress.connection
+        progress.expired = True
+        if connection is None or connection._pepipost_owner is not progress or connection.sock is None:
+            return
+        connection._pepipost_cut = True
+        # socket.socket's own shutdown: an SSLSocket's would drop its TLS state under the reader.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+
+
+_WATCHDOG = _Watchdog()
+
+
+class _TrackedConnection:
+    """Marks the thread's request as sent once the whole request was written, and arms its deadline."""
+
+    _pepipost_owner: RequestProgress | None = None
+    _pepipost_cut = False
+    _pepipost_idle_since: float | None = None
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        progress: RequestProgress | None = getattr(_local, "progress", None)
+        if progress is not None:
+            with _WATCHDOG.lock:
+                self._pepipost_owner = progress
+                cut = self._pepipost_cut
+            if cut:  # an earlier request's deadline shut this socket: start afresh, nothing written yet
+                self.close()
+                self._pepipost_cut = False
+            if self.sock is not None and not self.is_connected:
+                # Closed by the peer since the pool looked (other threads ran in between): the
+                # last moment to find out before writing, when it is still not sent.
+                self.close()
+            if self.sock is None:
+                self.connect()  # fails before anything is written: the request is not sent
+            progress.connection = self
+            _WATCHDOG.watch(progress)
+        super().request(*args, **kwargs)  # type: ignore[misc]
+        if progress is not None:
+            progress.sent = True
+
+
+class _TrackedHTTPConnection(_TrackedConnection, HTTPConnection):
+    pass
+
+
+class _TrackedHTTPSConnection(_TrackedConnection, HTTPSConnection):
+    pass
+
+
+class _IdleBoundedPool:
+    """Never hands out a connection that sat idle longer than ``idle_max`` seconds."""
+
+    idle_max: float = 0.2
+
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None:
+            conn._pepipost_idle_since = time.monotonic()
+        super()._put_conn(conn)  # type: ignore[misc]
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        since = getattr(conn, "_pepipost_idle_since", None)
+        if since is not None and conn.sock is not None and time.monotonic() - since > self.idle_max:
+            conn.close()  # the next request opens a fresh one
+        return conn
+
+
+class TrackingAdapter(HTTPAdapter):
+    """A requests adapter whose pools use the tracked connections and the idle bound."""
+
+    def __init__(self, *, idle_max: float, **kwargs: Any) -> None:
+        self._pool_classes = {
+            "http": type(
+                "PepipostHTTPPool",
+                (_IdleBoundedPool, HTTPConnectionPool),
+                {"ConnectionCls": _TrackedHTTPConnection, "idle_max": idle_max},
+            ),
+            "https": type(
+                "PepipostHTTPSPool",
+                (_IdleBoundedPool, HTTPSConnectionPool),
+                {"ConnectionCls": _TrackedHTTPSConnection, "idle_max": idle_max},
+            ),
+        }
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self._pool_classes
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = self._pool_classes
+        return manager
