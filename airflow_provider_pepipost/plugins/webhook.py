@@ -2,6 +2,9 @@
 
 Airflow's auth does not cover plugin endpoints: the receiver checks its own token
 (``$PEPIPOST_WEBHOOK_TOKEN`` or ``[pepipost] webhook_token``) and refuses every report without one.
+Its store is the store resolver's answer, as for every other part. The API server's own uvicorn
+serves it: leave ``airflow api-server --proxy-headers`` off unless a proxy you run sits in front,
+or ``webhook_allowed_ips`` can be passed with a forged X-Forwarded-For.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def _setting(env: str, key: str) -> str | None:
 def build_receiver_app():  # -> FastAPI
     allowed = _setting("PEPIPOST_WEBHOOK_ALLOWED_IPS", "webhook_allowed_ips")
     return create_app(
-        store_url=_setting("PEPIPOST_STATUS_STORE_URL", "status_store_url"),
+        store_url=None,  # the store resolver: [pepipost] status_store_conn_id, env, status_store_url, SQLite
         token=_setting(TOKEN_ENV, "webhook_token") or "",
         path_prefix="",
         allowed_ips=allowed.split(",") if allowed else None,

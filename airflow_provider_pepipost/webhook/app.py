@@ -21,7 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from airflow_provider_pepipost.status.store import StatusStore, default_store_url
+from airflow_provider_pepipost.status.resolver import resolve_store_url
+from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.batching import (
     DEFAULT_MAX_QUEUED_BODIES,
     DEFAULT_MAX_QUEUED_BYTES,
@@ -107,16 +108,15 @@ def create_app(
     """
     expected = (token if token is not None else os.environ.get(TOKEN_ENV, "")).encode()
     networks = _parse_networks(allowed_ips)
-    url = store_url or default_store_url()
     app = FastAPI(title="Pepipost delivery-report receiver", docs_url=None, redoc_url=None, openapi_url=None)
     holder: dict[str, StatusStore] = {}
     refusals = RefusalLog(refusal_log_interval)
     redact_access_logs()
 
     def store() -> StatusStore:
-        # Created on first use: importing the plugin must not touch a database.
+        # Created, and its URL resolved, on first use: importing the plugin must not touch a database.
         if "store" not in holder:
-            holder["store"] = StatusStore(url)
+            holder["store"] = StatusStore(store_url or resolve_store_url())
         return holder["store"]
 
     ingest_queue = IngestQueue(store, max_bodies=max_queued_bodies, max_bytes=max_queued_bytes)

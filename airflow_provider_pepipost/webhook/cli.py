@@ -15,14 +15,13 @@ import sys
 
 from fastapi import FastAPI
 
-from airflow_provider_pepipost.status.store import redact_url
+from airflow_provider_pepipost.status.resolver import STORE_URL_ENV, resolve_store_url, store_source
 from airflow_provider_pepipost.webhook.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, TOKEN_ENV, create_app
 from airflow_provider_pepipost.webhook.batching import DEFAULT_MAX_QUEUED_BODIES
 from airflow_provider_pepipost.webhook.server import DEFAULT_HEAD_TIMEOUT, HEAD_TIMEOUT_ENV, GuardedHttpProtocol
 
 log = logging.getLogger("airflow_provider_pepipost.webhook")
 
-STORE_URL_ENV = "PEPIPOST_STATUS_STORE_URL"
 STORE_CONN_ENV = "PEPIPOST_WEBHOOK_STORE_CONN_ID"
 _ENV = {  # setting -> the variable that carries it to worker processes
     "allowed_ips": "PEPIPOST_WEBHOOK_ALLOWED_IPS",
@@ -35,18 +34,9 @@ DEFAULT_KEEP_ALIVE = 5.0
 
 
 def store_url(url: str | None = None, conn_id: str | None = None) -> str:
-    """The store: ``--store-url``, else the store resolver (``--store-conn-id``, env, Airflow config, SQLite)."""
-    if url:
-        return url
-    try:
-        from airflow_provider_pepipost.status.resolver import resolve_store_url
-    except ImportError:  # a provider without the resolver: the environment, else SQLite
-        from airflow_provider_pepipost.status.store import default_store_url
-
-        if conn_id:
-            raise SystemExit("--store-conn-id needs airflow_provider_pepipost.status.resolver") from None
-        return default_store_url()
-    return resolve_store_url(conn_id)
+    """The store: ``--store-url``, else the store resolver (``--store-conn-id``, ``[pepipost]
+    status_store_conn_id``, ``$PEPIPOST_STATUS_STORE_URL``, ``[pepipost] status_store_url``, SQLite)."""
+    return url or resolve_store_url(conn_id)
 
 
 def app_from_env() -> FastAPI:
@@ -114,9 +104,9 @@ def serve(argv: list[str] | None = None) -> None:
     os.environ[_ENV["max_queued_bodies"]] = str(args.max_queued_bodies)
     os.environ[HEAD_TIMEOUT_ENV] = str(args.head_timeout)  # for worker processes, which import anew
     GuardedHttpProtocol.head_timeout = args.head_timeout  # for this one, which has imported it already
-    url = store_url(args.store_url, args.store_conn_id)
-    log.info("Pepipost webhook receiver on http://%s:%s/pepipost/webhook, store %s", args.host, args.port,
-             redact_url(url))  # fmt: skip
+    source = "--store-url" if args.store_url else store_source(args.store_conn_id)
+    log.info("Pepipost webhook receiver on http://%s:%s/pepipost/webhook, store from %s", args.host, args.port,
+             source)  # fmt: skip
     trusted = [address.strip() for address in args.trusted_proxy or [] if address.strip()]
     uvicorn.run(
         "airflow_provider_pepipost.webhook.cli:app_from_env",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.store import StatusStore
@@ -21,13 +23,18 @@ STATUSES = ("sent", "delivered", "read")
 
 
 def start_receiver(store_url: str) -> tuple[subprocess.Popen, str]:
+    """A receiver that takes its store from an Airflow connection: no URL in its command line."""
     port = free_port()
+    url = make_url(store_url)
+    connection = {"conn_type": "postgres", "host": url.host, "port": url.port, "login": url.username,
+                  "password": url.password, "schema": url.database}  # fmt: skip
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "pepipost-webhook"), "--port", str(port), "--store-url", store_url],
-        env=dict(os.environ, PEPIPOST_WEBHOOK_TOKEN=TOKEN),
+        [str(Path(sys.executable).parent / "pepipost-webhook"), "--port", str(port), "--store-conn-id", "status_db"],
+        env=dict(os.environ, PEPIPOST_WEBHOOK_TOKEN=TOKEN, AIRFLOW_CONN_STATUS_DB=json.dumps(connection)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    assert url.database not in " ".join(proc.args)
     base = f"http://127.0.0.1:{port}/pepipost"
     assert wait_until(lambda: http_ok(f"{base}/healthz"), timeout=60, interval=0.2)
     return proc, f"{base}/webhook"
