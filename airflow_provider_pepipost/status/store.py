@@ -768,23 +768,29 @@ class StatusStore:
         with self.engine.connect() as conn:
             return [tuple(r) for r in conn.execute(select(dl.c.reason, dl.c.raw).order_by(dl.c.id).limit(limit))]
 
-    def last_event_received_at(self, message_ids: Iterable[str] | None = None) -> float | None:
+    def last_report_at(self, targets: Sequence[str | TaskKey] | None = None) -> float | None:
         """When the store last received a delivery report (epoch seconds), or None if never.
 
-        With ``message_ids``, the last report for any of those messages: what a sensor that timed
-        out can say about its receiver ("no report since ..." or "none at all").
+        With ``targets`` (message ids and task instances, as the sensor holds them), the last report
+        for any of those messages: what a sensor that timed out can say about its receiver.
         """
-        ev = schema.events
+        ev, led = schema.events, schema.ledger
         with self.engine.connect() as conn:
-            if message_ids is None:  # the newest row by primary key: no scan of the events
+            if targets is None:  # the newest row by primary key: no scan of the events
                 return conn.execute(select(ev.c.received_at).order_by(ev.c.id.desc()).limit(1)).scalar()
-            ids = list(dict.fromkeys(message_ids))
-            latest = None
-            for matches in self._id_filters(conn, ev.c.message_id, ids, chunked=False):
-                found = conn.execute(select(func.max(ev.c.received_at)).where(matches)).scalar()
-                if found is not None and (latest is None or found > latest):
-                    latest = found
-            return latest
+            ids = list(dict.fromkeys(t for t in targets if isinstance(t, str)))
+            queries = [
+                select(func.max(ev.c.received_at)).where(m) for m in self._id_filters(conn, ev.c.message_id, ids, False)
+            ]
+            queries += [
+                select(func.max(ev.c.received_at))
+                .select_from(ev.join(led, led.c.message_id == ev.c.message_id))
+                .where(*self._task_filter(task))
+                for task in targets
+                if isinstance(task, TaskKey)
+            ]
+            found = [when for query in queries if (when := conn.execute(query).scalar()) is not None]
+            return max(found, default=None)
 
 
 def merge_summaries(parts: Sequence[DeliverySummary]) -> DeliverySummary:

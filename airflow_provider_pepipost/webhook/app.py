@@ -29,7 +29,7 @@ from airflow_provider_pepipost.webhook.batching import (
     IngestQueue,
     QueueFull,
 )
-from airflow_provider_pepipost.webhook.logs import RefusalLog, capped, describe_error, redact_access_logs
+from airflow_provider_pepipost.webhook.logs import RefusalLog, Throttled, capped, describe_error, redact_access_logs
 from airflow_provider_pepipost.webhook.payload import MAX_RAW_CHARS, ParsedBatch, body_key, letter, parse_body
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ def create_app(
     app = FastAPI(title="Pepipost delivery-report receiver", docs_url=None, redoc_url=None, openapi_url=None)
     holder: dict[str, StatusStore] = {}
     refusals = RefusalLog(refusal_log_interval)
+    store_failed, dead_lettered, unhealthy = Throttled(level=logging.ERROR), Throttled(), Throttled()
     redact_access_logs()
 
     def store() -> StatusStore:
@@ -194,21 +195,16 @@ def create_app(
             result = await ingest_queue.ingest((batch.events, batch.rejected, batch.inbound))
         except Exception as err:
             # Not stored, so not acknowledged: the vendor should send it again.
-            log.error(
-                "Pepipost webhook: could not store a body of %d events: %s", len(batch.events), describe_error(err)
-            )
+            store_failed("Pepipost webhook: could not store a body of %d events: %s", len(batch.events),
+                         describe_error(err))  # fmt: skip
             return JSONResponse({"detail": "could not store the batch; send it again"}, status_code=503)
         if unreadable:
-            log.warning("Pepipost webhook: body refused and kept as a dead letter: %s", capped(unreadable))
             return refuse(request, 400, unreadable)
         # Past the per-body cap, many bad items share one dead letter: the answer counts items.
         result.rejected += batch.rejected_items - len(batch.rejected)
         if batch.rejected:
-            log.warning(
-                "Pepipost webhook: %d item(s) kept as dead letters: %s",
-                batch.rejected_items,
-                capped(batch.rejected[0][0]),
-            )
+            dead_lettered("Pepipost webhook: %d item(s) kept as dead letters: %s", batch.rejected_items,
+                          capped(batch.rejected[0][0]))  # fmt: skip
         return JSONResponse(result.to_dict())
 
     @app.get(f"{path_prefix}/healthz")
@@ -217,7 +213,7 @@ def create_app(
         try:
             await run_in_threadpool(lambda: store().ping())
         except Exception as err:
-            log.warning("Pepipost webhook: health check failed: %s", capped(type(err).__name__))
+            unhealthy("Pepipost webhook: health check failed: %s", describe_error(err))
             return JSONResponse({"status": "not ok"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -228,7 +224,7 @@ def create_app(
             return refuse(request, 401, "missing or wrong token")
 
         def read() -> dict[str, Any]:
-            last = store().last_event_received_at()
+            last = store().last_report_at()
             return {
                 "last_report_at": last,
                 "seconds_since_last_report": None if last is None else round(time.time() - last, 1),

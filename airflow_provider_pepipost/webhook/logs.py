@@ -63,6 +63,26 @@ def describe_error(err: BaseException) -> str:
     return capped(f"{type(cause).__name__}: {lines[0] if lines else ''}", 200)
 
 
+class Throttled:
+    """One kind of log line, written at most once per ``interval`` seconds, with how many it stands for.
+
+    Poison every 20 ms, or a store that is down under load, would otherwise write a line a request.
+    """
+
+    def __init__(self, interval: float = 10.0, level: int = logging.WARNING) -> None:
+        self.interval, self.level = interval, level
+        self._count, self._last = 0, float("-inf")
+        self._lock = threading.Lock()
+
+    def __call__(self, message: str, *args: object) -> None:
+        with self._lock:
+            self._count += 1
+            if time.monotonic() - self._last < self.interval:
+                return
+            count, self._count, self._last = self._count, 0, time.monotonic()
+        log.log(self.level, f"{message} (%d such since the last line)", *args, count)
+
+
 class RefusalLog:
     """Counts refused requests by status, and logs them by source at most once per ``interval`` seconds."""
 
@@ -84,7 +104,7 @@ class RefusalLog:
             window, self._window = self._window, Counter()
             self._last_logged = time.monotonic()
         shown = ", ".join(
-            f"{count} x {status} from {capped(source, 64)} ({reason})"
+            f"{count} x {status} from {capped(source, 64)} ({capped(reason, 100)})"
             for (status, reason, source), count in window.most_common(self.SOURCES_SHOWN)
         )
         more = len(window) - self.SOURCES_SHOWN

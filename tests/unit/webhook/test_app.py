@@ -286,3 +286,12 @@ def test_the_status_endpoint_needs_the_token_and_says_when_the_last_report_came(
     post(receiver.webhook_url, {"delivery_status": [report("s1", "read"), 7]})
     after = requests.get(status_url, headers=HEADERS, timeout=10).json()
     assert after["last_report_at"] > 0 and after["seconds_since_last_report"] < 60 and after["dead_letters"] == 1
+
+
+def test_dead_letter_warnings_are_throttled_and_capped(sqlite_receiver, caplog):
+    body = {"delivery_status": [{"ncmessage_id": "x" * 5000, "status": "read"}]}
+    with caplog.at_level(logging.WARNING, logger="airflow_provider_pepipost.webhook"):
+        for _ in range(5):
+            assert post(sqlite_receiver.webhook_url, body).json()["rejected"] == 1
+    lines = [r.getMessage() for r in caplog.records if "dead letters" in r.getMessage()]
+    assert len(lines) == 1 and len(lines[0]) < 500

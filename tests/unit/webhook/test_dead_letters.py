@@ -1,13 +1,17 @@
-"""The store's side of the receiver: keyed dead letters (schema v3, migrated from v2), and errors without values."""
+"""The store's side of the receiver: keyed dead letters (schema v3, migrated from v2), errors without values,
+and when the last report came."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 from sqlalchemy import insert, text
 
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status import store as store_module
-from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.status.model import DeliveryEvent
+from airflow_provider_pepipost.status.store import Claim, Outcome, StatusStore, TaskKey
 from airflow_provider_pepipost.webhook.logs import describe_error
 
 
@@ -36,3 +40,17 @@ def test_store_errors_name_no_bound_values(store_url):
     assert "[SQL parameters hidden due to hide_parameters=True]" in str(failure.value)
     described = describe_error(failure.value)
     assert "919812345678" not in described and described.split(":")[0] in ("IntegrityError", "NotNullViolation")
+
+
+def test_last_report_at_for_the_store_for_ids_and_for_a_task(store_url):
+    """What the sensor can say when it times out: when the store last heard of these messages."""
+    store = StatusStore(store_url)
+    task = TaskKey("dag", "run", "send")
+    assert store.last_report_at() is None and store.last_report_at(["m1", task]) is None
+    store.write_ledger(task, [Claim("k1", "h1", "919800000001", 0)], [Outcome("k1", "accepted", "m1")])
+    before = time.time()
+    store.ingest([DeliveryEvent("m1", "delivered", "delivered", 1.0)])
+    store.ingest([DeliveryEvent("m2", "read", "read", 2.0)])
+    assert store.last_report_at() >= store.last_report_at([task]) >= before
+    assert store.last_report_at(["m2"]) >= store.last_report_at(["m1"]) == store.last_report_at([task])
+    assert store.last_report_at(["nobody"]) is None and store.last_report_at([TaskKey("d", "r", "other")]) is None
