@@ -36,7 +36,7 @@ def whatsapp_media_by_url():
         attachment_url="https://cdn.example.com/spring-launch.mp4",
         attachment_type="video",
         caption="{first_name}, see what is new this spring",
-        max_rejected_ratio=0.05,  # a real audience holds a few numbers that are not on WhatsApp
+        max_rejected_ratio=0.1,  # a real audience holds a few numbers that are not on WhatsApp
     )
 
     WhatsAppMessageStatusSensor(

@@ -32,7 +32,7 @@ def whatsapp_media_campaign_mapped():
         attachment_id="demo-brochure-pdf",
         caption="Your {segment} brochure",
         max_workers=4,
-        max_rejected_ratio=0.05,  # a real audience holds a few numbers that are not on WhatsApp
+        max_rejected_ratio=0.1,  # a real audience holds a few numbers that are not on WhatsApp
     ).expand(recipients=build_segments())
 
     WhatsAppMessageStatusSensor(
