@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
@@ -96,6 +96,30 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
     def _summarize(self) -> DeliverySummary:
         return StatusStore(resolve_store_url(self.status_store_conn_id)).summarize(self._targets())
 
+    def timeout_message(self, summary: dict[str, Any] | None = None) -> str:
+        """Why the wait ended without a verdict, and where to look: mostly, reports did not arrive."""
+        store = StatusStore(resolve_store_url(self.status_store_conn_id))
+        targets = self._targets()
+        if summary is None:
+            summary = store.summarize(targets).to_dict()
+        text = (
+            f"timed out after {self.timeout:g}s: {summary['pending']} pending, {summary['unknown']} unknown, "
+            f"counts {summary['counts']}. "
+        )
+        ours, anyone = store.last_report_at(targets), store.last_report_at()
+        if ours is not None:
+            return text + f"The last delivery report for these messages arrived at {_utc(ours)}."
+        hint = (
+            "Check that the webhook receiver is running and reachable from Pepipost at the URL set in the "
+            "vendor's dashboard, and that the dashboard's token is the receiver's (PEPIPOST_WEBHOOK_TOKEN or "
+            "[pepipost] webhook_token): refused reports are counted on the receiver's /pepipost/status."
+        )
+        if anyone is None:
+            return text + "The status store has never received a delivery report. " + hint
+        return (
+            text + f"No report for these messages has arrived (the last one for any message: {_utc(anyone)}). " + hint
+        )
+
     def poke(self, context: Context) -> PokeReturnValue:
         self._check_target()
         summary = self._summarize()
@@ -111,7 +135,10 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
 
     def execute(self, context: Context) -> Any:
         if not self.deferrable:
-            return super().execute(context)
+            try:
+                return super().execute(context)
+            except AirflowSensorTimeout as err:
+                raise AirflowSensorTimeout(self.timeout_message()) from err
         first = self.poke(context)
         if first.is_done:
             return first.xcom_value
@@ -137,9 +164,9 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         if event.get("status") == "failure":
             raise WhatsAppDeliveryFailed(event["reason"])
         if event.get("status") == "timeout":
-            summary = event["summary"]
-            raise AirflowSensorTimeout(
-                f"timed out after {self.timeout}s: {summary['pending']} pending, {summary['unknown']} unknown, "
-                f"counts {summary['counts']}"
-            )
+            raise AirflowSensorTimeout(self.timeout_message(event["summary"]))
         raise RuntimeError(f"the status trigger stopped: {event.get('reason')}")
+
+
+def _utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

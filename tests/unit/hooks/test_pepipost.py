@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -11,10 +12,11 @@ from werkzeug import Response
 from airflow_provider_pepipost.errors import (
     FailureKind,
     PepipostApiError,
+    PepipostConfigError,
     PepipostNotSentError,
     PepipostOutcomeUnknownError,
 )
-from airflow_provider_pepipost.hooks.pepipost import PepipostHook, parse_retry_after
+from airflow_provider_pepipost.hooks.pepipost import PepipostHook, RetryLog, parse_retry_after
 from airflow_provider_pepipost.messages import MediaMessage
 from airflow_provider_pepipost.sandbox import DEFAULT_API_KEY
 from tests.helpers import free_port
@@ -253,3 +255,31 @@ def test_retry_after_as_http_date():
     from email.utils import formatdate
 
     assert 1.0 < parse_retry_after(formatdate(time.time() + 5, usegmt=True)) <= 5.5
+
+
+def test_a_store_url_in_the_connection_extra_is_refused_with_the_way_out(monkeypatch):
+    """Airflow's API shows extras in plain text: a store password must not live there."""
+    conn = {"conn_type": "pepipost", "password": "k", "extra": {"status_store_url": "postgresql://u:pw@db/x"}}
+    monkeypatch.setenv("AIRFLOW_CONN_PEPIPOST_DEFAULT", json.dumps(conn))
+    with pytest.raises(PepipostConfigError, match="status_store_conn_id"):
+        _ = PepipostHook().settings
+
+
+def test_retries_are_logged_in_summary_with_counts_that_add_up():
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("test-retry-log")
+    logger.addHandler(Collect())
+    retry_log = RetryLog(logger, interval=60)
+    for _ in range(39):
+        retry_log.add("HTTP 429 (rate limited)", 1.5)
+    retry_log.add("vendor code 8005", 4.0)
+    retry_log.flush()
+    assert len(lines) == 2  # the first at once, the rest in one line: not 40 lines for one outage
+    assert "Retrying 1 send(s)" in lines[0]
+    assert "Retrying 39 send(s)" in lines[1] and "HTTP 429 (rate limited) x38" in lines[1]
+    assert "vendor code 8005 x1" in lines[1] and "up to 4.0s" in lines[1]

@@ -1,0 +1,57 @@
+"""The store resolver: one answer to "which status database?" for every part, by a fixed order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from airflow_provider_pepipost.errors import PepipostConfigError
+from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
+
+POSTGRES = {"conn_type": "postgres", "host": "db.internal", "port": 5433, "login": "pp", "password": "s3cr3t-pw"}
+
+
+@pytest.fixture(autouse=True)
+def clean(monkeypatch, tmp_path):
+    for name in ("PEPIPOST_STATUS_STORE_URL", "AIRFLOW__PEPIPOST__STATUS_STORE_CONN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+
+
+def test_a_postgres_connection_becomes_a_sqlalchemy_url(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_STORE_PG", json.dumps({**POSTGRES, "schema": "campaigns"}))
+    assert resolve_store_url("store_pg") == "postgresql+psycopg2://pp:s3cr3t-pw@db.internal:5433/campaigns"
+    assert "s3cr3t" not in store_source("store_pg")
+
+
+def test_a_sqlite_connection_names_its_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIRFLOW_CONN_STORE_LITE", json.dumps({"conn_type": "sqlite", "host": str(tmp_path / "s.db")}))
+    assert resolve_store_url("store_lite") == f"sqlite:///{tmp_path / 's.db'}"
+
+
+def test_the_order_connection_then_environment_then_config_then_default(monkeypatch, tmp_path):
+    assert resolve_store_url() == f"sqlite:///{tmp_path / 'pepipost_status.db'}"
+    monkeypatch.setenv("AIRFLOW__PEPIPOST__STATUS_STORE_URL", "sqlite:////from/config.db")
+    assert resolve_store_url() == "sqlite:////from/config.db"
+    monkeypatch.setenv("PEPIPOST_STATUS_STORE_URL", "sqlite:////from/env.db")
+    assert resolve_store_url() == "sqlite:////from/env.db"
+    monkeypatch.setenv("AIRFLOW_CONN_STORE_PG", json.dumps(POSTGRES))
+    monkeypatch.setenv("AIRFLOW__PEPIPOST__STATUS_STORE_CONN_ID", "store_pg")
+    assert resolve_store_url().startswith("postgresql+psycopg2://pp:")
+    assert store_source() == "Airflow connection 'store_pg'"
+    monkeypatch.setenv("AIRFLOW_CONN_OTHER", json.dumps({"conn_type": "sqlite", "host": "/other.db"}))
+    assert resolve_store_url("other") == "sqlite:////other.db"  # an operator's own conn id wins
+
+
+@pytest.mark.parametrize(
+    ("conn", "expected"),
+    [
+        ({"conn_type": "http", "host": "x"}, "type 'http'"),
+        ({"conn_type": "sqlite"}, "file path as its host"),
+    ],
+)
+def test_a_connection_that_cannot_name_a_store_is_a_clear_error(monkeypatch, conn, expected):
+    monkeypatch.setenv("AIRFLOW_CONN_BAD_STORE", json.dumps(conn))
+    with pytest.raises(PepipostConfigError, match=expected):
+        resolve_store_url("bad_store")
