@@ -2,7 +2,9 @@
 
 The receiver runs as `pepipost-webhook` in its own process; a load client posts from threads here.
 Every run ends by counting the events in the store: only what is there counts as recorded.
-Run alone: python bench/webhook_ingest.py [--postgres URL]
+With ``--junk``, the same single-event load beside 2 MiB bodies of junk posted back to back: what
+valid posts wait while the receiver sets junk aside.
+Run alone: python bench/webhook_ingest.py [--postgres URL] [--junk]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -83,7 +86,9 @@ def load(url: str, payloads: list[bytes], clients: int, seconds: float) -> tuple
     return accepted[0], time.perf_counter() - started, latencies
 
 
-def run_store(store_url: str, label: str, batches=(1, 50, 500), clients: int = 16, workers: int = 1) -> list[dict]:
+@contextmanager
+def receiver_process(store_url: str, workers: int):
+    """``pepipost-webhook`` on a free port; yields its webhook URL."""
     port = free_port()
     env = dict(os.environ, PEPIPOST_WEBHOOK_TOKEN=TOKEN)
     receiver = subprocess.Popen(
@@ -92,10 +97,21 @@ def run_store(store_url: str, label: str, batches=(1, 50, 500), clients: int = 1
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    rows = []
     try:
         wait_http(f"http://127.0.0.1:{port}/pepipost/healthz")
-        url = f"http://127.0.0.1:{port}/pepipost/webhook"
+        yield f"http://127.0.0.1:{port}/pepipost/webhook"
+    finally:
+        receiver.terminate()
+        try:
+            receiver.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # still writing what it was sent: not this bench's business
+            receiver.kill()
+            receiver.wait(timeout=10)
+
+
+def run_store(store_url: str, label: str, batches=(1, 50, 500), clients: int = 16, workers: int = 1) -> list[dict]:
+    rows = []
+    with receiver_process(store_url, workers) as url:
         load(url, bodies(50, 2000), clients, 30)  # warm-up: schema, pools, page cache
         store = StatusStore(store_url)
         for batch in batches:
@@ -117,10 +133,41 @@ def run_store(store_url: str, label: str, batches=(1, 50, 500), clients: int = 1
                     "clients": clients,
                 }
             )
-    finally:
-        receiver.terminate()
-        receiver.wait(timeout=15)
     return rows
+
+
+def run_junk(store_url: str, label: str, clients: int = 4, seconds: float = 10, workers: int = 1) -> dict:
+    """Single-event posts from ``clients`` threads beside 2 MiB junk bodies back to back, for ``seconds``."""
+    junk = b'{"delivery_status": [' + b"1," * (1024 * 1024 - 20) + b"1]}"
+    stop = threading.Event()
+    junk_posted = [0]
+
+    with receiver_process(store_url, workers) as url:
+        parts = urlsplit(url)
+
+        def poster() -> None:
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+            headers = {"X-Pepipost-Token": TOKEN, "Content-Type": "application/json"}
+            while not stop.is_set():
+                connection.request("POST", parts.path, body=junk, headers=headers)
+                connection.getresponse().read()
+                junk_posted[0] += 1
+
+        thread = threading.Thread(target=poster, daemon=True)
+        thread.start()
+        try:
+            accepted, elapsed, latencies = load(url, bodies(1, 100_000), clients, seconds)
+        finally:
+            stop.set()
+            thread.join(timeout=120)
+    return {
+        "store": label,
+        "valid_events_per_s": round(accepted / elapsed),
+        "p99_ms": round(percentile(latencies, 0.99), 1),
+        "max_ms": round(max(latencies, default=0.0), 1),
+        "junk_bodies_answered": junk_posted[0],
+        "clients": clients,
+    }
 
 
 def run(postgres_url: str | None = None) -> list[dict]:
@@ -136,8 +183,20 @@ def run(postgres_url: str | None = None) -> list[dict]:
     return rows
 
 
+def run_junk_all(postgres_url: str | None = None) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="pepipost-bench-") as tmp:
+        rows = [run_junk(f"sqlite:///{Path(tmp) / 'junk.db'}", "sqlite")]
+    if postgres_url:
+        from bench.pg import scratch_database
+
+        with scratch_database(postgres_url) as url:
+            rows.append(run_junk(url, "postgresql"))
+    return rows
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--postgres")
+    parser.add_argument("--junk", action="store_true", help="single-event posts beside 2 MiB junk bodies")
     args = parser.parse_args()
-    print(json.dumps(run(args.postgres), indent=2))
+    print(json.dumps(run_junk_all(args.postgres) if args.junk else run(args.postgres), indent=2))
