@@ -44,14 +44,11 @@ def sandbox_process(scenario: dict[str, Any]):
 
 
 def point_connection(base_url: str, store_url: str, **extra: Any) -> None:
+    """The Pepipost connection at ``base_url``; the store through the resolver's environment path."""
     os.environ["AIRFLOW_CONN_PEPIPOST_DEFAULT"] = json.dumps(
-        {
-            "conn_type": "pepipost",
-            "host": base_url,
-            "password": API_KEY,
-            "extra": {"source": "bench-source", "status_store_url": store_url, **extra},
-        }
+        {"conn_type": "pepipost", "host": base_url, "password": API_KEY, "extra": {"source": "bench-source", **extra}}
     )
+    os.environ["PEPIPOST_STATUS_STORE_URL"] = store_url
 
 
 class BenchTaskInstance:
