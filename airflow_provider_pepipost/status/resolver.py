@@ -5,8 +5,8 @@ In order:
    ``[pepipost] status_store_conn_id`` (``AIRFLOW__PEPIPOST__STATUS_STORE_CONN_ID``). Airflow
    encrypts its password and masks it in logs and in the API; a trigger carries only its id;
 2. a URL from the environment or Airflow's config: ``$PEPIPOST_STATUS_STORE_URL``, else
-   ``[pepipost] status_store_url`` (which Airflow can read from a secret with ``_cmd`` / ``_secret``):
-   for processes that have no Airflow connections, such as the standalone receiver;
+   ``[pepipost] status_store_url``: for processes that have no Airflow connections, such as the
+   standalone receiver (the environment, not argv, where the process list would show it);
 3. a SQLite file in ``$AIRFLOW_HOME``: the embedded default of one machine.
 """
 
