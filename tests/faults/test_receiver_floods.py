@@ -185,3 +185,17 @@ def _poison_beside_clients(
     for thread in threads:
         thread.join(timeout=120)
     return answers, poison_answers
+
+
+def test_connections_beyond_the_cap_get_503_until_idle_ones_are_closed(sqlite_url):
+    with receiver(sqlite_url, "--limit-concurrency", "8", "--head-timeout", "2") as (port, base), ExitStack() as idle:
+        for _ in range(8):
+            idle.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.3)  # let the server accept them
+        assert requests.post(f"{base}/webhook", data=BODY, headers=HEADERS, timeout=10).status_code == 503
+        # The idle ones are closed at their head deadline, and the cap has room again.
+        assert wait_until(
+            lambda: requests.post(f"{base}/webhook", data=BODY, headers=HEADERS, timeout=10).status_code == 200,
+            timeout=10,
+            interval=0.5,
+        )
