@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     any_,
     bindparam,
+    case,
     cast,
     create_engine,
     event,
@@ -400,6 +401,9 @@ class StatusStore:
                         error_code=bindparam("new_error_code"),
                         error_message=bindparam("new_error_message"),
                         updated_at=now,
+                        # The send's own answer wins over a report that came first: that row was
+                        # never unknown, and the XCom lists its id (the sensor must not count it twice).
+                        reconciled_at=case((bindparam("new_state") == "accepted", null()), else_=led.c.reconciled_at),
                     ),
                     [
                         {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -164,6 +165,19 @@ def test_open_ledger_turns_rows_left_in_flight_into_unknown(store_url):
     ledger = store.open_ledger(TASK)
     assert ledger["k1"].state == "unknown" and ledger["k2"].message_id == "m2"
     assert store.open_ledger(TaskKey("dag", "run-2", "send")) == {}
+
+
+def test_a_report_before_the_answer_does_not_make_the_row_count_twice(store_url):
+    """A fast report can reconcile a row whose own 'accepted' answer is still being written."""
+    store = StatusStore(store_url)
+    assert store.claim_for_sending(TASK, "k1", "h1", "919833078369", 0)
+    store.ingest([event("m1", "delivered", header="h1")])  # reconciles the row still 'sending'
+    assert store.open_ledger(TASK)["k1"].reconciled
+    store.record_outcome("k1", "accepted", message_id="m1")  # the send's own answer lands
+    assert not store.open_ledger(TASK)["k1"].reconciled
+    listed = ["m1", dataclasses.replace(TASK, only_unknown=True)]  # what the XCom would carry
+    summary = store.summarize(listed)
+    assert summary.total == 1 and summary.counts == {"delivered": 1}
 
 
 def test_unknown_sends_are_reconciled_from_reports_that_echo_the_header(store_url):
