@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.errors import MessageValidationError, RowProblem
 
 RECIPIENT_TYPES = frozenset({"individual", "group"})
@@ -65,6 +66,9 @@ class MediaMessage:
     attachment_type: str | None = None
     caption: str | None = None
     api_header: str | None = None
+    # The template message to send instead when the vendor answers 8007 (the 24-hour window is
+    # closed): not part of this message's body or identity.
+    fallback: Any = None
 
     @property
     def recipient(self) -> str:
@@ -102,8 +106,8 @@ class MediaMessage:
         return payload
 
 
-def request_body(message: MediaMessage) -> dict[str, Any]:
-    """The whole request body: one message per request, the documented reading."""
+def request_body(message: Any) -> dict[str, Any]:
+    """The whole request body of any message kind: one message per request, the documented reading."""
     return {"message": [message.to_payload()]}
 
 
@@ -157,7 +161,7 @@ def _text(row: Mapping[str, Any], key: str, default: str | None) -> Any:
     return default if value is None or value == "" else value
 
 
-def _render_caption(template: str, row: Mapping[str, Any]) -> str:
+def render_placeholders(template: str, row: Mapping[str, Any]) -> str:
     """Fill ``{field}`` placeholders from the row. Only plain names: no attribute or index access."""
     if "{" not in template and "}" not in template:
         return template
@@ -183,6 +187,64 @@ def as_row(item: Any) -> Mapping[str, Any]:
     return {"recipient_whatsapp": item}
 
 
+@dataclass(frozen=True, slots=True)
+class Addressing:
+    """What every message kind takes from a row the same way: who gets it, from which source."""
+
+    recipient: str
+    recipient_type: str
+    source: str
+    api_header: str | None
+
+
+def check_addressing(data: Mapping[str, Any], defaults: Any, problem: Any) -> Addressing | None:
+    """Validate the fields all message kinds share; report each problem through ``problem``.
+
+    ``defaults`` has ``recipient_type``, ``source`` and ``x_apiheader``. Returns None when a
+    problem was reported.
+    """
+    reported = False
+
+    def bad(field: str, value: Any, reason: str) -> None:
+        nonlocal reported
+        reported = True
+        problem(field, value, reason)
+
+    recipient_type = _text(data, "recipient_type", defaults.recipient_type)
+    if recipient_type not in RECIPIENT_TYPES:
+        bad("recipient_type", recipient_type, f"must be one of {sorted(RECIPIENT_TYPES)}")
+
+    raw_recipient = data.get("recipient_whatsapp")
+    recipient = ""
+    if raw_recipient is None or raw_recipient == "":
+        bad("recipient_whatsapp", raw_recipient, "is required")
+    elif recipient_type == "group":
+        recipient = str(raw_recipient).strip()
+        if not _GROUP_ID.match(recipient) or len(recipient) > MAX_GROUP_ID_LENGTH:
+            bad("recipient_whatsapp", raw_recipient, "is not a valid group id")
+    else:
+        try:
+            recipient = normalize_phone(raw_recipient)
+        except ValueError as err:
+            bad("recipient_whatsapp", raw_recipient, str(err))
+
+    source = _text(data, "source", defaults.source)
+    if not isinstance(source, str) or not source.strip():
+        bad("source", source, "is required: set it on the row, the operator or the connection extra 'source'")
+
+    header = _text(data, "x-apiheader", defaults.x_apiheader)
+    if header is not None:
+        if not isinstance(header, str):
+            bad("x-apiheader", header, "must be a string")
+        elif len(header) > limits.API_HEADER_MAX:
+            bad("x-apiheader", header, f"is {len(header)} characters; at most {limits.API_HEADER_MAX}")
+        elif reason := limits.text_problem(header):
+            bad("x-apiheader", header, reason)
+    if reported:
+        return None
+    return Addressing(recipient, recipient_type, source.strip(), header)
+
+
 def build_message(item: Any, defaults: MessageDefaults, row: int) -> tuple[MediaMessage | None, list[RowProblem]]:
     """Validate one input row against the vendor's rules; return the message or every problem found.
 
@@ -197,28 +259,7 @@ def build_message(item: Any, defaults: MessageDefaults, row: int) -> tuple[Media
         problem("row", item, "must be a phone number or a dict with 'recipient_whatsapp'")
         return None, problems
     data = as_row(item)
-
-    recipient_type = _text(data, "recipient_type", defaults.recipient_type)
-    if recipient_type not in RECIPIENT_TYPES:
-        problem("recipient_type", recipient_type, f"must be one of {sorted(RECIPIENT_TYPES)}")
-
-    raw_recipient = data.get("recipient_whatsapp")
-    recipient = ""
-    if raw_recipient is None or raw_recipient == "":
-        problem("recipient_whatsapp", raw_recipient, "is required")
-    elif recipient_type == "group":
-        recipient = str(raw_recipient).strip()
-        if not _GROUP_ID.match(recipient) or len(recipient) > MAX_GROUP_ID_LENGTH:
-            problem("recipient_whatsapp", raw_recipient, "is not a valid group id")
-    else:
-        try:
-            recipient = normalize_phone(raw_recipient)
-        except ValueError as err:
-            problem("recipient_whatsapp", raw_recipient, str(err))
-
-    source = _text(data, "source", defaults.source)
-    if not isinstance(source, str) or not source.strip():
-        problem("source", source, "is required: set it on the row, the operator or the connection extra 'source'")
+    addressing = check_addressing(data, defaults, problem)
 
     # A row that names its own attachment replaces the defaults' attachment as a whole.
     if data.get("attachment_id") or data.get("attachment_url"):
@@ -250,45 +291,45 @@ def build_message(item: Any, defaults: MessageDefaults, row: int) -> tuple[Media
             caption = None
         else:
             try:
-                caption = _render_caption(caption, data)
+                caption = render_placeholders(caption, data)
             except ValueError as err:
                 problem("caption", caption, str(err))
             else:
                 if len(caption) > MAX_CAPTION_LENGTH:
                     problem("caption", caption, f"is {len(caption)} characters; at most {MAX_CAPTION_LENGTH}")
+                elif reason := limits.text_problem(caption):
+                    problem("caption", caption, reason)
 
-    header = _text(data, "x-apiheader", defaults.x_apiheader)
-    if header is not None and not isinstance(header, str):
-        problem("x-apiheader", header, "must be a string")
-
-    if problems:
+    if problems or addressing is None:
         return None, problems
     return (
         MediaMessage(
-            recipient_whatsapp=recipient,
-            source=source.strip(),
-            recipient_type=recipient_type,
+            recipient_whatsapp=addressing.recipient,
+            source=addressing.source,
+            recipient_type=addressing.recipient_type,
             attachment_id=attachment_id.strip() if attachment_id else None,
             attachment_url=None if attachment_id else attachment_url,
             attachment_type=None if attachment_id else attachment_type,
             caption=caption,
-            api_header=header,
+            api_header=addressing.api_header,
         ),
         [],
     )
 
 
-def validate_rows(items: Iterable[Any], defaults: MessageDefaults) -> int:
+def validate_rows(items: Iterable[Any], defaults: Any, build: Any = None) -> int:
     """Check every row; return how many there are, or raise one error listing all problems.
 
-    Streams: memory holds the first problems shown in the error, not the rows.
+    ``build(item, defaults, row)`` is the message kind's builder (default: media). Streams: memory
+    holds the first problems shown in the error, not the rows.
     """
+    build = build or build_message
     shown: list[RowProblem] = []
     total_problems = 0
     count = 0
     for index, item in enumerate(items):
         count += 1
-        _, problems = build_message(item, defaults, index)
+        _, problems = build(item, defaults, index)
         total_problems += len(problems)
         room = MessageValidationError.SHOWN - len(shown)
         if room > 0:
@@ -298,10 +339,11 @@ def validate_rows(items: Iterable[Any], defaults: MessageDefaults) -> int:
     return count
 
 
-def iter_messages(items: Iterable[Any], defaults: MessageDefaults) -> Iterator[tuple[int, MediaMessage]]:
+def iter_messages(items: Iterable[Any], defaults: Any, build: Any = None) -> Iterator[tuple[int, Any]]:
     """Build each row's message; rows must have been checked by ``validate_rows`` first."""
+    build = build or build_message
     for index, item in enumerate(items):
-        message, problems = build_message(item, defaults, index)
+        message, problems = build(item, defaults, index)
         if message is None:
             raise MessageValidationError(problems)
         yield index, message

@@ -125,14 +125,18 @@ class StandInTaskInstance:
         self.xcom[key] = value
 
 
-def run_operator(recipients: Any, ti: StandInTaskInstance | None = None, **kwargs: Any) -> tuple[Any, Any]:
-    """Execute SendWhatsAppMediaOperator once; returns (return value or the exception, task instance)."""
+def run_operator(
+    recipients: Any, ti: StandInTaskInstance | None = None, operator_class: Any = None, **kwargs: Any
+) -> tuple[Any, Any]:
+    """Execute a send operator (media by default) once; returns (return value or the exception, task instance)."""
     from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppMediaOperator
 
     ti = ti or StandInTaskInstance()
-    kwargs.setdefault("attachment_id", "media-1")
+    if operator_class is None:
+        operator_class = SendWhatsAppMediaOperator
+        kwargs.setdefault("attachment_id", "media-1")
     kwargs.setdefault("progress_interval", 3600)
-    operator = SendWhatsAppMediaOperator(task_id=ti.task_id, recipients=recipients, **kwargs)
+    operator = operator_class(task_id=ti.task_id, recipients=recipients, **kwargs)
     try:
         return operator.execute({"ti": ti}), ti
     except Exception as err:  # the caller asserts on it

@@ -44,7 +44,7 @@ class RowOutcome:
     recipient: str
     api_header: str
     message_id: str | None
-    state: str  # accepted | rejected | unknown | duplicate | not_sent
+    state: str  # accepted | fallback | rejected | unknown | duplicate | not_sent
     error_code: str | None = None
     error_message: str | None = None
     reconciled: bool = False  # the id came from a delivery report, after an unknown outcome
@@ -77,6 +77,7 @@ class CampaignResult:
         return {
             "total": self.total,
             "accepted": self.counts["accepted"],
+            "fallback": self.counts["fallback"],
             "rejected": self.counts["rejected"],
             "unknown": self.counts["unknown"],
             "duplicate": self.counts["duplicate"],
@@ -180,7 +181,18 @@ class CampaignSender:
                 if message.api_header is None:
                     message = dataclasses.replace(message, api_header=key)
                 entry = earlier.get(key)
-                if entry is not None and entry.state not in resendable:
+                if getattr(message, "fallback", None) is not None and _closed_window(entry):
+                    # An earlier try met the closed window: straight to the template.
+                    fallback_entry = earlier.get(self._fallback_key(message.fallback))
+                    if fallback_entry is not None and fallback_entry.state not in resendable:
+                        outcome = self._from_ledger(row, message.fallback, fallback_entry)
+                        self._record(_as_fallback(outcome), reused=True)
+                    elif self._stop.is_set():
+                        self._record(self._not_sent(row, message))
+                    else:
+                        pool.submit(self._send_fallback, row, message).add_done_callback(finished.put)
+                        in_flight += 1
+                elif entry is not None and entry.state not in resendable:
                     self._record(self._from_ledger(row, message, entry), reused=True)
                 elif self._stop.is_set():
                     self._record(self._not_sent(row, message))
@@ -227,6 +239,9 @@ class CampaignSender:
             self._stop_campaign(err, fatal=not err.retryable)
             return self._give_back(row, key, message, err)
         except PepipostApiError as err:
+            if err.code == "8007" and getattr(message, "fallback", None) is not None:
+                self.ledger.record(Outcome(key, "rejected", error_code=err.code, error_message=err.message))
+                return self._send_fallback(row, message)
             if err.kind is FailureKind.TRANSIENT:
                 # The vendor turned it away (throttled, busy) through every retry: not processed.
                 self._stop_campaign(err, fatal=False)
@@ -241,6 +256,19 @@ class CampaignSender:
             raise
         self.ledger.record(Outcome(key, "accepted", message_id=message_id))
         return RowOutcome(row, recipient, header, message_id, "accepted")
+
+    def _fallback_key(self, template: Any) -> str:
+        return idempotency_key(self.campaign_key, template.recipient, template.identity())
+
+    def _send_fallback(self, row: int, message: Any) -> RowOutcome:
+        """The row's template message, sent where the session message met a closed window."""
+        key = self._fallback_key(message.fallback)
+        template = message.fallback
+        if template.api_header is None:
+            template = dataclasses.replace(template, api_header=key)
+        if not self.ledger.claim_many([Claim(key, template.api_header, template.recipient, row)])[0]:
+            return self._duplicate(row, template)
+        return _as_fallback(self._send_one(row, key, template))
 
     def _give_back(self, row: int, key: str, message: MediaMessage, err: PepipostError | None) -> RowOutcome:
         """A claimed row whose request never reached the vendor: a later try sends it."""
@@ -324,3 +352,12 @@ class CampaignSender:
 
 class CampaignError(PepipostError):
     """The campaign stopped or ended with more rejections than allowed."""
+
+
+def _closed_window(entry: LedgerEntry | None) -> bool:
+    return entry is not None and entry.state == "rejected" and entry.error_code == "8007"
+
+
+def _as_fallback(outcome: RowOutcome) -> RowOutcome:
+    """A template sent in a session message's stead counts apart from the session messages."""
+    return dataclasses.replace(outcome, state="fallback") if outcome.state == "accepted" else outcome

@@ -1,4 +1,4 @@
-"""SendWhatsAppMediaOperator: send one WhatsApp media message to each row of an audience."""
+"""The send operators: one WhatsApp message, media or template, to each row of an audience."""
 
 from __future__ import annotations
 
@@ -11,22 +11,142 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.audience import Audience
 from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
-from airflow_provider_pepipost.errors import MessageValidationError, PepipostConfigError
+from airflow_provider_pepipost.errors import MessageValidationError, PepipostConfigError, RowProblem
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
-from airflow_provider_pepipost.messages import MessageDefaults, iter_messages, validate_rows
+from airflow_provider_pepipost.messages import MessageDefaults, build_message, iter_messages, validate_rows
 from airflow_provider_pepipost.operators.campaign import CampaignError, CampaignResult, CampaignSender, RowOutcome
 from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
 from airflow_provider_pepipost.status.store import StatusStore, TaskKey
+from airflow_provider_pepipost.template_messages import TemplateDefaults, build_template_message
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+# What a media operator's fallback_template may hold: the template operator's own parameter names.
+FALLBACK_TEMPLATE_KEYS = (
+    "template_name",
+    "language",
+    "language_policy",
+    "attributes",
+    "media_url",
+    "media_type",
+    "ttl",
+)
 
 # Above this many rows the ids are not listed in XCom (it lives in Airflow's metadata database):
 # return_value becomes a ledger reference that WhatsAppMessageStatusSensor reads instead.
 DEFAULT_XCOM_IDS_LIMIT = 10_000
 
 
-class SendWhatsAppMediaOperator(BaseOperator):
+class WhatsAppCampaignOperator(BaseOperator):
+    """The campaign engine as an operator: one message to each row of an audience, of one kind.
+
+    Subclasses name the kind: its template fields, its operator-wide defaults
+    (``message_defaults``) and its row builder (``build_row``). Everything else is shared:
+    validation of every row before the first send, concurrency, pacing, the ledger that makes
+    retries safe, the judgement of the outcome and the XCom contract. See
+    ``SendWhatsAppMediaOperator`` for the shared parameters.
+    """
+
+    template_fields: Sequence[str] = ("recipients", "source", "x_apiheader", "campaign_key")
+    template_fields_renderers = {"recipients": "py"}
+    ui_color = "#25d366"
+
+    def __init__(
+        self,
+        *,
+        recipients: Any,
+        source: str | None = None,
+        x_apiheader: str | None = None,
+        recipient_type: str = "individual",
+        pepipost_conn_id: str = DEFAULT_CONN_ID,
+        max_workers: int = 16,
+        max_rate: float | None = None,
+        max_rejected_ratio: float = 0.0,
+        max_unknown_ratio: float = 0.1,
+        campaign_key: str | None = None,
+        resend_unknown: bool = False,
+        status_store_conn_id: str | None = None,
+        xcom_ids_limit: int = DEFAULT_XCOM_IDS_LIMIT,
+        progress_interval: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.recipients = recipients
+        self.source = source
+        self.x_apiheader = x_apiheader
+        self.recipient_type = recipient_type
+        self.pepipost_conn_id = pepipost_conn_id
+        self.max_workers = max_workers
+        self.max_rate = max_rate
+        self.max_rejected_ratio = max_rejected_ratio
+        self.max_unknown_ratio = max_unknown_ratio
+        self.campaign_key = campaign_key
+        self.resend_unknown = resend_unknown
+        self.status_store_conn_id = status_store_conn_id
+        self.xcom_ids_limit = xcom_ids_limit
+        self.progress_interval = progress_interval
+
+    def message_defaults(self, hook: PepipostHook) -> Any:
+        """The operator-wide values a row's own values override."""
+        raise NotImplementedError
+
+    def build_row(self, item: Any, defaults: Any, row: int) -> tuple[Any, list[RowProblem]]:
+        """One row as a message of this operator's kind, or the row's problems."""
+        raise NotImplementedError
+
+    def execute(self, context: Context) -> list[Any] | dict[str, Any]:
+        for name in ("max_rejected_ratio", "max_unknown_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise AirflowFailException(f"{name} must be between 0 and 1, not {getattr(self, name)!r}")
+        if self.max_workers < 1:
+            raise AirflowFailException(f"max_workers must be at least 1, not {self.max_workers!r}")
+        hook = PepipostHook(self.pepipost_conn_id, pool_size=self.max_workers)
+        audience = Audience(self.recipients)
+        try:
+            defaults = self.message_defaults(hook)
+            self.log.info("Validating recipients from %s", audience.source_description)
+            total = validate_rows(audience, defaults, self.build_row)
+        except (MessageValidationError, PepipostConfigError) as err:
+            raise AirflowFailException(str(err)) from err  # the same input fails the same way every try
+        self.log.info("All %d rows are valid; sending with %d workers", total, self.max_workers)
+
+        ti = context["ti"]
+        task = TaskKey(ti.dag_id, ti.run_id, ti.task_id, ti.map_index if ti.map_index is not None else -1)
+        self.log.info("Status store: %s", store_source(self.status_store_conn_id))
+        store = StatusStore(resolve_store_url(self.status_store_conn_id))
+        keep = total <= self.xcom_ids_limit
+        sender = CampaignSender(
+            hook,
+            store,
+            task,
+            total=total,
+            campaign_key=self.campaign_key or None,
+            resend_unknown=self.resend_unknown,
+            max_workers=self.max_workers,
+            max_rate=self.max_rate,
+            max_rejected_ratio=self.max_rejected_ratio,
+            keep_outcomes=keep,
+            progress_interval=self.progress_interval,
+            log=self.log,
+        )
+        try:
+            result = sender.run(iter_messages(audience, defaults, self.build_row))
+        finally:
+            hook.close()
+
+        summary = result.summary()
+        ti.xcom_push(key="send_summary", value=summary)
+        if keep and result.outcomes is not None:
+            ti.xcom_push(key="messages", value=[outcome.to_dict() for outcome in result.outcomes])
+        judge_campaign(result, total, sender.max_rejected, self.max_unknown_ratio, self.log)
+        self.log.info("Done: %s", summary)
+        if not keep:
+            return task.to_ref()
+        return xcom_message_targets(result.outcomes or [], task)
+
+
+class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):
     """Send a WhatsApp media message (image, document, video...) through Pepipost to each recipient.
 
     Every row is validated before the first send. Each message is written to the status store's
@@ -40,6 +160,12 @@ class SendWhatsAppMediaOperator(BaseOperator):
     :param attachment_url: media URL for rows that give none, with ``attachment_type``. (templated)
     :param attachment_type: image, video, audio, document or sticker. (templated)
     :param caption: caption for rows that give none; may hold ``{field}`` placeholders. (templated)
+    :param fallback_template: send this template instead to the rows the vendor refuses with 8007
+        (the recipient has not written in 24 hours): a dict of ``SendWhatsAppTemplateOperator``'s
+        own parameter names (``template_name``, ``language``, ``attributes``, ``media_url``...),
+        checked against every row before the first send. Such rows have state ``fallback``, are
+        counted apart in ``send_summary``, and their template's id stands in ``return_value`` in
+        input order. Idempotent across retries like every send. (templated)
     :param source: WhatsApp source id; default: the connection extra ``source``. (templated)
     :param x_apiheader: x-apiheader for rows that give none; default: a value derived from the
         task instance and the row, echoed back in delivery reports. (templated)
@@ -73,118 +199,133 @@ class SendWhatsAppMediaOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = (
-        "recipients",
+        *WhatsAppCampaignOperator.template_fields,
         "attachment_id",
         "attachment_url",
         "attachment_type",
         "caption",
-        "source",
-        "x_apiheader",
-        "campaign_key",
+        "fallback_template",
     )
-    template_fields_renderers = {"recipients": "py", "caption": "txt"}
-    ui_color = "#25d366"
+    template_fields_renderers = {"recipients": "py", "caption": "txt", "fallback_template": "py"}
 
     def __init__(
         self,
         *,
-        recipients: Any,
         attachment_id: str | None = None,
         attachment_url: str | None = None,
         attachment_type: str | None = None,
         caption: str | None = None,
-        source: str | None = None,
-        x_apiheader: str | None = None,
-        recipient_type: str = "individual",
-        pepipost_conn_id: str = DEFAULT_CONN_ID,
-        max_workers: int = 16,
-        max_rate: float | None = None,
-        max_rejected_ratio: float = 0.0,
-        max_unknown_ratio: float = 0.1,
-        campaign_key: str | None = None,
-        resend_unknown: bool = False,
-        status_store_conn_id: str | None = None,
-        xcom_ids_limit: int = DEFAULT_XCOM_IDS_LIMIT,
-        progress_interval: float = 10.0,
+        fallback_template: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.recipients = recipients
         self.attachment_id = attachment_id
         self.attachment_url = attachment_url
         self.attachment_type = attachment_type
         self.caption = caption
-        self.source = source
-        self.x_apiheader = x_apiheader
-        self.recipient_type = recipient_type
-        self.pepipost_conn_id = pepipost_conn_id
-        self.max_workers = max_workers
-        self.max_rate = max_rate
-        self.max_rejected_ratio = max_rejected_ratio
-        self.max_unknown_ratio = max_unknown_ratio
-        self.campaign_key = campaign_key
-        self.resend_unknown = resend_unknown
-        self.status_store_conn_id = status_store_conn_id
-        self.xcom_ids_limit = xcom_ids_limit
-        self.progress_interval = progress_interval
+        self.fallback_template = fallback_template
 
-    def execute(self, context: Context) -> list[Any] | dict[str, Any]:
-        for name in ("max_rejected_ratio", "max_unknown_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise AirflowFailException(f"{name} must be between 0 and 1, not {getattr(self, name)!r}")
-        if self.max_workers < 1:
-            raise AirflowFailException(f"max_workers must be at least 1, not {self.max_workers!r}")
-        hook = PepipostHook(self.pepipost_conn_id, pool_size=self.max_workers)
-        audience = Audience(self.recipients)
-        try:
-            defaults = MessageDefaults(
-                source=self.source or hook.settings.source,
-                attachment_id=self.attachment_id or None,
-                attachment_url=self.attachment_url or None,
-                attachment_type=self.attachment_type or None,
-                caption=self.caption,
-                recipient_type=self.recipient_type,
-                x_apiheader=self.x_apiheader or None,
-            )
-            self.log.info("Validating recipients from %s", audience.source_description)
-            total = validate_rows(audience, defaults)
-        except (MessageValidationError, PepipostConfigError) as err:
-            raise AirflowFailException(str(err)) from err  # the same input fails the same way every try
-        self.log.info("All %d rows are valid; sending with %d workers", total, self.max_workers)
-
-        ti = context["ti"]
-        task = TaskKey(ti.dag_id, ti.run_id, ti.task_id, ti.map_index if ti.map_index is not None else -1)
-        self.log.info("Status store: %s", store_source(self.status_store_conn_id))
-        store = StatusStore(resolve_store_url(self.status_store_conn_id))
-        keep = total <= self.xcom_ids_limit
-        sender = CampaignSender(
-            hook,
-            store,
-            task,
-            total=total,
-            campaign_key=self.campaign_key or None,
-            resend_unknown=self.resend_unknown,
-            max_workers=self.max_workers,
-            max_rate=self.max_rate,
-            max_rejected_ratio=self.max_rejected_ratio,
-            keep_outcomes=keep,
-            progress_interval=self.progress_interval,
-            log=self.log,
+    def message_defaults(self, hook: PepipostHook) -> tuple[MessageDefaults, TemplateDefaults | None]:
+        source = self.source or hook.settings.source
+        media = MessageDefaults(
+            source=source,
+            attachment_id=self.attachment_id or None,
+            attachment_url=self.attachment_url or None,
+            attachment_type=self.attachment_type or None,
+            caption=self.caption,
+            recipient_type=self.recipient_type,
+            x_apiheader=self.x_apiheader or None,
         )
-        try:
-            result = sender.run(iter_messages(audience, defaults))
-        finally:
-            hook.close()
+        if not self.fallback_template:
+            return media, None
+        if not isinstance(self.fallback_template, dict):
+            raise PepipostConfigError("fallback_template must be a dict of SendWhatsAppTemplateOperator parameters")
+        unknown = set(self.fallback_template) - set(FALLBACK_TEMPLATE_KEYS)
+        if unknown:
+            raise PepipostConfigError(
+                f"fallback_template: unknown keys {sorted(unknown)}; it takes {list(FALLBACK_TEMPLATE_KEYS)}"
+            )
+        return media, TemplateDefaults(source=source, recipient_type=self.recipient_type, **self.fallback_template)
 
-        summary = result.summary()
-        ti.xcom_push(key="send_summary", value=summary)
-        if keep and result.outcomes is not None:
-            ti.xcom_push(key="messages", value=[outcome.to_dict() for outcome in result.outcomes])
-        judge_campaign(result, total, sender.max_rejected, self.max_unknown_ratio, self.log)
-        self.log.info("Done: %s", summary)
-        if not keep:
-            return task.to_ref()
-        return xcom_message_targets(result.outcomes or [], task)
+    def build_row(self, item: Any, defaults: Any, row: int) -> tuple[Any, list[RowProblem]]:
+        media_defaults, template_defaults = defaults
+        message, problems = build_message(item, media_defaults, row)
+        if template_defaults is None:
+            return message, problems
+        # The fallback is checked with the row too: no send starts while any row's template is bad.
+        template, template_problems = build_template_message(item, template_defaults, row)
+        problems += [dataclasses.replace(p, field=f"fallback_template.{p.field}") for p in template_problems]
+        if problems or message is None:
+            return None, problems
+        return dataclasses.replace(message, fallback=template), []
+
+
+class SendWhatsAppTemplateOperator(WhatsAppCampaignOperator):
+    """Send an approved WhatsApp template message through Pepipost to each recipient.
+
+    The way to reach people who have not written to the business in the last 24 hours (media
+    messages to them get 8007). The same engine, ledger, retries and XCom contract as
+    ``SendWhatsAppMediaOperator``, whose shared parameters it takes; the sensor waits on its
+    messages the same way.
+
+    :param template_name: the approved template's name, for rows that give none. (templated)
+    :param language: the template's approved locale (``en``, ``pt_BR``...). (templated)
+    :param language_policy: ``deterministic`` or ``fallback``; None leaves it to the vendor.
+    :param attributes: the template's variables in order; each may hold ``{field}`` placeholders
+        filled from the row. A row's own ``attributes`` list wins. (templated)
+    :param media_url: URL of a media header (with ``media_type``) for rows that give none. (templated)
+    :param media_type: ``document``, ``image`` or ``video``. (templated)
+    :param ttl: whole days; a message the vendor has not processed within them is not sent.
+    """
+
+    template_fields: Sequence[str] = (
+        *WhatsAppCampaignOperator.template_fields,
+        "template_name",
+        "language",
+        "attributes",
+        "media_url",
+        "media_type",
+    )
+    template_fields_renderers = {"recipients": "py", "attributes": "py"}
+    ui_color = "#075e54"
+
+    def __init__(
+        self,
+        *,
+        template_name: str | None = None,
+        language: str = "en",
+        language_policy: str | None = None,
+        attributes: Sequence[str] | None = None,
+        media_url: str | None = None,
+        media_type: str | None = None,
+        ttl: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.template_name = template_name
+        self.language = language
+        self.language_policy = language_policy
+        self.attributes = attributes
+        self.media_url = media_url
+        self.media_type = media_type
+        self.ttl = ttl
+
+    def message_defaults(self, hook: PepipostHook) -> TemplateDefaults:
+        return TemplateDefaults(
+            source=self.source or hook.settings.source,
+            template_name=self.template_name or None,
+            language=self.language or "en",
+            language_policy=self.language_policy or None,
+            attributes=self.attributes,
+            media_url=self.media_url or None,
+            media_type=self.media_type or None,
+            ttl=self.ttl,
+            recipient_type=self.recipient_type,
+            x_apiheader=self.x_apiheader or None,
+        )
+
+    def build_row(self, item: Any, defaults: Any, row: int) -> tuple[Any, list[RowProblem]]:
+        return build_template_message(item, defaults, row)
 
 
 def xcom_message_targets(outcomes: Sequence[RowOutcome], task: TaskKey) -> list[Any]:
@@ -237,5 +378,5 @@ def judge_campaign(result: CampaignResult, total: int, max_rejected: int, max_un
             f"({max_unknown_ratio:g}) allows: the vendor or the network failed mid-answer. A later try counts the "
             f"ones delivery reports reconcile by then. Summary: {summary}"
         )
-    if total and not counts["accepted"]:
+    if total and not counts["accepted"] and not counts["fallback"]:
         raise CampaignError(f"None of the {total} rows was accepted by the vendor. Summary: {summary}")

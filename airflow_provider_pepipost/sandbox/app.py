@@ -42,6 +42,7 @@ class SandboxState:
     accepted: list[dict[str, Any]] = field(default_factory=list)  # bodies, when record_bodies
     accepted_count: int = 0
     accepted_by_header: Counter = field(default_factory=Counter)
+    accepted_by_type: Counter = field(default_factory=Counter)  # media / template
     final_by_id: dict[str, str] = field(default_factory=dict)  # message id -> final status it will reach
     attempts: Counter = field(default_factory=Counter)
     outage_until: float = 0.0
@@ -72,7 +73,7 @@ def _check_message(item: Any, state: SandboxState) -> tuple[str, str] | None:
     for name in ("recipient_whatsapp", "message_type", "source"):
         if item.get(name) in (None, ""):
             return "8001", f"{name} is required."
-    if item["message_type"] != "media":
+    if item["message_type"] not in ("media", "template"):
         return "8006", "type is required."
     recipient_type = item.get("recipient_type", "individual")
     if recipient_type not in ("individual", "group"):
@@ -82,6 +83,10 @@ def _check_message(item: Any, state: SandboxState) -> tuple[str, str] | None:
         return "8006", "recipient_whatsapp is invalid."
     if state.sources is not None and item["source"] not in state.sources:
         return "8006", "source is invalid."
+    if "x-apiheader" in item and not isinstance(item["x-apiheader"], str):
+        return "8006", "x-apiheader is invalid."
+    if item["message_type"] == "template":
+        return _check_template(item, state.scenario.templates)
     media = item.get("type_media")
     if not isinstance(media, list) or not media or not isinstance(media[0], dict):
         return "8001", "type_media is required."
@@ -91,8 +96,6 @@ def _check_message(item: Any, state: SandboxState) -> tuple[str, str] | None:
     attachment = attachments[0]
     if "caption" in attachment and not isinstance(attachment["caption"], str):
         return "8006", "caption is invalid."
-    if "x-apiheader" in item and not isinstance(item["x-apiheader"], str):
-        return "8006", "x-apiheader is invalid."
     if attachment.get("attachment_id"):
         if state.media_ids is not None and attachment["attachment_id"] not in state.media_ids:
             return "8008", "Invalid media id."
@@ -132,6 +135,41 @@ def _after_acceptance(fault: str, answer: dict[str, Any], sc: Scenario) -> Respo
     return StreamingResponse(trickle() if fault == "trickle" else huge(), media_type="application/json")
 
 
+def _check_template(item: dict[str, Any], approved: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
+    """A template message against the approved templates, as the vendor checks it."""
+    templates = item.get("type_template")
+    if not isinstance(templates, list) or len(templates) != 1 or not isinstance(templates[0], dict):
+        return "8001", "type_template is required."
+    template = templates[0]
+    name, language = template.get("name"), template.get("language")
+    if not isinstance(name, str) or not name:
+        return "8001", "template name is required."
+    if not isinstance(language, dict) or not isinstance(language.get("locale"), str):
+        return "8001", "language locale is required."
+    if "policy" in language and language["policy"] not in ("deterministic", "fallback"):
+        return "8006", "language policy is invalid."
+    known = approved.get(name)
+    if known is None or known.get("locale") != language["locale"]:
+        return "8006", f"Template {name} ({language['locale']}) is not approved."
+    attributes = template.get("attributes", [])
+    if not isinstance(attributes, list) or not all(isinstance(a, str) and a for a in attributes):
+        return "8006", "attributes must be a list of non-empty strings."
+    if len(attributes) != known.get("attributes", 0):
+        return "8006", f"Template {name} takes {known.get('attributes', 0)} attributes, not {len(attributes)}."
+    if "ttl" in item and (not isinstance(item["ttl"], int) or isinstance(item["ttl"], bool) or item["ttl"] < 1):
+        return "8006", "ttl is invalid."
+    header = item.get("type_media_template")
+    if known.get("header") is None:
+        if header is not None:
+            return "8006", f"Template {name} has no media header."
+        return None
+    if not isinstance(header, dict) or header.get("type") != known["header"]:
+        return "8006", f"Template {name} needs a {known['header']} header."
+    if not str(header.get("url", "")).startswith(("http://", "https://")):
+        return "8008", "Invalid media url."
+    return None
+
+
 def create_sandbox_app(state: SandboxState) -> FastAPI:
     app = FastAPI(title="Pepipost WhatsApp sandbox", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -169,7 +207,8 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
         if problem := _check_message(item, state):
             return _failure(*problem, 400, state)
 
-        identity = item.get("x-apiheader") or f"{item['recipient_whatsapp']}|{json.dumps(item['type_media'])}"
+        content = item.get("type_media") or item.get("type_template")
+        identity = item.get("x-apiheader") or f"{item['recipient_whatsapp']}|{json.dumps(content)}"
         with state.lock:
             state.attempts[identity] += 1
             attempt = state.attempts[identity]
@@ -186,7 +225,7 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
                 state.responses["drop"] += 1
             state.drop_connection(request)
             return JSONResponse({}, status_code=500)  # never reaches the client: its socket is gone
-        if code := sc.recipient_error(item["recipient_whatsapp"]):
+        if code := sc.recipient_error(item["recipient_whatsapp"], item["message_type"]):
             return _failure(code, RECIPIENT_ERRORS[code], 400, state)
 
         message_id = str(uuid.uuid4())
@@ -197,6 +236,7 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
             state.responses["accepted"] += 1
             state.accepted_count += 1
             state.accepted_by_header[item.get("x-apiheader")] += 1
+            state.accepted_by_type[item["message_type"]] += 1
             state.final_by_id[message_id] = sc.final_status(item.get("x-apiheader") or message_id)
             if state.record_bodies:
                 state.accepted.append({"message_id": message_id, "body": body})
@@ -220,6 +260,7 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
             data = {
                 "requests": state.requests,
                 "accepted": state.accepted_count,
+                "accepted_by_type": dict(state.accepted_by_type),
                 "responses": dict(state.responses),
                 "funnel": dict(Counter(state.final_by_id.values())),
             }

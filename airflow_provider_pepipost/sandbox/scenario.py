@@ -34,8 +34,17 @@ class Scenario:
     duplicate_ratio: float = 0.0  # reports posted twice
     out_of_order_ratio: float = 0.0  # 'read' posted before 'delivered'
     inbound_ratio: float = 0.0  # customer replies posted as incoming_message[]
-    # Rejections by recipient (vendor codes 8002, 8003, 8007), as shares of recipients.
+    # Rejections by recipient (vendor codes 8002, 8003, 8007), as shares of recipients. 8007 (the
+    # 24-hour window is closed) is only ever the answer to a session (media) message.
     reject_ratio: dict[str, float] = field(default_factory=dict)
+    closed_window_ratio: float = 0.0  # recipients who have not written in 24 h: media gets 8007
+    # Approved templates: name -> {"locale", "attributes" (how many), "header" (None or a type)}.
+    templates: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {
+            "invoice_ready": {"locale": "en", "attributes": 2, "header": "document"},
+            "spring_offer": {"locale": "en", "attributes": 1, "header": None},
+        }
+    )
     # Faults, as shares of requests (each try of a message is drawn again).
     rate_429: float = 0.0
     retry_after: float | None = 0.2  # Retry-After of a 429; None sends none
@@ -96,12 +105,14 @@ class Scenario:
             roll -= rate
         return None
 
-    def recipient_error(self, recipient: str) -> str | None:
+    def recipient_error(self, recipient: str, message_type: str = "media") -> str | None:
         roll = self.draw("recipient", recipient)
         for code, rate in sorted(self.reject_ratio.items()):
             if roll < rate:
-                return code
+                return None if code == "8007" and message_type != "media" else code
             roll -= rate
+        if message_type == "media" and self.draw("window", recipient) < self.closed_window_ratio:
+            return "8007"
         return None
 
     def final_status(self, identity: str) -> str:

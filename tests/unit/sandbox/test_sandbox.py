@@ -157,3 +157,56 @@ def test_the_final_mix_follows_the_scenario():
     finals = [scenario.final_status(f"id-{i}") for i in range(2000)]
     assert 900 < finals.count("failed") < 1100
     assert set(finals) == {"read", "failed"}
+
+
+def template(**overrides) -> dict:
+    item = {
+        "recipient_whatsapp": "919833078369",
+        "message_type": "template",
+        "source": "sandbox-source",
+        "x-apiheader": "t1",
+        "type_template": [{"name": "invoice_ready", "attributes": ["Asha", "INV-1"], "language": {"locale": "en"}}],
+        "type_media_template": {"type": "document", "url": "https://cdn.example.com/inv.pdf"},
+    }
+    item.update(overrides)
+    return {k: v for k, v in item.items() if v is not None}
+
+
+def test_accepts_an_approved_template_with_its_header(sandbox):
+    answer = send(sandbox, {"message": [template()]})
+    assert answer.status_code == 200 and answer.json()["data"]["id"]
+    offer = template(**tt(name="spring_offer", attributes=("Asha",)), type_media_template=None)
+    assert send(sandbox, {"message": [offer]}).status_code == 200
+
+
+def tt(name: str = "invoice_ready", attributes: tuple = ("a", "b"), locale: str | None = "en") -> dict:
+    """A type_template value."""
+    return {"type_template": [{"name": name, "attributes": list(attributes), "language": {"locale": locale}}]}
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "says"),
+    [
+        (tt(name="nope"), "8006", "approved"),
+        (tt(locale="fr"), "8006", "approved"),
+        (tt(attributes=("a",)), "8006", "takes 2"),
+        (tt(attributes=("a", "")), "8006", "non-empty"),
+        (tt(locale=None), "8001", "locale"),
+        ({"type_template": None}, "8001", "type_template"),
+        ({"type_media_template": None}, "8006", "needs a document header"),
+        ({"type_media_template": {"type": "image", "url": "https://x/y.png"}}, "8006", "needs a document header"),
+        ({"type_media_template": {"type": "document", "url": "ftp://x/y.pdf"}}, "8008", "media url"),
+        ({"ttl": 0}, "8006", "ttl"),
+    ],
+)
+def test_refuses_malformed_templates_as_the_vendor_would(sandbox, change, code, says):
+    answer = send(sandbox, {"message": [template(**change)]})
+    error = answer.json()["error"]
+    assert (error["code"], says in error["message"]) == (code, True), error
+
+
+def test_a_closed_window_refuses_session_messages_only():
+    with SandboxServer(Scenario(closed_window_ratio=1.0)) as sandbox:
+        assert send(sandbox, {"message": [media()]}).json()["error"]["code"] == "8007"
+        assert send(sandbox, {"message": [template()]}).json()["status"] == "success"
+        assert sandbox.state.accepted_by_type == {"template": 1}
