@@ -245,10 +245,11 @@ def check_addressing(data: Mapping[str, Any], defaults: Any, problem: Any) -> Ad
     return Addressing(recipient, recipient_type, source.strip(), header)
 
 
-def build_message(item: Any, defaults: MessageDefaults, row: int) -> tuple[MediaMessage | None, list[RowProblem]]:
-    """Validate one input row against the vendor's rules; return the message or every problem found.
+def read_row(item: Any, defaults: Any, row: int) -> tuple[Mapping[str, Any] | None, list[RowProblem], Any, Any]:
+    """The start every message kind's builder shares: the row as a dict, its shared fields checked.
 
-    ``api_header`` stays None when neither the row nor the defaults give one; the caller derives it.
+    Returns (row dict or None when the item is no row at all, the problem list, the function that
+    adds a problem to it, the ``Addressing`` or None).
     """
     problems: list[RowProblem] = []
 
@@ -257,9 +258,19 @@ def build_message(item: Any, defaults: MessageDefaults, row: int) -> tuple[Media
 
     if not isinstance(item, (Mapping, str, int)) or isinstance(item, bool):
         problem("row", item, "must be a phone number or a dict with 'recipient_whatsapp'")
-        return None, problems
+        return None, problems, problem, None
     data = as_row(item)
-    addressing = check_addressing(data, defaults, problem)
+    return data, problems, problem, check_addressing(data, defaults, problem)
+
+
+def build_message(item: Any, defaults: MessageDefaults, row: int) -> tuple[MediaMessage | None, list[RowProblem]]:
+    """Validate one input row against the vendor's rules; return the message or every problem found.
+
+    ``api_header`` stays None when neither the row nor the defaults give one; the caller derives it.
+    """
+    data, problems, problem, addressing = read_row(item, defaults, row)
+    if data is None:
+        return None, problems
 
     # A row that names its own attachment replaces the defaults' attachment as a whole.
     if data.get("attachment_id") or data.get("attachment_url"):

@@ -14,26 +14,17 @@ from typing import Any
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.errors import RowProblem
-from airflow_provider_pepipost.messages import as_row, check_addressing, mask_value, render_placeholders
+from airflow_provider_pepipost.messages import read_row, render_placeholders
 
 HEADER_TYPES = frozenset({"document", "image", "video"})
 LANGUAGE_POLICIES = frozenset({"deterministic", "fallback"})
 MAX_ATTRIBUTE_LENGTH = 1024  # a template variable is text like a caption; longer is refused later
 
+# What a template message takes beyond its addressing: the template operator's parameter names,
+# which a media operator's fallback_template holds too.
+TEMPLATE_OPTIONS = ("template_name", "language", "language_policy", "attributes", "media_url", "media_type", "ttl")
 # Keys of a row dict that are template fields; every other key is row data for placeholders.
-ROW_FIELDS = (
-    "recipient_whatsapp",
-    "recipient_type",
-    "source",
-    "x-apiheader",
-    "template_name",
-    "language",
-    "language_policy",
-    "attributes",
-    "media_url",
-    "media_type",
-    "ttl",
-)
+ROW_FIELDS = ("recipient_whatsapp", "recipient_type", "source", "x-apiheader", *TEMPLATE_OPTIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,16 +110,9 @@ def build_template_message(
     item: Any, defaults: TemplateDefaults, row: int
 ) -> tuple[TemplateMessage | None, list[RowProblem]]:
     """Validate one input row as a template message; return the message or every problem found."""
-    problems: list[RowProblem] = []
-
-    def problem(field: str, value: Any, reason: str) -> None:
-        problems.append(RowProblem(row, field, mask_value(field, value), reason))
-
-    if not isinstance(item, (Mapping, str, int)) or isinstance(item, bool):
-        problem("row", item, "must be a phone number or a dict with 'recipient_whatsapp'")
+    data, problems, problem, addressing = read_row(item, defaults, row)
+    if data is None:
         return None, problems
-    data = as_row(item)
-    addressing = check_addressing(data, defaults, problem)
 
     name = _given(data, "template_name", defaults.template_name)
     if not isinstance(name, str) or not name.strip():

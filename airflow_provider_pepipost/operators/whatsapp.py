@@ -17,21 +17,10 @@ from airflow_provider_pepipost.messages import MessageDefaults, build_message, i
 from airflow_provider_pepipost.operators.campaign import CampaignError, CampaignResult, CampaignSender, RowOutcome
 from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
 from airflow_provider_pepipost.status.store import StatusStore, TaskKey
-from airflow_provider_pepipost.template_messages import TemplateDefaults, build_template_message
+from airflow_provider_pepipost.template_messages import TEMPLATE_OPTIONS, TemplateDefaults, build_template_message
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-# What a media operator's fallback_template may hold: the template operator's own parameter names.
-FALLBACK_TEMPLATE_KEYS = (
-    "template_name",
-    "language",
-    "language_policy",
-    "attributes",
-    "media_url",
-    "media_type",
-    "ttl",
-)
 
 # Above this many rows the ids are not listed in XCom (it lives in Airflow's metadata database):
 # return_value becomes a ledger reference that WhatsAppMessageStatusSensor reads instead.
@@ -240,10 +229,10 @@ class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):
             return media, None
         if not isinstance(self.fallback_template, dict):
             raise PepipostConfigError("fallback_template must be a dict of SendWhatsAppTemplateOperator parameters")
-        unknown = set(self.fallback_template) - set(FALLBACK_TEMPLATE_KEYS)
+        unknown = set(self.fallback_template) - set(TEMPLATE_OPTIONS)
         if unknown:
             raise PepipostConfigError(
-                f"fallback_template: unknown keys {sorted(unknown)}; it takes {list(FALLBACK_TEMPLATE_KEYS)}"
+                f"fallback_template: unknown keys {sorted(unknown)}; it takes {list(TEMPLATE_OPTIONS)}"
             )
         return media, TemplateDefaults(source=source, recipient_type=self.recipient_type, **self.fallback_template)
 
