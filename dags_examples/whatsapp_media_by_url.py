@@ -44,7 +44,7 @@ def whatsapp_media_by_url():
         message_ids=send.output,
         target_status="read",
         min_success_ratio=0.5,
-        poke_interval=2,
+        poke_interval=5,
         timeout=15 * 60,
     )
 

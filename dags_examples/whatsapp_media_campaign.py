@@ -51,7 +51,7 @@ def whatsapp_media_campaign():
         target_status="delivered",
         min_success_ratio=0.75,
         deferrable=True,
-        poke_interval=2,
+        poke_interval=5,
         timeout=15 * 60,
     )
 

@@ -41,7 +41,7 @@ def whatsapp_media_campaign_mapped():
         target_status="sent",
         min_success_ratio=0.8,
         mode="reschedule",
-        poke_interval=2,
+        poke_interval=5,
         timeout=15 * 60,
     )
 

@@ -14,7 +14,6 @@ import secrets
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ DEMO_SCENARIO = {
     "out_of_order_ratio": 0.1,
     "inbound_ratio": 0.1,
     "reject_ratio": {"8003": 0.03},
+    "closed_window_ratio": 0.3,  # they get the approved template instead of the session message
     "rate_429": 0.03,
     "retry_after": 0.2,
     "webhook_version": 2,
@@ -67,26 +67,22 @@ def sandbox_funnel(final_by_status: dict[str, int]) -> dict[str, int]:
     }
 
 
-def store_funnel(db_path: Path, dag_id: str) -> dict[str, int]:
-    """The funnel of every message the DAG's run sent, read straight from the store's SQLite file."""
-    with sqlite3.connect(db_path) as db:
-        rows = db.execute(
-            """SELECT coalesce(s.status, 'pending'), count(*) FROM pepipost_ledger l
-               LEFT JOIN pepipost_message_status s ON s.message_id = l.message_id
-               WHERE l.dag_id = ? AND l.state = 'accepted' GROUP BY 1""",
-            (dag_id,),
-        ).fetchall()
-    counts = Counter(dict(rows))
-    funnel = sandbox_funnel({k: v for k, v in counts.items() if k != "pending"})
-    funnel["total"] += counts["pending"]
-    funnel["pending"] = counts["pending"]
+def store_funnel(store_url: str, dag_id: str) -> dict[str, int]:
+    """The funnel of every message the DAG sent, read through the status store's API."""
+    from airflow_provider_pepipost.status.store import StatusStore
+
+    store = StatusStore(store_url)
+    summary = store.summarize(store.task_keys(dag_id))
+    funnel = sandbox_funnel(summary.counts)
+    funnel["total"] += summary.pending + summary.unknown
+    funnel["pending"] = summary.pending + summary.unknown
     return funnel
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pepipost-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--dags-folder", default="dags_examples")
-    parser.add_argument("--dag", default="whatsapp_media_campaign")
+    parser.add_argument("--dag", default="whatsapp_template_campaign")
     parser.add_argument("--workdir", default=".demo")
     parser.add_argument("--audience-size", type=int, default=200)
     args = parser.parse_args(argv)
@@ -161,12 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)
         stats = requests.get(f"{sandbox_url}/_sandbox/stats", timeout=5).json()
         expected = sandbox_funnel(stats["funnel"])
-        got = store_funnel(store_path, args.dag)
+        got = store_funnel(store_url, args.dag)
         print("\n[demo] Delivery funnel: status store (from webhook reports) vs the sandbox's scenario")
         print(f"  {'stage':<10}{'store':>8}{'sandbox':>9}")
         for stage in ("total", "sent", "delivered", "read", "failed"):
             print(f"  {stage:<10}{got[stage]:>8}{expected[stage]:>9}")
         print(f"  {'pending':<10}{got['pending']:>8}")
+        by_type = stats.get("accepted_by_type", {})
+        print(
+            f"  sent as session (media) messages: {by_type.get('media', 0)}; as the approved template, where "
+            f"the 24-hour window was closed: {by_type.get('template', 0)}"
+        )
         print(
             f"  sandbox: {stats['requests']} requests, {stats['accepted']} accepted, responses {stats['responses']}, "
             f"{stats['reports']['events_posted']} report events posted"

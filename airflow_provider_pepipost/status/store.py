@@ -754,6 +754,16 @@ class StatusStore:
         parts += [self.summarize_task(t) for t in targets if isinstance(t, TaskKey)]
         return merge_summaries(parts)
 
+    def task_keys(self, dag_id: str, run_id: str | None = None) -> list[TaskKey]:
+        """The task instances of a DAG (and run) that sent messages, for a report over all of them."""
+        led = schema.ledger
+        query = select(led.c.dag_id, led.c.run_id, led.c.task_id, led.c.map_index).distinct()
+        query = query.where(led.c.dag_id == dag_id)
+        if run_id is not None:
+            query = query.where(led.c.run_id == run_id)
+        with self.engine.connect() as conn:
+            return [TaskKey(*row) for row in conn.execute(query.order_by(led.c.run_id, led.c.task_id, led.c.map_index))]
+
     # -- reading back, for reports and tests -----------------------------------------------------
 
     def current_status(self, message_id: str) -> str | None:

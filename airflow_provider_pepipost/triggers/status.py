@@ -77,6 +77,10 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
         targets: list[str | TaskKey] = parse_message_targets(self.message_ids)
         errors = 0
         store: StatusStore | None = None
+        # The sensor read the store just before it deferred: the first read waits one interval.
+        # That also keeps the trigger from firing before the scheduler has taken in the deferral:
+        # Airflow 3.3 can mark such a task failed (apache/airflow#66374, #72716).
+        await asyncio.sleep(self.poll_interval)
         while True:
             try:
                 if store is None:

@@ -14,7 +14,12 @@ from tests.helpers import _dag_bag, run_dag
 
 pytestmark = pytest.mark.dag
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = {"whatsapp_media_campaign", "whatsapp_media_campaign_mapped", "whatsapp_media_by_url"}
+EXAMPLES = {
+    "whatsapp_media_campaign",
+    "whatsapp_media_campaign_mapped",
+    "whatsapp_media_by_url",
+    "whatsapp_template_campaign",
+}
 
 
 def test_examples_parse_without_import_errors(airflow_db):
@@ -48,6 +53,20 @@ def test_media_by_url_example(sandbox_with_reports):
     assert attachment["caption"].endswith(", see what is new this spring")
 
 
+def test_template_example_sends_the_template_where_the_window_is_closed(airflow_db, sqlite_receiver, pepipost_conn):
+    scenario = Scenario(final_mix={"read": 0.9, "delivered": 0.1}, status_delay=0.1, closed_window_ratio=0.4)
+    headers = {"X-Pepipost-Token": WEBHOOK_TOKEN}
+    with SandboxServer(scenario, webhook_url=sqlite_receiver.webhook_url, webhook_headers=headers) as sandbox:
+        pepipost_conn(sandbox.url, sqlite_receiver.store_url)
+        result = run_dag("whatsapp_template_campaign")
+    assert result.state == "success", result.tasks
+    split = result.value("report")
+    assert split["template"] == sandbox.state.accepted_by_type["template"] > 10
+    assert split["session"] == sandbox.state.accepted_by_type["media"] > 10
+    assert split["session"] + split["template"] == 60
+    assert result.value("wait_for_delivery")["total"] == 60  # one sensor over both kinds
+
+
 def test_make_demo_runs_the_campaign_end_to_end(tmp_path):
     """What `make demo` runs: sandbox and receiver processes, `airflow dags test`, the funnel."""
     run = subprocess.run(
@@ -57,4 +76,5 @@ def test_make_demo_runs_the_campaign_end_to_end(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "funnel matches the sandbox scenario: yes" in run.stdout
-    assert "Delivery funnel for" in run.stdout + run.stderr
+    assert "as the approved template, where the 24-hour window was closed" in run.stdout
+    assert "templates where the window was closed" in run.stdout + run.stderr  # the DAG's own report

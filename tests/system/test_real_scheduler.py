@@ -31,7 +31,12 @@ from tests.helpers import free_port, http_ok, wait_until
 pytestmark = pytest.mark.system
 
 BIN = Path(sys.executable).parent
-EXAMPLES = ["whatsapp_media_campaign", "whatsapp_media_campaign_mapped", "whatsapp_media_by_url"]
+EXAMPLES = [
+    "whatsapp_media_campaign",
+    "whatsapp_media_campaign_mapped",
+    "whatsapp_media_by_url",
+    "whatsapp_template_campaign",
+]
 TOKEN = "system-test-webhook-token"
 RUN_TIMEOUT = 180
 
@@ -168,12 +173,18 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
     procs = Processes(tmp_path, env)
     metadata = sqlalchemy.create_engine(metadata_url)
 
-    def start_sandbox(webhook_url: str) -> None:
+    def start_sandbox(webhook_url: str, closed_window_ratio: float = 0.0) -> None:
         # Reports come seconds after the send, so the deferrable sensor's first poke finds them
         # pending and it defers to the triggerer; no message stays at 'sent' for ever.
         final_mix = {"read": 0.7, "delivered": 0.25, "failed": 0.05}
         scenario = json.dumps(
-            {"latency": 0.01, "status_delay": 2.0, "final_mix": final_mix, "reject_ratio": {"8003": 0.02}}
+            {
+                "latency": 0.01,
+                "status_delay": 2.0,
+                "final_mix": final_mix,
+                "reject_ratio": {"8003": 0.02},
+                "closed_window_ratio": closed_window_ratio,
+            }
         )
         procs.start(
             "sandbox",
@@ -212,14 +223,16 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
         runs = run_states(metadata, EXAMPLES)
         assert all(logical_date is None for runs_ in runs.values() for _, _, logical_date in runs_)
 
-        # Round 2: the flagship again, its reports to the receiver the plugin mounts in the api-server.
+        # Round 2: a cold audience (the 24-hour window closed for 40 %): the template campaign
+        # falls back to its template; reports to the receiver the plugin mounts in the api-server.
         procs.stop("sandbox")
-        start_sandbox(f"http://127.0.0.1:{api_port}/pepipost/webhook")
-        airflow(env, "dags", "trigger", EXAMPLES[0])
-        wait_for_runs(metadata, EXAMPLES[:1], 2, procs)
+        start_sandbox(f"http://127.0.0.1:{api_port}/pepipost/webhook", closed_window_ratio=0.4)
+        airflow(env, "dags", "trigger", "whatsapp_template_campaign")
+        wait_for_runs(metadata, ["whatsapp_template_campaign"], 2, procs)
 
         stats = requests.get(f"{sandbox_url}/_sandbox/stats", timeout=5).json()
         assert stats["reports"]["events_lost"] == 0, stats
+        assert stats["accepted_by_type"]["template"] > 0 and stats["responses"]["8007"] > 0, stats
         # The deferrable sensor waited in the triggerer: its trigger's log sits beside the task log.
         trigger_logs = list((tmp_path / "airflow" / "logs").rglob("task_id=wait_for_delivery/*.trigger.*.log"))
         assert any("trigger completed" in log.read_text(errors="replace") for log in trigger_logs), procs.tails()
