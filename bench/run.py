@@ -53,7 +53,7 @@ def main() -> int:
         add("sequential requests.post loop (baseline)", f"{base} msg/s")
         for r in send["runs"]:
             add(
-                f"operator, {r['workers']} workers, {r['messages']} msgs, {r['ledger']} ledger",
+                f"{r['kind']} operator, {r['workers']} workers, {r['messages']} msgs, {r['ledger']} ledger",
                 f"{r['msg_per_s']} msg/s = {r['share_of_limit']:.0%} of {r['limit_msg_per_s']:.0f}",
                 ">= 90% of workers/latency",
                 r["share_of_limit"] >= 0.9,

@@ -46,19 +46,17 @@ def sequential_baseline(base_url: str, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-def operator_rate(base_url: str, count: int, workers: int, store_url: str) -> dict:
-    """The operator sending ``count`` messages with ``workers`` threads, its ledger in ``store_url``."""
-    from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppMediaOperator
+def operator_rate(base_url: str, count: int, workers: int, store_url: str, kind: str = "media") -> dict:
+    """A send operator (``kind`` media or template) sending ``count`` messages with ``workers`` threads,
+    its ledger in ``store_url``."""
+    from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppMediaOperator, SendWhatsAppTemplateOperator
 
     point_connection(base_url, store_url)
-    operator = SendWhatsAppMediaOperator(
-        task_id="send",
-        recipients=audience(count),
-        attachment_id="m-1",
-        caption="Hi",
-        max_workers=workers,
-        progress_interval=3600,
-    )
+    common = {"task_id": "send", "recipients": audience(count), "max_workers": workers, "progress_interval": 3600}
+    if kind == "template":  # an approved template of the sandbox's default scenario
+        operator = SendWhatsAppTemplateOperator(template_name="spring_offer", attributes=["Hi"], **common)
+    else:
+        operator = SendWhatsAppMediaOperator(attachment_id="m-1", caption="Hi", **common)
     ti = BenchTaskInstance("bench_send", f"run-{uuid.uuid4().hex}")
     started = time.perf_counter()
     result = operator.execute({"ti": ti})
@@ -68,6 +66,7 @@ def operator_rate(base_url: str, count: int, workers: int, store_url: str) -> di
     rate = count / elapsed
     limit = workers / LATENCY
     return {
+        "kind": kind,
         "workers": workers,
         "ledger": make_url(store_url).get_backend_name(),
         "messages": count,
@@ -89,6 +88,7 @@ def run(
         baseline = sequential_baseline(url, baseline_count)
         for workers in (16, tuned_workers):
             runs.append(operator_rate(url, count, workers, f"sqlite:///{Path(tmp) / f'send-{workers}.db'}"))
+        runs.append(operator_rate(url, count, 16, f"sqlite:///{Path(tmp) / 'send-template.db'}", kind="template"))
         if postgres_url:
             from bench.pg import scratch_database
 
