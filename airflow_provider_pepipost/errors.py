@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from airflow.sdk.exceptions import AirflowFailException
+
 
 class PepipostError(Exception):
     """Base class of all errors raised by this provider."""
@@ -22,7 +24,7 @@ class FailureKind(str, Enum):
     JOB = "job"  # every further send would fail the same way (bad key, 8004, 8008): stop now
 
 
-# From ../shared/pepipost/api-notes.md. Codes not listed are treated as MESSAGE: the vendor
+# From docs/pepipost/api-notes.md. Codes not listed are treated as MESSAGE: the vendor
 # refused one message for a reason we do not know, which is no reason to stop the campaign.
 ERROR_CODE_KINDS: dict[str, FailureKind] = {
     "8001": FailureKind.MESSAGE,
@@ -149,3 +151,11 @@ class MessageValidationError(PepipostError, ValueError):
 
 class PepipostConfigError(PepipostError, ValueError):
     """The connection, an argument or a setting is missing or wrong."""
+
+
+class CampaignError(PepipostError):
+    """The campaign stopped or ended with more rejections or unknown outcomes than allowed."""
+
+
+class WhatsAppDeliveryFailed(AirflowFailException):
+    """Too many messages failed delivery; retrying the sensor would not change that."""

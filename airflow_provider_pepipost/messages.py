@@ -1,6 +1,6 @@
 """The vendor contract for one WhatsApp media message: validate a row, build its JSON.
 
-Pure code, no I/O and no Airflow: the rules of ../shared/pepipost/send-media-message.md in one
+Pure code, no I/O and no Airflow: the rules of docs/pepipost/send-media-message.md in one
 place, so that they can be tested on their own and applied to every row before the first send.
 """
 

@@ -350,10 +350,6 @@ class CampaignSender:
         )  # fmt: skip
 
 
-class CampaignError(PepipostError):
-    """The campaign stopped or ended with more rejections than allowed."""
-
-
 def _closed_window(entry: LedgerEntry | None) -> bool:
     return entry is not None and entry.state == "rejected" and entry.error_code == "8007"
 

@@ -11,10 +11,10 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.audience import Audience
 from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
-from airflow_provider_pepipost.errors import MessageValidationError, PepipostConfigError, RowProblem
+from airflow_provider_pepipost.errors import CampaignError, MessageValidationError, PepipostConfigError, RowProblem
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import MessageDefaults, build_message, iter_messages, validate_rows
-from airflow_provider_pepipost.operators.campaign import CampaignError, CampaignResult, CampaignSender, RowOutcome
+from airflow_provider_pepipost.operators.campaign import CampaignResult, CampaignSender, RowOutcome
 from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
 from airflow_provider_pepipost.status.store import StatusStore, TaskKey
 from airflow_provider_pepipost.template_messages import TEMPLATE_OPTIONS, TemplateDefaults, build_template_message

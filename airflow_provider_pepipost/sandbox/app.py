@@ -1,6 +1,6 @@
 """The sandbox's API: a Pepipost-compatible ``POST /api/v2/message/`` that checks requests as the vendor does.
 
-Checks the Bearer key, then the body, from the vendor's send page (../shared/pepipost/), with code
+Checks the Bearer key, then the body, from the vendor's send page (docs/pepipost/), with code
 of its own: it imports nothing from the provider's message model.
 """
 

@@ -1,6 +1,6 @@
 """The sandbox's delivery-report sender: posts delivery_status[] batches to a webhook, as the vendor does.
 
-Written from ../shared/pepipost/api-notes.md on its own, sharing no code with the receiver, so
+Written from docs/pepipost/api-notes.md on its own, sharing no code with the receiver, so
 that a bug in either one shows up as a disagreement between the two.
 """
 

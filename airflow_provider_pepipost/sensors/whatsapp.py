@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
+from airflow_provider_pepipost.errors import WhatsAppDeliveryFailed
 from airflow_provider_pepipost.status.model import (
     FAIL_ON_POLICIES,
     TARGET_STATUSES,
@@ -23,10 +24,6 @@ from airflow_provider_pepipost.triggers.status import WhatsAppMessageStatusTrigg
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-
-class WhatsAppDeliveryFailed(AirflowFailException):
-    """Too many messages failed; retrying the sensor would not change that."""
 
 
 class WhatsAppMessageStatusSensor(BaseSensorOperator):

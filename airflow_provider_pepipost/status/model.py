@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 # Status only moves up this ladder: a late 'delivered' never overwrites 'read'. 'failed' sits
@@ -31,6 +32,16 @@ def normalize_status(raw: Any) -> str:
 
 def status_rank(status: str) -> int:
     return STATUS_RANK.get(status, 0)
+
+
+class LedgerState(str, Enum):
+    """Where one message of a send task stands in the ledger (the send side; statuses are the phone's)."""
+
+    SENDING = "sending"  # claimed: its request is about to go out, or went out and no answer is in yet
+    ACCEPTED = "accepted"  # the vendor gave it a message id (or a report matched it to one)
+    REJECTED = "rejected"  # the vendor refused it (8002, 8003, 8007, 8001, 8006, 8004, 8008)
+    UNKNOWN = "unknown"  # the request left; the answer could not tell whether the vendor took it
+    NOT_SENT = "not_sent"  # claimed, but its request never reached the vendor: a later try sends it
 
 
 @dataclass(frozen=True, slots=True)

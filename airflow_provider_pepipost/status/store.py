@@ -42,7 +42,7 @@ from sqlalchemy.engine import make_url
 
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.migrations import migrate
-from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary
+from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary, LedgerState
 from airflow_provider_pepipost.status.resolver import resolve_store_url
 
 # The receiver still imports the resolver under its old name here; one function either way.
@@ -51,9 +51,9 @@ default_store_url = resolve_store_url
 # Bound parameters per IN (...) chunk: well under SQLite's 32766 and fast on PostgreSQL.
 ID_CHUNK = 5000
 ID_SEPARATOR = "\n"  # joins a PostgreSQL id list into one bound text (ids with it go as an array)
-IN_FLIGHT_STATES = ("sending", "unknown")
+IN_FLIGHT_STATES = (LedgerState.SENDING.value, LedgerState.UNKNOWN.value)
 # Rows a later try may send again: the vendor refused them, or a stopped campaign never sent them.
-RESENDABLE_STATES = ("rejected", "not_sent")
+RESENDABLE_STATES = (LedgerState.REJECTED.value, LedgerState.NOT_SENT.value)
 
 
 def redact_url(url: str) -> str:

@@ -20,7 +20,7 @@ import pytest
 import requests
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_provider_pepipost.operators.campaign import CampaignError
+from airflow_provider_pepipost.errors import CampaignError
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
 from airflow_provider_pepipost.status import store as store_module
 from airflow_provider_pepipost.status.store import TaskKey

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_provider_pepipost.operators.campaign import CampaignError
+from airflow_provider_pepipost.errors import CampaignError
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
 from airflow_provider_pepipost.status.model import evaluate
 from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets
