@@ -22,7 +22,7 @@ ATTACHMENT_TYPES = frozenset({"image", "video", "audio", "document", "sticker"})
 MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 10, 15
 # WhatsApp's own limit for a media caption; the vendor page gives none, a longer one fails later.
 MAX_CAPTION_LENGTH = 1024
-MAX_GROUP_ID_LENGTH = 128
+MAX_GROUP_ID_LENGTH = limits.RECIPIENT_MAX  # what the ledger's recipient column holds
 
 # Keys of a row dict that are message fields; every other key is row data for caption placeholders.
 ROW_FIELDS = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -19,6 +20,7 @@ from airflow.sdk import BaseHook
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
 
+from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.connection_form import (
     CONN_TYPE,
     DEFAULT_BASE_URL,
@@ -152,17 +154,27 @@ class PepipostHook(BaseHook):
         if api_key.lower().startswith("bearer "):
             api_key = api_key[7:].strip()  # the hook adds the prefix itself
             mask_secret(api_key)
+        if not api_key.isascii() or not api_key.isprintable() or " " in api_key:
+            raise PepipostConfigError(
+                f"connection '{self.pepipost_conn_id}': the API key holds a space, an invisible or a non-ASCII "
+                "character (pasted from a document?): copy it again from the vendor's dashboard"
+            )
 
-        def number(name: str, cast: type) -> Any:
+        def number(name: str, cast: type, *, positive: bool = True) -> Any:
+            """A finite number (``cast``), above 0 where 0 cannot work, else at least 0."""
             raw = extra.get(name, EXTRA_FIELDS[name][2])
-            try:
-                value = cast(raw)
-            except (TypeError, ValueError):
+            value = None
+            if not isinstance(raw, bool):
+                try:
+                    value = cast(raw) if cast is float else cast(str(raw).strip())
+                except (TypeError, ValueError):
+                    value = None
+            if value is None or not math.isfinite(value) or value < 0 or (positive and value == 0):
+                bound = "above 0" if positive else "0 or more"
                 raise PepipostConfigError(
-                    f"connection '{self.pepipost_conn_id}': extra '{name}' must be a number, not {raw!r}"
-                ) from None
-            if value < 0:
-                raise PepipostConfigError(f"connection '{self.pepipost_conn_id}': extra '{name}' must be >= 0")
+                    f"connection '{self.pepipost_conn_id}': extra '{name}' must be a finite "
+                    f"{'whole ' if cast is int else ''}number {bound}, not {raw!r}"
+                )
             return value
 
         return PepipostSettings(
@@ -172,7 +184,7 @@ class PepipostHook(BaseHook):
             endpoint=extra.get("endpoint") or DEFAULT_ENDPOINT,
             timeout=number("timeout", float),
             connect_timeout=number("connect_timeout", float),
-            max_retries=number("max_retries", int),
+            max_retries=number("max_retries", int, positive=False),
             backoff_max=number("backoff_max", float),
             deadline=number("deadline", float),
             max_answer_bytes=number("max_answer_bytes", int),
@@ -291,6 +303,20 @@ class PepipostHook(BaseHook):
                 content = self._read_capped(response, progress)
             except requests.exceptions.RequestException as err:
                 raise self._classify_exception(err, progress) from None
+            except (PepipostOutcomeUnknownError, PepipostNotSentError):
+                raise
+            except Exception as err:
+                # Not the network's: a bug or a setting requests refuses. Before the request left,
+                # it is not sent (and no retry will mend it); after, the vendor may have it.
+                if not progress.sent:
+                    raise PepipostNotSentError(
+                        f"the request to {settings.base_url} could not be made ({type(err).__name__}: "
+                        f"{self._redact(str(err))[:EXCERPT_CHARS]}); nothing was sent",
+                        retryable=False,
+                    ) from None
+                raise PepipostOutcomeUnknownError(
+                    f"the answer could not be read ({type(err).__name__}); the message may have been accepted"
+                ) from None
         finally:
             end_request(progress)
         return self._parse_answer(response, content)
@@ -332,9 +358,9 @@ class PepipostHook(BaseHook):
         return b"".join(chunks)
 
     def _past_deadline(self, status: int | None = None) -> PepipostOutcomeUnknownError:
-        answer = f"the answer (HTTP {status})" if status else "no answer"
+        answer = f"the answer (HTTP {status}) was not complete" if status else "no complete answer came"
         return PepipostOutcomeUnknownError(
-            f"{answer} was not complete within the {self.settings.deadline:g}s deadline (extra 'deadline'); "
+            f"{answer} within the {self.settings.deadline:g}s deadline (extra 'deadline'); "
             "the message may have been accepted"
         )
 
@@ -440,7 +466,11 @@ def message_id_of(answer: dict[str, Any], redact: Any = str) -> str:
     data = answer.get("data")
     message_id = data.get("id") if isinstance(data, dict) else None
     if answer.get("status") == "success" and isinstance(message_id, str) and message_id:
-        return message_id
+        if len(message_id) <= limits.MESSAGE_ID_MAX and not limits.text_problem(message_id):
+            return message_id
+        raise PepipostOutcomeUnknownError(
+            f"the vendor accepted it, but its id ({len(message_id)} characters) is not one the ledger can keep"
+        )
     raise PepipostOutcomeUnknownError(
         f"the answer is not the vendor's success shape: {redact(repr(answer))[:EXCERPT_CHARS]}"
     )

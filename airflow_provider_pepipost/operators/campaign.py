@@ -119,6 +119,7 @@ class CampaignSender:
         max_workers: int = 16,
         max_rate: float | None = None,
         max_rejected_ratio: float = 0.0,
+        max_unknown_ratio: float = 1.0,
         keep_outcomes: bool = True,
         progress_interval: float = 10.0,
         log: logging.Logger | Any = None,
@@ -132,12 +133,14 @@ class CampaignSender:
         self.max_workers = max_workers
         self.limiter = RateLimiter(max_rate) if max_rate else None
         self.max_rejected = int(max_rejected_ratio * total + 1e-9)
+        self.max_unknown = int(max_unknown_ratio * total + 1e-9)
         self.keep_outcomes = keep_outcomes
         self.progress_interval = progress_interval
         self.log = log or logging.getLogger(__name__)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._last_log = 0.0
+        self._fresh_unknown = 0
         self.result = CampaignResult(total=total, outcomes=[] if keep_outcomes else None)
 
     def run(self, messages: Iterable[tuple[int, MediaMessage]]) -> CampaignResult:
@@ -180,10 +183,11 @@ class CampaignSender:
                 key = idempotency_key(self.campaign_key, message.recipient, message.identity())
                 if message.api_header is None:
                     message = dataclasses.replace(message, api_header=key)
-                entry = earlier.get(key)
+                # Popped: a second row with the same key is a duplicate on every try, not a reuse.
+                entry = earlier.pop(key, None)
                 if getattr(message, "fallback", None) is not None and _closed_window(entry):
                     # An earlier try met the closed window: straight to the template.
-                    fallback_entry = earlier.get(self._fallback_key(message.fallback))
+                    fallback_entry = earlier.pop(self._fallback_key(message.fallback), None)
                     if fallback_entry is not None and fallback_entry.state not in resendable:
                         outcome = self._from_ledger(row, message.fallback, fallback_entry)
                         self._record(_as_fallback(outcome), reused=True)
@@ -312,6 +316,18 @@ class CampaignSender:
                     f"({self.max_rejected} of {self.total} allowed)"
                 )
                 self._stop.set()
+        if outcome.state == "unknown" and not reused:
+            self._fresh_unknown += 1  # this try's evidence; rows an earlier try left unknown are not
+        if outcome.state == "unknown" and self._fresh_unknown > self.max_unknown and not self._stop.is_set():
+            # A gateway or proxy failing after the requests left: each further row would end the
+            # same way, unknown and never resent. Stop; a later try sends the rest.
+            result.stopped_reason = (
+                f"{self._fresh_unknown} unknown outcomes in this try exceed max_unknown_ratio "
+                f"({self.max_unknown} of {self.total} allowed): the answers came back broken after the requests "
+                "left. Check the vendor's status, and any gateway or proxy between (HTTP_PROXY / HTTPS_PROXY); "
+                "the rows not sent yet go out on the next try"
+            )
+            self._stop.set()
         if result.outcomes is not None:
             result.outcomes.append(outcome)
 

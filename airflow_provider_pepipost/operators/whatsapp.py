@@ -115,6 +115,7 @@ class WhatsAppCampaignOperator(BaseOperator):
             max_workers=self.max_workers,
             max_rate=self.max_rate,
             max_rejected_ratio=self.max_rejected_ratio,
+            max_unknown_ratio=self.max_unknown_ratio,
             keep_outcomes=keep,
             progress_interval=self.progress_interval,
             log=self.log,
@@ -368,4 +369,7 @@ def judge_campaign(result: CampaignResult, total: int, max_rejected: int, max_un
             f"ones delivery reports reconcile by then. Summary: {summary}"
         )
     if total and not counts["accepted"] and not counts["fallback"]:
-        raise CampaignError(f"None of the {total} rows was accepted by the vendor. Summary: {summary}")
+        text = f"None of the {total} rows was accepted by the vendor. Summary: {summary}"
+        if not counts["not_sent"] and not counts["unknown"]:
+            raise AirflowFailException(text + ". Every row was refused or repeated: a retry would meet the same.")
+        raise CampaignError(text)

@@ -358,6 +358,13 @@ class StatusStore:
                         "updated_at": insert_stmt.excluded.updated_at,
                         "sent_at": insert_stmt.excluded.sent_at,
                         "attempt": insert_stmt.excluded.attempt,
+                        # A row taken over belongs to the task instance that sends it now (a
+                        # campaign_key shared by two runs): its summaries and clears see it.
+                        "dag_id": insert_stmt.excluded.dag_id,
+                        "run_id": insert_stmt.excluded.run_id,
+                        "task_id": insert_stmt.excluded.task_id,
+                        "map_index": insert_stmt.excluded.map_index,
+                        "row_index": insert_stmt.excluded.row_index,
                     },
                     # or_ of equalities, not in_: an IN list is an expanding parameter, which a
                     # multi-row statement cannot hold.

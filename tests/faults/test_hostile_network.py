@@ -23,7 +23,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_provider_pepipost.errors import CampaignError
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
 from airflow_provider_pepipost.status import store as store_module
-from airflow_provider_pepipost.status.store import TaskKey
+from airflow_provider_pepipost.status.store import StatusStore, TaskKey
 from tests.helpers import StandInTaskInstance, free_port, http_ok, run_operator, wait_until
 
 COUNT = 300
@@ -85,15 +85,26 @@ def test_a_refused_connection_is_retried_then_fails_the_task_saying_so(vendor, s
 def test_a_gateway_502_after_acceptance_is_never_resent_by_the_hook_or_by_task_retries(vendor):
     sandbox = vendor(Scenario(rate_gateway_502=0.2))
     first, ti = run_operator(AUDIENCE, max_workers=8)
-    unknown = states(ti)["unknown"]
-    assert unknown == sandbox.state.responses["gateway_502"] > 30
-    assert isinstance(first, CampaignError) and "max_unknown_ratio" in str(first)  # 20 % unknown is not green
-    for _ in range(2):  # Airflow's retries of the task
+    # Past max_unknown_ratio (0.1) sending stops: each further row would be unknown too.
+    assert isinstance(first, CampaignError) and "max_unknown_ratio" in str(first)
+    assert ti.xcom["send_summary"]["not_sent"] > 0
+    for _ in range(8):  # Airflow's retries of the task, until every row has an outcome
         again, ti = run_operator(AUDIENCE, StandInTaskInstance(), max_workers=8)
-        assert isinstance(again, CampaignError)
-        assert states(ti)["unknown"] == unknown
-    assert sandbox.state.accepted_count == COUNT  # the vendor took every row once...
-    assert max(sandbox.state.accepted_by_header.values()) == 1  # ...and nobody got one twice
+        if not ti.xcom["send_summary"]["not_sent"]:
+            break
+    unknown = states(ti)["unknown"]
+    assert unknown == sandbox.state.responses["gateway_502"] > 30  # each 502 is one unknown row...
+    assert sandbox.state.accepted_count == COUNT  # ...that the vendor took: every row once,
+    assert max(sandbox.state.accepted_by_header.values()) == 1  # and nobody got one twice
+    assert isinstance(again, CampaignError)  # 20 % unknown is not green, however often it is retried
+
+
+def test_a_run_of_unknowns_stops_the_campaign_so_a_broken_proxy_does_not_burn_the_audience(vendor):
+    sandbox = vendor(Scenario(rate_gateway_502=1.0))
+    error, ti = run_operator(AUDIENCE, max_workers=4)
+    assert isinstance(error, CampaignError) and "HTTP_PROXY" in str(error)
+    assert sandbox.state.requests <= 30 + 2 * 4  # max_unknown_ratio of 300, and what was in flight
+    assert ti.xcom["send_summary"]["not_sent"] >= COUNT - 30 - 2 * 4  # sent by the next try
 
 
 def test_resend_unknown_is_the_explicit_way_to_prefer_a_duplicate_to_a_gap(vendor):
@@ -236,3 +247,30 @@ def test_idle_connection_closes_at_0_3_s_cost_no_row_over_10000_sends(sqlite_url
     assert not isinstance(ids, Exception), ids
     assert ti.xcom["send_summary"]["unknown"] == 0, ti.xcom["send_summary"]
     assert stats["accepted"] == len(ids) == 10_000
+
+
+def test_one_number_written_two_ways_is_a_duplicate_on_every_try(vendor):
+    sandbox = vendor()
+    rows = ["+91 98000 00001", "919800000001", "919800000002"]
+    for ti in (StandInTaskInstance(), StandInTaskInstance()):  # the first try, then a clear
+        ids, ti = run_operator(rows, ti)
+        assert [row["state"] for row in ti.xcom["messages"]] == ["accepted", "duplicate", "accepted"]
+        assert len(ids) == len(set(ids)) == 2
+    assert sandbox.state.accepted_count == 2
+
+
+def test_a_campaign_key_shared_by_two_runs_moves_taken_over_rows_to_the_run_that_sends_them(vendor, sqlite_url):
+    sandbox = vendor(Scenario(reject_ratio={"8002": 1.0}))  # nobody opted in yet
+    first, ti = run_operator(AUDIENCE[:40], max_rejected_ratio=1.0, campaign_key="spring-sale")
+    assert isinstance(first, AirflowFailException)  # all refused: no retry would change that
+    assert "None of the 40 rows was accepted" in str(first)
+
+    sandbox.scenario.reject_ratio = {}  # they opted in; a new run of the same campaign
+    second_run = StandInTaskInstance(run_id="faults-run-2")
+    ids, ti = run_operator(AUDIENCE[:40], second_run, campaign_key="spring-sale")
+    assert not isinstance(ids, Exception), ids
+    run_2 = TaskKey("faults", "faults-run-2", "send")
+    assert StatusStore(sqlite_url).summarize([run_2]).total == 40  # its rows are its own now
+    again, ti = run_operator(AUDIENCE[:40], StandInTaskInstance(run_id="faults-run-2"), campaign_key="spring-sale")
+    assert not isinstance(again, Exception), again  # a clear of run 2: nothing new, nothing hidden
+    assert ti.xcom["send_summary"]["reused_from_earlier_try"] == 40 and sandbox.state.accepted_count == 40

@@ -90,13 +90,39 @@ def test_missing_key_is_a_clear_error(monkeypatch):
         _ = PepipostHook().settings
 
 
-def test_bad_number_extra_names_the_extra(monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("timeout", "soon"),
+        ("timeout", 0),
+        ("connect_timeout", 0),
+        ("deadline", 0),
+        ("deadline", "nan"),
+        ("deadline", "inf"),  # once stopped the deadline watchdog of the whole process
+        ("deadline", True),
+        ("max_answer_bytes", 0),
+        ("max_answer_bytes", 10.7),
+        ("max_retries", -1),
+        ("max_retries", True),
+        ("keepalive_idle_max", "nan"),
+    ],
+)
+def test_an_extra_that_cannot_work_is_refused_naming_it(monkeypatch, name, value):
     monkeypatch.setenv(
         "AIRFLOW_CONN_PEPIPOST_DEFAULT",
-        json.dumps({"conn_type": "pepipost", "password": "k", "extra": {"timeout": "soon"}}),
+        json.dumps({"conn_type": "pepipost", "password": "k", "extra": {name: value}}),
     )
-    with pytest.raises(ValueError, match="extra 'timeout' must be a number"):
+    with pytest.raises(ValueError, match=f"extra '{name}' must be a finite"):
         _ = PepipostHook().settings
+
+
+def test_an_api_key_with_an_invisible_character_is_refused_before_any_send(monkeypatch, sandbox):
+    """A key pasted with a zero-width space once failed inside requests and left rows unknown."""
+    conn = {"conn_type": "pepipost", "host": sandbox.url, "password": DEFAULT_API_KEY + "\u200b"}
+    monkeypatch.setenv("AIRFLOW_CONN_PEPIPOST_DEFAULT", json.dumps(conn))
+    with pytest.raises(PepipostConfigError, match="invisible or a non-ASCII character"):
+        PepipostHook().send_message(MESSAGE)
+    assert sandbox.state.requests == 0
 
 
 @pytest.mark.parametrize(
