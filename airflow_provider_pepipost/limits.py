@@ -20,6 +20,7 @@ IDEMPOTENCY_KEY_MAX = 64
 AIRFLOW_ID_MAX = 250  # dag_id, run_id, task_id
 LEDGER_STATE_MAX = 16
 ATTEMPT_MAX = 32  # the id of the try that claimed a ledger row
+CAMPAIGN_HASH_MAX = 32  # the hash of a campaign key, as the ledger keeps it
 ERROR_CODE_MAX = 32
 EVENT_KEY_MAX = 64
 SENDER_MAX = 64  # the sender of an inbound reply (a phone number)

@@ -144,7 +144,9 @@ class CampaignSender:
         self.result = CampaignResult(total=total, outcomes=[] if keep_outcomes else None)
 
     def run(self, messages: Iterable[tuple[int, MediaMessage]]) -> CampaignResult:
-        self.ledger = LedgerWriter(self.store, self.task, resend_unknown=self.resend_unknown)
+        self.ledger = LedgerWriter(
+            self.store, self.task, resend_unknown=self.resend_unknown, campaign=self.campaign_key
+        )
         try:
             return self._run(messages)
         finally:

@@ -131,9 +131,10 @@ class WhatsAppCampaignOperator(BaseOperator):
             ti.xcom_push(key="messages", value=[outcome.to_dict() for outcome in result.outcomes])
         judge_campaign(result, total, sender.max_rejected, self.max_unknown_ratio, self.log)
         self.log.info("Done: %s", summary)
+        campaign = task.of_campaign(sender.campaign_key)  # what the sensor counts: this campaign only
         if not keep:
-            return task.to_ref()
-        return xcom_message_targets(result.outcomes or [], task)
+            return campaign.to_ref()
+        return xcom_message_targets(result.outcomes or [], campaign)
 
 
 class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):

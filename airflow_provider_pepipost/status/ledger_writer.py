@@ -19,12 +19,15 @@ MAX_BATCH = 500
 class LedgerWriter:
     """Batches ``claim_many`` (waits for its commit) and ``record`` (committed with the next batch)."""
 
-    def __init__(self, store: StatusStore, task: TaskKey, *, resend_unknown: bool = False) -> None:
+    def __init__(
+        self, store: StatusStore, task: TaskKey, *, resend_unknown: bool = False, campaign: str | None = None
+    ) -> None:
         self.store = store
         self.task = task
         # One id per try: the ledger tells this try's rows from an earlier try's without clocks.
         self.attempt = uuid.uuid4().hex
         self.resend_unknown = resend_unknown
+        self.campaign = campaign
         self._claims: list[tuple[Claim, Future]] = []
         self._outcomes: list[Outcome] = []
         self._cond = threading.Condition()
@@ -77,6 +80,7 @@ class LedgerWriter:
                     outcomes,
                     attempt=self.attempt,
                     resend_unknown=self.resend_unknown,
+                    campaign=self.campaign,
                 )
             except BaseException as err:  # every waiting sender must hear of it
                 with self._cond:

@@ -32,10 +32,16 @@ def _v3_dead_letter_key(conn: Connection) -> None:
     conn.execute(text(f"CREATE UNIQUE INDEX IF NOT EXISTS ux_pepipost_dead_letters_key ON {table} (letter_key)"))
 
 
+def _v4_ledger_campaign(conn: Connection) -> None:
+    """v4: the ledger records each row's campaign, so that summaries keep two campaigns apart."""
+    _add_column(conn, schema.ledger.name, "campaign", "VARCHAR(32)")
+
+
 # version -> the step that makes it from the version before
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     2: _v2_ledger_attempt,
     3: _v3_dead_letter_key,
+    4: _v4_ledger_campaign,
 }
 
 

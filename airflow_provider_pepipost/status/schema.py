@@ -9,7 +9,7 @@ from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, Stri
 
 from airflow_provider_pepipost import limits
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = MetaData()
 
@@ -48,6 +48,9 @@ ledger = Table(
     # The try that claimed the row (a random id per try): a later try may take over a row that
     # was refused or never sent, the same try may not. Tries are told apart without clocks.
     Column("attempt", String(limits.ATTEMPT_MAX), nullable=True),
+    # The campaign the row belongs to (a hash of the campaign key): a task instance that sent two
+    # campaigns (a new campaign_key to send again on purpose) is summarised one campaign at a time.
+    Column("campaign", String(limits.CAMPAIGN_HASH_MAX), nullable=True),
     Index("ix_pepipost_ledger_task", "dag_id", "run_id", "task_id", "map_index"),
     Index("ix_pepipost_ledger_message_id", "message_id", unique=True),
     Index("ix_pepipost_ledger_api_header", "api_header"),

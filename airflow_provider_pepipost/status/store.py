@@ -6,6 +6,7 @@ production). Never Airflow's metadata database: Airflow 3 tasks may not touch it
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -40,6 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
+from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.migrations import migrate
 from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary, LedgerState
@@ -72,6 +74,8 @@ class TaskKey:
     # Only the rows whose send outcome was unknown (the sensor's share of a listed send whose
     # accepted ids travel beside this reference), reconciled ones included.
     only_unknown: bool = False
+    # Only the rows of this campaign (``campaign_hash``): a task instance may have sent two.
+    campaign: str | None = None
 
     LEDGER_REF = "pepipost_ledger"
 
@@ -85,6 +89,8 @@ class TaskKey:
         }
         if self.only_unknown:
             ref["outcome"] = "unknown"
+        if self.campaign is not None:
+            ref["campaign"] = self.campaign
         return {self.LEDGER_REF: ref}
 
     @classmethod
@@ -92,6 +98,10 @@ class TaskKey:
         fields = dict(ref[cls.LEDGER_REF])
         only_unknown = fields.pop("outcome", None) == "unknown"
         return cls(**fields, only_unknown=only_unknown)
+
+    def of_campaign(self, campaign_key: str) -> TaskKey:
+        """This task instance's rows of one campaign only."""
+        return dataclasses.replace(self, campaign=campaign_hash(campaign_key))
 
     @property
     def instance(self) -> tuple[str, str, str, int]:
@@ -223,6 +233,11 @@ def _chunks(items: Sequence[str], size: int = ID_CHUNK) -> Iterator[Sequence[str
         yield items[start : start + size]
 
 
+def campaign_hash(campaign_key: str) -> str:
+    """How the ledger keeps a campaign key (which may be longer than any column)."""
+    return hashlib.sha256(campaign_key.encode()).hexdigest()[: limits.CAMPAIGN_HASH_MAX]
+
+
 def event_key(message_id: str, status: str, reported_at: float | None) -> str:
     """A report sent twice has the same key, so it is stored once."""
     return hashlib.sha256(f"{message_id}\x1f{status}\x1f{reported_at}".encode()).hexdigest()[:40]
@@ -332,6 +347,7 @@ class StatusStore:
         *,
         attempt: str = "",
         resend_unknown: bool = False,
+        campaign: str | None = None,
     ) -> list[bool]:
         """Claims and outcomes of many sends in one transaction (the send loop's group commit).
 
@@ -358,6 +374,7 @@ class StatusStore:
                         "updated_at": insert_stmt.excluded.updated_at,
                         "sent_at": insert_stmt.excluded.sent_at,
                         "attempt": insert_stmt.excluded.attempt,
+                        "campaign": insert_stmt.excluded.campaign,
                         # A row taken over belongs to the task instance that sends it now (a
                         # campaign_key shared by two runs): its summaries and clears see it.
                         "dag_id": insert_stmt.excluded.dag_id,
@@ -380,6 +397,7 @@ class StatusStore:
                     "sent_at": now,
                     "updated_at": now,
                     "attempt": attempt,
+                    "campaign": campaign_hash(campaign) if campaign is not None else None,
                 }
                 rows = [
                     {
@@ -726,6 +744,8 @@ class StatusStore:
         rows = (*self._task_filter(task), led.c.state.in_(("accepted", *IN_FLIGHT_STATES)))
         if task.only_unknown:
             rows += (led.c.state.in_(IN_FLIGHT_STATES) | led.c.reconciled_at.is_not(None),)
+        if task.campaign is not None:
+            rows += (led.c.campaign == task.campaign,)
         with self.engine.connect() as conn:
             for state, status, count in conn.execute(
                 select(led.c.state, st.c.status, func.count())

@@ -23,7 +23,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_provider_pepipost.errors import CampaignError
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
 from airflow_provider_pepipost.status import store as store_module
-from airflow_provider_pepipost.status.store import StatusStore, TaskKey
+from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets
 from tests.helpers import StandInTaskInstance, free_port, http_ok, run_operator, wait_until
 
 COUNT = 300
@@ -274,3 +274,16 @@ def test_a_campaign_key_shared_by_two_runs_moves_taken_over_rows_to_the_run_that
     again, ti = run_operator(AUDIENCE[:40], StandInTaskInstance(run_id="faults-run-2"), campaign_key="spring-sale")
     assert not isinstance(again, Exception), again  # a clear of run 2: nothing new, nothing hidden
     assert ti.xcom["send_summary"]["reused_from_earlier_try"] == 40 and sandbox.state.accepted_count == 40
+
+
+def test_a_new_campaign_key_is_counted_apart_from_the_campaign_before_it(vendor, sqlite_url):
+    """Sending again on purpose: the sensor waits on the new campaign, not on both."""
+    sandbox = vendor(Scenario(rate_gateway_502=0.3))
+    run_operator(AUDIENCE[:40], max_unknown_ratio=1.0)
+    sandbox.scenario.rate_gateway_502 = 0.0
+    ids, _ = run_operator(AUDIENCE[:40], StandInTaskInstance(), campaign_key="reminder-2", max_unknown_ratio=1.0)
+    assert not isinstance(ids, Exception), ids
+    summary = StatusStore(sqlite_url).summarize(parse_message_targets(ids))
+    assert summary.total == 40 and summary.unknown == 0  # the first campaign's unknown rows are not this one's
+    big, _ = run_operator(AUDIENCE[:40], StandInTaskInstance(), campaign_key="reminder-2", xcom_ids_limit=10)
+    assert StatusStore(sqlite_url).summarize(parse_message_targets(big)).total == 40  # by reference, too
