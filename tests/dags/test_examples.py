@@ -67,6 +67,7 @@ def test_template_example_sends_the_template_where_the_window_is_closed(airflow_
     assert result.value("wait_for_delivery")["total"] == 60  # one sensor over both kinds
 
 
+@pytest.mark.timeout(700)  # above the demo's own 600 s: a hung demo fails this test, not the whole run
 def test_make_demo_runs_the_campaign_end_to_end(tmp_path):
     """What `make demo` runs: sandbox and receiver processes, `airflow dags test`, the funnel."""
     run = subprocess.run(
