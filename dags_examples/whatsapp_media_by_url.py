@@ -44,7 +44,7 @@ def whatsapp_media_by_url():
         message_ids=send.output,
         target_status="read",
         min_success_ratio=0.5,
-        poke_interval=5,
+        poke_interval=15,  # under ~15 s a busy scheduler can trip apache/airflow#66374 (see README)
         timeout=15 * 60,
     )
 

@@ -53,7 +53,7 @@ def whatsapp_template_campaign():
         target_status="delivered",
         min_success_ratio=0.75,
         deferrable=True,
-        poke_interval=5,
+        poke_interval=15,  # under ~15 s a busy scheduler can trip apache/airflow#66374 (see README)
         timeout=15 * 60,
     )
 
