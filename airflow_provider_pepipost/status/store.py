@@ -47,9 +47,6 @@ from airflow_provider_pepipost.status.migrations import migrate
 from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary, LedgerState
 from airflow_provider_pepipost.status.resolver import resolve_store_url
 
-# The receiver still imports the resolver under its old name here; one function either way.
-default_store_url = resolve_store_url
-
 # Bound parameters per IN (...) chunk: well under SQLite's 32766 and fast on PostgreSQL.
 ID_CHUNK = 5000
 ID_SEPARATOR = "\n"  # joins a PostgreSQL id list into one bound text (ids with it go as an array)
