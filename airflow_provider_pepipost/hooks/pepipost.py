@@ -30,7 +30,6 @@ from airflow_provider_pepipost.connection_form import (
     UI_FIELD_BEHAVIOUR,
 )
 from airflow_provider_pepipost.errors import (
-    FailureKind,
     PepipostApiError,
     PepipostConfigError,
     PepipostNotSentError,
@@ -451,9 +450,7 @@ class PepipostHook(BaseHook):
         except PepipostApiError as err:
             if err.code in ("8001", "8006"):
                 return True, f"Reached {self.settings.base_url}; the API key was accepted"
-            if err.kind is FailureKind.JOB:
-                return False, str(err)
-            return False, str(err)
+            return False, str(err)  # a refused key names itself in the error's hint
         except (PepipostNotSentError, PepipostOutcomeUnknownError) as err:
             return False, f"Could not reach {self.settings.base_url}: {err}"
         except Exception as err:
