@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(PY) -m airflow_provider_pepipost.sandbox.demo --dags-folder dags_examples
+	$(PY) -m devtools.demo --dags-folder dags_examples
 
 test: install
 	$(PY) -m pytest

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_pepipost.sandbox.demo import free_port, wait_http
+from devtools.processes import free_port, wait_http
 
 BIN = Path(sys.executable).parent
 API_KEY = "sandbox-api-key"

@@ -14,14 +14,13 @@ def scratch_database(server_url: str):
     admin = sqlalchemy.create_engine(server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    url = sqlalchemy.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False)
     try:
-        yield sqlalchemy.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        yield url
     finally:
-        from airflow_provider_pepipost.status import store
+        from airflow_provider_pepipost.status.engines import dispose_engine
 
-        for url, engine in list(store._ENGINES.items()):
-            if name in url:
-                engine.dispose()
+        dispose_engine(url)
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()

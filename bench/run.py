@@ -1,7 +1,8 @@
 """`make bench`: every benchmark side by side in one run, each figure next to its target and baseline.
 
 Prints a table and writes bench/results/bench.json. PostgreSQL figures come when
-PEPIPOST_BENCH_POSTGRES_URL (or PEPIPOST_TEST_POSTGRES_URL) names a server.
+PEPIPOST_BENCH_POSTGRES_URL (or PEPIPOST_TEST_POSTGRES_URL) names a server; the Celery row also
+needs Redis (PEPIPOST_BENCH_REDIS_URL or PEPIPOST_TEST_REDIS_URL, else 127.0.0.1:6379).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import memory_stream, send_throughput, sensor_poke, webhook_ingest  # noqa: E402
+from bench import celery_scale, memory_stream, send_throughput, sensor_poke, webhook_ingest  # noqa: E402
 
 
 def table(rows: list[tuple[str, str, str, str]]) -> str:
@@ -34,10 +35,10 @@ def verdict(ok: bool) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory-rows", type=int, default=int(os.environ.get("PEPIPOST_BENCH_MEMORY_ROWS", 200_000)))
-    parser.add_argument("--only", choices=["send", "memory", "ingest", "poke"], action="append")
+    parser.add_argument("--only", choices=["send", "memory", "ingest", "poke", "celery"], action="append")
     args = parser.parse_args()
     pg = os.environ.get("PEPIPOST_BENCH_POSTGRES_URL") or os.environ.get("PEPIPOST_TEST_POSTGRES_URL")
-    only = set(args.only or ["send", "memory", "ingest", "poke"])
+    only = set(args.only or ["send", "memory", "ingest", "poke", "celery"])
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
     rows = [("figure", "measured", "target", "verdict")]
 
@@ -47,7 +48,7 @@ def main() -> int:
     started = time.monotonic()
 
     if "send" in only:
-        print("[bench] 1/4 send throughput (sandbox latency 50 ms) ...", flush=True)
+        print("[bench] 1/5 send throughput (sandbox latency 50 ms) ...", flush=True)
         send = results["send"] = send_throughput.run(postgres_url=pg)
         base = send["baseline_msg_per_s"]
         add("sequential requests.post loop (baseline)", f"{base} msg/s")
@@ -65,7 +66,7 @@ def main() -> int:
                 r["vs_baseline"] >= 15,
             )
     if "memory" in only:
-        print(f"[bench] 2/4 memory, {args.memory_rows} JSONL rows streamed ...", flush=True)
+        print(f"[bench] 2/5 memory, {args.memory_rows} JSONL rows streamed ...", flush=True)
         mem = results["memory"] = memory_stream.run(args.memory_rows)
         add(
             f"peak RSS, {mem['rows']} rows validated + sent",
@@ -75,7 +76,7 @@ def main() -> int:
         )
         add("  send rate, no latency", f"{mem['msg_per_s']} msg/s")
     if "ingest" in only:
-        print("[bench] 3/4 webhook ingest ...", flush=True)
+        print("[bench] 3/5 webhook ingest ...", flush=True)
         ingest = results["ingest"] = webhook_ingest.run(pg)
         for r in ingest:
             add(
@@ -85,7 +86,7 @@ def main() -> int:
                 r["events_per_s"] >= 2000,
             )
     if "poke" in only:
-        print("[bench] 4/4 sensor poke over 100k ids ...", flush=True)
+        print("[bench] 4/5 sensor poke over 100k ids ...", flush=True)
         poke = results["poke"] = sensor_poke.run(100_000, pg)
         for store, r in poke.items():
             add(
@@ -101,6 +102,19 @@ def main() -> int:
                 "< 200 ms",
                 r["poke_ms_ledger_reference"] < 200,
             )
+    if "celery" in only:
+        print("[bench] 5/5 mapped campaign across Celery workers, one then two (sandbox latency 50 ms) ...", flush=True)
+        if reason := celery_scale.unavailable(pg, celery_scale.redis_url()):
+            add("mapped campaign across Celery workers", f"skipped: {reason}")
+        else:
+            scale = results["celery"] = celery_scale.run(pg, celery_scale.redis_url())
+            for r in scale["runs"]:
+                add(
+                    f"mapped campaign, {r['messages']} rows, {r['workers']} Celery worker(s), {r['slots']} slots",
+                    f"{r['msg_per_s']} msg/s = {r['msg_per_s'] / r['limit_msg_per_s']:.0%} of "
+                    f"{r['limit_msg_per_s']:.0f} ({r['send_seconds']} s of sends, run {r['run_wall_seconds']} s)",
+                )
+            add("  ratio, 2 workers / 1 worker", f"{scale['ratio']}x")
 
     results["wall_seconds"] = round(time.monotonic() - started, 1)
     out = ROOT / "bench" / "results"

@@ -12,8 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.model import DeliveryEvent
-from airflow_provider_pepipost.status.store import StatusStore, TaskKey
+from airflow_provider_pepipost.status.store import StatusStore
 
 STATUSES = ("sent", "delivered", "read")
 

@@ -58,7 +58,8 @@ def whatsapp_media_campaign():
     @task
     def report(message_ids: list, sensor_summary: dict, params=None) -> dict:
         """Print the delivery funnel, once late reports have settled."""
-        from airflow_provider_pepipost.status.store import StatusStore, parse_message_targets
+        from airflow_provider_pepipost.operators.xcom import parse_message_targets
+        from airflow_provider_pepipost.status.store import StatusStore
 
         store = StatusStore()  # the store every part resolves: [pepipost] status_store_conn_id, or the default
         targets = parse_message_targets(message_ids)

@@ -79,10 +79,9 @@ def postgres_url(postgres_server_url: str):
     url = sqlalchemy.engine.make_url(postgres_server_url).set(database=name).render_as_string(hide_password=False)
     yield url
     from airflow_provider_pepipost.status import store as store_module
+    from airflow_provider_pepipost.status.engines import dispose_engine
 
-    engine = store_module._ENGINES.pop(url, None)
-    if engine is not None:
-        engine.dispose()
+    dispose_engine(url)
     store_module._SCHEMA_READY.discard(url)
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

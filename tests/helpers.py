@@ -10,6 +10,8 @@ from typing import Any
 
 import uvicorn
 
+from devtools.processes import free_port as free_port  # the tests import it from here
+
 
 class ServedApp:
     """Runs an ASGI app with uvicorn in a thread on 127.0.0.1 and a free port."""
@@ -35,13 +37,6 @@ class ServedApp:
         self._server.should_exit = True
         self._thread.join(timeout=10)
         self._sock.close()
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (yet)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_ok(url: str) -> bool:

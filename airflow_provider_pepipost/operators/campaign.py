@@ -25,15 +25,9 @@ from airflow_provider_pepipost.errors import (
 )
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import MediaMessage, default_campaign_key, idempotency_key
+from airflow_provider_pepipost.status.ledger import RESENDABLE_STATES, Claim, LedgerEntry, Outcome, TaskKey
 from airflow_provider_pepipost.status.ledger_writer import LedgerWriter
-from airflow_provider_pepipost.status.store import (
-    RESENDABLE_STATES,
-    Claim,
-    LedgerEntry,
-    Outcome,
-    StatusStore,
-    TaskKey,
-)
+from airflow_provider_pepipost.status.store import StatusStore
 
 
 @dataclass(frozen=True, slots=True)

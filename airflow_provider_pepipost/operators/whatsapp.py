@@ -14,9 +14,11 @@ from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
 from airflow_provider_pepipost.errors import CampaignError, MessageValidationError, PepipostConfigError, RowProblem
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import MessageDefaults, build_message, iter_messages, validate_rows
-from airflow_provider_pepipost.operators.campaign import CampaignResult, CampaignSender, RowOutcome
+from airflow_provider_pepipost.operators.campaign import CampaignResult, CampaignSender
+from airflow_provider_pepipost.operators.xcom import ledger_ref, message_targets
+from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
-from airflow_provider_pepipost.status.store import StatusStore, TaskKey
+from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.template_messages import TEMPLATE_OPTIONS, TemplateDefaults, build_template_message
 
 if TYPE_CHECKING:
@@ -133,8 +135,8 @@ class WhatsAppCampaignOperator(BaseOperator):
         self.log.info("Done: %s", summary)
         campaign = task.of_campaign(sender.campaign_key)  # what the sensor counts: this campaign only
         if not keep:
-            return campaign.to_ref()
-        return xcom_message_targets(result.outcomes or [], campaign)
+            return ledger_ref(campaign)
+        return message_targets(result.outcomes or [], campaign)
 
 
 class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):
@@ -317,18 +319,6 @@ class SendWhatsAppTemplateOperator(WhatsAppCampaignOperator):
 
     def build_row(self, item: Any, defaults: Any, row: int) -> tuple[Any, list[RowProblem]]:
         return build_template_message(item, defaults, row)
-
-
-def xcom_message_targets(outcomes: Sequence[RowOutcome], task: TaskKey) -> list[Any]:
-    """The accepted ids in input order, then a reference to the unknown rows if there are any.
-
-    A row reconciled from a report after an unknown outcome is counted through the reference,
-    not listed, so that no row counts twice.
-    """
-    targets: list[Any] = [o.message_id for o in outcomes if o.message_id is not None and not o.reconciled]
-    if any(o.state == "unknown" or o.reconciled for o in outcomes):
-        targets.append(dataclasses.replace(task, only_unknown=True).to_ref())
-    return targets
 
 
 def judge_campaign(result: CampaignResult, total: int, max_rejected: int, max_unknown_ratio: float, log: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
@@ -11,6 +12,8 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
 from airflow_provider_pepipost.errors import WhatsAppDeliveryFailed
+from airflow_provider_pepipost.operators.xcom import parse_message_targets
+from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.model import (
     FAIL_ON_POLICIES,
     TARGET_STATUSES,
@@ -19,7 +22,7 @@ from airflow_provider_pepipost.status.model import (
     evaluate,
 )
 from airflow_provider_pepipost.status.resolver import resolve_store_url
-from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets
+from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.triggers.status import WhatsAppMessageStatusTrigger
 
 if TYPE_CHECKING:
@@ -139,9 +142,11 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         first = self.poke(context)
         if first.is_done:
             return first.xcom_value
+        targets = self._targets()
         self.defer(
             trigger=WhatsAppMessageStatusTrigger(
-                message_ids=[t if isinstance(t, str) else t.to_ref() for t in self._targets()],
+                message_ids=[t for t in targets if isinstance(t, str)],
+                ledger_tasks=[dataclasses.asdict(t) for t in targets if isinstance(t, TaskKey)],
                 status_store_conn_id=self.status_store_conn_id,
                 target_status=self.target_status,
                 min_success_ratio=self.min_success_ratio,

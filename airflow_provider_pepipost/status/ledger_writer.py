@@ -11,7 +11,8 @@ import threading
 import uuid
 from concurrent.futures import Future
 
-from airflow_provider_pepipost.status.store import Claim, Outcome, StatusStore, TaskKey
+from airflow_provider_pepipost.status.ledger import Claim, Outcome, TaskKey
+from airflow_provider_pepipost.status.store import StatusStore
 
 MAX_BATCH = 500
 

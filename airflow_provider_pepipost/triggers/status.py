@@ -9,9 +9,10 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.model import evaluate
 from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
-from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets
+from airflow_provider_pepipost.status.store import StatusStore
 
 # Consecutive store errors the trigger rides out (a database restart) before it gives up.
 MAX_CONSECUTIVE_ERRORS = 5
@@ -22,7 +23,9 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
 
     Store reads run in a thread: the triggerer's event loop is shared by every trigger.
 
-    :param message_ids: message ids and ledger references ({"pepipost_ledger": {...}}).
+    :param message_ids: message ids.
+    :param ledger_tasks: task instances whose sent rows are waited on as a whole: ``TaskKey``
+        fields as dicts (the sensor turns the send task's ledger references into these).
     :param status_store_conn_id: the store's Airflow connection; None: the resolver's default
         (``airflow_provider_pepipost.status.resolver``). Only the id is serialized, never a URL.
     :param deadline: epoch seconds after which it fires a timeout event. Airflow enforces the
@@ -32,7 +35,7 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
 
     def __init__(
         self,
-        message_ids: list[Any],
+        message_ids: list[str],
         status_store_conn_id: str | None = None,
         target_status: str = "delivered",
         min_success_ratio: float = 1.0,
@@ -40,9 +43,11 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
         unknown_policy: str = "wait",
         poll_interval: float = 30.0,
         deadline: float | None = None,
+        ledger_tasks: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.message_ids = message_ids
+        self.ledger_tasks = ledger_tasks or []
         self.status_store_conn_id = status_store_conn_id
         self.target_status = target_status
         self.min_success_ratio = min_success_ratio
@@ -56,6 +61,7 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
             f"{type(self).__module__}.{type(self).__qualname__}",
             {
                 "message_ids": self.message_ids,
+                "ledger_tasks": self.ledger_tasks,
                 "status_store_conn_id": self.status_store_conn_id,
                 "target_status": self.target_status,
                 "min_success_ratio": self.min_success_ratio,
@@ -69,12 +75,13 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
     def __repr__(self) -> str:
         # The default repr prints every kwarg: the ids are many.
         return (
-            f"<{type(self).__qualname__} {len(self.message_ids)} target(s) -> '{self.target_status}' "
+            f"<{type(self).__qualname__} {len(self.message_ids)} id(s), {len(self.ledger_tasks)} task(s) "
+            f"-> '{self.target_status}' "
             f"in {store_source(self.status_store_conn_id)}>"
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        targets: list[str | TaskKey] = parse_message_targets(self.message_ids)
+        targets: list[str | TaskKey] = [*self.message_ids, *(TaskKey(**fields) for fields in self.ledger_tasks)]
         errors = 0
         store: StatusStore | None = None
         # The sensor read the store just before it deferred: the first read waits one interval.

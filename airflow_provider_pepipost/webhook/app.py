@@ -74,15 +74,15 @@ def read_body(body: bytes) -> tuple[ParsedBatch, str | None]:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         reason = "body is not UTF-8"
-        return ParsedBatch(rejected=[letter(reason, body.decode("utf-8", "replace"), key, "body")]), reason
+        return ParsedBatch(dead_letters=[letter(reason, body.decode("utf-8", "replace"), key, "body")]), reason
     try:
         data = json.loads(text, parse_int=_parse_int)
     except (ValueError, RecursionError) as err:
         reason = "JSON nested too deeply" if isinstance(err, RecursionError) else f"invalid JSON: {err}"
-        return ParsedBatch(rejected=[letter(reason, text[:MAX_RAW_CHARS], key, "body")]), reason
+        return ParsedBatch(dead_letters=[letter(reason, text[:MAX_RAW_CHARS], key, "body")]), reason
     if not isinstance(data, dict):
         reason = f"body must be a JSON object, not {type(data).__name__}"
-        return ParsedBatch(rejected=[letter(reason, text[:MAX_RAW_CHARS], key, "body")]), reason
+        return ParsedBatch(dead_letters=[letter(reason, text[:MAX_RAW_CHARS], key, "body")]), reason
     # An object of an unknown kind is acknowledged and kept aside: the vendor may post other
     # event types to the same URL, and refusing them could make it stop posting reports.
     return parse_body(data, key), None
@@ -202,7 +202,7 @@ def create_app(
         else:
             batch, unreadable = read_body(body)
         try:
-            result = await ingest_queue.ingest((batch.events, batch.rejected, batch.inbound))
+            result = await ingest_queue.ingest((batch.events, batch.dead_letters, batch.inbound))
         except Exception as err:
             # Not stored, so not acknowledged: the vendor should send it again.
             store_failed("Pepipost webhook: could not store a body of %d events: %s", len(batch.events),
@@ -211,10 +211,10 @@ def create_app(
         if unreadable:
             return refuse(request, 400, unreadable)
         # Past the per-body cap, many bad items share one dead letter: the answer counts items.
-        result.rejected += batch.rejected_items - len(batch.rejected)
-        if batch.rejected:
-            dead_lettered("Pepipost webhook: %d item(s) kept as dead letters: %s", batch.rejected_items,
-                          capped(batch.rejected[0][0]))  # fmt: skip
+        result.dead_letters += batch.dead_letter_items - len(batch.dead_letters)
+        if batch.dead_letters:
+            dead_lettered("Pepipost webhook: %d item(s) kept as dead letters: %s", batch.dead_letter_items,
+                          capped(batch.dead_letters[0][0]))  # fmt: skip
         return JSONResponse(result.to_dict())
 
     @app.get(f"{path_prefix}/healthz")

@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 
-from airflow_provider_pepipost.status.store import IngestResult, StatusStore, WebhookBatch
+from airflow_provider_pepipost.status.ingest import IngestResult, WebhookBatch
+from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.logs import describe_error
 from airflow_provider_pepipost.webhook.payload import DeadLetter, letter
 
@@ -127,15 +128,15 @@ def store_apart(store: StatusStore, batch: WebhookBatch) -> IngestResult:
     except Exception as err:
         if is_transient(err):
             raise
-    events, rejected, inbound = batch
+    events, letters_in, inbound = batch
     total = IngestResult()
     refused: list[DeadLetter] = []
     _halve(store, list(events), lambda part: (part, (), ()), total, refused)
     _halve(store, list(inbound), lambda part: ((), (), part), total, refused)
-    letters = [*rejected, *refused]
+    letters = [*letters_in, *refused]
     if letters:
         store.ingest_many([((), letters, ())])
-    total.rejected += len(letters)
+    total.dead_letters += len(letters)
     return total
 
 

@@ -30,23 +30,23 @@ def _parse_line(line: str, number: int) -> tuple[str, Any]:
 
 
 def import_reports(lines: Iterable[str], store: StatusStore) -> dict[str, int]:
-    """Store every report of ``lines``; returns the counts (accepted, duplicates, rejected, ...)."""
-    totals = {"lines": 0, "accepted": 0, "duplicates": 0, "rejected": 0, "inbound": 0, "reconciled": 0}
+    """Store every report of ``lines``; returns the counts (accepted, duplicates, dead_letters, ...)."""
+    totals = {"lines": 0, "accepted": 0, "duplicates": 0, "dead_letters": 0, "inbound": 0, "reconciled": 0}
     items: list[Any] = []
     numbers: list[int] = []  # the line of each item
 
     def flush(batch: ParsedBatch) -> None:
-        result = store.ingest(batch.events, batch.rejected, batch.inbound)
+        result = store.ingest(batch.events, batch.dead_letters, batch.inbound)
         for name, value in result.to_dict().items():
             totals[name] += value
-        totals["rejected"] += batch.rejected_items - len(batch.rejected)
+        totals["dead_letters"] += batch.dead_letter_items - len(batch.dead_letters)
 
     def flush_items() -> None:
         if items:
             key = body_key(json.dumps(items, ensure_ascii=True, default=str))
             batch = parse_body({"delivery_status": items}, key)
             # Name the lines, not the places in this chunk, in the dead letters' reasons.
-            batch.rejected = [(_renumber(reason, numbers), raw, k) for reason, raw, k in batch.rejected]
+            batch.dead_letters = [(_renumber(reason, numbers), raw, k) for reason, raw, k in batch.dead_letters]
             flush(batch)
             items.clear()
             numbers.clear()
@@ -66,7 +66,7 @@ def import_reports(lines: Iterable[str], store: StatusStore) -> dict[str, int]:
         if kind == "body":
             flush(parse_body(value, body_key(line)))
         else:
-            flush(ParsedBatch(rejected=[letter(value, line, body_key(line), "line")], rejected_items=1))
+            flush(ParsedBatch(dead_letters=[letter(value, line, body_key(line), "line")], dead_letter_items=1))
     flush_items()
     return totals
 

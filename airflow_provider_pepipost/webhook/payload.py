@@ -29,9 +29,9 @@ DeadLetter = tuple[str, str, str]
 @dataclass
 class ParsedBatch:
     events: list[DeliveryEvent] = field(default_factory=list)
-    rejected: list[DeadLetter] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
     inbound: list[dict[str, Any]] = field(default_factory=list)
-    rejected_items: int = 0  # items that could not be used; more than len(rejected) past the cap
+    dead_letter_items: int = 0  # items that could not be used; more than len(dead_letters) past the cap
 
 
 def body_key(body: bytes | str) -> str:
@@ -148,7 +148,7 @@ def _inbound_item(item: dict[str, Any]) -> dict[str, Any]:
     return {"sender": sender or None, "context_message_id": context_id or None, "raw": raw}
 
 
-class _Rejects:
+class _DeadLetters:
     """A body's bad items: the first MAX_ITEM_LETTERS each a dead letter, the rest one dead letter."""
 
     def __init__(self, batch: ParsedBatch, key: str | None) -> None:
@@ -163,14 +163,14 @@ class _Rejects:
             self.first_overflow = self.first_overflow or where
             self.overflow.append(item)
             return
-        self.batch.rejected_items += 1
-        self.batch.rejected.append(letter(f"{where}: {reason}", _raw(item), self.key, where))
-        self.full = len(self.batch.rejected) >= MAX_ITEM_LETTERS
+        self.batch.dead_letter_items += 1
+        self.batch.dead_letters.append(letter(f"{where}: {reason}", _raw(item), self.key, where))
+        self.full = len(self.batch.dead_letters) >= MAX_ITEM_LETTERS
 
     def close(self) -> None:
         if not self.overflow:
             return
-        self.batch.rejected_items += len(self.overflow)
+        self.batch.dead_letter_items += len(self.overflow)
         parts, size = [], 0
         for item in self.overflow:  # as much as fits in one dead letter, not a byte more
             part = _raw(item)
@@ -179,7 +179,7 @@ class _Rejects:
                 break
             parts.append(part)
         reason = f"{len(self.overflow)} more items could not be read, the first at {self.first_overflow}"
-        self.batch.rejected.append(letter(reason, "[" + ",".join(parts) + "]", self.key, "overflow"))
+        self.batch.dead_letters.append(letter(reason, "[" + ",".join(parts) + "]", self.key, "overflow"))
 
 
 def _may_be_report(item: Any) -> bool:
@@ -200,24 +200,24 @@ def parse_body(body: Any, key: str | None = None) -> ParsedBatch:
     replies = body.get("incoming_message")
     if reports is None and replies is None:
         return _whole(batch, "body has neither delivery_status[] nor incoming_message[]", body, key)
-    rejects = _Rejects(batch, key)
+    letters = _DeadLetters(batch, key)
     if reports is not None:
         if not isinstance(reports, list):
-            rejects.add("delivery_status", None, "must be a list", reports)
+            letters.add("delivery_status", None, "must be a list", reports)
         else:
-            junk = rejects.overflow
+            junk = letters.overflow
             for index, item in enumerate(reports):
-                if rejects.full and not _may_be_report(item):  # past the cap, junk costs as little as can be
-                    rejects.first_overflow = rejects.first_overflow or f"delivery_status[{index}]"
+                if letters.full and not _may_be_report(item):  # past the cap, junk costs as little as can be
+                    letters.first_overflow = letters.first_overflow or f"delivery_status[{index}]"
                     junk.append(item)
                     continue
                 try:
                     batch.events.append(parse_delivery_item(item))
                 except (ValueError, TypeError) as err:
-                    rejects.add("delivery_status", index, str(err), item)
+                    letters.add("delivery_status", index, str(err), item)
     if replies is not None:
         if not isinstance(replies, list):
-            rejects.add("incoming_message", None, "must be a list", replies)
+            letters.add("incoming_message", None, "must be a list", replies)
         else:
             for index, item in enumerate(replies):
                 try:
@@ -225,12 +225,12 @@ def parse_body(body: Any, key: str | None = None) -> ParsedBatch:
                         raise ValueError("item must be an object")
                     batch.inbound.append(_inbound_item(item))
                 except ValueError as err:
-                    rejects.add("incoming_message", index, str(err), item)
-    rejects.close()
+                    letters.add("incoming_message", index, str(err), item)
+    letters.close()
     return batch
 
 
 def _whole(batch: ParsedBatch, reason: str, body: Any, key: str | None) -> ParsedBatch:
-    batch.rejected.append(letter(reason, _raw(body), key, "body"))
-    batch.rejected_items = 1
+    batch.dead_letters.append(letter(reason, _raw(body), key, "body"))
+    batch.dead_letter_items = 1
     return batch

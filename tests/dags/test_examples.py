@@ -71,7 +71,7 @@ def test_template_example_sends_the_template_where_the_window_is_closed(airflow_
 def test_make_demo_runs_the_campaign_end_to_end(tmp_path):
     """What `make demo` runs: sandbox and receiver processes, `airflow dags test`, the funnel."""
     run = subprocess.run(
-        [sys.executable, "-m", "airflow_provider_pepipost.sandbox.demo", "--workdir", str(tmp_path / "demo"),
+        [sys.executable, "-m", "devtools.demo", "--workdir", str(tmp_path / "demo"),
          "--dags-folder", str(REPO / "dags_examples"), "--audience-size", "60"],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip

@@ -12,6 +12,7 @@ import requests
 
 from airflow_provider_pepipost.status.store import StatusStore
 from tests.helpers import free_port, http_ok, wait_until
+from tests.store_reads import current_status
 
 pytestmark = pytest.mark.dag
 
@@ -37,7 +38,7 @@ def test_the_api_server_mounts_the_receiver_with_its_own_token(airflow_db, sqlit
             f"{base}/webhook", json=body, headers={"X-Pepipost-Token": "api-server-token"}, timeout=10
         )
         assert answer.status_code == 200 and answer.json()["accepted"] == 1
-        assert StatusStore(sqlite_url).current_status("m-api") == "delivered"
+        assert current_status(StatusStore(sqlite_url), "m-api") == "delivered"
     finally:
         server.terminate()
         try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from airflow_provider_pepipost.operators.xcom import task_from_ref
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
-from airflow_provider_pepipost.status.store import StatusStore, TaskKey
+from airflow_provider_pepipost.status.ledger import TaskKey
+from airflow_provider_pepipost.status.store import StatusStore
 from tests.helpers import run_dag
 
 pytestmark = pytest.mark.dag
@@ -140,7 +142,7 @@ def test_over_the_xcom_limit_the_return_value_is_a_ledger_reference(campaign, sq
     result = run_dag("pepipost_send_ledger_ref")
     assert result.state == "success", result.tasks
     ref = result.value("send")
-    task = TaskKey.from_ref(ref)
+    task = task_from_ref(ref)
     sent_by = TaskKey("pepipost_send_ledger_ref", result.run_id, "send", -1)
     assert task == sent_by.of_campaign(f"pepipost_send_ledger_ref/{result.run_id}/send/-1")  # the default campaign
     assert len(StatusStore(sqlite_url).ledger_message_ids(task)) == 12

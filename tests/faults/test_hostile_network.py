@@ -21,9 +21,11 @@ import requests
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.errors import CampaignError
+from airflow_provider_pepipost.operators.xcom import parse_message_targets
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
 from airflow_provider_pepipost.status import store as store_module
-from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets
+from airflow_provider_pepipost.status.ledger import TaskKey
+from airflow_provider_pepipost.status.store import StatusStore
 from tests.helpers import StandInTaskInstance, free_port, http_ok, run_operator, wait_until
 
 COUNT = 300

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from airflow_provider_pepipost.operators.xcom import parse_message_targets
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
 from airflow_provider_pepipost.status import schema
-from airflow_provider_pepipost.status.store import StatusStore, parse_message_targets
+from airflow_provider_pepipost.status.store import StatusStore
 from tests.conftest import WEBHOOK_TOKEN, connection_json, store_env
 from tests.helpers import wait_until
 

@@ -10,9 +10,11 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.errors import CampaignError
+from airflow_provider_pepipost.operators.xcom import parse_message_targets, task_from_ref
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
+from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.model import evaluate
-from airflow_provider_pepipost.status.store import StatusStore, TaskKey, parse_message_targets
+from airflow_provider_pepipost.status.store import StatusStore
 from tests.conftest import WEBHOOK_TOKEN
 from tests.helpers import StandInTaskInstance, run_operator
 
@@ -84,7 +86,7 @@ def test_dropped_connections_are_unknown_and_never_resent(faulty):
     # The accepted ids, then a reference that lets the sensor see the unknown rows too.
     *accepted, unknown_ref = ids
     assert len(accepted) == COUNT - drops == sandbox.state.accepted_count
-    assert TaskKey.from_ref(unknown_ref).only_unknown and TaskKey.from_ref(unknown_ref).campaign
+    assert task_from_ref(unknown_ref).only_unknown and task_from_ref(unknown_ref).campaign
     assert max(sandbox.state.accepted_by_header.values()) == 1
 
 
@@ -95,7 +97,7 @@ def test_read_timeouts_are_unknown_then_reconciled_from_v2_reports(faulty, sqlit
     unknown = [m for m in ti.xcom["messages"] if m["state"] == "unknown"]
     *accepted, unknown_ref = ids
     assert len(unknown) > 20 and len(accepted) == COUNT - len(unknown)
-    assert TaskKey.from_ref(unknown_ref).only_unknown
+    assert task_from_ref(unknown_ref).only_unknown
     assert sandbox.state.accepted_count == COUNT  # the vendor did take the slow ones
     assert max(sandbox.state.attempts[m["x-apiheader"]] for m in unknown) == 1  # and we never resent them
     assert sandbox.wait_for_reports(60)

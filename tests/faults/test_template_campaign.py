@@ -6,8 +6,9 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppTemplateOperator
+from airflow_provider_pepipost.operators.xcom import parse_message_targets
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
-from airflow_provider_pepipost.status.store import StatusStore, parse_message_targets
+from airflow_provider_pepipost.status.store import StatusStore
 from tests.helpers import StandInTaskInstance, run_operator
 
 COUNT = 300

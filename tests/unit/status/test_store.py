@@ -9,9 +9,12 @@ import time
 import pytest
 from sqlalchemy import select
 
+from airflow_provider_pepipost.operators.xcom import ledger_ref, parse_message_targets
 from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.ledger import Claim, Outcome, TaskKey
 from airflow_provider_pepipost.status.model import DeliveryEvent, normalize_status
-from airflow_provider_pepipost.status.store import Claim, Outcome, StatusStore, TaskKey, parse_message_targets
+from airflow_provider_pepipost.status.store import StatusStore
+from tests.store_reads import current_status, dead_letters
 
 TASK = TaskKey("dag", "run-1", "send", -1)
 
@@ -38,14 +41,14 @@ def test_status_only_moves_up_and_failed_is_terminal(store_url):
     store = StatusStore(store_url)
     store.ingest([event("m1", "read", 3)])
     store.ingest([event("m1", "delivered", 2)])
-    assert store.current_status("m1") == "read"
+    assert current_status(store, "m1") == "read"
     store.ingest([event("m2", "sent"), event("m2", "FAILED", 5, remark="unreachable")])
     store.ingest([event("m2", "read", 6)])
-    assert store.current_status("m2") == "failed"
+    assert current_status(store, "m2") == "failed"
     store.ingest([event("m3", "mystery")])
-    assert store.current_status("m3") == "mystery"  # an unknown value is kept...
+    assert current_status(store, "m3") == "mystery"  # an unknown value is kept...
     store.ingest([event("m3", "delivered")])
-    assert store.current_status("m3") == "delivered"  # ...and never holds a known one back
+    assert current_status(store, "m3") == "delivered"  # ...and never holds a known one back
 
 
 def test_duplicates_are_stored_once_and_every_event_is_kept(store_url):
@@ -60,7 +63,7 @@ def test_duplicates_are_stored_once_and_every_event_is_kept(store_url):
 def test_out_of_order_in_one_batch(store_url):
     store = StatusStore(store_url)
     store.ingest([event("m1", "read", 3), event("m1", "sent", 1), event("m1", "delivered", 2)])
-    assert store.current_status("m1") == "read"
+    assert current_status(store, "m1") == "read"
 
 
 def test_reports_before_the_ledger_row_still_count(store_url):
@@ -233,9 +236,9 @@ def test_summaries_take_ids_with_any_character(store_url):
 
 def test_dead_letters_and_inbound_are_kept_apart(store_url):
     store = StatusStore(store_url)
-    result = store.ingest([], rejected=[("bad item", "{}")], inbound=[{"sender": "9199", "raw": '{"a":1}'}])
-    assert (result.rejected, result.inbound) == (1, 1)
-    assert store.dead_letters() == [("bad item", "{}")]
+    result = store.ingest([], dead_letters=[("bad item", "{}")], inbound=[{"sender": "9199", "raw": '{"a":1}'}])
+    assert (result.dead_letters, result.inbound) == (1, 1)
+    assert dead_letters(store) == [("bad item", "{}")]
     assert store.count_rows("pepipost_inbound_messages") == 1
     assert store.count_rows("pepipost_events") == 0
 
@@ -275,8 +278,8 @@ def test_concurrent_writers_lose_and_double_nothing(store_url):
         ('["a", "b"]', ["a", "b"]),
         ("a", ["a"]),
         (None, []),
-        (TASK.to_ref(), [TASK]),
-        ([TASK.to_ref(), ["x"]], [TASK, "x"]),
+        (ledger_ref(TASK), [TASK]),
+        ([ledger_ref(TASK), ["x"]], [TASK, "x"]),
     ],
 )
 def test_message_targets_are_flattened(value, expected):
@@ -294,5 +297,5 @@ def test_several_batches_in_one_transaction_keep_their_own_counts(store_url):
     first = [event("m1", "sent", 1), event("m2", "read", 1, header="hdr-1")]
     second = [event("m1", "sent", 1), event("m3", "read", 1)]
     results = store.ingest_many([(first, [], []), (second, [("bad", "{}")], [])])
-    assert [(r.accepted, r.duplicates, r.reconciled, r.rejected) for r in results] == [(2, 0, 1, 0), (1, 1, 0, 1)]
+    assert [(r.accepted, r.duplicates, r.reconciled, r.dead_letters) for r in results] == [(2, 0, 1, 0), (1, 1, 0, 1)]
     assert store.count_rows("pepipost_events") == 3

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import threading
 import time
 
 import pytest
 
+from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.model import DeliveryEvent
-from airflow_provider_pepipost.status.store import StatusStore, TaskKey
+from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.triggers.status import WhatsAppMessageStatusTrigger
 
 
@@ -28,8 +30,9 @@ def first_event(trigger: WhatsAppMessageStatusTrigger, timeout: float = 20.0):
 
 def test_serialize_round_trip():
     trigger = WhatsAppMessageStatusTrigger(
-        ["m1", TaskKey("d", "r", "t").to_ref()], "pepipost_status_store", "read", 0.5, "any", "ignore", 7.0
-    )
+        ["m1"], "pepipost_status_store", "read", 0.5, "any", "ignore", 7.0,
+        ledger_tasks=[dataclasses.asdict(TaskKey("d", "r", "t"))],
+    )  # fmt: skip
     classpath, kwargs = trigger.serialize()
     module, _, name = classpath.rpartition(".")
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
@@ -90,6 +93,8 @@ def test_waits_on_a_ledger_reference(sqlite_url, target, use_store):
         store.record_outcome(f"k{i}", "accepted", message_id=f"m{i}")
     store.ingest([ev(f"m{i}", "read") for i in range(3)])
     payload = first_event(
-        WhatsAppMessageStatusTrigger([task.to_ref()], use_store(sqlite_url), target, poll_interval=0.1)
+        WhatsAppMessageStatusTrigger(
+            [], use_store(sqlite_url), target, poll_interval=0.1, ledger_tasks=[dataclasses.asdict(task)]
+        )
     )
     assert payload["status"] == "success" and payload["summary"]["total"] == 3

@@ -13,6 +13,7 @@ from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.app import create_app
 from tests.conftest import WEBHOOK_TOKEN
 from tests.helpers import ServedApp, wait_until
+from tests.store_reads import current_status, dead_letters
 
 HEADERS = {"X-Pepipost-Token": WEBHOOK_TOKEN}
 
@@ -31,16 +32,16 @@ def test_a_batch_is_stored_and_counted(receiver, store_url):
     body = {"delivery_status": [report("m1", "sent", 1), report("m1", "read", 3), report("m2", "delivered", 2)]}
     answer = post(receiver.webhook_url, body)
     assert answer.status_code == 200
-    assert answer.json() == {"accepted": 3, "duplicates": 0, "rejected": 0, "inbound": 0, "reconciled": 0}
+    assert answer.json() == {"accepted": 3, "duplicates": 0, "dead_letters": 0, "inbound": 0, "reconciled": 0}
     store = StatusStore(store_url)
-    assert (store.current_status("m1"), store.current_status("m2")) == ("read", "delivered")
+    assert (current_status(store, "m1"), current_status(store, "m2")) == ("read", "delivered")
 
 
 def test_resent_and_out_of_order_batches(receiver, store_url):
     post(receiver.webhook_url, {"delivery_status": [report("m1", "read", 3)]})
     again = post(receiver.webhook_url, {"delivery_status": [report("m1", "read", 3), report("m1", "delivered", 2)]})
     assert again.json()["duplicates"] == 1 and again.json()["accepted"] == 1
-    assert StatusStore(store_url).current_status("m1") == "read"
+    assert current_status(StatusStore(store_url), "m1") == "read"
 
 
 def test_the_event_is_in_the_database_file_when_200_comes_back(sqlite_receiver):
@@ -81,14 +82,14 @@ def test_unreadable_bodies_are_400_and_kept_as_dead_letters(receiver, store_url,
     answer = post(receiver.webhook_url, body)
     assert answer.status_code == 400
     assert reason in answer.json()["detail"]
-    assert reason in StatusStore(store_url).dead_letters()[0][0]
+    assert reason in dead_letters(StatusStore(store_url))[0][0]
 
 
 def test_malformed_items_are_kept_and_valid_ones_stored(receiver, store_url):
     body = {"delivery_status": [report("m1", "read"), 7, {"status": "read"}]}
     answer = post(receiver.webhook_url, body)
-    assert answer.status_code == 200 and answer.json()["accepted"] == 1 and answer.json()["rejected"] == 2
-    assert len(StatusStore(store_url).dead_letters()) == 2
+    assert answer.status_code == 200 and answer.json()["accepted"] == 1 and answer.json()["dead_letters"] == 2
+    assert len(dead_letters(StatusStore(store_url))) == 2
 
 
 def test_inbound_replies_are_acknowledged_and_not_statuses(receiver, store_url):
@@ -96,7 +97,7 @@ def test_inbound_replies_are_acknowledged_and_not_statuses(receiver, store_url):
     answer = post(receiver.webhook_url, body)
     assert answer.status_code == 200 and answer.json()["inbound"] == 1
     store = StatusStore(store_url)
-    assert store.current_status("m1") is None and store.count_rows("pepipost_inbound_messages") == 1
+    assert current_status(store, "m1") is None and store.count_rows("pepipost_inbound_messages") == 1
 
 
 def test_oversized_bodies_are_413(store_url):
@@ -200,17 +201,17 @@ def test_a_poison_item_is_a_dead_letter_and_the_rest_of_its_body_is_stored(recei
     body = '{"delivery_status": [' + json.dumps(report("good-1", "read")) + ", " + poison + "]}"
     answer = post(receiver.webhook_url, body)
     assert answer.status_code == 200, answer.text
-    assert (answer.json()["accepted"], answer.json()["rejected"]) == (1, 1)
+    assert (answer.json()["accepted"], answer.json()["dead_letters"]) == (1, 1)
     store = StatusStore(store_url)
-    assert store.current_status("good-1") == "read"
-    assert len(store.dead_letters()) == 1
+    assert current_status(store, "good-1") == "read"
+    assert len(dead_letters(store)) == 1
     assert post(receiver.webhook_url, body).status_code == 200  # and the vendor's resend is acknowledged too
 
 
 def test_a_body_sent_again_adds_no_dead_letters(receiver, store_url):
     body = {"delivery_status": [report("m1", "read"), 7, {"status": "read"}]}
     for _ in range(3):
-        assert post(receiver.webhook_url, body).json()["rejected"] == 2
+        assert post(receiver.webhook_url, body).json()["dead_letters"] == 2
     post(receiver.webhook_url, b"{not json")
     post(receiver.webhook_url, b"{not json")
     assert StatusStore(store_url).count_rows("pepipost_dead_letters") == 3
@@ -221,7 +222,7 @@ def test_two_mib_of_junk_is_a_bounded_number_of_dead_letters(receiver, store_url
     assert len(junk) <= 2 * 1024 * 1024
     for _ in range(2):  # the vendor resends it: still no more rows
         answer = post(receiver.webhook_url, junk)
-        assert answer.status_code == 200 and answer.json()["rejected"] == 1024 * 1024 - 19
+        assert answer.status_code == 200 and answer.json()["dead_letters"] == 1024 * 1024 - 19
     assert StatusStore(store_url).count_rows("pepipost_dead_letters") <= 21
 
 
@@ -292,6 +293,6 @@ def test_dead_letter_warnings_are_throttled_and_capped(sqlite_receiver, caplog):
     body = {"delivery_status": [{"ncmessage_id": "x" * 5000, "status": "read"}]}
     with caplog.at_level(logging.WARNING, logger="airflow_provider_pepipost.webhook"):
         for _ in range(5):
-            assert post(sqlite_receiver.webhook_url, body).json()["rejected"] == 1
+            assert post(sqlite_receiver.webhook_url, body).json()["dead_letters"] == 1
     lines = [r.getMessage() for r in caplog.records if "dead letters" in r.getMessage()]
     assert len(lines) == 1 and len(lines[0]) < 500

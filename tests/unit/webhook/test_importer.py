@@ -6,6 +6,7 @@ import json
 
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.app import main
+from tests.store_reads import current_status, dead_letters
 
 
 def report(message_id: str, status: str, at: int = 1_700_000_000) -> dict:
@@ -26,10 +27,10 @@ def test_a_jsonl_file_is_stored_like_posted_reports_and_can_be_loaded_twice(tmp_
 
     main(["import", str(path), "--store-url", store_url])
     first = json.loads(capsys.readouterr().out)
-    assert (first["lines"], first["accepted"], first["rejected"], first["duplicates"]) == (5, 4, 2, 0)
+    assert (first["lines"], first["accepted"], first["dead_letters"], first["duplicates"]) == (5, 4, 2, 0)
     store = StatusStore(store_url)
-    assert [store.current_status(m) for m in ("f1", "f2", "f3", "f4")] == ["read", "read", None, "failed"]
-    reasons = sorted(reason for reason, _ in store.dead_letters())
+    assert [current_status(store, m) for m in ("f1", "f2", "f3", "f4")] == ["read", "read", None, "failed"]
+    reasons = sorted(reason for reason, _ in dead_letters(store))
     assert reasons[0].startswith("line 3: not JSON") and "line 6: item contains a lone surrogate" in reasons[1]
 
     main(["import", str(path), "--store-url", store_url])  # loaded again: nothing new

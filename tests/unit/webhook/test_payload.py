@@ -60,7 +60,7 @@ def test_malformed_items_are_kept_with_a_reason_and_the_rest_stored():
     }
     batch = parse_body(body)
     assert [e.message_id for e in batch.events] == ["fa9d-5d12"]
-    reasons = [reason for reason, *_ in batch.rejected]
+    reasons = [reason for reason, *_ in batch.dead_letters]
     assert reasons[0].startswith("delivery_status[1]: item must be an object")
     assert "'ncmessage_id' is missing" in reasons[1]
     assert "'status' must be a string" in reasons[2]
@@ -75,14 +75,14 @@ def test_inbound_messages_are_not_delivery_reports():
         ]
     }
     batch = parse_body(body)
-    assert batch.events == [] and batch.rejected == []
+    assert batch.events == [] and batch.dead_letters == []
     assert batch.inbound[0]["context_message_id"] == "m1"
 
 
 @pytest.mark.parametrize("body", [[], "text", 3, {"other": []}, {"delivery_status": {"a": 1}}])
-def test_bodies_of_the_wrong_shape_are_rejected_whole(body):
+def test_bodies_of_the_wrong_shape_are_dead_letters_whole(body):
     batch = parse_body(body)
-    assert batch.events == [] and len(batch.rejected) == 1
+    assert batch.events == [] and len(batch.dead_letters) == 1
 
 
 # -- what the store's columns hold (issue 11, point 1) --------------------------------------------
@@ -117,8 +117,8 @@ def _item(**fields):
 def test_values_the_store_cannot_hold_are_dead_letters_with_a_reason(item, reason):
     batch = parse_body({"delivery_status": [_item(ncmessage_id="good"), item]})
     assert [e.message_id for e in batch.events] == ["good"]
-    assert len(batch.rejected) == 1 and reason in batch.rejected[0][0], batch.rejected
-    dead_reason, raw, _ = batch.rejected[0]
+    assert len(batch.dead_letters) == 1 and reason in batch.dead_letters[0][0], batch.dead_letters
+    dead_reason, raw, _ = batch.dead_letters[0]
     assert limits.text_problem(dead_reason) is None and limits.text_problem(raw) is None  # storable
 
 
@@ -145,15 +145,15 @@ def test_every_value_the_parser_accepts_fits_its_column():
 def test_a_body_of_junk_makes_a_bounded_number_of_dead_letters():
     batch = parse_body({"delivery_status": [1] * 200_000 + [_item()]}, key=body_key(b"junk"))
     assert len(batch.events) == 1
-    assert len(batch.rejected) == MAX_ITEM_LETTERS + 1 and batch.rejected_items == 200_000
-    assert "199980 more items could not be read, the first at delivery_status[20]" in batch.rejected[-1][0]
-    assert len(batch.rejected[-1][1]) <= limits.RAW_MAX
+    assert len(batch.dead_letters) == MAX_ITEM_LETTERS + 1 and batch.dead_letter_items == 200_000
+    assert "199980 more items could not be read, the first at delivery_status[20]" in batch.dead_letters[-1][0]
+    assert len(batch.dead_letters[-1][1]) <= limits.RAW_MAX
 
 
 def test_dead_letter_keys_follow_the_body_so_a_replay_adds_none():
     body = {"delivery_status": [7, {"status": "read"}]}
-    first = parse_body(body, key=body_key(b"one body")).rejected
-    again = parse_body(body, key=body_key(b"one body")).rejected
-    other = parse_body(body, key=body_key(b"another body")).rejected
+    first = parse_body(body, key=body_key(b"one body")).dead_letters
+    again = parse_body(body, key=body_key(b"one body")).dead_letters
+    other = parse_body(body, key=body_key(b"another body")).dead_letters
     assert [k for *_, k in first] == [k for *_, k in again]
     assert len({k for *_, k in first}) == 2 and not {k for *_, k in first} & {k for *_, k in other}

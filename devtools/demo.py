@@ -1,5 +1,7 @@
 """``make demo``: the example campaign DAG end to end on this machine, without a Pepipost account.
 
+A development tool of this repository, not part of the installed provider.
+
 Starts the sandbox and the webhook receiver on free loopback ports, migrates a throwaway Airflow
 database, runs ``airflow dags test``, then prints the delivery funnel next to what the sandbox's
 scenario decided. Everything it started is stopped on exit, on failure and on Ctrl-C.
@@ -13,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,9 @@ from collections import Counter
 from pathlib import Path
 
 import requests
+
+from airflow_provider_pepipost.status.store import StatusStore
+from devtools.processes import free_port, wait_http
 
 DEMO_SCENARIO = {
     "seed": 11,
@@ -38,24 +42,6 @@ DEMO_SCENARIO = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=1).status_code < 500:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up within {seconds:.0f}s")
-
-
 def sandbox_funnel(final_by_status: dict[str, int]) -> dict[str, int]:
     counts = Counter(final_by_status)
     return {
@@ -69,8 +55,6 @@ def sandbox_funnel(final_by_status: dict[str, int]) -> dict[str, int]:
 
 def store_funnel(store_url: str, dag_id: str) -> dict[str, int]:
     """The funnel of every message the DAG sent, read through the status store's API."""
-    from airflow_provider_pepipost.status.store import StatusStore
-
     store = StatusStore(store_url)
     summary = store.summarize(store.task_keys(dag_id))
     funnel = sandbox_funnel(summary.counts)

@@ -1,0 +1,216 @@
+"""Filing webhook batches: delivery events (each stored once), the current status of each message
+(raised, never lowered), unknown sends reconciled from the reports, dead letters and inbound replies.
+
+Functions of an open connection; ``StatusStore`` runs them in its transactions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+
+from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.engines import chunks, insert_for
+from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
+from airflow_provider_pepipost.status.model import DeliveryEvent, LedgerState
+
+# One webhook body, parsed: (events, dead letters, inbound message dicts). A dead letter is
+# (reason, raw) or (reason, raw, key): equal keys are stored once.
+DeadLetterItem = tuple[str, str] | tuple[str, str, str]
+WebhookBatch = tuple[Sequence[DeliveryEvent], Sequence[DeadLetterItem], Sequence[Mapping[str, Any]]]
+
+
+@dataclass
+class IngestResult:
+    """What one webhook batch did to the store; ``dead_letters`` are the items kept aside."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    inbound: int = 0
+    reconciled: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def event_key(message_id: str, status: str, reported_at: float | None) -> str:
+    """A report sent twice has the same key, so it is stored once."""
+    return hashlib.sha256(f"{message_id}\x1f{status}\x1f{reported_at}".encode()).hexdigest()[:40]
+
+
+def ingest_many(conn: Connection, batches: Sequence[WebhookBatch], now: float) -> list[IngestResult]:
+    """Several webhook batches in one transaction; each batch gets its own counts, and an event in
+    two batches counts as accepted in the first."""
+    results = [IngestResult(dead_letters=len(letters), inbound=len(inb)) for _, letters, inb in batches]
+    events = [ev for evs, _, _ in batches for ev in evs]
+    letters = [item for _, dead, _ in batches for item in dead]
+    inbound = [item for _, _, inb in batches for item in inb]
+    if events:
+        keys = [event_key(ev.message_id, ev.status, ev.reported_at) for ev in events]
+        fresh = _insert_new_events(conn, events, keys, now)
+        _raise_statuses(conn, events, now)
+        reconciled = _reconcile(conn, events, now)
+        keyed = iter(zip(keys, events, strict=True))  # the events, batch by batch, in order
+        for result, (evs, _, _) in zip(results, batches, strict=True):
+            for key, ev in itertools.islice(keyed, len(evs)):
+                if key in fresh:
+                    fresh.discard(key)
+                    result.accepted += 1
+                else:
+                    result.duplicates += 1
+                if ev.api_header in reconciled:
+                    reconciled.discard(ev.api_header)
+                    result.reconciled += 1
+    if letters:
+        _insert_dead_letters(conn, letters, now)
+    if inbound:
+        _insert_inbound(conn, inbound, now)
+    return results
+
+
+def _letter_key(letter: DeadLetterItem) -> str:
+    if len(letter) > 2 and letter[2]:
+        return letter[2][:40]
+    return hashlib.sha256(f"{letter[0]}\x1f{letter[1]}".encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def _insert_dead_letters(conn: Connection, letters: Sequence[DeadLetterItem], now: float) -> None:
+    # Keyed, so that a body sent again adds no dead letters; a pair without a key is keyed by its
+    # content.
+    keyed = {_letter_key(letter): letter for letter in letters}
+    conn.execute(
+        insert_for(conn, schema.dead_letters).on_conflict_do_nothing(index_elements=["letter_key"]),
+        [
+            {"received_at": now, "reason": letter[0], "raw": letter[1], "letter_key": key}
+            for key, letter in keyed.items()
+        ],
+    )
+
+
+def _insert_inbound(conn: Connection, inbound: Sequence[Mapping[str, Any]], now: float) -> None:
+    rows = {hashlib.sha256(item["raw"].encode()).hexdigest()[:40]: item for item in inbound}
+    conn.execute(
+        insert_for(conn, schema.inbound_messages).on_conflict_do_nothing(index_elements=["inbound_key"]),
+        [
+            {
+                "inbound_key": key,
+                "sender": item.get("sender"),
+                "context_message_id": item.get("context_message_id"),
+                "received_at": now,
+                "raw": item["raw"],
+            }
+            for key, item in rows.items()
+        ],
+    )
+
+
+def _insert_new_events(conn: Connection, events: Sequence[DeliveryEvent], keys: Sequence[str], now: float) -> set[str]:
+    """Store the events not stored yet; returns the keys this transaction added."""
+    rows: dict[str, dict[str, Any]] = {}
+    for key, ev in zip(keys, events, strict=True):
+        rows.setdefault(
+            key,
+            {
+                "event_key": key,
+                "message_id": ev.message_id,
+                "status": ev.status,
+                "raw_status": ev.raw_status,
+                "remark": ev.remark,
+                "reported_at": ev.reported_at,
+                "received_at": now,
+                "api_header": ev.api_header,
+                "recipient": ev.recipient,
+                "raw": ev.raw,
+            },
+        )
+    insert_stmt = insert_for(conn, schema.events).on_conflict_do_nothing(index_elements=["event_key"])
+    if conn.dialect.name == "postgresql":
+        # Only with RETURNING does SQLAlchemy send an upsert as one multi-row INSERT (without,
+        # psycopg2 makes a round trip per row), and it names exactly the rows added, even when
+        # another receiver adds the same ones at the same time. SQLite's executemany is faster.
+        return set(conn.execute(insert_stmt.returning(schema.events.c.event_key), list(rows.values())).scalars())
+    seen: set[str] = set()
+    for chunk in chunks(list(rows)):
+        seen.update(
+            conn.execute(select(schema.events.c.event_key).where(schema.events.c.event_key.in_(chunk))).scalars()
+        )
+    new_rows = [row for key, row in rows.items() if key not in seen]
+    if new_rows:
+        conn.execute(insert_stmt, new_rows)
+    return {row["event_key"] for row in new_rows}
+
+
+def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> None:
+    """Move each message's current status up, never down (one row per message per statement)."""
+    best: dict[str, DeliveryEvent] = {}
+    for ev in events:
+        held = best.get(ev.message_id)
+        if held is None or ev.rank > held.rank:
+            best[ev.message_id] = ev
+    stmt = insert_for(conn, schema.message_status)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[schema.message_status.c.message_id],
+        set_={
+            "status": stmt.excluded.status,
+            "rank": stmt.excluded.rank,
+            "remark": stmt.excluded.remark,
+            "reported_at": stmt.excluded.reported_at,
+            "updated_at": stmt.excluded.updated_at,
+        },
+        where=schema.message_status.c.rank < stmt.excluded.rank,
+    )
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.returning(schema.message_status.c.message_id)  # one multi-row INSERT (see above)
+    conn.execute(
+        stmt,
+        [
+            {
+                "message_id": ev.message_id,
+                "status": ev.status,
+                "rank": ev.rank,
+                "remark": ev.remark,
+                "reported_at": ev.reported_at,
+                "updated_at": now,
+            }
+            for ev in best.values()
+        ],
+    )
+
+
+def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> set[str]:
+    """Give unknown sends their message id from reports that echo their x-apiheader.
+
+    Returns the headers whose rows were reconciled.
+    """
+    by_header = {ev.api_header: ev.message_id for ev in events if ev.api_header}
+    if not by_header:
+        return set()
+    led = schema.ledger
+    waiting: dict[str, list[str]] = {}
+    for chunk in chunks(list(by_header)):
+        for key, header in conn.execute(
+            select(led.c.idempotency_key, led.c.api_header).where(
+                led.c.api_header.in_(chunk), led.c.message_id.is_(None), led.c.state.in_(IN_FLIGHT_STATES)
+            )
+        ):
+            waiting.setdefault(header, []).append(key)
+    reconciled: set[str] = set()
+    for header, keys in waiting.items():
+        if len(keys) != 1:
+            continue  # a header shared by several rows cannot tell them apart
+        message_id = by_header[header]
+        if conn.execute(select(led.c.idempotency_key).where(led.c.message_id == message_id)).first():
+            continue
+        conn.execute(
+            update(led)
+            .where(led.c.idempotency_key == keys[0])
+            .values(message_id=message_id, state=LedgerState.ACCEPTED.value, reconciled_at=now, updated_at=now)
+        )
+        reconciled.add(header)
+    return reconciled

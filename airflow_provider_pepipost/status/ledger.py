@@ -1,0 +1,264 @@
+"""The send ledger: what each task instance claimed, sent and heard back, by idempotency key.
+
+Functions of an open connection; ``StatusStore`` runs them in its transactions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, case, null, or_, select, update
+
+from airflow_provider_pepipost import limits
+from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.engines import insert_for
+from airflow_provider_pepipost.status.model import LedgerState
+
+IN_FLIGHT_STATES = (LedgerState.SENDING.value, LedgerState.UNKNOWN.value)
+# Rows a later try may send again: the vendor refused them, or a stopped campaign never sent them.
+RESENDABLE_STATES = (LedgerState.REJECTED.value, LedgerState.NOT_SENT.value)
+
+
+def campaign_hash(campaign_key: str) -> str:
+    """How the ledger keeps a campaign key (which may be longer than any column)."""
+    return hashlib.sha256(campaign_key.encode()).hexdigest()[: limits.CAMPAIGN_HASH_MAX]
+
+
+@dataclass(frozen=True)
+class TaskKey:
+    """The task instance that sent a set of messages, and which of its rows a reader wants."""
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int = -1
+    # Only the rows whose send outcome was unknown (the sensor's share of a listed send whose
+    # accepted ids travel beside this reference), reconciled ones included.
+    only_unknown: bool = False
+    # Only the rows of this campaign (``campaign_hash``): a task instance may have sent two.
+    campaign: str | None = None
+
+    def of_campaign(self, campaign_key: str) -> TaskKey:
+        """This task instance's rows of one campaign only."""
+        return dataclasses.replace(self, campaign=campaign_hash(campaign_key))
+
+    @property
+    def instance(self) -> tuple[str, str, str, int]:
+        return (self.dag_id, self.run_id, self.task_id, self.map_index)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A message about to be sent, as the ledger records it."""
+
+    key: str
+    api_header: str
+    recipient: str
+    row_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The answer to one send."""
+
+    key: str
+    state: str  # accepted | rejected | unknown | not_sent (a claim given back unsent)
+    message_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    idempotency_key: str
+    api_header: str
+    message_id: str | None
+    state: str
+    row_index: int
+    error_code: str | None = None
+    error_message: str | None = None
+    reconciled: bool = False  # the message id came from a delivery report, after an unknown outcome
+
+
+def task_filter(task: TaskKey) -> tuple[Any, ...]:
+    """The ledger rows of one task instance."""
+    led = schema.ledger
+    return (
+        led.c.dag_id == task.dag_id,
+        led.c.run_id == task.run_id,
+        led.c.task_id == task.task_id,
+        led.c.map_index == task.map_index,
+    )
+
+
+def open_ledger(conn: Connection, task: TaskKey) -> dict[str, LedgerEntry]:
+    """What earlier tries of this task instance recorded, by idempotency key.
+
+    Rows an earlier try left 'sending' died in flight: they may have been accepted, so they
+    become 'unknown' and are never sent again.
+    """
+    led = schema.ledger
+    conn.execute(
+        update(led)
+        .where(*task_filter(task), led.c.state == LedgerState.SENDING.value)
+        .values(
+            state=LedgerState.UNKNOWN.value,
+            error_message="the try that sent it ended before the answer came",
+            updated_at=time.time(),
+        )
+    )
+    rows = conn.execute(
+        select(
+            led.c.idempotency_key,
+            led.c.api_header,
+            led.c.message_id,
+            led.c.state,
+            led.c.row_index,
+            led.c.error_code,
+            led.c.error_message,
+            led.c.reconciled_at.is_not(None),
+        ).where(*task_filter(task))
+    ).all()
+    return {row.idempotency_key: LedgerEntry(*row) for row in rows}
+
+
+def claim(
+    conn: Connection,
+    task: TaskKey,
+    claims: Sequence[Claim],
+    *,
+    attempt: str,
+    resend_unknown: bool,
+    campaign: str | None,
+    now: float,
+) -> list[bool]:
+    """Record that these messages are being sent; True for each claim granted.
+
+    A claim is granted only when the ledger does not hold the message yet, or holds it as
+    rejected or not sent by another try than ``attempt`` (with ``resend_unknown``, also as
+    unknown). Anything else (sent, in flight, unknown, or a duplicate row of this try) must not
+    go out again.
+    """
+    led = schema.ledger
+    resendable = (*RESENDABLE_STATES, LedgerState.UNKNOWN.value) if resend_unknown else RESENDABLE_STATES
+    insert_stmt = insert_for(conn, led)
+    claim_stmt = insert_stmt.on_conflict_do_update(
+        index_elements=[led.c.idempotency_key],
+        set_={
+            "state": LedgerState.SENDING.value,
+            "error_code": None,
+            "error_message": None,
+            "updated_at": insert_stmt.excluded.updated_at,
+            "sent_at": insert_stmt.excluded.sent_at,
+            "attempt": insert_stmt.excluded.attempt,
+            "campaign": insert_stmt.excluded.campaign,
+            # A row taken over belongs to the task instance that sends it now (a campaign_key
+            # shared by two runs): its summaries and clears see it.
+            "dag_id": insert_stmt.excluded.dag_id,
+            "run_id": insert_stmt.excluded.run_id,
+            "task_id": insert_stmt.excluded.task_id,
+            "map_index": insert_stmt.excluded.map_index,
+            "row_index": insert_stmt.excluded.row_index,
+        },
+        # or_ of equalities, not in_: an IN list is an expanding parameter, which a multi-row
+        # statement cannot hold.
+        where=or_(*(led.c.state == state for state in resendable))
+        & (led.c.attempt.is_(None) | (led.c.attempt != insert_stmt.excluded.attempt)),
+    )
+    common = {
+        "dag_id": task.dag_id,
+        "run_id": task.run_id,
+        "task_id": task.task_id,
+        "map_index": task.map_index,
+        "state": LedgerState.SENDING.value,
+        "sent_at": now,
+        "updated_at": now,
+        "attempt": attempt,
+        "campaign": campaign_hash(campaign) if campaign is not None else None,
+    }
+    rows = [
+        {
+            "idempotency_key": c.key,
+            "api_header": c.api_header,
+            "recipient": c.recipient,
+            "row_index": c.row_index,
+            **common,
+        }
+        for c in claims
+    ]
+    return _grant_claims(conn, claim_stmt, rows)
+
+
+def _grant_claims(conn: Connection, claim_stmt: Any, rows: list[dict[str, Any]]) -> list[bool]:
+    """Run the claim upsert for each row; True where it inserted or took over the row."""
+    if conn.dialect.name != "postgresql":
+        # In-process SQLite: one execute per claim, its rowcount the answer.
+        return [conn.execute(claim_stmt, row).rowcount > 0 for row in rows]
+    # PostgreSQL: one multi-row statement whose RETURNING names the keys granted. A key twice in
+    # one statement is an error there, and only its first row may win anyway.
+    first: dict[str, int] = {}
+    for index, row in enumerate(rows):
+        first.setdefault(row["idempotency_key"], index)
+    unique = [rows[index] for index in first.values()]
+    won = set(conn.execute(claim_stmt.returning(schema.ledger.c.idempotency_key), unique).scalars())
+    return [key in won and first[key] == index for index, key in enumerate(r["idempotency_key"] for r in rows)]
+
+
+def record_outcomes(conn: Connection, outcomes: Sequence[Outcome], now: float) -> None:
+    """The answers to sends; the outcome ``not_sent`` gives back a claim whose request never went out."""
+    led = schema.ledger
+    accepted = LedgerState.ACCEPTED.value
+    # A delivery report may have reconciled the row while its request hung: a late 'unknown' (or
+    # 'rejected') must not wipe the message id it found.
+    conn.execute(
+        update(led)
+        .where(
+            led.c.idempotency_key == bindparam("key"),
+            led.c.message_id.is_(None) | (bindparam("new_state") == accepted),
+        )
+        .values(
+            state=bindparam("new_state"),
+            message_id=bindparam("new_message_id"),
+            error_code=bindparam("new_error_code"),
+            error_message=bindparam("new_error_message"),
+            updated_at=now,
+            # The send's own answer wins over a report that came first: that row was never
+            # unknown, and the XCom lists its id (the sensor must not count it twice).
+            reconciled_at=case((bindparam("new_state") == accepted, null()), else_=led.c.reconciled_at),
+        ),
+        [
+            {
+                "key": o.key,
+                "new_state": o.state,
+                "new_message_id": o.message_id,
+                "new_error_code": o.error_code,
+                "new_error_message": o.error_message,
+            }
+            for o in outcomes
+        ],
+    )
+
+
+def message_ids(conn: Connection, task: TaskKey) -> list[str]:
+    """The ids of every accepted message of a task instance, in input order."""
+    led = schema.ledger
+    return list(
+        conn.execute(
+            select(led.c.message_id).where(*task_filter(task), led.c.message_id.is_not(None)).order_by(led.c.row_index)
+        ).scalars()
+    )
+
+
+def task_keys(conn: Connection, dag_id: str, run_id: str | None = None) -> list[TaskKey]:
+    """The task instances of a DAG (and run) that sent messages."""
+    led = schema.ledger
+    query = select(led.c.dag_id, led.c.run_id, led.c.task_id, led.c.map_index).distinct()
+    query = query.where(led.c.dag_id == dag_id)
+    if run_id is not None:
+        query = query.where(led.c.run_id == run_id)
+    return [TaskKey(*row) for row in conn.execute(query.order_by(led.c.run_id, led.c.task_id, led.c.map_index))]
