@@ -19,7 +19,10 @@ def get_provider_info() -> dict[str, Any]:
     return {
         "package-name": "airflow-provider-pepipost",
         "name": "Pepipost WhatsApp",
-        "description": "Send WhatsApp media messages through Pepipost and wait for their delivery reports.",
+        "description": (
+            "Send WhatsApp media and template messages through Pepipost, manage consent, and wait for "
+            "their delivery reports."
+        ),
         "versions": [__version__],
         "integrations": [
             {"integration-name": integration, "external-doc-url": "https://pepipost.com/", "tags": ["service"]}
@@ -35,7 +38,13 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "hooks": [{"integration-name": integration, "python-modules": ["airflow_provider_pepipost.hooks.pepipost"]}],
         "operators": [
-            {"integration-name": integration, "python-modules": ["airflow_provider_pepipost.operators.whatsapp"]}
+            {
+                "integration-name": integration,
+                "python-modules": [
+                    "airflow_provider_pepipost.operators.whatsapp",
+                    "airflow_provider_pepipost.operators.consent",
+                ],
+            }
         ],
         "sensors": [
             {"integration-name": integration, "python-modules": ["airflow_provider_pepipost.sensors.whatsapp"]}
@@ -43,6 +52,7 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [
             {"integration-name": integration, "python-modules": ["airflow_provider_pepipost.triggers.status"]}
         ],
+        "notifications": ["airflow_provider_pepipost.notifications.whatsapp.WhatsAppTemplateNotifier"],
         "plugins": [
             {
                 "name": "pepipost_webhook",

@@ -150,7 +150,7 @@ def idempotency_key(campaign: str, recipient: str, content: str) -> str:
 def mask_value(field: str, value: Any) -> str:
     """A value as shown in an error: phone numbers half hidden, long values cut."""
     text = repr(value)
-    if field == "recipient_whatsapp" and isinstance(value, (str, int)) and len(str(value)) > 6:
+    if field in ("recipient_whatsapp", "recipient") and isinstance(value, (str, int)) and len(str(value)) > 6:
         raw = str(value)
         text = repr(raw[:4] + "*" * (len(raw) - 6) + raw[-2:])
     return text if len(text) <= 60 else text[:57] + "..."

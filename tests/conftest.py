@@ -45,6 +45,8 @@ def airflow_db() -> Path:
     for folder in DAG_SOURCES:
         for source in folder.glob("*.py"):
             shutil.copy(source, dags / source.name)
+        if (folder / "data").is_dir():  # files the examples read beside them
+            shutil.copytree(folder / "data", dags / "data", dirs_exist_ok=True)
     subprocess.run(
         [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
         check=True,

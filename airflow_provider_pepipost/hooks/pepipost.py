@@ -11,6 +11,7 @@ import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -29,18 +30,23 @@ from airflow_provider_pepipost.connection_form import (
     EXTRA_FIELDS,
     UI_FIELD_BEHAVIOUR,
 )
+from airflow_provider_pepipost.consent import ConsentDefaults, ConsentRow, build_consent_row, consent_body
 from airflow_provider_pepipost.errors import (
+    MessageValidationError,
     PepipostApiError,
     PepipostConfigError,
     PepipostNotSentError,
     PepipostOutcomeUnknownError,
 )
 from airflow_provider_pepipost.hooks.transport import TrackingAdapter, begin_request, end_request
-from airflow_provider_pepipost.messages import MediaMessage, request_body
+from airflow_provider_pepipost.messages import MediaMessage, normalize_phone, request_body
 
 log = logging.getLogger(__name__)
 
 EXCERPT_CHARS = 200
+# The consent API (docs/pepipost/template-and-consent.md, "Consent"), beside the send endpoint.
+CONSENT_MANAGE_PATH = "/api/v2/consent/manage/"
+CONSENT_CHECK_PATH = "/api/v2/consent/"
 # A Retry-After far beyond our own backoff ceiling is honoured up to this many times the ceiling.
 RETRY_AFTER_CEILING_FACTOR = 10
 
@@ -266,6 +272,50 @@ class PepipostHook(BaseHook):
 
     def post_message_body(self, body: dict[str, Any]) -> str:
         return message_id_of(self.post_json(self.settings.endpoint, body), self._redact)
+
+    # -- consent --------------------------------------------------------------------------------
+
+    def manage_consent(self, kind: str, recipients: Sequence[ConsentRow | Mapping[str, Any]]) -> dict[str, Any]:
+        """Record an opt-in or opt-out (``kind``: ``optin``, ``optout``) for these recipients.
+
+        ``recipients`` are ``ConsentRow``s or dicts with ``recipient``, ``source`` (required, at
+        most 25 characters), optional ``user_agent`` and ``ip``; every one is checked before the
+        call, and a ``MessageValidationError`` names the bad ones. Returns the vendor's answer.
+        Raises as ``post_json``: a refusal (``PepipostApiError``, mostly 8006) is the whole batch's,
+        since the vendor does not say which row was wrong.
+        """
+        rows: list[ConsentRow] = []
+        problems = []
+        for index, item in enumerate(recipients):
+            if isinstance(item, ConsentRow):
+                rows.append(item)
+                continue
+            row, found = build_consent_row(item, ConsentDefaults(), index)
+            problems += found
+            if row is not None:
+                rows.append(row)
+        if problems:
+            raise MessageValidationError(problems)
+        if not rows:
+            raise ValueError("recipients: is empty; a consent call needs at least one")
+        return self.post_json(CONSENT_MANAGE_PATH, consent_body(kind, rows))
+
+    def check_consent(self, number: str) -> dict[str, Any] | None:
+        """The opt-in the vendor holds for one number (``ip``, ``phone_number``, ``optin_source``,
+        ``user_agent``, ``created_date``), or None when it holds none."""
+        try:
+            phone = normalize_phone(number)
+        except ValueError as err:
+            raise ValueError(f"number: {err}") from None
+        try:
+            answer = self.post_json(CONSENT_CHECK_PATH, {"phone_number": phone})
+        except PepipostApiError as err:
+            # The vendor's "Optin details not found for <number>" comes without a code.
+            if err.code is None and "not found" in err.message.lower():
+                return None
+            raise
+        data = answer.get("data")
+        return data if isinstance(data, dict) else None
 
     def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` to ``path`` of the vendor's API; return the answer's JSON object.

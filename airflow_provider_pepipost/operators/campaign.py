@@ -6,12 +6,13 @@ Kept apart from the operator so that the operator is Airflow glue and this is th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,9 @@ from airflow_provider_pepipost.status.ledger import RESENDABLE_STATES, Claim, Le
 from airflow_provider_pepipost.status.ledger_writer import LedgerWriter
 from airflow_provider_pepipost.status.store import StatusStore
 
+# Rows whose recipients are looked up on the suppression list at once.
+OPT_OUT_CHUNK = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class RowOutcome:
@@ -38,7 +42,7 @@ class RowOutcome:
     recipient: str
     api_header: str
     message_id: str | None
-    state: str  # accepted | fallback | rejected | unknown | duplicate | not_sent
+    state: str  # accepted | fallback | rejected | unknown | duplicate | not_sent | suppressed
     error_code: str | None = None
     error_message: str | None = None
     reconciled: bool = False  # the id came from a delivery report, after an unknown outcome
@@ -76,6 +80,7 @@ class CampaignResult:
             "unknown": self.counts["unknown"],
             "duplicate": self.counts["duplicate"],
             "not_sent": self.counts["not_sent"],
+            "suppressed": self.counts["suppressed"],
             "reused_from_earlier_try": self.reused,
             "error_codes": dict(self.error_codes),
         }
@@ -110,6 +115,7 @@ class CampaignSender:
         total: int,
         campaign_key: str | None = None,
         resend_unknown: bool = False,
+        respect_opt_outs: bool = True,
         max_workers: int = 16,
         max_rate: float | None = None,
         max_rejected_ratio: float = 0.0,
@@ -124,6 +130,7 @@ class CampaignSender:
         self.total = total
         self.campaign_key = campaign_key or default_campaign_key(*task.instance)
         self.resend_unknown = resend_unknown
+        self.respect_opt_outs = respect_opt_outs
         self.max_workers = max_workers
         self.limiter = RateLimiter(max_rate) if max_rate else None
         self.max_rejected = int(max_rejected_ratio * total + 1e-9)
@@ -175,7 +182,7 @@ class CampaignSender:
                 batch.clear()
                 return sum(granted)
 
-            for row, message in messages:
+            for row, message, opted_out in self._with_opt_outs(messages):
                 key = idempotency_key(self.campaign_key, message.recipient, message.identity())
                 if message.api_header is None:
                     message = dataclasses.replace(message, api_header=key)
@@ -187,6 +194,8 @@ class CampaignSender:
                     if fallback_entry is not None and fallback_entry.state not in resendable:
                         outcome = self._from_ledger(row, message.fallback, fallback_entry)
                         self._record(_as_fallback(outcome), reused=True)
+                    elif opted_out:
+                        self._record(self._suppressed(row, message))
                     elif self._stop.is_set():
                         self._record(self._not_sent(row, message))
                     else:
@@ -194,6 +203,8 @@ class CampaignSender:
                         in_flight += 1
                 elif entry is not None and entry.state not in resendable:
                     self._record(self._from_ledger(row, message, entry), reused=True)
+                elif opted_out:
+                    self._record(self._suppressed(row, message))
                 elif self._stop.is_set():
                     self._record(self._not_sent(row, message))
                 else:
@@ -220,6 +231,15 @@ class CampaignSender:
         if self.result.outcomes is not None:
             self.result.outcomes.sort(key=lambda outcome: outcome.row)
         return self.result
+
+    def _with_opt_outs(self, messages: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, Any, bool]]:
+        """Each row with whether its recipient opted out, read from the suppression list a chunk
+        of rows at a time (one indexed query per chunk, however long the audience)."""
+        rows = iter(messages)
+        while chunk := list(itertools.islice(rows, OPT_OUT_CHUNK)):
+            suppressed = self.store.suppressed({m.recipient for _, m in chunk}) if self.respect_opt_outs else set()
+            for row, message in chunk:
+                yield row, message, message.recipient in suppressed
 
     def _send_one(self, row: int, key: str, message: MediaMessage) -> RowOutcome:
         """Send one claimed message and record its outcome."""
@@ -280,6 +300,13 @@ class CampaignSender:
     def _not_sent(row: int, message: MediaMessage, reason: str | None = None) -> RowOutcome:
         reason = reason or "the campaign stopped before it was sent"
         return RowOutcome(row, message.recipient, message.api_header or "", None, "not_sent", error_message=reason)
+
+    @staticmethod
+    def _suppressed(row: int, message: Any) -> RowOutcome:
+        return RowOutcome(
+            row, message.recipient, message.api_header or "", None, "suppressed",
+            error_message="the recipient opted out: the number is on the status store's suppression list",
+        )  # fmt: skip
 
     def _duplicate(self, row: int, message: MediaMessage) -> RowOutcome:
         if len(self.result.duplicate_rows) < 20:
@@ -356,9 +383,10 @@ class CampaignSender:
         done = sum(counts.values())
         self.log.info(
             "Processed %d of %d rows (%.0f%%), %.1f rows/s: accepted %d, rejected %d, unknown %d, not sent %d, "
-            "duplicate %d",
+            "duplicate %d, opted out %d",
             done, self.total, 100.0 * done / max(self.total, 1), done / elapsed,
             counts["accepted"], counts["rejected"], counts["unknown"], counts["not_sent"], counts["duplicate"],
+            counts["suppressed"],
         )  # fmt: skip
 
 

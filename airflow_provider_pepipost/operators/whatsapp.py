@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import Asset, BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.audience import Audience
@@ -14,6 +14,7 @@ from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
 from airflow_provider_pepipost.errors import CampaignError, MessageValidationError, PepipostConfigError, RowProblem
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import MessageDefaults, build_message, iter_messages, validate_rows
+from airflow_provider_pepipost.operators.assets import emit, resolve_asset
 from airflow_provider_pepipost.operators.campaign import CampaignResult, CampaignSender
 from airflow_provider_pepipost.operators.xcom import ledger_ref, message_targets
 from airflow_provider_pepipost.status.ledger import TaskKey
@@ -57,8 +58,10 @@ class WhatsAppCampaignOperator(BaseOperator):
         max_unknown_ratio: float = 0.1,
         campaign_key: str | None = None,
         resend_unknown: bool = False,
+        respect_opt_outs: bool = True,
         status_store_conn_id: str | None = None,
         xcom_ids_limit: int = DEFAULT_XCOM_IDS_LIMIT,
+        campaign_asset: Asset | str | bool | None = None,
         progress_interval: float = 10.0,
         **kwargs: Any,
     ) -> None:
@@ -74,9 +77,13 @@ class WhatsAppCampaignOperator(BaseOperator):
         self.max_unknown_ratio = max_unknown_ratio
         self.campaign_key = campaign_key
         self.resend_unknown = resend_unknown
+        self.respect_opt_outs = respect_opt_outs
         self.status_store_conn_id = status_store_conn_id
         self.xcom_ids_limit = xcom_ids_limit
         self.progress_interval = progress_interval
+        self.campaign_asset = resolve_asset(campaign_asset, "campaign", self.dag_id, self.task_id)
+        if self.campaign_asset is not None:
+            self.outlets = [*self.outlets, self.campaign_asset]
 
     def message_defaults(self, hook: PepipostHook) -> Any:
         """The operator-wide values a row's own values override."""
@@ -114,6 +121,7 @@ class WhatsAppCampaignOperator(BaseOperator):
             total=total,
             campaign_key=self.campaign_key or None,
             resend_unknown=self.resend_unknown,
+            respect_opt_outs=self.respect_opt_outs,
             max_workers=self.max_workers,
             max_rate=self.max_rate,
             max_rejected_ratio=self.max_rejected_ratio,
@@ -133,6 +141,7 @@ class WhatsAppCampaignOperator(BaseOperator):
             ti.xcom_push(key="messages", value=[outcome.to_dict() for outcome in result.outcomes])
         judge_campaign(result, total, sender.max_rejected, self.max_unknown_ratio, self.log)
         self.log.info("Done: %s", summary)
+        emit(context, self.campaign_asset, summary)
         campaign = task.of_campaign(sender.campaign_key)  # what the sensor counts: this campaign only
         if not keep:
             return ledger_ref(campaign)
@@ -177,11 +186,18 @@ class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):
         same message twice. Give a new one to send the same content again on purpose. (templated)
     :param resend_unknown: send again the rows an earlier try left unknown. Off by default: such a
         row may have reached its recipient, who would then get the message twice.
+    :param respect_opt_outs: skip recipients on the status store's suppression list (they replied
+        a stop word, or a consent task opted them out); such rows have state ``suppressed`` and
+        are counted in ``send_summary``. Set False only for messages the recipient must get
+        whatever they chose (check your obligations first).
     :param status_store_conn_id: Airflow connection (postgres or sqlite) of the status store;
         default ``[pepipost] status_store_conn_id``, then ``$PEPIPOST_STATUS_STORE_URL``, then SQLite
         in AIRFLOW_HOME (see ``airflow_provider_pepipost.status.resolver``).
     :param xcom_ids_limit: above this many rows, return a ledger reference instead of the ids.
     :param progress_interval: seconds between progress lines in the task log.
+    :param campaign_asset: the asset a successful send updates, with ``send_summary`` as the
+        event's extra: default ``Asset("pepipost://campaign/<dag_id>/<task_id>")``; a string names
+        it, an ``Asset`` is used as it is, False emits none.
 
     Returns (XCom ``return_value``) the accepted message ids in input order, followed, when some
     outcomes are unknown, by a ledger reference to those rows
@@ -362,5 +378,7 @@ def judge_campaign(result: CampaignResult, total: int, max_rejected: int, max_un
     if total and not counts["accepted"] and not counts["fallback"]:
         text = f"None of the {total} rows was accepted by the vendor. Summary: {summary}"
         if not counts["not_sent"] and not counts["unknown"]:
-            raise AirflowFailException(text + ". Every row was refused or repeated: a retry would meet the same.")
+            raise AirflowFailException(
+                text + ". Every row was refused, repeated or opted out: a retry would meet the same."
+            )
         raise CampaignError(text)

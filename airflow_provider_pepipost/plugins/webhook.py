@@ -13,7 +13,7 @@ import os
 
 from airflow.plugins_manager import AirflowPlugin
 
-from airflow_provider_pepipost.webhook.app import TOKEN_ENV, create_app
+from airflow_provider_pepipost.webhook.app import STOP_WORDS_ENV, TOKEN_ENV, create_app
 
 
 def _setting(env: str, key: str) -> str | None:
@@ -34,6 +34,7 @@ def build_receiver_app():  # -> FastAPI
         token=_setting(TOKEN_ENV, "webhook_token") or "",
         path_prefix="",
         allowed_ips=allowed.split(",") if allowed else None,
+        stop_words=_setting(STOP_WORDS_ENV, "stop_words"),
     )
 
 

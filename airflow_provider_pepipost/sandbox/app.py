@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from airflow_provider_pepipost.sandbox.consent import add_consent_routes
 from airflow_provider_pepipost.sandbox.reports import AcceptedMessage, ReportSender
 from airflow_provider_pepipost.sandbox.scenario import RECIPIENT_ERRORS, Scenario
 
@@ -45,8 +46,20 @@ class SandboxState:
     accepted_by_type: Counter = field(default_factory=Counter)  # media / template
     final_by_id: dict[str, str] = field(default_factory=dict)  # message id -> final status it will reach
     attempts: Counter = field(default_factory=Counter)
+    accepted_by_recipient: Counter = field(default_factory=Counter)
+    # Consent: numbers opted in through the API (with what the call said), and opted out.
+    opted_in: dict[str, dict[str, Any]] = field(default_factory=dict)
+    opted_out: set[str] = field(default_factory=set)
+    consent_calls: list[dict[str, Any]] = field(default_factory=list)  # {"type", "recipients"}, in order
     outage_until: float = 0.0
     drop_connection: Any = None  # set by the server: closes a request's connection without answering
+
+    def opted_in_now(self, recipient: str) -> bool:
+        """What the vendor's opt-in check before every send finds (8002 when False)."""
+        with self.lock:
+            if recipient in self.opted_out:
+                return False
+            return recipient in self.opted_in or not self.scenario.needs_optin(recipient)
 
     def funnel(self) -> dict[str, int]:
         """How many accepted messages will end in each status: what the demo's report must show."""
@@ -173,7 +186,8 @@ def _check_template(item: dict[str, Any], approved: dict[str, dict[str, Any]]) -
 def create_sandbox_app(state: SandboxState) -> FastAPI:
     app = FastAPI(title="Pepipost WhatsApp sandbox", docs_url=None, redoc_url=None, openapi_url=None)
 
-    async def send_message(request: Request) -> JSONResponse:
+    async def refused(request: Request) -> JSONResponse | None:
+        """Outage and auth: what turns a request away before its body is read."""
         sc = state.scenario
         with state.lock:
             state.requests += 1
@@ -187,13 +201,17 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
             await asyncio.sleep(sc.latency)
         if in_outage:
             return _failure("503", "Service unavailable (sandbox outage)", 503, state)
-
         auth = request.headers.get("authorization", "")
         if not auth.startswith("Bearer "):
             return _failure("8004", "Authorization header must be 'Bearer <API key>'.", 403, state)
         if auth[7:] != state.api_key:
             return _failure("8004", "Client details not found.", 401, state)
+        return None
 
+    async def send_message(request: Request) -> JSONResponse:
+        sc = state.scenario
+        if (answer := await refused(request)) is not None:
+            return answer
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
@@ -225,7 +243,10 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
                 state.responses["drop"] += 1
             state.drop_connection(request)
             return JSONResponse({}, status_code=500)  # never reaches the client: its socket is gone
-        if code := sc.recipient_error(item["recipient_whatsapp"], item["message_type"]):
+        recipient = item["recipient_whatsapp"]
+        if item.get("recipient_type", "individual") == "individual" and not state.opted_in_now(recipient):
+            return _failure("8002", RECIPIENT_ERRORS["8002"], 400, state)
+        if code := sc.recipient_error(recipient, item["message_type"]):
             return _failure(code, RECIPIENT_ERRORS[code], 400, state)
 
         message_id = str(uuid.uuid4())
@@ -237,6 +258,7 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
             state.accepted_count += 1
             state.accepted_by_header[item.get("x-apiheader")] += 1
             state.accepted_by_type[item["message_type"]] += 1
+            state.accepted_by_recipient[recipient] += 1
             state.final_by_id[message_id] = sc.final_status(item.get("x-apiheader") or message_id)
             if state.record_bodies:
                 state.accepted.append({"message_id": message_id, "body": body})
@@ -253,6 +275,25 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
 
     app.add_api_route("/api/v2/message/", send_message, methods=["POST"])
     app.add_api_route("/api/v2/message/nc", send_message, methods=["POST"])
+    add_consent_routes(app, state, _failure, refused)
+
+    @app.post("/_sandbox/reply")
+    async def reply(request: Request) -> JSONResponse:
+        """Make a recipient reply a text (``{"from", "text", "context_message_id"}``), posted at once."""
+        body = await request.json()
+        if not isinstance(body, dict) or not body.get("from") or not isinstance(body.get("text"), str):
+            return JSONResponse({"detail": "give 'from' (a number) and 'text'"}, status_code=400)
+        if not state.reports:
+            return JSONResponse({"detail": "the sandbox has no --webhook-url to post the reply to"}, status_code=409)
+        state.reports.reply(str(body["from"]), body["text"], body.get("context_message_id"))
+        return JSONResponse({"queued": 1})
+
+    @app.get("/_sandbox/recipients/{number}")
+    async def recipient_state(number: str) -> dict[str, Any]:
+        """What the sandbox holds for one number: messages accepted, opt-in."""
+        with state.lock:
+            accepted = state.accepted_by_recipient[number]
+        return {"accepted": accepted, "opted_in": state.opted_in_now(number)}
 
     @app.get("/_sandbox/stats")
     async def stats() -> dict[str, Any]:
@@ -263,6 +304,8 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
                 "accepted_by_type": dict(state.accepted_by_type),
                 "responses": dict(state.responses),
                 "funnel": dict(Counter(state.final_by_id.values())),
+                "consent_calls": len(state.consent_calls),
+                "opted_out": len(state.opted_out),
             }
         if state.reports:
             data["reports"] = {

@@ -11,6 +11,7 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +86,10 @@ class ReportSender:
             items.append((due, "delivery_status", self._delivery_item(message, status, due)))
             if sc.draw("dup", identity, status) < sc.duplicate_ratio:
                 items.append((due + sc.status_delay, "delivery_status", self._delivery_item(message, status, due)))
-        if sc.draw("inbound", identity) < sc.inbound_ratio:
+        if sc.draw("stop", identity) < sc.stop_reply_ratio:
+            text = sc.stop_reply_text
+            items.append((times[-1], "incoming_message", self._inbound_item(message, times[-1], text)))
+        elif sc.draw("inbound", identity) < sc.inbound_ratio:
             items.append((times[-1], "incoming_message", self._inbound_item(message, times[-1])))
         with self._cond:
             for due, kind, item in items:
@@ -113,15 +117,16 @@ class ReportSender:
         return item
 
     @staticmethod
-    def _inbound_item(message: AcceptedMessage, when: float) -> dict[str, Any]:
-        return {
-            "message_id": f"in-{message.message_id}",
-            "from": message.recipient,
-            "received_at": str(int(when)),
-            "message_type": "text",
-            "text_type": {"text": "Thanks!"},
-            "context": {"ncmessage_id": message.message_id},
-        }
+    def _inbound_item(message: AcceptedMessage, when: float, text: str = "Thanks!") -> dict[str, Any]:
+        return reply_item(f"in-{message.message_id}", message.recipient, text, when, message.message_id)
+
+    def reply(self, recipient: str, text: str, context_message_id: str | None = None) -> None:
+        """Queue a text reply from ``recipient``, posted at once (``POST /_sandbox/reply``)."""
+        now = time.time()
+        with self._cond:
+            item = reply_item(f"in-{uuid.uuid4().hex[:16]}", recipient, text, now, context_message_id)
+            heapq.heappush(self._queue, (now, next(self._seq), "incoming_message", item))
+            self._cond.notify()
 
     def _take_due(self) -> list[tuple[str, dict[str, Any]]] | None:
         with self._cond:
@@ -161,3 +166,17 @@ class ReportSender:
             time.sleep(min(0.1 * 2**attempt, 2.0))
         self.batches_failed += 1
         self.events_lost += count
+
+
+def reply_item(
+    reply_id: str, recipient: str, text: str, when: float, context_message_id: str | None = None
+) -> dict[str, Any]:
+    """An ``incoming_message[]`` item as the vendor's "Incoming message - text" page shows it."""
+    return {
+        "message_id": reply_id,
+        "from": recipient,
+        "received_at": str(int(when)),
+        "message_type": "text",
+        "text_type": {"text": text},
+        "context": {"ncmessage_id": context_message_id, "message_id": None},
+    }

@@ -38,11 +38,17 @@ class Scenario:
     # 24-hour window is closed) is only ever the answer to a session (media) message.
     reject_ratio: dict[str, float] = field(default_factory=dict)
     closed_window_ratio: float = 0.0  # recipients who have not written in 24 h: media gets 8007
+    # Recipients without an opt-in: every send gets 8002 until the consent API opts them in.
+    optin_required_ratio: float = 0.0
+    stop_reply_ratio: float = 0.0  # accepted messages whose recipient replies stop_reply_text
+    stop_reply_text: str = "STOP"
     # Approved templates: name -> {"locale", "attributes" (how many), "header" (None or a type)}.
     templates: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
             "invoice_ready": {"locale": "en", "attributes": 2, "header": "document"},
             "spring_offer": {"locale": "en", "attributes": 1, "header": None},
+            # The notifier's suggested alert: task, DAG, run, try, log URL.
+            "airflow_task_alert": {"locale": "en", "attributes": 5, "header": None},
         }
     )
     # Faults, as shares of requests (each try of a message is drawn again).
@@ -114,6 +120,10 @@ class Scenario:
         if message_type == "media" and self.draw("window", recipient) < self.closed_window_ratio:
             return "8007"
         return None
+
+    def needs_optin(self, recipient: str) -> bool:
+        """True for the recipients who start without an opt-in."""
+        return self.draw("optin", recipient) < self.optin_required_ratio
 
     def final_status(self, identity: str) -> str:
         roll = self.draw("final", identity)

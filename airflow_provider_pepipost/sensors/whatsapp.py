@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk import Asset, BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
 from airflow_provider_pepipost.errors import WhatsAppDeliveryFailed
+from airflow_provider_pepipost.operators.assets import emit, resolve_asset
 from airflow_provider_pepipost.operators.xcom import parse_message_targets
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.model import (
@@ -45,6 +46,9 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
     :param status_store_conn_id: Airflow connection (postgres or sqlite) of the status store; default
         as the send operators resolve it (``airflow_provider_pepipost.status.resolver``).
     :param deferrable: wait in the triggerer instead of a worker slot.
+    :param delivery_asset: the asset the sensor updates when the wait succeeds, with the delivery
+        counts as the event's extra: default ``Asset("pepipost://delivery/<dag_id>/<task_id>")``;
+        a string names it, an ``Asset`` is used as it is, False emits none.
 
     Returns (XCom ``return_value``) the delivery summary: counts by status, pending, unknown,
     and the failed ids with their remarks.
@@ -63,9 +67,13 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         unknown_policy: str = "wait",
         status_store_conn_id: str | None = None,
         deferrable: bool = False,
+        delivery_asset: Asset | str | bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.delivery_asset = resolve_asset(delivery_asset, "delivery", self.dag_id, self.task_id)
+        if self.delivery_asset is not None:
+            self.outlets = [*self.outlets, self.delivery_asset]
         self.message_ids = message_ids
         self.target_status = target_status
         self.min_success_ratio = min_success_ratio
@@ -136,11 +144,14 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
     def execute(self, context: Context) -> Any:
         if not self.deferrable:
             try:
-                return super().execute(context)
+                summary = super().execute(context)
             except AirflowSensorTimeout as err:
                 raise AirflowSensorTimeout(self.timeout_message()) from err
+            self._emit(context, summary)
+            return summary
         first = self.poke(context)
         if first.is_done:
+            self._emit(context, first.xcom_value)
             return first.xcom_value
         targets = self._targets()
         self.defer(
@@ -159,9 +170,16 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
             timeout=timedelta(seconds=self.timeout),
         )
 
+    def _emit(self, context: Context, summary: dict[str, Any] | None) -> None:
+        """The delivery asset's event: the counts, not the failed ids."""
+        if summary:
+            counts = {k: summary[k] for k in ("total", "counts", "pending", "unknown", "failed_total") if k in summary}
+            emit(context, self.delivery_asset, {"target_status": self.target_status, **counts})
+
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         if event.get("status") == "success":
             self.log.info("Done: %s", event["reason"])
+            self._emit(context, event["summary"])
             return event["summary"]
         if event.get("status") == "failure":
             raise WhatsAppDeliveryFailed(event["reason"])

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.consent import VIA_REPLY, set_opted_out
 from airflow_provider_pepipost.status.engines import chunks, insert_for
 from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
 from airflow_provider_pepipost.status.model import DeliveryEvent, LedgerState
@@ -34,6 +35,7 @@ class IngestResult:
     dead_letters: int = 0
     inbound: int = 0
     reconciled: int = 0
+    opt_outs: int = 0  # senders of stop-word replies put on the suppression list
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -70,7 +72,9 @@ def ingest_many(conn: Connection, batches: Sequence[WebhookBatch], now: float) -
     if letters:
         _insert_dead_letters(conn, letters, now)
     if inbound:
-        _insert_inbound(conn, inbound, now)
+        opt_outs = _insert_inbound(conn, inbound, now)
+        if opt_outs:
+            results[-1].opt_outs += opt_outs
     return results
 
 
@@ -93,10 +97,19 @@ def _insert_dead_letters(conn: Connection, letters: Sequence[DeadLetterItem], no
     )
 
 
-def _insert_inbound(conn: Connection, inbound: Sequence[Mapping[str, Any]], now: float) -> None:
+def _insert_inbound(conn: Connection, inbound: Sequence[Mapping[str, Any]], now: float) -> int:
+    """Store the replies not stored yet; put the senders of new stop-word replies on the
+    suppression list. Returns how many senders opted out."""
     rows = {hashlib.sha256(item["raw"].encode()).hexdigest()[:40]: item for item in inbound}
+    table = schema.inbound_messages
+    seen: set[str] = set()
+    for chunk in chunks(list(rows)):
+        seen.update(conn.execute(select(table.c.inbound_key).where(table.c.inbound_key.in_(chunk))).scalars())
+    new = {key: item for key, item in rows.items() if key not in seen}
+    if not new:
+        return 0
     conn.execute(
-        insert_for(conn, schema.inbound_messages).on_conflict_do_nothing(index_elements=["inbound_key"]),
+        insert_for(conn, table).on_conflict_do_nothing(index_elements=["inbound_key"]),
         [
             {
                 "inbound_key": key,
@@ -105,9 +118,14 @@ def _insert_inbound(conn: Connection, inbound: Sequence[Mapping[str, Any]], now:
                 "received_at": now,
                 "raw": item["raw"],
             }
-            for key, item in rows.items()
+            for key, item in new.items()
         ],
     )
+    # Only a reply stored now counts: the same reply posted again must not undo a later opt-in.
+    stops = {item["sender"]: item["opt_out"] for item in new.values() if item.get("opt_out") and item.get("sender")}
+    for sender, word in stops.items():
+        set_opted_out(conn, [sender], True, VIA_REPLY, f"replied {word!r}", now)
+    return len(stops)
 
 
 def _insert_new_events(conn: Connection, events: Sequence[DeliveryEvent], keys: Sequence[str], now: float) -> set[str]:

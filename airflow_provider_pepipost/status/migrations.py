@@ -37,11 +37,16 @@ def _v4_ledger_campaign(conn: Connection) -> None:
     _add_column(conn, schema.ledger.name, "campaign", "VARCHAR(32)")
 
 
+def _v5_consent_tables(conn: Connection) -> None:
+    """v5: the suppression list and the consent calls: new tables, which ``create_all`` made."""
+
+
 # version -> the step that makes it from the version before
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     2: _v2_ledger_attempt,
     3: _v3_dead_letter_key,
     4: _v4_ledger_campaign,
+    5: _v5_consent_tables,
 }
 
 

@@ -5,11 +5,11 @@ Bump SCHEMA_VERSION and add a step to ``migrations.MIGRATIONS`` for any change t
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text
 
 from airflow_provider_pepipost import limits
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = MetaData()
 
@@ -23,6 +23,16 @@ schema_version = Table(
     Column("applied_at", Float, nullable=False),
 )
 
+def _task_instance_columns() -> list[Column]:
+    """The task instance a row belongs to, as every table that keeps one names it."""
+    return [
+        Column("dag_id", String(limits.AIRFLOW_ID_MAX), nullable=False),
+        Column("run_id", String(limits.AIRFLOW_ID_MAX), nullable=False),
+        Column("task_id", String(limits.AIRFLOW_ID_MAX), nullable=False),
+        Column("map_index", Integer, nullable=False),
+    ]
+
+
 # One row per message a task decided to send: written before the request goes out, updated with
 # the outcome. A retry of the task reads it back so that nothing is sent twice.
 ledger = Table(
@@ -32,10 +42,7 @@ ledger = Table(
     Column("api_header", String(limits.API_HEADER_MAX), nullable=False),
     Column("message_id", String(limits.MESSAGE_ID_MAX), nullable=True),
     Column("recipient", String(limits.RECIPIENT_MAX), nullable=False),
-    Column("dag_id", String(limits.AIRFLOW_ID_MAX), nullable=False),
-    Column("run_id", String(limits.AIRFLOW_ID_MAX), nullable=False),
-    Column("task_id", String(limits.AIRFLOW_ID_MAX), nullable=False),
-    Column("map_index", Integer, nullable=False),
+    *_task_instance_columns(),
     Column("row_index", Integer, nullable=False),
     # sending -> accepted | rejected | unknown | not_sent (never went out: the campaign stopped first);
     # unknown -> accepted when a report reconciles it
@@ -113,4 +120,35 @@ inbound_messages = Table(
     Column("received_at", Float, nullable=False),
     Column("raw", Text, nullable=False),
     Index("ux_pepipost_inbound_key", "inbound_key", unique=True),
+)
+
+# v5: the suppression list. One row per number whose consent changed: opted out (a stop word in a
+# reply, or a confirmed opt-out) or back in (a confirmed opt-in after an opt-out). The last change
+# written wins; the send operators skip numbers whose row says opted_out.
+suppressions = Table(
+    "pepipost_suppressions",
+    metadata,
+    Column("recipient", String(limits.RECIPIENT_MAX), primary_key=True),
+    Column("opted_out", Boolean, nullable=False),
+    Column("changed_at", Float, nullable=False),
+    Column("via", String(limits.LEDGER_STATE_MAX), nullable=False),  # reply | consent_api
+    Column("detail", String(200), nullable=True),  # the reply's words, or the consent task
+    # An opt-out taken from a reply, once the consent operator passed it on to the vendor.
+    Column("synced_at", Float, nullable=True),
+)
+
+# v5: the consent calls each task instance made, by the hash of the batch: a retried consent task
+# skips the ones the vendor confirmed.
+consent_batches = Table(
+    "pepipost_consent_batches",
+    metadata,
+    Column("batch_key", String(limits.IDEMPOTENCY_KEY_MAX), primary_key=True),
+    *_task_instance_columns(),
+    Column("kind", String(limits.LEDGER_STATE_MAX), nullable=False),  # optin | optout
+    Column("rows", Integer, nullable=False),
+    Column("state", String(limits.LEDGER_STATE_MAX), nullable=False),  # confirmed | refused
+    Column("error_code", String(limits.ERROR_CODE_MAX), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_pepipost_consent_batches_task", "dag_id", "run_id", "task_id", "map_index"),
 )

@@ -4,8 +4,8 @@ SQLAlchemy Core over an embedded SQLite file by default, or any SQLAlchemy URL (
 production). Never Airflow's metadata database: Airflow 3 tasks may not touch it.
 
 ``StatusStore`` owns the transactions and the schema; the SQL lives with its job: ``ledger``
-(what was sent), ``ingest`` (what the webhook reported), ``summaries`` (reading it back) and
-``engines`` (connections and dialects).
+(what was sent), ``ingest`` (what the webhook reported), ``summaries`` (reading it back),
+``consent`` (the suppression list and consent calls) and ``engines`` (connections and dialects).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from airflow_provider_pepipost.status import ingest, ledger, schema, summaries
+from airflow_provider_pepipost.status import consent, ingest, ledger, schema, summaries
+from airflow_provider_pepipost.status.consent import ConsentBatch
 from airflow_provider_pepipost.status.engines import get_engine, insert_for, redact_url, sqlite_write_lock
 from airflow_provider_pepipost.status.ingest import DeadLetterItem, IngestResult, WebhookBatch
 from airflow_provider_pepipost.status.ledger import Claim, LedgerEntry, Outcome, TaskKey
@@ -178,6 +179,44 @@ class StatusStore:
         table = schema.metadata.tables[table_name]
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(table)).scalar() or 0)
+
+    # -- consent and the suppression list -------------------------------------------------------
+
+    def suppressed(self, recipients: Iterable[str]) -> set[str]:
+        """Which of these numbers have opted out (the send operators skip them)."""
+        with self.engine.connect() as conn:
+            return consent.suppressed(conn, recipients)
+
+    def record_opt_outs(self, recipients: Iterable[str], *, via: str, detail: str = "") -> None:
+        """Put numbers on the suppression list (``via``: ``reply`` or ``consent_api``)."""
+        with self._writing() as conn:
+            consent.set_opted_out(conn, recipients, True, via, detail, time.time())
+
+    def consent_batches(self, task: TaskKey) -> dict[str, ConsentBatch]:
+        """The consent calls earlier tries of this task instance recorded, by batch key."""
+        with self.engine.connect() as conn:
+            return consent.batches_of(conn, task)
+
+    def record_consent_batch(self, task: TaskKey, batch: ConsentBatch, recipients: Sequence[str] = ()) -> None:
+        """One consent call's outcome; a confirmed one also moves ``recipients`` on or off the
+        suppression list (opt-out on, opt-in off), in the same transaction."""
+        now = time.time()
+        with self._writing() as conn:
+            consent.record_batch(conn, task, batch, now)
+            if batch.state == "confirmed" and recipients:
+                detail = f"{batch.kind} by {task.dag_id}/{task.run_id}/{task.task_id}"
+                consent.set_opted_out(conn, recipients, batch.kind == "optout", consent.VIA_CONSENT_API, detail, now)
+
+    def reply_opt_outs(self, limit: int = 100_000) -> list[str]:
+        """Numbers that opted out by a reply, not yet passed on to the vendor."""
+        with self.engine.connect() as conn:
+            return consent.unsynced_reply_opt_outs(conn, limit)
+
+    def mark_reply_opt_outs_synced(self, recipients: Sequence[str]) -> None:
+        """The vendor confirmed the opt-out of these numbers."""
+        if recipients:
+            with self._writing() as conn:
+                consent.mark_synced(conn, recipients, time.time())
 
     # -- summaries ------------------------------------------------------------------------------
 

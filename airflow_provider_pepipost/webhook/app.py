@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from airflow_provider_pepipost.consent import stop_word_set
 from airflow_provider_pepipost.status.resolver import resolve_store_url
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.batching import (
@@ -31,12 +32,20 @@ from airflow_provider_pepipost.webhook.batching import (
     QueueFull,
 )
 from airflow_provider_pepipost.webhook.logs import RefusalLog, Throttled, capped, describe_error, redact_access_logs
-from airflow_provider_pepipost.webhook.payload import MAX_RAW_CHARS, ParsedBatch, body_key, letter, parse_body
+from airflow_provider_pepipost.webhook.payload import (
+    DEFAULT_STOP_SET,
+    MAX_RAW_CHARS,
+    ParsedBatch,
+    body_key,
+    letter,
+    parse_body,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TOKEN_ENV = "PEPIPOST_WEBHOOK_TOKEN"
+STOP_WORDS_ENV = "PEPIPOST_STOP_WORDS"
 TOKEN_HEADER = "X-Pepipost-Token"
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT = 10.0  # seconds to receive a whole body once its headers are in
@@ -67,7 +76,7 @@ def _parse_networks(allowed_ips: Sequence[str] | None) -> list[Any] | None:
     return [ipaddress.ip_network(item.strip(), strict=False) for item in allowed_ips if item.strip()]
 
 
-def read_body(body: bytes) -> tuple[ParsedBatch, str | None]:
+def read_body(body: bytes, stop_words: frozenset[str] = DEFAULT_STOP_SET) -> tuple[ParsedBatch, str | None]:
     """Decode and sort one body; returns the batch and, when the body is unreadable as a whole, why."""
     key = body_key(body)
     try:
@@ -85,7 +94,7 @@ def read_body(body: bytes) -> tuple[ParsedBatch, str | None]:
         return ParsedBatch(dead_letters=[letter(reason, text[:MAX_RAW_CHARS], key, "body")]), reason
     # An object of an unknown kind is acknowledged and kept aside: the vendor may post other
     # event types to the same URL, and refusing them could make it stop posting reports.
-    return parse_body(data, key), None
+    return parse_body(data, key, stop_words), None
 
 
 def create_app(
@@ -99,6 +108,7 @@ def create_app(
     max_queued_bodies: int = DEFAULT_MAX_QUEUED_BODIES,
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     refusal_log_interval: float = 60.0,
+    stop_words: str | Sequence[str] | None = None,
 ) -> FastAPI:
     """The receiver app: ``POST {path_prefix}/webhook``, ``GET {path_prefix}/healthz`` and ``/status``.
 
@@ -115,7 +125,11 @@ def create_app(
     :param max_queued_bodies: bodies admitted and not yet answered; beyond it 503 with Retry-After.
     :param max_queued_bytes: the same bound in bytes of body.
     :param refusal_log_interval: refused requests are logged at most once per this many seconds.
+    :param stop_words: text replies that opt their sender out of further messages (a list, or one
+        comma-separated string); default ``$PEPIPOST_STOP_WORDS``, else STOP, UNSUBSCRIBE, STOP ALL.
+        Compared without case, spaces or the punctuation around them.
     """
+    stops = stop_word_set(stop_words if stop_words is not None else os.environ.get(STOP_WORDS_ENV) or None)
     expected = (token if token is not None else os.environ.get(TOKEN_ENV, "")).encode()
     networks = _parse_networks(allowed_ips)
     app = FastAPI(title="Pepipost delivery-report receiver", docs_url=None, redoc_url=None, openapi_url=None)
@@ -198,9 +212,9 @@ def create_app(
 
     async def store_body(request: Request, body: bytes) -> JSONResponse:
         if len(body) > _PARSE_INLINE_BYTES:
-            batch, unreadable = await run_in_threadpool(read_body, body)
+            batch, unreadable = await run_in_threadpool(read_body, body, stops)
         else:
-            batch, unreadable = read_body(body)
+            batch, unreadable = read_body(body, stops)
         try:
             result = await ingest_queue.ingest((batch.events, batch.dead_letters, batch.inbound))
         except Exception as err:

@@ -16,7 +16,13 @@ import sys
 from fastapi import FastAPI
 
 from airflow_provider_pepipost.status.resolver import STORE_URL_ENV, resolve_store_url, store_source
-from airflow_provider_pepipost.webhook.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, TOKEN_ENV, create_app
+from airflow_provider_pepipost.webhook.app import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    STOP_WORDS_ENV,
+    TOKEN_ENV,
+    create_app,
+)
 from airflow_provider_pepipost.webhook.batching import DEFAULT_MAX_QUEUED_BODIES
 from airflow_provider_pepipost.webhook.server import DEFAULT_HEAD_TIMEOUT, HEAD_TIMEOUT_ENV, GuardedHttpProtocol
 
@@ -87,6 +93,12 @@ def serve(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-queued-bodies", type=int, default=DEFAULT_MAX_QUEUED_BODIES)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--stop-words",
+        default=None,
+        help=f"comma-separated replies that opt a sender out; default ${STOP_WORDS_ENV}, else STOP,UNSUBSCRIBE,"
+        "STOP ALL",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s webhook %(levelname)s %(message)s")
     token = args.token or os.environ.get(TOKEN_ENV)
@@ -102,6 +114,8 @@ def serve(argv: list[str] | None = None) -> None:
     os.environ[_ENV["max_body_bytes"]] = str(args.max_body_bytes)
     os.environ[_ENV["body_timeout"]] = str(args.body_timeout)
     os.environ[_ENV["max_queued_bodies"]] = str(args.max_queued_bodies)
+    if args.stop_words:
+        os.environ[STOP_WORDS_ENV] = args.stop_words  # create_app reads it in every worker
     os.environ[HEAD_TIMEOUT_ENV] = str(args.head_timeout)  # for worker processes, which import anew
     GuardedHttpProtocol.head_timeout = args.head_timeout  # for this one, which has imported it already
     source = "--store-url" if args.store_url else store_source(args.store_conn_id)

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from airflow_provider_pepipost.status.ingest import IngestResult
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.payload import ParsedBatch, body_key, letter, parse_body
 
@@ -31,7 +32,7 @@ def _parse_line(line: str, number: int) -> tuple[str, Any]:
 
 def import_reports(lines: Iterable[str], store: StatusStore) -> dict[str, int]:
     """Store every report of ``lines``; returns the counts (accepted, duplicates, dead_letters, ...)."""
-    totals = {"lines": 0, "accepted": 0, "duplicates": 0, "dead_letters": 0, "inbound": 0, "reconciled": 0}
+    totals = {"lines": 0, **IngestResult().to_dict()}
     items: list[Any] = []
     numbers: list[int] = []  # the line of each item
 

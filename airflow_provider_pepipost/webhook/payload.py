@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_pepipost import limits
+from airflow_provider_pepipost.consent import is_stop_reply, normalize_reply, stop_word_set
 from airflow_provider_pepipost.status.model import DeliveryEvent, normalize_status
 
 MAX_RAW_CHARS = limits.RAW_MAX  # of a dead letter: enough to see what went wrong
@@ -24,6 +25,8 @@ MAX_ITEM_LETTERS = 20  # dead letters of their own per body; the rest of its bad
 # A dead letter as the store takes it: (reason, raw, key). Equal keys are stored once, so a body
 # sent again adds no dead letters.
 DeadLetter = tuple[str, str, str]
+
+DEFAULT_STOP_SET = stop_word_set()
 
 
 @dataclass
@@ -129,8 +132,12 @@ def parse_delivery_item(item: Any) -> DeliveryEvent:
     )
 
 
-def _inbound_item(item: dict[str, Any]) -> dict[str, Any]:
-    """One ``incoming_message[]`` item as the store keeps it; ValueError when it cannot be stored."""
+def _inbound_item(item: dict[str, Any], stop_words: frozenset[str]) -> dict[str, Any]:
+    """One ``incoming_message[]`` item as the store keeps it; ValueError when it cannot be stored.
+
+    ``opt_out`` holds the reply's text when it is one of ``stop_words``: the store then puts the
+    sender on the suppression list.
+    """
     raw = _raw(item)
     if problem := limits.text_problem(raw):
         raise ValueError(f"item {problem}")
@@ -145,7 +152,9 @@ def _inbound_item(item: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"'{name}' {problem}")
         if len(text) > limit:
             raise ValueError(f"'{name}' is longer than {limit} characters")
-    return {"sender": sender or None, "context_message_id": context_id or None, "raw": raw}
+    text = item.get("text_type", {}).get("text") if isinstance(item.get("text_type"), dict) else None
+    opt_out = normalize_reply(text) if sender and is_stop_reply(text, stop_words) else None
+    return {"sender": sender or None, "context_message_id": context_id or None, "raw": raw, "opt_out": opt_out}
 
 
 class _DeadLetters:
@@ -187,11 +196,12 @@ def _may_be_report(item: Any) -> bool:
     return type(item) is dict and item.get("ncmessage_id") not in (None, "") and item.get("status") not in (None, "")
 
 
-def parse_body(body: Any, key: str | None = None) -> ParsedBatch:
+def parse_body(body: Any, key: str | None = None, stop_words: frozenset[str] = DEFAULT_STOP_SET) -> ParsedBatch:
     """Sort a decoded webhook body into delivery events, inbound messages and dead letters.
 
     :param key: the body's hash (``body_key``): its dead letters are keyed by it and their place
         in the body, so the same body sent twice adds no dead letters.
+    :param stop_words: text replies that opt their sender out (``consent.stop_word_set``).
     """
     batch = ParsedBatch()
     if not isinstance(body, dict):
@@ -223,7 +233,7 @@ def parse_body(body: Any, key: str | None = None) -> ParsedBatch:
                 try:
                     if not isinstance(item, dict):
                         raise ValueError("item must be an object")
-                    batch.inbound.append(_inbound_item(item))
+                    batch.inbound.append(_inbound_item(item, stop_words))
                 except ValueError as err:
                     letters.add("incoming_message", index, str(err), item)
     letters.close()

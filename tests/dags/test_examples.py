@@ -19,6 +19,8 @@ EXAMPLES = {
     "whatsapp_media_campaign_mapped",
     "whatsapp_media_by_url",
     "whatsapp_template_campaign",
+    "whatsapp_opt_in_then_campaign",
+    "whatsapp_campaign_delivered_report",
 }
 
 
@@ -65,6 +67,32 @@ def test_template_example_sends_the_template_where_the_window_is_closed(airflow_
     assert split["session"] == sandbox.state.accepted_by_type["media"] > 10
     assert split["session"] + split["template"] == 60
     assert result.value("wait_for_delivery")["total"] == 60  # one sensor over both kinds
+
+    # Both tasks updated their assets, with the figures as the events' extra.
+    sent = asset_event_extra("pepipost://campaign/whatsapp_template_campaign/send_invoices", result.run_id)
+    assert {k: sent[k] for k in ("accepted", "fallback", "total")} == {
+        "accepted": split["session"],
+        "fallback": split["template"],
+        "total": 60,
+    }
+    delivered = asset_event_extra("pepipost://delivery/whatsapp_template_campaign/wait_for_delivery", result.run_id)
+    assert delivered["total"] == 60 and delivered["counts"] == result.value("wait_for_delivery")["counts"]
+    assert delivered["target_status"] == "delivered"
+
+
+def asset_event_extra(uri: str, run_id: str) -> dict:
+    """The extra of the event a run's task emitted on the asset ``uri``, from Airflow's database."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        extras = session.scalars(
+            select(AssetEvent.extra).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.uri == uri, AssetEvent.source_run_id == run_id)
+        ).all()  # fmt: skip
+    assert len(extras) == 1, (uri, extras)
+    return extras[0]
 
 
 @pytest.mark.timeout(700)  # above the demo's own 600 s: a hung demo fails this test, not the whole run

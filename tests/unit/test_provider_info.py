@@ -32,7 +32,7 @@ def test_provider_info_matches_airflows_schema_and_every_class_imports():
     jsonschema.validate(info, schema)
     (conn,) = info["connection-types"]
     assert conn["connection-type"] == "pepipost"
-    for dotted in [conn["hook-class-name"], info["plugins"][0]["plugin-class"]]:
+    for dotted in [conn["hook-class-name"], info["plugins"][0]["plugin-class"], *info["notifications"]]:
         module, _, name = dotted.rpartition(".")
         assert getattr(importlib.import_module(module), name)
     for section in ("hooks", "operators", "sensors", "triggers"):

@@ -32,7 +32,14 @@ def test_a_batch_is_stored_and_counted(receiver, store_url):
     body = {"delivery_status": [report("m1", "sent", 1), report("m1", "read", 3), report("m2", "delivered", 2)]}
     answer = post(receiver.webhook_url, body)
     assert answer.status_code == 200
-    assert answer.json() == {"accepted": 3, "duplicates": 0, "dead_letters": 0, "inbound": 0, "reconciled": 0}
+    assert answer.json() == {
+        "accepted": 3,
+        "duplicates": 0,
+        "dead_letters": 0,
+        "inbound": 0,
+        "reconciled": 0,
+        "opt_outs": 0,
+    }
     store = StatusStore(store_url)
     assert (current_status(store, "m1"), current_status(store, "m2")) == ("read", "delivered")
 

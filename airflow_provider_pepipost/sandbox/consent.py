@@ -1,0 +1,124 @@
+"""The sandbox's consent API: ``POST /api/v2/consent/manage/`` and ``POST /api/v2/consent/``.
+
+Checks bodies as the vendor's consent page describes (docs/pepipost/template-and-consent.md,
+"Consent"), with its messages, in code of its own. Opt-ins lift the 8002 the send path answers to
+recipients without one (scenario ``optin_required_ratio``); opt-outs bring it back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+KINDS = ("optin", "optout")
+SOURCE_MAX = 25
+
+
+def check_consent_body(body: Any) -> str | None:
+    """The vendor's validation of a manage body: None when valid, else its 8006 message."""
+    if not isinstance(body, dict) or body.get("type") in (None, ""):
+        return "type is required."
+    if body["type"] not in KINDS:
+        return "type is invalid. type must be optin/optout."
+    recipients = body.get("recipients")
+    if not isinstance(recipients, list) or not recipients:
+        return "recipients is required."
+    for item in recipients:
+        if not isinstance(item, dict):
+            return "recipients is required."
+        source = item.get("source")
+        if not isinstance(source, str) or not source.strip():
+            return "source cannot be empty."
+        if len(source) > SOURCE_MAX:
+            return f"source value cannot be greater than {SOURCE_MAX} characters."
+        number = item.get("recipient")
+        if not isinstance(number, str) or not number.isdigit() or not number.isascii():
+            return "Invalid recipient. Only numeric values allowed."
+        if len(number) < 10:
+            return "recipient value cannot be less than 10 digits."
+        if len(number) > 15:
+            return "recipient value cannot be greater than 15 digits."
+        if item.get("ip") not in (None, ""):
+            try:
+                ipaddress.ip_address(str(item["ip"]))
+            except ValueError:
+                return "ip is invalid."
+    return None
+
+
+def add_consent_routes(
+    app: FastAPI,
+    state: Any,
+    failure: Callable[..., JSONResponse],
+    refused: Callable[[Request], JSONResponse | None],
+) -> None:
+    """Mount the consent endpoints on the sandbox app.
+
+    :param failure: the sandbox's failure answer, ``failure(code, message, http_status, state)``.
+    :param refused: the answer to a request the sandbox turns away before reading it (outage,
+        auth), or None.
+    """
+
+    async def read(request: Request) -> Any:
+        try:
+            return json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+    async def manage(request: Request) -> JSONResponse:
+        if (answer := await refused(request)) is not None:
+            return answer
+        body = await read(request)
+        if problem := check_consent_body(body):
+            return failure("8006", problem, 400, state)
+        kind, numbers = body["type"], [item["recipient"] for item in body["recipients"]]
+        with state.lock:
+            state.consent_calls.append({"type": kind, "recipients": numbers})
+            for number in numbers:
+                if kind == "optin":
+                    state.opted_out.discard(number)
+                    state.opted_in[number] = {**body_item(body, number), "created_date": _now()}
+                else:
+                    state.opted_in.pop(number, None)
+                    state.opted_out.add(number)
+            state.responses[f"consent_{kind}"] += 1
+        word = "Optin" if kind == "optin" else "Optout"
+        return JSONResponse({"status": "success", "message": f"{word} successfully added."})
+
+    async def check(request: Request) -> JSONResponse:
+        if (answer := await refused(request)) is not None:
+            return answer
+        body = await read(request)
+        number = body.get("phone_number") if isinstance(body, dict) else None
+        if not isinstance(number, str) or not number:
+            return failure("8006", "phone_number is required.", 400, state)
+        with state.lock:
+            found = state.opted_in.get(number)
+        if found is None:
+            # The vendor's answer names no code here.
+            return JSONResponse({"status": "failure", "error": {"message": f"Optin details not found for {number}"}})
+        data = {
+            "ip": found.get("ip", ""),
+            "phone_number": number,
+            "optin_source": found.get("source", ""),
+            "user_agent": found.get("user_agent", ""),
+            "created_date": found["created_date"],
+        }
+        return JSONResponse({"status": "success", "data": data})
+
+    app.add_api_route("/api/v2/consent/manage/", manage, methods=["POST"])
+    app.add_api_route("/api/v2/consent/", check, methods=["POST"])
+
+
+def body_item(body: dict[str, Any], number: str) -> dict[str, Any]:
+    return next(item for item in body["recipients"] if item["recipient"] == number)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S.0", time.gmtime())

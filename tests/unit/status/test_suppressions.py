@@ -1,0 +1,70 @@
+"""The suppression list and the consent calls in the store, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from airflow_provider_pepipost.status.consent import ConsentBatch
+from airflow_provider_pepipost.status.ledger import TaskKey
+from airflow_provider_pepipost.status.store import StatusStore
+
+TASK = TaskKey("consent_dag", "run-1", "opt_in")
+
+
+def reply(sender: str, text: str, opt_out: str | None) -> dict[str, object]:
+    return {
+        "sender": sender,
+        "context_message_id": None,
+        "raw": f'{{"from":"{sender}","text":"{text}"}}',
+        "opt_out": opt_out,
+    }
+
+
+def test_a_stop_reply_suppresses_and_a_later_opt_in_lifts_it(store_url):
+    store = StatusStore(store_url)
+    result = store.ingest([], inbound=[reply("919800000001", "STOP", "STOP"), reply("919800000002", "hi", None)])
+    assert (result.inbound, result.opt_outs) == (2, 1)
+    assert store.suppressed(["919800000001", "919800000002", "919800000003"]) == {"919800000001"}
+    assert store.reply_opt_outs() == ["919800000001"]
+
+    store.record_consent_batch(TASK, ConsentBatch("cb-1", "optin", 1, "confirmed"), ["919800000001"])
+    assert store.suppressed(["919800000001"]) == set()
+    assert store.reply_opt_outs() == []  # opted back in: nothing to pass on
+
+
+def test_the_same_stop_reply_posted_again_does_not_undo_a_later_opt_in(store_url):
+    store = StatusStore(store_url)
+    stop = reply("919800000001", "STOP", "STOP")
+    store.ingest([], inbound=[stop])
+    store.record_consent_batch(TASK, ConsentBatch("cb-1", "optin", 1, "confirmed"), ["919800000001"])
+    again = store.ingest([], inbound=[stop])  # the vendor posts the same body again
+    assert again.opt_outs == 0
+    assert store.suppressed(["919800000001"]) == set()
+    store.ingest([], inbound=[reply("919800000001", "stop!", "STOP")])  # a new reply: out again
+    assert store.suppressed(["919800000001"]) == {"919800000001"}
+
+
+def test_a_refused_batch_changes_nobody_and_a_confirmed_opt_out_suppresses(store_url):
+    store = StatusStore(store_url)
+    store.record_consent_batch(TASK, ConsentBatch("cb-1", "optout", 2, "refused", "8006", "bad"), ["919800000001"])
+    assert store.suppressed(["919800000001"]) == set()
+    store.record_consent_batch(TASK, ConsentBatch("cb-2", "optout", 1, "confirmed"), ["919800000002"])
+    assert store.suppressed(["919800000001", "919800000002"]) == {"919800000002"}
+    batches = store.consent_batches(TASK)
+    assert {key: b.state for key, b in batches.items()} == {"cb-1": "refused", "cb-2": "confirmed"}
+    assert batches["cb-1"].error_message == "bad"
+    assert store.consent_batches(TaskKey("consent_dag", "run-2", "opt_in")) == {}
+
+
+def test_synced_reply_opt_outs_are_passed_on_once(store_url):
+    store = StatusStore(store_url)
+    store.ingest([], inbound=[reply(f"91980000000{i}", "STOP", "STOP") for i in range(3)])
+    assert len(store.reply_opt_outs()) == 3
+    store.mark_reply_opt_outs_synced(["919800000000", "919800000001"])
+    assert store.reply_opt_outs() == ["919800000002"]
+    assert len(store.suppressed([f"91980000000{i}" for i in range(3)])) == 3  # still suppressed
+
+
+def test_many_numbers_are_looked_up_in_chunks(store_url):
+    store = StatusStore(store_url)
+    numbers = [f"9198{i:08d}" for i in range(12_000)]
+    store.record_opt_outs(numbers[::3], via="consent_api", detail="bulk")
+    assert store.suppressed(numbers) == set(numbers[::3])
