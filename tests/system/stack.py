@@ -30,6 +30,15 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES_FOLDER = REPO / "dags_examples"
 RUN_TIMEOUT = 180
+# The sandbox for the examples: reports come seconds after the send, so a deferrable sensor's first
+# poke finds them pending and it defers to the triggerer; no message stays at 'sent' for ever; 2 %
+# of the recipients are not on WhatsApp (8003).
+EXAMPLES_SCENARIO = {
+    "latency": 0.01,
+    "status_delay": 2.0,
+    "final_mix": {"read": 0.7, "delivered": 0.25, "failed": 0.05},
+    "reject_ratio": {"8003": 0.02},
+}
 WORKER_NAME_ENV = "PEPIPOST_WORKER_NAME"
 # [core] hostname_callable for the Celery workers: each worker process reports its own name, as
 # two machines would, so that task_instance.hostname tells which worker ran a task.

@@ -34,6 +34,7 @@ import sqlalchemy
 from tests.conftest import connection_json, store_env
 from tests.helpers import free_port
 from tests.system.stack import (
+    EXAMPLES_SCENARIO,
     AirflowStack,
     Sandbox,
     StackFailure,
@@ -50,18 +51,12 @@ WORKERS = ("worker-a", "worker-b")
 TOKEN = "celery-test-webhook-token"
 SEGMENTS, PER_SEGMENT = 8, 250
 KILL_SEGMENTS, KILL_PER_SEGMENT = 2, 200
-SCENARIO = {
-    "latency": 0.02,
-    "status_delay": 1.0,
-    "final_mix": {"read": 0.7, "delivered": 0.25, "failed": 0.05},
-    "reject_ratio": {"8003": 0.02},
-}
 # Most answers come 0.25 s after the sandbox accepted the message: a send of 200 rows with the
 # example's 4 threads takes about 10 s, and a worker killed mid-send leaves both kinds of rows in
 # flight: accepted by the vendor with the answer lost (the reports reconcile them) and claimed but
 # never sent (unknown for good). The sandbox reads a request only after its `latency`, and drops it
 # if the client is gone by then, so the latency itself stays short.
-KILL_SCENARIO = {**SCENARIO, "rate_slow": 0.8, "slow_seconds": 0.25}
+KILL_SCENARIO = {**EXAMPLES_SCENARIO, "rate_slow": 0.8, "slow_seconds": 0.25}
 # What the worker-kill case needs from Airflow: retries for the example's mapped sends (which set
 # none), without the default 300 s delay, and a lost task noticed in seconds instead of 5 minutes
 # (the supervisor heartbeats every [workers] min_heartbeat_interval, well inside the timeout).
@@ -230,7 +225,7 @@ def test_campaigns_run_across_two_celery_workers_and_survive_a_killed_worker(tmp
     try:
         receivers = [start_receiver(stack.procs, f"receiver-{n}", free_port()) for n in (1, 2)]
         with RoundRobinBalancer(receivers) as balancer:
-            sandbox.start(stack.procs, balancer.url, SCENARIO)
+            sandbox.start(stack.procs, balancer.url, EXAMPLES_SCENARIO)
             stack.start([MAPPED, TEMPLATE])
             for worker in WORKERS:
                 stack.start_celery_worker(worker, queue, concurrency=2)

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import connection_json, store_env
 from tests.helpers import free_port
-from tests.system.stack import AirflowStack, Sandbox, start_receiver
+from tests.system.stack import EXAMPLES_SCENARIO, AirflowStack, Sandbox, start_receiver
 
 pytestmark = pytest.mark.system
 
@@ -25,14 +25,6 @@ EXAMPLES = [
     "whatsapp_template_campaign",
 ]
 TOKEN = "system-test-webhook-token"
-# Reports come seconds after the send, so the deferrable sensor's first poke finds them pending
-# and it defers to the triggerer; no message stays at 'sent' for ever.
-SCENARIO = {
-    "latency": 0.01,
-    "status_delay": 2.0,
-    "final_mix": {"read": 0.7, "delivered": 0.25, "failed": 0.05},
-    "reject_ratio": {"8003": 0.02},
-}
 
 
 def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(tmp_path, fresh_database):
@@ -42,7 +34,7 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
     stack = AirflowStack(tmp_path, fresh_database(), {**env, **store_env(store_url)})
     try:
         receiver_url = start_receiver(stack.procs, "receiver", free_port())
-        sandbox.start(stack.procs, receiver_url, SCENARIO)
+        sandbox.start(stack.procs, receiver_url, EXAMPLES_SCENARIO)
         stack.start(EXAMPLES)
 
         # Round 1: by hand, no logical date; reports to the standalone receiver.
@@ -55,7 +47,8 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
         # Round 2: a cold audience (the 24-hour window closed for 40 %): the template campaign
         # falls back to its template; reports to the receiver the plugin mounts in the api-server.
         sandbox.stop()
-        sandbox.start(stack.procs, f"{stack.api_url}/pepipost/webhook", {**SCENARIO, "closed_window_ratio": 0.4})
+        cold = {**EXAMPLES_SCENARIO, "closed_window_ratio": 0.4}
+        sandbox.start(stack.procs, f"{stack.api_url}/pepipost/webhook", cold)
         stack.trigger("whatsapp_template_campaign", "manual-2-whatsapp_template_campaign")
         stack.wait_for_runs(["whatsapp_template_campaign"], 2)
 
