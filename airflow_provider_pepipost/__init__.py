@@ -52,11 +52,16 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [
             {"integration-name": integration, "python-modules": ["airflow_provider_pepipost.triggers.status"]}
         ],
+        "extra-links": ["airflow_provider_pepipost.operators.links.WhatsAppCampaignLink"],
         "notifications": ["airflow_provider_pepipost.notifications.whatsapp.WhatsAppTemplateNotifier"],
         "plugins": [
             {
                 "name": "pepipost_webhook",
                 "plugin-class": "airflow_provider_pepipost.plugins.webhook.PepipostWebhookPlugin",
-            }
+            },
+            {
+                "name": "pepipost_campaign_page",
+                "plugin-class": "airflow_provider_pepipost.plugins.campaign_page.PepipostCampaignPagePlugin",
+            },
         ],
     }

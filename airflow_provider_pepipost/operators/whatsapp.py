@@ -16,6 +16,7 @@ from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import MessageDefaults, build_message, iter_messages, validate_rows
 from airflow_provider_pepipost.operators.assets import emit, resolve_asset
 from airflow_provider_pepipost.operators.campaign import CampaignResult, CampaignSender
+from airflow_provider_pepipost.operators.links import WhatsAppCampaignLink
 from airflow_provider_pepipost.operators.xcom import ledger_ref, message_targets
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
@@ -43,6 +44,7 @@ class WhatsAppCampaignOperator(BaseOperator):
     template_fields: Sequence[str] = ("recipients", "source", "x_apiheader", "campaign_key")
     template_fields_renderers = {"recipients": "py"}
     ui_color = "#25d366"
+    operator_extra_links = (WhatsAppCampaignLink(),)
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, case, select, update
 
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.consent import VIA_REPLY, set_opted_out
@@ -165,26 +165,39 @@ def _insert_new_events(conn: Connection, events: Sequence[DeliveryEvent], keys: 
 
 
 def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> None:
-    """Move each message's current status up, never down (one row per message per statement)."""
+    """Move each message's current status up, never down, and keep when it was first delivered and
+    first read (the campaign page's latencies), one row per message per statement."""
     best: dict[str, DeliveryEvent] = {}
+    reached: dict[str, list[float | None]] = {}  # message id -> [first delivered, first read]
     for ev in events:
         held = best.get(ev.message_id)
         if held is None or ev.rank > held.rank:
             best[ev.message_id] = ev
-    stmt = insert_for(conn, schema.message_status)
+        if ev.status in ("delivered", "read"):  # read implies delivered
+            when = ev.reported_at if ev.reported_at is not None else now
+            times = reached.setdefault(ev.message_id, [None, None])
+            times[0] = when if times[0] is None else min(times[0], when)
+            if ev.status == "read":
+                times[1] = when if times[1] is None else min(times[1], when)
+    ms = schema.message_status
+    stmt = insert_for(conn, ms)
+    new = stmt.excluded
+    higher = ms.c.rank < new.rank
     stmt = stmt.on_conflict_do_update(
-        index_elements=[schema.message_status.c.message_id],
+        index_elements=[ms.c.message_id],
         set_={
-            "status": stmt.excluded.status,
-            "rank": stmt.excluded.rank,
-            "remark": stmt.excluded.remark,
-            "reported_at": stmt.excluded.reported_at,
-            "updated_at": stmt.excluded.updated_at,
+            "status": case((higher, new.status), else_=ms.c.status),
+            "rank": case((higher, new.rank), else_=ms.c.rank),
+            "remark": case((higher, new.remark), else_=ms.c.remark),
+            "reported_at": case((higher, new.reported_at), else_=ms.c.reported_at),
+            "updated_at": new.updated_at,
+            "delivered_at": _earliest(ms.c.delivered_at, new.delivered_at),
+            "read_at": _earliest(ms.c.read_at, new.read_at),
         },
-        where=schema.message_status.c.rank < stmt.excluded.rank,
+        where=higher | _earlier(new.delivered_at, ms.c.delivered_at) | _earlier(new.read_at, ms.c.read_at),
     )
     if conn.dialect.name == "postgresql":
-        stmt = stmt.returning(schema.message_status.c.message_id)  # one multi-row INSERT (see above)
+        stmt = stmt.returning(ms.c.message_id)  # one multi-row INSERT (see above)
     conn.execute(
         stmt,
         [
@@ -195,10 +208,20 @@ def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: floa
                 "remark": ev.remark,
                 "reported_at": ev.reported_at,
                 "updated_at": now,
+                "delivered_at": reached.get(ev.message_id, (None, None))[0],
+                "read_at": reached.get(ev.message_id, (None, None))[1],
             }
             for ev in best.values()
         ],
     )
+
+
+def _earliest(held: Any, new: Any) -> Any:
+    return case((new.is_(None), held), (held.is_(None), new), (new < held, new), else_=held)
+
+
+def _earlier(new: Any, held: Any) -> Any:
+    return new.is_not(None) & (held.is_(None) | (new < held))
 
 
 def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> set[str]:

@@ -41,12 +41,31 @@ def _v5_consent_tables(conn: Connection) -> None:
     """v5: the suppression list and the consent calls: new tables, which ``create_all`` made."""
 
 
+def _v6_first_delivered_and_read(conn: Connection) -> None:
+    """v6: each message's first delivered and first read time, filled from the events stored."""
+    table = schema.message_status.name
+    _add_column(conn, table, "delivered_at", "FLOAT")
+    _add_column(conn, table, "read_at", "FLOAT")
+
+    def first(statuses: str) -> str:
+        return (
+            "(SELECT MIN(COALESCE(e.reported_at, e.received_at)) FROM pepipost_events e "
+            f"WHERE e.message_id = {table}.message_id AND e.status IN {statuses})"
+        )
+
+    delivered, read = first("('delivered', 'read')"), first("('read')")
+    conn.execute(
+        text(f"UPDATE {table} SET delivered_at = {delivered}, read_at = {read} WHERE status IN ('delivered', 'read')")
+    )
+
+
 # version -> the step that makes it from the version before
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     2: _v2_ledger_attempt,
     3: _v3_dead_letter_key,
     4: _v4_ledger_campaign,
     5: _v5_consent_tables,
+    6: _v6_first_delivered_and_read,
 }
 
 

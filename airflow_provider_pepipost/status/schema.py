@@ -9,7 +9,7 @@ from sqlalchemy import BigInteger, Boolean, Column, Float, Index, Integer, MetaD
 
 from airflow_provider_pepipost import limits
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 metadata = MetaData()
 
@@ -22,6 +22,7 @@ schema_version = Table(
     Column("version", Integer, primary_key=True),
     Column("applied_at", Float, nullable=False),
 )
+
 
 def _task_instance_columns() -> list[Column]:
     """The task instance a row belongs to, as every table that keeps one names it."""
@@ -74,6 +75,10 @@ message_status = Table(
     Column("remark", Text, nullable=False, default=""),
     Column("reported_at", Float, nullable=True),
     Column("updated_at", Float, nullable=False),
+    # v6: when the message was first reported delivered (or read) and first read: the vendor's
+    # time, else the receiver's. Kept here so that the campaign page reads no events.
+    Column("delivered_at", Float, nullable=True),
+    Column("read_at", Float, nullable=True),
 )
 
 # Every delivery event as it came, once: the key folds message id, status and reported time.

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from airflow_provider_pepipost.status import consent, ingest, ledger, schema, summaries
+from airflow_provider_pepipost.status import consent, ingest, ledger, reports, schema, summaries
 from airflow_provider_pepipost.status.consent import ConsentBatch
 from airflow_provider_pepipost.status.engines import get_engine, insert_for, redact_url, sqlite_write_lock
 from airflow_provider_pepipost.status.ingest import DeadLetterItem, IngestResult, WebhookBatch
@@ -237,6 +237,21 @@ class StatusStore:
             parts = [summaries.summarize_ids(conn, ids)] if ids else []
             parts += [summaries.summarize_task(conn, t) for t in targets if isinstance(t, TaskKey)]
         return summaries.merge_summaries(parts)
+
+    # -- the campaign page ----------------------------------------------------------------------
+
+    def campaign_report(self, dag_id: str, run_id: str, task_id: str | None = None) -> reports.CampaignReport:
+        """The campaign page's figures for a DAG run, or for one send task of it (all map indexes)."""
+        with self.engine.connect() as conn:
+            return reports.campaign_report(conn, reports.run_tasks(conn, dag_id, run_id, task_id))
+
+    def export_campaign(
+        self, dag_id: str, run_id: str, task_id: str | None = None, *, full_numbers: bool = False
+    ) -> Iterator[tuple[Any, ...]]:
+        """Every recipient's outcome (``reports.EXPORT_COLUMNS``), streamed; numbers masked unless asked."""
+        with self.engine.connect() as conn:
+            tasks = reports.run_tasks(conn, dag_id, run_id, task_id)
+            yield from reports.export_rows(conn, tasks, full_numbers=full_numbers)
 
     def last_report_at(self, targets: Sequence[str | TaskKey] | None = None) -> float | None:
         """When the store last received a delivery report (epoch seconds), or None if never.

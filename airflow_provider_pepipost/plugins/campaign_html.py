@@ -1,0 +1,124 @@
+"""The campaign page as HTML: rendered on the server, charts in inline SVG, no script, no build step."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from html import escape
+from typing import Any
+
+from airflow_provider_pepipost.status.reports import CampaignReport, Latency
+
+FUNNEL = ("sent", "delivered", "read", "failed", "pending", "unknown", "rejected", "suppressed", "fallback")
+_COLORS = {"sent": "#128c7e", "delivered": "#25d366", "read": "#34b7f1", "failed": "#d9534f"}
+
+_STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:20px;color:#1f2933}h1{font-size:20px;margin:0 0 4px}
+h2{font-size:16px;margin:22px 0 8px}.sub{color:#52606d}table{border-collapse:collapse;margin:4px 0}
+td,th{padding:3px 10px;border-bottom:1px solid #e4e7eb;text-align:left}td.n{text-align:right;
+font-variant-numeric:tabular-nums}.cards{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid
+#e4e7eb;border-radius:6px;padding:8px 14px;min-width:90px}.card b{display:block;font-size:22px}
+a.button{display:inline-block;padding:6px 12px;border:1px solid #128c7e;border-radius:4px;color:#128c7e;
+text-decoration:none}svg text{font:11px system-ui,sans-serif;fill:#52606d}
+"""
+
+
+def render_page(report: CampaignReport, *, title: str, scope: str, csv_url: str, summary_counts: dict[str, int]) -> str:
+    """The whole page. ``summary_counts`` adds what only the send tasks' XCom knows (suppressed)."""
+    funnel = {**report.funnel, **summary_counts}
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>{escape(title)}</h1><div class='sub'>{escape(scope)}</div>",
+    ]
+    if not report.tasks:
+        parts.append(
+            "<p id='empty'>No WhatsApp messages were sent by this run or task (nothing in the status store).</p>"
+        )
+        return "".join(parts) + "</body></html>"
+    parts.append("<h2>Funnel</h2><div class='cards' id='funnel'>")
+    for stage in FUNNEL:
+        if stage in funnel and (funnel[stage] or stage in ("sent", "delivered", "read", "failed", "pending")):
+            parts.append(f"<div class='card'><b data-stage='{stage}'>{funnel[stage]:,}</b>{escape(stage)}</div>")
+    parts.append("</div>")
+    parts.append(_bar_chart([(s, funnel.get(s, 0)) for s in ("sent", "delivered", "read", "failed")], "funnel-chart"))
+    parts.append(
+        f"<p><a class='button' id='csv' href='{escape(csv_url)}'>Download every recipient's outcome (CSV)</a></p>"
+    )
+
+    parts.append("<h2>Time from send to status</h2><table id='latency'><tr><th></th><th>messages</th>")
+    parts.append("<th>median</th><th>90th percentile</th></tr>")
+    for name, latency in (("delivered", report.to_delivered), ("read", report.to_read)):
+        parts.append(
+            f"<tr data-latency='{name}'><td>to {name}</td><td class='n'>{latency.count:,}</td>"
+            f"<td class='n'>{_seconds(latency.median)}</td><td class='n'>{_seconds(latency.p90)}</td></tr>"
+        )
+    parts.append("</table>")
+    parts.append(_histogram(report.to_delivered, "to delivered"))
+
+    if report.timeline:
+        parts.append(f"<h2>Delivered over time</h2><div class='sub'>one bar per {_seconds(report.timeline_step)}</div>")
+        parts.append(_bar_chart([(_clock(start), n) for start, n in report.timeline], "timeline", small_labels=True))
+
+    parts.append("<h2>Refused by the vendor</h2>")
+    parts.append(_table(["code", "message", "rows"], [(c, m, n) for c, m, n in report.refusals], "refusals"))
+    parts.append("<h2>Failed on the phone's side</h2>")
+    parts.append(_table(["remark", "messages"], report.failures, "failures"))
+    parts.append(f"<h2>Failed recipients (first {len(report.failed_recipients)})</h2>")
+    rows = [(r["task"], r["row"], r["recipient"], r["kind"], r["reason"]) for r in report.failed_recipients]
+    parts.append(_table(["task", "row", "number", "outcome", "reason"], rows, "failed-recipients"))
+    return "".join(parts) + "</body></html>"
+
+
+def _table(headers: list[str], rows: list[tuple[Any, ...]], table_id: str) -> str:
+    if not rows:
+        return f"<p class='sub' id='{table_id}'>None.</p>"
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td class='{'n' if isinstance(v, int) else ''}'>{escape(str(v))}</td>" for v in row)
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table id='{table_id}'><tr>{head}</tr>{body}</table>"
+
+
+def _bar_chart(bars: list[tuple[str, int]], chart_id: str, small_labels: bool = False) -> str:
+    width, height, gap = 640, 160, 4
+    top = max((n for _, n in bars), default=0) or 1
+    bar_width = (width - gap * len(bars)) / max(len(bars), 1)
+    shapes = []
+    for index, (label, value) in enumerate(bars):
+        x = index * (bar_width + gap)
+        h = (height - 30) * value / top
+        color = _COLORS.get(label, "#25d366")
+        shapes.append(
+            f"<rect x='{x:.1f}' y='{height - 20 - h:.1f}' width='{bar_width:.1f}' height='{h:.1f}' fill='{color}'>"
+        )
+        shapes.append(f"<title>{escape(label)}: {value:,}</title></rect>")
+        if not small_labels or index % 5 == 0:
+            shapes.append(f"<text x='{x:.1f}' y='{height - 5}'>{escape(label)}</text>")
+        if not small_labels:
+            shapes.append(f"<text x='{x:.1f}' y='{max(height - 24 - h, 10):.1f}'>{value:,}</text>")
+    return f"<svg id='{chart_id}' width='{width}' height='{height}' role='img'>{''.join(shapes)}</svg>"
+
+
+def _histogram(latency: Latency, what: str) -> str:
+    if not latency.count:
+        return ""
+    return f"<div class='sub'>Messages by time {escape(what)}</div>" + _bar_chart(
+        latency.histogram, "latency-histogram"
+    )
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 90:
+        return f"{value:.0f} s"
+    if value < 5400:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.1f} h"
+
+
+def _clock(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%H:%M")

@@ -1,0 +1,125 @@
+"""The campaign page in a real browser, served by a real ``airflow api-server`` with Airflow's login.
+
+A finished campaign (the template example, run against the sandbox and the receiver) is in the
+status store; headless Chromium signs in as a user, loads the page and the numbers in its DOM must
+be the store's. Without a session the page is refused, and a user without access to the DAG gets
+nothing of it. The screenshot is kept in ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from airflow_provider_pepipost.operators.links import campaign_page_path
+from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
+from airflow_provider_pepipost.status.store import StatusStore
+from tests.browser import Browser, find_browser
+from tests.conftest import REPO, WEBHOOK_TOKEN
+from tests.helpers import free_port, http_ok, run_dag, wait_until
+
+pytestmark = pytest.mark.system
+ARTIFACTS = REPO / "test-artifacts"
+DAG = "whatsapp_template_campaign"
+PASSWORDS = {"admin": "admin-pw-7d1", "outsider": "outsider-pw-3c9"}
+
+
+@pytest.fixture
+def finished_campaign(airflow_db, sqlite_receiver, pepipost_conn):
+    scenario = Scenario(final_mix={"read": 0.6, "delivered": 0.2, "failed": 0.2}, status_delay=0.05,
+                        closed_window_ratio=0.3, reject_ratio={"8003": 0.05})  # fmt: skip
+    headers = {"X-Pepipost-Token": WEBHOOK_TOKEN}
+    with SandboxServer(scenario, webhook_url=sqlite_receiver.webhook_url, webhook_headers=headers) as sandbox:
+        pepipost_conn(sandbox.url, sqlite_receiver.store_url)
+        result = run_dag(DAG)
+        assert result.state == "success", result.tasks
+        assert sandbox.wait_for_reports()
+    return result.run_id, sqlite_receiver.store_url
+
+
+@pytest.fixture
+def api_server(finished_campaign, tmp_path):
+    passwords = tmp_path / "passwords.json"
+    passwords.write_text(json.dumps(PASSWORDS))
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "AIRFLOW__CORE__AUTH_MANAGER": "tests.system.restricted_auth.OneDagHiddenAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,outsider:viewer",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+    }
+    log = tmp_path / "api-server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "airflow"), "api-server", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: http_ok(f"{base}/api/v2/monitor/health"), timeout=120), log.read_text()[-3000:]
+        yield base, log
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def token(base: str, user: str) -> str:
+    answer = requests.post(f"{base}/auth/token", json={"username": user, "password": PASSWORDS[user]}, timeout=10)
+    assert answer.status_code == 201, answer.text
+    return answer.json()["access_token"]
+
+
+def test_the_page_shows_the_stores_numbers_to_a_signed_in_user_only(api_server, finished_campaign):
+    base, log = api_server
+    run_id, store_url = finished_campaign
+    page_url = base + campaign_page_path(DAG, run_id, "send_invoices")
+    expected = StatusStore(store_url).campaign_report(DAG, run_id, "send_invoices")
+
+    # Refused without a session, and to a user who may not see the DAG: nothing of it in the answer.
+    anonymous = requests.get(page_url, timeout=10)
+    assert anonymous.status_code == 401 and "send_invoices" not in anonymous.text
+    outsider = {"Authorization": f"Bearer {token(base, 'outsider')}"}
+    for url in (page_url, page_url + "/export.csv", base + campaign_page_path(DAG, run_id)):
+        answer = requests.get(url, headers=outsider, timeout=10)
+        assert (answer.status_code, answer.json()) == (403, {"detail": "Forbidden"}), (url, answer.text[:200])
+
+    # The CSV, as the UI's session cookie gets it: every row, whole numbers for an admin.
+    admin = token(base, "admin")
+    exported = requests.get(page_url + "/export.csv", cookies={"_token": admin}, timeout=30)
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert exported.status_code == 200 and len(rows) == expected.total + expected.funnel["fallback"]
+    assert all(re.fullmatch(r"91\d{10}", row["recipient"]) for row in rows)
+
+    browser_paths = find_browser()
+    if browser_paths is None:
+        pytest.skip("no chromium and chromedriver on this machine (.ci/run installs Debian's)")
+    browser = Browser(*browser_paths, log.parent / "chromedriver.log")
+    try:
+        browser.open(f"{base}/api/v2/monitor/health")  # the cookie belongs to the API server's site
+        browser.add_cookie("_token", admin)
+        browser.open(page_url)
+        dom = browser.source()
+        browser.screenshot(ARTIFACTS / "campaign-page.png")
+    finally:
+        browser.close()
+    shown = {stage: int(n.replace(",", "")) for stage, n in re.findall(r'data-stage="(\w+)">([\d,]+)<', dom)}
+    assert shown, dom[:2000]
+    for stage in ("sent", "delivered", "read", "failed", "pending"):
+        assert shown[stage] == expected.funnel[stage], (stage, shown, expected.funnel)
+    assert shown.get("fallback", 0) == expected.funnel["fallback"] > 0
+    assert shown.get("rejected", 0) == expected.funnel["rejected"]
+    assert "to delivered" in dom and f">{expected.to_delivered.count:,}<" in dom
+    for remark, count in expected.failures:
+        assert remark in dom and f">{count}<" in dom
+    assert not re.search(r"91\d{10}", dom)  # numbers are masked on the page
