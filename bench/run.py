@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import celery_scale, memory_stream, send_throughput, sensor_poke, webhook_ingest  # noqa: E402
+from bench import campaign_page, celery_scale, memory_stream, send_throughput, sensor_poke, webhook_ingest  # noqa: E402
 
 
 def table(rows: list[tuple[str, str, str, str]]) -> str:
@@ -35,10 +35,10 @@ def verdict(ok: bool) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory-rows", type=int, default=int(os.environ.get("PEPIPOST_BENCH_MEMORY_ROWS", 200_000)))
-    parser.add_argument("--only", choices=["send", "memory", "ingest", "poke", "celery"], action="append")
+    parser.add_argument("--only", choices=["send", "memory", "ingest", "poke", "celery", "page"], action="append")
     args = parser.parse_args()
     pg = os.environ.get("PEPIPOST_BENCH_POSTGRES_URL") or os.environ.get("PEPIPOST_TEST_POSTGRES_URL")
-    only = set(args.only or ["send", "memory", "ingest", "poke", "celery"])
+    only = set(args.only or ["send", "memory", "ingest", "poke", "celery", "page"])
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
     rows = [("figure", "measured", "target", "verdict")]
 
@@ -48,7 +48,7 @@ def main() -> int:
     started = time.monotonic()
 
     if "send" in only:
-        print("[bench] 1/5 send throughput (sandbox latency 50 ms) ...", flush=True)
+        print("[bench] 1/6 send throughput (sandbox latency 50 ms) ...", flush=True)
         send = results["send"] = send_throughput.run(postgres_url=pg)
         base = send["baseline_msg_per_s"]
         add("sequential requests.post loop (baseline)", f"{base} msg/s")
@@ -66,7 +66,7 @@ def main() -> int:
                 r["vs_baseline"] >= 15,
             )
     if "memory" in only:
-        print(f"[bench] 2/5 memory, {args.memory_rows} JSONL rows streamed ...", flush=True)
+        print(f"[bench] 2/6 memory, {args.memory_rows} JSONL rows streamed ...", flush=True)
         mem = results["memory"] = memory_stream.run(args.memory_rows)
         add(
             f"peak RSS, {mem['rows']} rows validated + sent",
@@ -76,7 +76,7 @@ def main() -> int:
         )
         add("  send rate, no latency", f"{mem['msg_per_s']} msg/s")
     if "ingest" in only:
-        print("[bench] 3/5 webhook ingest ...", flush=True)
+        print("[bench] 3/6 webhook ingest ...", flush=True)
         ingest = results["ingest"] = webhook_ingest.run(pg)
         for r in ingest:
             add(
@@ -86,7 +86,7 @@ def main() -> int:
                 r["events_per_s"] >= 2000,
             )
     if "poke" in only:
-        print("[bench] 4/5 sensor poke over 100k ids ...", flush=True)
+        print("[bench] 4/6 sensor poke over 100k ids ...", flush=True)
         poke = results["poke"] = sensor_poke.run(100_000, pg)
         for store, r in poke.items():
             add(
@@ -103,7 +103,7 @@ def main() -> int:
                 r["poke_ms_ledger_reference"] < 200,
             )
     if "celery" in only:
-        print("[bench] 5/5 mapped campaign across Celery workers, one then two (sandbox latency 50 ms) ...", flush=True)
+        print("[bench] 5/6 mapped campaign across Celery workers, one then two (sandbox latency 50 ms) ...", flush=True)
         if reason := celery_scale.unavailable(pg, celery_scale.redis_url()):
             add("mapped campaign across Celery workers", f"skipped: {reason}")
         else:
@@ -115,6 +115,17 @@ def main() -> int:
                     f"{r['limit_msg_per_s']:.0f} ({r['send_seconds']} s of sends, run {r['run_wall_seconds']} s)",
                 )
             add("  ratio, 2 workers / 1 worker", f"{scale['ratio']}x")
+    if "page" in only:
+        print("[bench] 6/6 the campaign page over 100k messages, SQLite ...", flush=True)
+        page = results["page"] = campaign_page.run(100_000)
+        add(
+            "campaign page, 100k messages, SQLite: the page",
+            f"{page['page_ms']} ms",
+            "< 1000 ms",
+            page["page_ms"] < 1000,
+        )
+        add("  its figures (StatusStore.campaign_report)", f"{page['report_ms']} ms")
+        add("  the CSV of every recipient", f"{page['csv_seconds']} s")
 
     results["wall_seconds"] = round(time.monotonic() - started, 1)
     out = ROOT / "bench" / "results"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import requests
 
+from airflow_provider_pepipost.operators.links import campaign_page_path
 from airflow_provider_pepipost.status.store import StatusStore
 from devtools.processes import free_port, wait_http
 
@@ -61,6 +62,22 @@ def store_funnel(store_url: str, dag_id: str) -> dict[str, int]:
     funnel["total"] += summary.pending + summary.unknown
     funnel["pending"] = summary.pending + summary.unknown
     return funnel
+
+
+def print_page_url(store_url: str, dag_id: str, workdir: Path) -> None:
+    """How to open this run's campaign page: the API server of the demo's Airflow home serves it."""
+    keys = StatusStore(store_url).task_keys(dag_id)
+    if not keys:
+        return
+    path = campaign_page_path(dag_id, keys[-1].run_id)
+    print(
+        "[demo] The campaign page of this run, served by Airflow's API server (sign in as admin; the\n"
+        "       password is in simple_auth_manager_passwords.json.generated under AIRFLOW_HOME):\n"
+        f"         AIRFLOW_HOME={workdir / 'airflow'} PEPIPOST_STATUS_STORE_URL={store_url} \\\n"
+        f"           {Path(sys.executable).parent / 'airflow'} api-server --port 8080\n"
+        f"         then open http://localhost:8080{path}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         matches = all(got[k] == expected[k] for k in expected)
         print(f"[demo] funnel matches the sandbox scenario: {'yes' if matches else 'NO'}", flush=True)
+        print_page_url(store_url, args.dag, workdir)
         return 0 if matches else 1
     except KeyboardInterrupt:
         print("[demo] interrupted", flush=True)

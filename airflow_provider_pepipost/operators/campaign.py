@@ -329,8 +329,8 @@ class CampaignSender:
     def _record(self, outcome: RowOutcome, reused: bool = False) -> None:
         result = self.result
         result.counts[outcome.state] += 1
-        if reused:
-            result.reused += 1
+        if reused and outcome.state in ("accepted", "fallback"):
+            result.reused += 1  # accepted by an earlier try (its unknown rows count as unknown)
         if outcome.state == "rejected":
             result.error_codes[outcome.error_code or "none"] += 1
             if result.counts["rejected"] > self.max_rejected and not self._stop.is_set():

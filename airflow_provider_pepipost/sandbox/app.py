@@ -187,8 +187,10 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
     app = FastAPI(title="Pepipost WhatsApp sandbox", docs_url=None, redoc_url=None, openapi_url=None)
 
     async def refused(request: Request) -> JSONResponse | None:
-        """Outage and auth: what turns a request away before its body is read."""
+        """Outage and auth: what turns a request away. The body is read first, as a vendor holding
+        the whole request would process it even if its client died during the latency."""
         sc = state.scenario
+        await request.body()
         with state.lock:
             state.requests += 1
             number = state.requests

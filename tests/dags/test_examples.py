@@ -107,3 +107,4 @@ def test_make_demo_runs_the_campaign_end_to_end(tmp_path):
     assert "funnel matches the sandbox scenario: yes" in run.stdout
     assert "as the approved template, where the 24-hour window was closed" in run.stdout
     assert "templates where the window was closed" in run.stdout + run.stderr  # the DAG's own report
+    assert "then open http://localhost:8080/pepipost-campaigns/dags/whatsapp_template_campaign/runs/" in run.stdout

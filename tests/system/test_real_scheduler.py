@@ -10,7 +10,11 @@ standalone `pepipost-webhook`, then to the receiver the plugin mounts in the api
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
+import sqlalchemy
 
 from tests.conftest import connection_json, store_env
 from tests.helpers import free_port
@@ -23,7 +27,10 @@ EXAMPLES = [
     "whatsapp_media_campaign_mapped",
     "whatsapp_media_by_url",
     "whatsapp_template_campaign",
+    "whatsapp_opt_in_then_campaign",
 ]
+# Scheduled on the asset the template campaign's sensor updates: nobody triggers it.
+DOWNSTREAM = "whatsapp_campaign_delivered_report"
 TOKEN = "system-test-webhook-token"
 
 
@@ -35,7 +42,7 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
     try:
         receiver_url = start_receiver(stack.procs, "receiver", free_port())
         sandbox.start(stack.procs, receiver_url, EXAMPLES_SCENARIO)
-        stack.start(EXAMPLES)
+        stack.start([*EXAMPLES, DOWNSTREAM])
 
         # Round 1: by hand, no logical date; reports to the standalone receiver.
         for dag_id in EXAMPLES:
@@ -43,14 +50,31 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
         stack.wait_for_runs(EXAMPLES, 1)
         runs = stack.run_states(EXAMPLES)
         assert all(logical_date is None for runs_ in runs.values() for _, _, logical_date in runs_)
+        # The delivery asset ran the downstream DAG, which read the sensor's figures.
+        stack.wait_for_runs([DOWNSTREAM], 1)
+        waited = xcom(stack, "whatsapp_template_campaign", "manual-1-whatsapp_template_campaign", "wait_for_delivery")
+        (downstream_run,) = [run_id for run_id, _, _ in stack.run_states([DOWNSTREAM])[DOWNSTREAM]]
+        figures = xcom(stack, DOWNSTREAM, downstream_run, "delivery_figures")
+        assert figures == {"run_id": "manual-1-whatsapp_template_campaign", "total": waited["total"],
+                           "counts": waited["counts"]}  # fmt: skip
+        assert xcom(stack, "whatsapp_opt_in_then_campaign", "manual-1-whatsapp_opt_in_then_campaign",
+                    "simulate_stop_reply") is True  # fmt: skip
 
         # Round 2: a cold audience (the 24-hour window closed for 40 %): the template campaign
         # falls back to its template; reports to the receiver the plugin mounts in the api-server.
+        sandbox.drain()  # the STOP reply of round 1 reaches the store before its sandbox stops
         sandbox.stop()
         cold = {**EXAMPLES_SCENARIO, "closed_window_ratio": 0.4}
         sandbox.start(stack.procs, f"{stack.api_url}/pepipost/webhook", cold)
         stack.trigger("whatsapp_template_campaign", "manual-2-whatsapp_template_campaign")
-        stack.wait_for_runs(["whatsapp_template_campaign"], 2)
+        # The subscriber who replied STOP in round 1 is neither opted in again nor messaged.
+        conf = {"simulate_stop_reply": False}
+        stack.trigger("whatsapp_opt_in_then_campaign", "manual-2-whatsapp_opt_in_then_campaign", conf)
+        stack.wait_for_runs(["whatsapp_template_campaign", "whatsapp_opt_in_then_campaign"], 2)
+        second = "manual-2-whatsapp_opt_in_then_campaign"
+        assert xcom(stack, "whatsapp_opt_in_then_campaign", second, "report")["suppressed"] == 1
+        opt_in = xcom(stack, "whatsapp_opt_in_then_campaign", second, "opt_in_signups")
+        assert (opt_in["skipped_opted_out"], opt_in["reply_opt_outs_synced"]) == (1, 1)
 
         stats = sandbox.stats()
         assert stats["reports"]["events_lost"] == 0, stats
@@ -61,3 +85,13 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
         stack.procs.alive()
     finally:
         stack.stop()
+
+
+def xcom(stack: AirflowStack, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+    """A task's XCom as Airflow's database holds it (JSON)."""
+    query = sqlalchemy.text(
+        "SELECT value FROM xcom WHERE dag_id = :dag AND run_id = :run AND task_id = :task AND key = :key"
+    )
+    with stack.metadata.connect() as conn:
+        value = conn.execute(query, {"dag": dag_id, "run": run_id, "task": task_id, "key": key}).scalar_one()
+    return json.loads(value) if isinstance(value, str) else value
