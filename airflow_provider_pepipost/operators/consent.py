@@ -225,9 +225,9 @@ class WhatsAppConsentOperator(BaseOperator):
                     collect(wait(in_flight, return_when=FIRST_COMPLETED).done)
                 if time.monotonic() - last_log >= PROGRESS_INTERVAL:
                     last_log = time.monotonic()
-                    self._log_progress(tally, total, started)
+                    self._log_progress(kind, tally, total, started)
             collect(wait(in_flight).done)
-        self._log_progress(tally, total, started)
+        self._log_progress(kind, tally, total, started)
         return confirmed_now
 
     def _call_one(
@@ -326,11 +326,11 @@ class WhatsAppConsentOperator(BaseOperator):
             )  # fmt: skip
         return sum(len(batch) for batch in confirmed)
 
-    def _log_progress(self, tally: _Tally, total: int, started: float) -> None:
+    def _log_progress(self, kind: str, tally: _Tally, total: int, started: float) -> None:
         done = tally.confirmed + tally.refused + tally.not_confirmed
         self.log.info(
             "Consent (%s): %d of %d rows done in %.1fs: confirmed %d, refused %d, not confirmed %d",
-            self.kind, done, total, time.monotonic() - started, tally.confirmed, tally.refused, tally.not_confirmed,
+            kind, done, total, time.monotonic() - started, tally.confirmed, tally.refused, tally.not_confirmed,
         )  # fmt: skip
 
     def _judge(self, tally: _Tally, total: int, synced: int) -> dict[str, Any]:
