@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, case, select, update
+from sqlalchemy import Connection, func, select, update
 
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.consent import VIA_REPLY, set_opted_out
@@ -182,19 +182,21 @@ def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: floa
     ms = schema.message_status
     stmt = insert_for(conn, ms)
     new = stmt.excluded
-    higher = ms.c.rank < new.rank
+    # Only a higher status is written (the one statement's WHERE, as cheap as before v6); the
+    # first times it brings are kept. A 'delivered' that comes after 'read' changes nothing: the
+    # delivered time is then when the read report came.
     stmt = stmt.on_conflict_do_update(
         index_elements=[ms.c.message_id],
         set_={
-            "status": case((higher, new.status), else_=ms.c.status),
-            "rank": case((higher, new.rank), else_=ms.c.rank),
-            "remark": case((higher, new.remark), else_=ms.c.remark),
-            "reported_at": case((higher, new.reported_at), else_=ms.c.reported_at),
+            "status": new.status,
+            "rank": new.rank,
+            "remark": new.remark,
+            "reported_at": new.reported_at,
             "updated_at": new.updated_at,
-            "delivered_at": _earliest(ms.c.delivered_at, new.delivered_at),
-            "read_at": _earliest(ms.c.read_at, new.read_at),
+            "delivered_at": func.coalesce(ms.c.delivered_at, new.delivered_at),
+            "read_at": func.coalesce(ms.c.read_at, new.read_at),
         },
-        where=higher | _earlier(new.delivered_at, ms.c.delivered_at) | _earlier(new.read_at, ms.c.read_at),
+        where=ms.c.rank < new.rank,
     )
     if conn.dialect.name == "postgresql":
         stmt = stmt.returning(ms.c.message_id)  # one multi-row INSERT (see above)
@@ -214,14 +216,6 @@ def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: floa
             for ev in best.values()
         ],
     )
-
-
-def _earliest(held: Any, new: Any) -> Any:
-    return case((new.is_(None), held), (held.is_(None), new), (new < held, new), else_=held)
-
-
-def _earlier(new: Any, held: Any) -> Any:
-    return new.is_not(None) & (held.is_(None) | (new < held))
 
 
 def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> set[str]:

@@ -50,13 +50,15 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
         stack.wait_for_runs(EXAMPLES, 1)
         runs = stack.run_states(EXAMPLES)
         assert all(logical_date is None for runs_ in runs.values() for _, _, logical_date in runs_)
-        # The delivery asset ran the downstream DAG, which read the sensor's figures.
+        # The campaign's two assets (sent, delivered) ran the downstream DAG, which read the figures.
         stack.wait_for_runs([DOWNSTREAM], 1)
-        waited = xcom(stack, "whatsapp_template_campaign", "manual-1-whatsapp_template_campaign", "wait_for_delivery")
+        first_run = "manual-1-whatsapp_template_campaign"
+        waited = xcom(stack, "whatsapp_template_campaign", first_run, "wait_for_delivery")
         (downstream_run,) = [run_id for run_id, _, _ in stack.run_states([DOWNSTREAM])[DOWNSTREAM]]
         figures = xcom(stack, DOWNSTREAM, downstream_run, "delivery_figures")
-        assert figures == {"run_id": "manual-1-whatsapp_template_campaign", "total": waited["total"],
-                           "counts": waited["counts"]}  # fmt: skip
+        summary = xcom(stack, "whatsapp_template_campaign", first_run, "send_invoices", "send_summary")
+        expected = {"run_id": first_run, "accepted": summary["accepted"], "fallback": summary["fallback"]}
+        assert figures == {**expected, "total": waited["total"], "counts": waited["counts"]}
         assert xcom(stack, "whatsapp_opt_in_then_campaign", "manual-1-whatsapp_opt_in_then_campaign",
                     "simulate_stop_reply") is True  # fmt: skip
 

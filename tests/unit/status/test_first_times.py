@@ -24,14 +24,19 @@ def times(store: StatusStore, message_id: str) -> tuple:
         )
 
 
-def test_late_and_out_of_order_reports_keep_the_first_times_and_never_lower_the_status(store_url):
+def test_the_first_report_of_each_status_sets_its_time_and_nothing_lowers_it(store_url):
     store = StatusStore(store_url)
-    store.ingest([ev("m1", "sent", 100.0), ev("m1", "read", 130.0)])
-    assert times(store, "m1") == ("read", 130.0, 130.0)  # read implies delivered
-    store.ingest([ev("m1", "delivered", 120.0)])  # the delivered report comes last
+    store.ingest([ev("m1", "sent", 100.0), ev("m1", "delivered", 120.0)])
+    assert times(store, "m1") == ("delivered", 120.0, None)
+    store.ingest([ev("m1", "read", 130.0)])
     assert times(store, "m1") == ("read", 120.0, 130.0)
-    store.ingest([ev("m1", "read", 125.0), ev("m1", "delivered", 140.0)])
-    assert times(store, "m1") == ("read", 120.0, 125.0)
+    store.ingest([ev("m1", "read", 125.0), ev("m1", "delivered", 110.0)])  # late duplicates
+    assert times(store, "m1") == ("read", 120.0, 130.0)
+    store.ingest([ev("m3", "read", 50.0)])  # read first: read implies delivered
+    store.ingest([ev("m3", "delivered", 40.0)])  # a delivered after the read changes nothing
+    assert times(store, "m3") == ("read", 50.0, 50.0)
+    store.ingest([ev("m4", "delivered", 60.0), ev("m4", "read", 70.0), ev("m4", "delivered", 55.0)])
+    assert times(store, "m4") == ("read", 55.0, 70.0)  # within one batch the earliest wins
     store.ingest([ev("m2", "delivered", 10.0)])
     store.ingest([ev("m2", "failed", 20.0)])
     assert times(store, "m2") == ("failed", 10.0, None)
