@@ -147,12 +147,18 @@ def idempotency_key(campaign: str, recipient: str, content: str) -> str:
     return "af-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
+def mask_number(number: str | None) -> str:
+    """A phone number with its middle hidden: 9198******12."""
+    if not number:
+        return ""
+    return number if len(number) <= 6 else number[:4] + "*" * (len(number) - 6) + number[-2:]
+
+
 def mask_value(field: str, value: Any) -> str:
     """A value as shown in an error: phone numbers half hidden, long values cut."""
     text = repr(value)
     if field in ("recipient_whatsapp", "recipient") and isinstance(value, (str, int)) and len(str(value)) > 6:
-        raw = str(value)
-        text = repr(raw[:4] + "*" * (len(raw) - 6) + raw[-2:])
+        text = repr(mask_number(str(value)))
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -348,6 +354,24 @@ def validate_rows(items: Iterable[Any], defaults: Any, build: Any = None) -> int
     if total_problems:
         raise MessageValidationError(shown, total_problems)
     return count
+
+
+def build_all(items: Iterable[Any], defaults: Any, build: Any) -> list[Any]:
+    """Every item built with ``build(item, defaults, row)``, or one error naming every problem.
+
+    For the few items a single call takes (a consent batch, a notifier's numbers); campaigns
+    stream with ``validate_rows`` and ``iter_messages`` instead.
+    """
+    built: list[Any] = []
+    problems: list[RowProblem] = []
+    for index, item in enumerate(items):
+        message, found = build(item, defaults, index)
+        problems += found
+        if message is not None:
+            built.append(message)
+    if problems:
+        raise MessageValidationError(problems[: MessageValidationError.SHOWN], len(problems))
+    return built
 
 
 def iter_messages(items: Iterable[Any], defaults: Any, build: Any = None) -> Iterator[tuple[int, Any]]:

@@ -32,14 +32,13 @@ from airflow_provider_pepipost.connection_form import (
 )
 from airflow_provider_pepipost.consent import ConsentDefaults, ConsentRow, build_consent_row, consent_body
 from airflow_provider_pepipost.errors import (
-    MessageValidationError,
     PepipostApiError,
     PepipostConfigError,
     PepipostNotSentError,
     PepipostOutcomeUnknownError,
 )
 from airflow_provider_pepipost.hooks.transport import TrackingAdapter, begin_request, end_request
-from airflow_provider_pepipost.messages import MediaMessage, normalize_phone, request_body
+from airflow_provider_pepipost.messages import MediaMessage, build_all, normalize_phone, request_body
 
 log = logging.getLogger(__name__)
 
@@ -284,18 +283,7 @@ class PepipostHook(BaseHook):
         Raises as ``post_json``: a refusal (``PepipostApiError``, mostly 8006) is the whole batch's,
         since the vendor does not say which row was wrong.
         """
-        rows: list[ConsentRow] = []
-        problems = []
-        for index, item in enumerate(recipients):
-            if isinstance(item, ConsentRow):
-                rows.append(item)
-                continue
-            row, found = build_consent_row(item, ConsentDefaults(), index)
-            problems += found
-            if row is not None:
-                rows.append(row)
-        if problems:
-            raise MessageValidationError(problems)
+        rows = build_all(recipients, ConsentDefaults(), _consent_row)
         if not rows:
             raise ValueError("recipients: is empty; a consent call needs at least one")
         return self.post_json(CONSENT_MANAGE_PATH, consent_body(kind, rows))
@@ -506,6 +494,11 @@ class PepipostHook(BaseHook):
         except Exception as err:
             return False, f"{type(err).__name__}: {self._redact(str(err))}"
         return False, f"The API accepted an empty probe ({self._redact(str(answer))[:100]}): is the base URL right?"
+
+
+def _consent_row(item: Any, defaults: ConsentDefaults, row: int) -> tuple[ConsentRow | None, list[Any]]:
+    """A ``ConsentRow`` as it is (built and checked already), anything else checked."""
+    return (item, []) if isinstance(item, ConsentRow) else build_consent_row(item, defaults, row)
 
 
 def message_id_of(answer: dict[str, Any], redact: Any = str) -> str:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.bases.notifier import BaseNotifier
 
 from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
-from airflow_provider_pepipost.errors import MessageValidationError, PepipostError
+from airflow_provider_pepipost.errors import PepipostError
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
-from airflow_provider_pepipost.messages import mask_value, request_body
+from airflow_provider_pepipost.messages import build_all, mask_value, request_body
 from airflow_provider_pepipost.template_messages import TemplateDefaults, TemplateMessage, build_template_message
 
 if TYPE_CHECKING:
@@ -95,14 +95,9 @@ class WhatsAppTemplateNotifier(BaseNotifier):
             media_url=self.media_url or None,
             media_type=self.media_type or None,
         )
-        built, problems = [], []
-        for row, number in enumerate(numbers):
-            message, found = build_template_message(number, defaults, row)
-            problems += found
-            if message is not None:
-                built.append(message)
-        if problems or not built:
-            raise MessageValidationError(problems) if problems else ValueError("recipients: is empty")
+        built = build_all(numbers, defaults, build_template_message)
+        if not built:
+            raise ValueError("recipients: is empty")
         return built
 
     def notify(self, context: Context) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, or_, select
 
+from airflow_provider_pepipost.messages import mask_number
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES, TaskKey, task_filter
 from airflow_provider_pepipost.status.model import LedgerState
@@ -26,13 +27,6 @@ FAILED_LISTED = 100
 LATENCY_BUCKETS = (10, 30, 60, 300, 900, 3600, 6 * 3600, 24 * 3600)
 TIMELINE_BARS = 30
 _CLOSED_WINDOW = "8007"
-
-
-def mask_number(number: str | None) -> str:
-    """A phone number with its middle hidden: 9198******12."""
-    if not number:
-        return ""
-    return number if len(number) <= 6 else number[:4] + "*" * (len(number) - 6) + number[-2:]
 
 
 @dataclass
@@ -295,4 +289,4 @@ def run_tasks(conn: Connection, dag_id: str, run_id: str, task_id: str | None = 
     return [TaskKey(*row) for row in conn.execute(query.order_by(led.c.task_id, led.c.map_index))]
 
 
-__all__ = ["EXPORT_COLUMNS", "CampaignReport", "campaign_report", "export_rows", "mask_number", "run_tasks"]
+__all__ = ["EXPORT_COLUMNS", "CampaignReport", "campaign_report", "export_rows", "run_tasks"]
