@@ -6,7 +6,6 @@ Kept apart from the operator so that the operator is Airflow glue and this is th
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import queue
 import threading
@@ -29,9 +28,6 @@ from airflow_provider_pepipost.messages import MediaMessage, default_campaign_ke
 from airflow_provider_pepipost.status.ledger import RESENDABLE_STATES, Claim, LedgerEntry, Outcome, TaskKey
 from airflow_provider_pepipost.status.ledger_writer import LedgerWriter
 from airflow_provider_pepipost.status.store import StatusStore
-
-# Rows whose recipients are looked up on the suppression list at once.
-OPT_OUT_CHUNK = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +178,8 @@ class CampaignSender:
                 batch.clear()
                 return sum(granted)
 
-            for row, message, opted_out in self._with_opt_outs(messages):
+            rows = self.store.flag_opt_outs(messages) if self.respect_opt_outs else _never_opted_out(messages)
+            for row, message, opted_out in rows:
                 key = idempotency_key(self.campaign_key, message.recipient, message.identity())
                 if message.api_header is None:
                     message = dataclasses.replace(message, api_header=key)
@@ -231,15 +228,6 @@ class CampaignSender:
         if self.result.outcomes is not None:
             self.result.outcomes.sort(key=lambda outcome: outcome.row)
         return self.result
-
-    def _with_opt_outs(self, messages: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, Any, bool]]:
-        """Each row with whether its recipient opted out, read from the suppression list a chunk
-        of rows at a time (one indexed query per chunk, however long the audience)."""
-        rows = iter(messages)
-        while chunk := list(itertools.islice(rows, OPT_OUT_CHUNK)):
-            suppressed = self.store.suppressed({m.recipient for _, m in chunk}) if self.respect_opt_outs else set()
-            for row, message in chunk:
-                yield row, message, message.recipient in suppressed
 
     def _send_one(self, row: int, key: str, message: MediaMessage) -> RowOutcome:
         """Send one claimed message and record its outcome."""
@@ -388,6 +376,11 @@ class CampaignSender:
             counts["accepted"], counts["rejected"], counts["unknown"], counts["not_sent"], counts["duplicate"],
             counts["suppressed"],
         )  # fmt: skip
+
+
+def _never_opted_out(messages: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, Any, bool]]:
+    """``respect_opt_outs=False``: every row as if its recipient had not opted out."""
+    return ((row, message, False) for row, message in messages)
 
 
 def _closed_window(entry: LedgerEntry | None) -> bool:

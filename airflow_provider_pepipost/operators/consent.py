@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 FAILED_ROWS_LISTED = 100  # rows of refused batches named in the XCom; the counts hold them all
 REPLY_SYNC_LIMIT = 100_000  # reply opt-outs passed on to the vendor per run
 PROGRESS_INTERVAL = 10.0  # seconds between progress lines in the task log
-OPT_OUT_CHUNK = 1000  # rows looked up on the suppression list at once
 
 
 @dataclass
@@ -199,8 +198,13 @@ class WhatsAppConsentOperator(BaseOperator):
         earlier: dict[str, ConsentBatch],
         tally: _Tally,
         total: int,
+        *,
+        update_list: bool = True,
     ) -> list[list[tuple[int, ConsentRow]]]:
-        """Call the vendor for every batch not confirmed before; return the batches confirmed now."""
+        """Call the vendor for every batch not confirmed before; return the batches confirmed now.
+
+        ``update_list``: a confirmed batch also moves its numbers on or off the suppression list.
+        """
         confirmed_now: list[list[tuple[int, ConsentRow]]] = []
         started = last_log = time.monotonic()
         with ThreadPoolExecutor(self.max_workers, thread_name_prefix="pepipost-consent") as pool:
@@ -220,7 +224,8 @@ class WhatsAppConsentOperator(BaseOperator):
                     tally.batches_reused += 1
                     tally.confirmed += len(batch)
                     continue
-                in_flight[pool.submit(self._call_one, hook, store, task, kind, key, batch, tally)] = batch
+                call = (hook, store, task, kind, key, batch, tally, update_list)
+                in_flight[pool.submit(self._call_one, *call)] = batch
                 if len(in_flight) >= 2 * self.max_workers:
                     collect(wait(in_flight, return_when=FIRST_COMPLETED).done)
                 if time.monotonic() - last_log >= PROGRESS_INTERVAL:
@@ -239,6 +244,7 @@ class WhatsAppConsentOperator(BaseOperator):
         key: str,
         batch: list[tuple[int, ConsentRow]],
         tally: _Tally,
+        update_list: bool,
     ) -> bool:
         """One consent call; True when the vendor confirmed it."""
         rows = [row for _, row in batch]
@@ -247,7 +253,7 @@ class WhatsAppConsentOperator(BaseOperator):
                 tally.not_confirmed += len(batch)
             return False
         try:
-            hook.manage_consent(kind, [row.to_payload() for row in rows])
+            hook.manage_consent(kind, rows)
         except PepipostApiError as err:
             if err.is_transient or err.kind is FailureKind.JOB:
                 with tally.lock:
@@ -282,9 +288,8 @@ class WhatsAppConsentOperator(BaseOperator):
                 tally.not_confirmed += len(batch)
                 tally.transient = tally.transient or err
             return False
-        store.record_consent_batch(
-            task, ConsentBatch(key, kind, len(rows), "confirmed"), [row.recipient for row in rows]
-        )
+        numbers = [row.recipient for row in rows] if update_list else []
+        store.record_consent_batch(task, ConsentBatch(key, kind, len(rows), "confirmed"), numbers)
         with tally.lock:
             tally.confirmed += len(batch)
         return True
@@ -293,10 +298,11 @@ class WhatsAppConsentOperator(BaseOperator):
         self, rows: Iterator[tuple[int, ConsentRow]], store: StatusStore, tally: _Tally
     ) -> Iterator[tuple[int, ConsentRow]]:
         """The rows whose number is not on the suppression list, looked up a chunk at a time."""
-        while chunk := list(itertools.islice(rows, OPT_OUT_CHUNK)):
-            suppressed = store.suppressed({row.recipient for _, row in chunk})
-            tally.skipped_opted_out += sum(1 for _, row in chunk if row.recipient in suppressed)
-            yield from ((index, row) for index, row in chunk if row.recipient not in suppressed)
+        for index, row, opted_out in store.flag_opt_outs(rows):
+            if opted_out:
+                tally.skipped_opted_out += 1
+            else:
+                yield index, row
 
     def _sync_reply_opt_outs(
         self, hook: PepipostHook, store: StatusStore, task: TaskKey, earlier: dict[str, ConsentBatch], tally: _Tally
@@ -311,9 +317,9 @@ class WhatsAppConsentOperator(BaseOperator):
         self.log.info("Passing on %d opt-out(s) taken from replies to the vendor", len(numbers))
         rows = ((i, ConsentRow(number, self.reply_opt_out_source)) for i, number in enumerate(numbers))
         sync = _Tally()
-        confirmed = self._call_all(
-            hook, store, task, "optout", _batches(rows, self.batch_size), earlier, sync, len(numbers)
-        )
+        # They are on the list already, as replies: the calls only mark them passed on.
+        batches = _batches(rows, self.batch_size)
+        confirmed = self._call_all(hook, store, task, "optout", batches, earlier, sync, len(numbers), update_list=False)
         store.mark_reply_opt_outs_synced([row.recipient for batch in confirmed for _, row in batch])
         with tally.lock:
             tally.stop = tally.stop or sync.stop

@@ -10,6 +10,7 @@ production). Never Airflow's metadata database: Airflow 3 tasks may not touch it
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -30,6 +31,8 @@ from airflow_provider_pepipost.status.resolver import resolve_store_url
 __all__ = ["StatusStore", "TaskKey"]
 
 _SCHEMA_READY: set[str] = set()
+# Rows whose recipients are looked up on the suppression list at once.
+OPT_OUT_CHUNK = 1000
 
 
 class StatusStore:
@@ -186,6 +189,17 @@ class StatusStore:
         """Which of these numbers have opted out (the send operators skip them)."""
         with self.engine.connect() as conn:
             return consent.suppressed(conn, recipients)
+
+    def flag_opt_outs(
+        self, rows: Iterable[tuple[int, Any]], chunk: int = OPT_OUT_CHUNK
+    ) -> Iterator[tuple[int, Any, bool]]:
+        """Each (row, item) with whether ``item.recipient`` opted out: one indexed query per
+        ``chunk`` rows, however long the audience."""
+        rows = iter(rows)
+        while part := list(itertools.islice(rows, chunk)):
+            suppressed = self.suppressed({item.recipient for _, item in part})
+            for row, item in part:
+                yield row, item, item.recipient in suppressed
 
     def record_opt_outs(self, recipients: Iterable[str], *, via: str, detail: str = "") -> None:
         """Put numbers on the suppression list (``via``: ``reply`` or ``consent_api``)."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 from pytest_httpserver import HTTPServer
+from sqlalchemy import select
 from werkzeug import Request, Response
 
 from airflow_provider_pepipost.errors import CampaignError
 from airflow_provider_pepipost.operators.consent import WhatsAppConsentOperator
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
+from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.store import StatusStore
 from tests.helpers import StandInTaskInstance, run_operator
 
@@ -124,6 +126,9 @@ def test_reply_opt_outs_are_passed_on_to_the_vendor_once(sqlite_url, pepipost_co
                                sync_reply_opt_outs=True)  # fmt: skip
         assert again["reply_opt_outs_synced"] == 0 and len(vendor.state.consent_calls) == 2
     assert store.reply_opt_outs() == []
+    with store.engine.connect() as conn:  # still on the list as replies, now marked passed on
+        rows = conn.execute(select(schema.suppressions.c.via, schema.suppressions.c.synced_at)).all()
+    assert len(rows) == 30 and all(via == "reply" and synced is not None for via, synced in rows)
 
 
 @pytest.mark.parametrize(("name", "value"), [("kind", "subscribe"), ("batch_size", 0), ("max_rejected_ratio", 2)])
