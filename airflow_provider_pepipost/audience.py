@@ -19,12 +19,18 @@ FILE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": 
 
 
 class Audience:
-    """The operator's ``recipients``, as rows: phone-number strings or row dicts."""
+    """The operator's ``recipients``, as rows: phone-number strings or row dicts.
 
-    def __init__(self, value: Any) -> None:
+    ``number_columns``: the columns a CSV file must have one of (the operator's number field).
+    While a file is read, ``line`` is the line the current row ends on, for errors that name it.
+    """
+
+    def __init__(self, value: Any, number_columns: tuple[str, ...] = ("recipient_whatsapp",)) -> None:
         self._rows: Any = None
         self._path: Any = None
         self._format = ""
+        self.number_columns = number_columns
+        self.line: int | None = None
         if isinstance(value, (str, os.PathLike)) or _is_object_storage_path(value):
             self._from_text_or_path(value)
         elif isinstance(value, Mapping):
@@ -69,9 +75,12 @@ class Audience:
         if self._path is None:
             yield from self._rows
             return
-        with _open(self._path) as handle:
+        with self._opened() as handle:
             if self._format == "csv":
-                for row in csv.DictReader(handle):
+                reader = csv.DictReader(handle)
+                self._check_columns(reader.fieldnames or [])
+                for row in reader:
+                    self.line = reader.line_num
                     yield {key: val for key, val in row.items() if key is not None}
             elif self._format == "json":
                 rows = json.load(handle)
@@ -79,15 +88,42 @@ class Audience:
                     raise PepipostConfigError(f"recipients: {self._path} must hold a JSON list")
                 yield from rows
             else:
+                row = 0
                 for line_number, line in enumerate(handle, start=1):
                     if not line.strip():
                         continue
+                    self.line = line_number
                     try:
                         yield json.loads(line)
                     except ValueError as err:
-                        raise MessageValidationError(
-                            [RowProblem(line_number - 1, "line", repr(line[:40]), f"is not JSON: {err}")]
-                        ) from None
+                        problem = RowProblem(row, "line", repr(line[:40]), f"is not JSON: {err}", line=line_number)
+                        raise MessageValidationError([problem]) from None
+                    row += 1
+        self.line = None
+
+    def _opened(self) -> IO[str]:
+        """The file, or an error that names it and what to check."""
+        try:
+            return _open(self._path)
+        except FileNotFoundError:
+            raise PepipostConfigError(
+                f"recipients: there is no file {self._path}. The path is read on the worker that runs the task: "
+                "check it exists there (with Celery or Kubernetes, every worker needs it: use an object storage "
+                "URL such as s3://bucket/audience.csv, or pass the rows through XCom)"
+            ) from None
+        except (PermissionError, IsADirectoryError) as err:
+            raise PepipostConfigError(f"recipients: {self._path} cannot be read: {err.strerror}") from None
+
+    def _check_columns(self, columns: list[str]) -> None:
+        """One error for a file without a number column, not one per row."""
+        if any(name in columns for name in self.number_columns):
+            return
+        near = [c for c in columns if c.strip().lower() in self.number_columns]
+        hint = f" ({near[0]!r} is close: column names are case- and space-sensitive)" if near else ""
+        raise PepipostConfigError(
+            f"recipients: the CSV file {self._path} has no {' or '.join(map(repr, self.number_columns))} column"
+            f"{hint}; its columns are {columns[:20]}"
+        )
 
 
 def _parse_list_literal(text: str) -> list[Any]:

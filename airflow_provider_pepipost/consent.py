@@ -16,12 +16,14 @@ from typing import Any
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.errors import RowProblem
-from airflow_provider_pepipost.messages import mask_value, normalize_phone
+from airflow_provider_pepipost.messages import mask_value
+from airflow_provider_pepipost.numbers import normalize_phone
 
 CONSENT_KINDS = ("optin", "optout")
 SOURCE_MAX = 25  # the vendor's limit
 USER_AGENT_MAX = 512
-# Replies that opt a number out, compared without case, spaces or the punctuation around them.
+# Replies that opt a number out, compared without case, spaces, invisible characters or the
+# punctuation around them.
 DEFAULT_STOP_WORDS = ("STOP", "UNSUBSCRIBE", "STOP ALL")
 _EDGE_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
 
@@ -124,9 +126,11 @@ def _given(data: Mapping[str, Any], key: str, default: Any) -> Any:
 
 
 def normalize_reply(text: str) -> str:
-    """A reply as stop words are compared: upper case, no spaces, no punctuation around it."""
-    folded = unicodedata.normalize("NFKC", text).upper()
-    return _EDGE_PUNCTUATION.sub("", "".join(folded.split()))
+    """A reply as stop words are compared: upper case, no spaces, no punctuation around it, and
+    no format characters (Unicode category Cf: zero-width spaces and joiners, soft hyphens, word
+    joiners, direction marks), which a phone's keyboard or a copied text can put inside a word."""
+    visible = "".join(char for char in unicodedata.normalize("NFKC", text) if unicodedata.category(char) != "Cf")
+    return _EDGE_PUNCTUATION.sub("", "".join(visible.upper().split()))
 
 
 def stop_word_set(words: Iterable[str] | str | None = None) -> frozenset[str]:

@@ -125,9 +125,11 @@ class RowProblem:
     field: str
     value: str
     reason: str
+    line: int | None = None  # the row's line in the file it came from, where there is one
 
     def __str__(self) -> str:
-        return f"row {self.row}, field '{self.field}' = {self.value}: {self.reason}"
+        where = f"row {self.row}" + (f" (line {self.line} of the file)" if self.line is not None else "")
+        return f"{where}, field '{self.field}' = {self.value}: {self.reason}"
 
 
 class MessageValidationError(PepipostError, ValueError):
@@ -151,6 +153,10 @@ class MessageValidationError(PepipostError, ValueError):
 
 class PepipostConfigError(PepipostError, ValueError):
     """The connection, an argument or a setting is missing or wrong."""
+
+
+class StatusStoreUnavailable(PepipostError):
+    """The status store's database could not be reached or opened."""
 
 
 class CampaignError(PepipostError):

@@ -6,6 +6,7 @@ place, so that they can be tested on their own and applied to every row before t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import string
@@ -16,10 +17,13 @@ from typing import Any
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.errors import MessageValidationError, RowProblem
 
+# The number rules live in ``numbers``; these names stay importable from here, where they were.
+from airflow_provider_pepipost.numbers import MAX_PHONE_DIGITS as MAX_PHONE_DIGITS
+from airflow_provider_pepipost.numbers import MIN_PHONE_DIGITS as MIN_PHONE_DIGITS
+from airflow_provider_pepipost.numbers import mask_number, normalize_phone
+
 RECIPIENT_TYPES = frozenset({"individual", "group"})
 ATTACHMENT_TYPES = frozenset({"image", "video", "audio", "document", "sticker"})
-# The API rejects numbers shorter than 10 or longer than 15 digits (country code included).
-MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 10, 15
 # WhatsApp's own limit for a media caption; the vendor page gives none, a longer one fails later.
 MAX_CAPTION_LENGTH = 1024
 MAX_GROUP_ID_LENGTH = limits.RECIPIENT_MAX  # what the ledger's recipient column holds
@@ -36,7 +40,6 @@ ROW_FIELDS = (
     "x-apiheader",
 )
 
-_PHONE_DECORATION = re.compile(r"[\s\-().+]")
 _GROUP_ID = re.compile(r"^[A-Za-z0-9@._:\-]+$")
 _FORMATTER = string.Formatter()
 
@@ -111,27 +114,18 @@ def request_body(message: Any) -> dict[str, Any]:
     return {"message": [message.to_payload()]}
 
 
-def normalize_phone(value: Any) -> str:
-    """Digits only, country code included: '+91 98330-78369' -> '919833078369'.
+def default_campaign_key(dag_id: str, run_id: str, task_id: str) -> str:
+    """The campaign a send task belongs to unless the user names one: the task, in its run.
 
-    Raises ValueError with the reason when the value cannot be a WhatsApp number.
+    Not the map index: a clear whose upstream hands the rows out in another order (a file
+    listing, an unordered query) must find each row's message wherever an earlier map index sent it.
     """
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"must be a phone number string, not {type(value).__name__}")
-    text = _PHONE_DECORATION.sub("", str(value))
-    if not text:
-        raise ValueError("is empty")
-    if not text.isdigit():
-        raise ValueError("may hold only digits, spaces, dashes, brackets and a leading +")
-    if not MIN_PHONE_DIGITS <= len(text) <= MAX_PHONE_DIGITS:
-        raise ValueError(
-            f"has {len(text)} digits; a number with its country code has {MIN_PHONE_DIGITS} to {MAX_PHONE_DIGITS}"
-        )
-    return text
+    return f"{dag_id}/{run_id}/{task_id}"
 
 
-def default_campaign_key(dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
-    """The campaign a send task belongs to unless the user names one: its task instance."""
+def legacy_campaign_key(dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
+    """The default campaign key of status stores before schema 7, which named the map index: a
+    retry after an upgrade still finds what the try before the upgrade sent."""
     return f"{dag_id}/{run_id}/{task_id}/{map_index}"
 
 
@@ -145,13 +139,6 @@ def idempotency_key(campaign: str, recipient: str, content: str) -> str:
     """
     raw = "\x1f".join((campaign, recipient, content))
     return "af-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
-
-
-def mask_number(number: str | None) -> str:
-    """A phone number with its middle hidden: 9198******12."""
-    if not number:
-        return ""
-    return number if len(number) <= 6 else number[:4] + "*" * (len(number) - 6) + number[-2:]
 
 
 def mask_value(field: str, value: Any) -> str:
@@ -347,6 +334,8 @@ def validate_rows(items: Iterable[Any], defaults: Any, build: Any = None) -> int
     for index, item in enumerate(items):
         count += 1
         _, problems = build(item, defaults, index)
+        if problems and getattr(items, "line", None) is not None:  # a file: name the row's line too
+            problems = [dataclasses.replace(p, line=items.line) for p in problems]
         total_problems += len(problems)
         room = MessageValidationError.SHOWN - len(shown)
         if room > 0:

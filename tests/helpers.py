@@ -112,8 +112,10 @@ class StandInTaskInstance:
     """What SendWhatsAppMediaOperator.execute reads from its context: for tests that drive the
     operator directly (thousands of rows, many fault scenarios) without a scheduler loop."""
 
-    def __init__(self, dag_id: str = "faults", run_id: str = "faults-run", task_id: str = "send") -> None:
-        self.dag_id, self.run_id, self.task_id, self.map_index = dag_id, run_id, task_id, -1
+    def __init__(
+        self, dag_id: str = "faults", run_id: str = "faults-run", task_id: str = "send", map_index: int = -1
+    ) -> None:
+        self.dag_id, self.run_id, self.task_id, self.map_index = dag_id, run_id, task_id, map_index
         self.xcom: dict[str, Any] = {}
 
     def xcom_push(self, key: str, value: Any) -> None:
@@ -121,9 +123,18 @@ class StandInTaskInstance:
 
 
 def run_operator(
-    recipients: Any, ti: StandInTaskInstance | None = None, operator_class: Any = None, **kwargs: Any
+    recipients: Any,
+    ti: StandInTaskInstance | None = None,
+    operator_class: Any = None,
+    clear_number: int = 0,
+    **kwargs: Any,
 ) -> tuple[Any, Any]:
-    """Execute a send operator (media by default) once; returns (return value or the exception, task instance)."""
+    """Execute a send operator (media by default) once; returns (return value or the exception, task instance).
+
+    ``clear_number``: how many times the stand-in run was cleared (Airflow's ``dag_run.clear_number``).
+    """
+    from types import SimpleNamespace
+
     from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppMediaOperator
 
     ti = ti or StandInTaskInstance()
@@ -133,6 +144,6 @@ def run_operator(
     kwargs.setdefault("progress_interval", 3600)
     operator = operator_class(task_id=ti.task_id, recipients=recipients, **kwargs)
     try:
-        return operator.execute({"ti": ti}), ti
+        return operator.execute({"ti": ti, "dag_run": SimpleNamespace(clear_number=clear_number)}), ti
     except Exception as err:  # the caller asserts on it
         return err, ti

@@ -255,6 +255,10 @@ class PepipostHook(BaseHook):
         session = self.__dict__.pop("session", None)
         if session is not None:
             session.close()
+        self.flush_retry_log()
+
+    def flush_retry_log(self) -> None:
+        """Log the summary of the retries not logged yet (a campaign's last, before its last progress line)."""
         if "_retry_log" in self.__dict__:
             self._retry_log.flush()
 
@@ -552,15 +556,16 @@ class RetryLog:
                 self._emit()
 
     def flush(self) -> None:
+        """The last summary: those retries are over by now, and it says so."""
         with self._lock:
             if self._counts:
-                self._emit()
+                self._emit(done=True)
 
-    def _emit(self) -> None:
+    def _emit(self, done: bool = False) -> None:
         causes = ", ".join(f"{cause} x{count}" for cause, count in self._counts.most_common())
         self.logger.warning(
-            "Retrying %d send(s) that the vendor did not process (%s); waits up to %.1fs",
-            sum(self._counts.values()), causes, self._longest_wait,
+            "%s %d send(s) that the vendor did not process (%s); waits up to %.1fs",
+            "Retried" if done else "Retrying", sum(self._counts.values()), causes, self._longest_wait,
         )  # fmt: skip
         self._counts.clear()
         self._longest_wait = 0.0

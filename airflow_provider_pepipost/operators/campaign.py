@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +24,23 @@ from airflow_provider_pepipost.errors import (
     PepipostOutcomeUnknownError,
 )
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
-from airflow_provider_pepipost.messages import MediaMessage, default_campaign_key, idempotency_key
-from airflow_provider_pepipost.status.ledger import RESENDABLE_STATES, Claim, LedgerEntry, Outcome, TaskKey
+from airflow_provider_pepipost.messages import (
+    MediaMessage,
+    default_campaign_key,
+    idempotency_key,
+    legacy_campaign_key,
+)
+from airflow_provider_pepipost.numbers import mask_numbers_in
+from airflow_provider_pepipost.status.ledger import (
+    RESENDABLE_STATES,
+    SUPPRESSED_REASON,
+    Claim,
+    ClaimAnswer,
+    LedgerEntry,
+    Outcome,
+    TaskKey,
+    campaign_hash,
+)
 from airflow_provider_pepipost.status.ledger_writer import LedgerWriter
 from airflow_provider_pepipost.status.store import StatusStore
 
@@ -66,6 +81,8 @@ class CampaignResult:
     stopped: PepipostError | None = None  # stopped by an error a later try may not meet
     stopped_reason: str | None = None
     duplicate_rows: list[int] = field(default_factory=list)  # the first ones, for the log
+    # The vendor's refusals by (code, message), numbers in the message masked: what a failure says.
+    reasons: Counter = field(default_factory=Counter)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -110,6 +127,7 @@ class CampaignSender:
         *,
         total: int,
         campaign_key: str | None = None,
+        generation: int = 0,
         resend_unknown: bool = False,
         respect_opt_outs: bool = True,
         max_workers: int = 16,
@@ -124,7 +142,11 @@ class CampaignSender:
         self.store = store
         self.task = task
         self.total = total
-        self.campaign_key = campaign_key or default_campaign_key(*task.instance)
+        self.campaign_key = campaign_key or default_campaign_key(task.dag_id, task.run_id, task.task_id)
+        # With the default key, a retry after an upgrade from schema < 7 finds the earlier try's
+        # rows under the key that named the map index.
+        self.legacy_campaign_key = None if campaign_key else legacy_campaign_key(*task.instance)
+        self.generation = generation
         self.resend_unknown = resend_unknown
         self.respect_opt_outs = respect_opt_outs
         self.max_workers = max_workers
@@ -142,7 +164,12 @@ class CampaignSender:
 
     def run(self, messages: Iterable[tuple[int, MediaMessage]]) -> CampaignResult:
         self.ledger = LedgerWriter(
-            self.store, self.task, resend_unknown=self.resend_unknown, campaign=self.campaign_key
+            self.store,
+            self.task,
+            resend_unknown=self.resend_unknown,
+            campaign=self.campaign_key,
+            generation=self.generation,
+            check_opt_outs=self.respect_opt_outs,
         )
         try:
             return self._run(messages)
@@ -153,12 +180,15 @@ class CampaignSender:
         earlier = self.store.open_ledger(self.task)
         if earlier:
             self._log_earlier_try(earlier)
+        legacy = self._adopt_legacy_rows(earlier)
         resendable = (*RESENDABLE_STATES, "unknown") if self.resend_unknown else RESENDABLE_STATES
         started = time.monotonic()
         self._last_log = started
         # Claims are committed by this thread, a batch at a time, while the workers send the batch
         # before: no worker waits on a commit. The price: a try killed outright can leave up to
         # `window` claimed rows 'unknown' (never resent), not only the max_workers being sent.
+        # Each claim checks the suppression list in its transaction, so a STOP stored while the
+        # campaign runs stops every row claimed after it: at most this one batch ahead.
         batch_size = max(1, self.max_workers // 2)
         window = self.max_workers + 2 * batch_size
         # Finished sends arrive here; waiting on a queue costs the same whatever is in flight.
@@ -169,30 +199,28 @@ class CampaignSender:
 
             def claim_and_submit() -> int:
                 claims = [Claim(key, msg.api_header or key, msg.recipient, row) for row, key, msg in batch]
-                granted = self.ledger.claim_many(claims)
-                for (row, key, message), ok in zip(batch, granted, strict=True):
-                    if ok:
+                answers = self.ledger.claim_many(claims)
+                for (row, key, message), answer in zip(batch, answers, strict=True):
+                    if answer.granted:
                         pool.submit(self._send_one, row, key, message).add_done_callback(finished.put)
                     else:
-                        self._record(self._duplicate(row, message))
+                        self._record(self._not_claimed(row, message, answer), reused=answer.taken_over is not None)
                 batch.clear()
-                return sum(granted)
+                return sum(answer.granted for answer in answers)
 
-            rows = self.store.flag_opt_outs(messages) if self.respect_opt_outs else _never_opted_out(messages)
-            for row, message, opted_out in rows:
+            for row, message in messages:
                 key = idempotency_key(self.campaign_key, message.recipient, message.identity())
                 if message.api_header is None:
                     message = dataclasses.replace(message, api_header=key)
                 # Popped: a second row with the same key is a duplicate on every try, not a reuse.
-                entry = earlier.pop(key, None)
+                entry = self._earlier_entry(earlier, legacy, key, message)
                 if getattr(message, "fallback", None) is not None and _closed_window(entry):
                     # An earlier try met the closed window: straight to the template.
-                    fallback_entry = earlier.pop(self._fallback_key(message.fallback), None)
+                    template = message.fallback
+                    fallback_entry = self._earlier_entry(earlier, legacy, self._fallback_key(template), template)
                     if fallback_entry is not None and fallback_entry.state not in resendable:
                         outcome = self._from_ledger(row, message.fallback, fallback_entry)
                         self._record(_as_fallback(outcome), reused=True)
-                    elif opted_out:
-                        self._record(self._suppressed(row, message))
                     elif self._stop.is_set():
                         self._record(self._not_sent(row, message))
                     else:
@@ -200,8 +228,6 @@ class CampaignSender:
                         in_flight += 1
                 elif entry is not None and entry.state not in resendable:
                     self._record(self._from_ledger(row, message, entry), reused=True)
-                elif opted_out:
-                    self._record(self._suppressed(row, message))
                 elif self._stop.is_set():
                     self._record(self._not_sent(row, message))
                 else:
@@ -224,10 +250,33 @@ class CampaignSender:
                 except queue.Empty:
                     pass
                 self._log_progress_every_interval(started)
+        self.hook.flush_retry_log()  # the retries' last summary before the last progress line
         self._log_progress(started)
         if self.result.outcomes is not None:
             self.result.outcomes.sort(key=lambda outcome: outcome.row)
         return self.result
+
+    def _earlier_entry(
+        self, earlier: dict[str, LedgerEntry], legacy: str | None, key: str, message: Any
+    ) -> LedgerEntry | None:
+        """What an earlier try recorded for this message (popped), under its key or the legacy one."""
+        if not earlier:
+            return None
+        entry = earlier.pop(key, None)
+        if entry is None and legacy is not None:
+            entry = earlier.pop(idempotency_key(legacy, message.recipient, message.identity()), None)
+        return entry
+
+    def _adopt_legacy_rows(self, earlier: dict[str, LedgerEntry]) -> str | None:
+        """The legacy campaign key when an earlier try (before schema 7) recorded rows under it;
+        those rows then count in this campaign's summaries."""
+        if self.legacy_campaign_key is None:
+            return None
+        old = campaign_hash(self.legacy_campaign_key)
+        if not any(entry.campaign == old for entry in earlier.values()):
+            return None
+        self.store.adopt_campaign(self.task, old, campaign_hash(self.campaign_key))
+        return self.legacy_campaign_key
 
     def _send_one(self, row: int, key: str, message: MediaMessage) -> RowOutcome:
         """Send one claimed message and record its outcome."""
@@ -237,6 +286,11 @@ class CampaignSender:
             return self._give_back(row, key, message, None)
         if self.limiter:
             self.limiter.acquire()
+            # Paced rows wait here long after their claim: the suppression list is read again, so
+            # that how long a STOP may go unheeded never depends on max_rate.
+            if self.respect_opt_outs and self.store.suppressed([recipient]):
+                self.ledger.record(Outcome(key, "suppressed", error_message=SUPPRESSED_REASON))
+                return self._suppressed(row, message)
         try:
             message_id = self.hook.send_message(message)
         except PepipostOutcomeUnknownError as err:
@@ -274,9 +328,18 @@ class CampaignSender:
         template = message.fallback
         if template.api_header is None:
             template = dataclasses.replace(template, api_header=key)
-        if not self.ledger.claim_many([Claim(key, template.api_header, template.recipient, row)])[0]:
-            return self._duplicate(row, template)
+        answer = self.ledger.claim_many([Claim(key, template.api_header, template.recipient, row)])[0]
+        if not answer.granted:
+            return _as_fallback(self._not_claimed(row, template, answer))
         return _as_fallback(self._send_one(row, key, template))
+
+    def _not_claimed(self, row: int, message: Any, answer: ClaimAnswer) -> RowOutcome:
+        """A row the ledger would not let go out: suppressed, sent before a clear, or a duplicate."""
+        if answer.suppressed:
+            return self._suppressed(row, message)
+        if answer.taken_over is not None:
+            return self._from_ledger(row, message, answer.taken_over)
+        return self._duplicate(row, message)
 
     def _give_back(self, row: int, key: str, message: MediaMessage, err: PepipostError | None) -> RowOutcome:
         """A claimed row whose request never reached the vendor: a later try sends it."""
@@ -291,10 +354,8 @@ class CampaignSender:
 
     @staticmethod
     def _suppressed(row: int, message: Any) -> RowOutcome:
-        return RowOutcome(
-            row, message.recipient, message.api_header or "", None, "suppressed",
-            error_message="the recipient opted out: the number is on the status store's suppression list",
-        )  # fmt: skip
+        header = message.api_header or ""
+        return RowOutcome(row, message.recipient, header, None, "suppressed", error_message=SUPPRESSED_REASON)
 
     def _duplicate(self, row: int, message: MediaMessage) -> RowOutcome:
         if len(self.result.duplicate_rows) < 20:
@@ -321,6 +382,9 @@ class CampaignSender:
             result.reused += 1  # accepted by an earlier try (its unknown rows count as unknown)
         if outcome.state == "rejected":
             result.error_codes[outcome.error_code or "none"] += 1
+            reason = (outcome.error_code or "", mask_numbers_in(outcome.error_message or ""))
+            if reason in result.reasons or len(result.reasons) < MAX_REASONS:
+                result.reasons[reason] += 1
             if result.counts["rejected"] > self.max_rejected and not self._stop.is_set():
                 result.stopped_reason = (
                     f"{result.counts['rejected']} rejections exceed max_rejected_ratio "
@@ -369,18 +433,25 @@ class CampaignSender:
         elapsed = max(time.monotonic() - started, 1e-6)
         counts = self.result.counts
         done = sum(counts.values())
+        states = ", ".join(f"{label} {counts[state]}" for state, label in PROGRESS_STATES)
         self.log.info(
-            "Processed %d of %d rows (%.0f%%), %.1f rows/s: accepted %d, rejected %d, unknown %d, not sent %d, "
-            "duplicate %d, opted out %d",
-            done, self.total, 100.0 * done / max(self.total, 1), done / elapsed,
-            counts["accepted"], counts["rejected"], counts["unknown"], counts["not_sent"], counts["duplicate"],
-            counts["suppressed"],
+            "Processed %d of %d rows (%.0f%%), %.1f rows/s: %s",
+            done, self.total, 100.0 * done / max(self.total, 1), done / elapsed, states,
         )  # fmt: skip
 
 
-def _never_opted_out(messages: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, Any, bool]]:
-    """``respect_opt_outs=False``: every row as if its recipient had not opted out."""
-    return ((row, message, False) for row, message in messages)
+MAX_REASONS = 100  # distinct refusal texts kept: the vendor's texts vary, memory must not
+
+# Every state a row can end in, as the progress line names them: they add up to the rows processed.
+PROGRESS_STATES = (
+    ("accepted", "accepted"),
+    ("fallback", "fallback template"),
+    ("rejected", "rejected"),
+    ("unknown", "unknown"),
+    ("not_sent", "not sent"),
+    ("duplicate", "duplicate"),
+    ("suppressed", "opted out"),
+)
 
 
 def _closed_window(entry: LedgerEntry | None) -> bool:

@@ -32,8 +32,9 @@ from airflow_provider_pepipost.errors import (
     PepipostError,
 )
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
-from airflow_provider_pepipost.messages import iter_messages, mask_value, validate_rows
-from airflow_provider_pepipost.status.consent import ConsentBatch
+from airflow_provider_pepipost.messages import iter_messages, validate_rows
+from airflow_provider_pepipost.numbers import mask_number, phone_or_none
+from airflow_provider_pepipost.status.consent import Consent, ConsentBatch
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
 from airflow_provider_pepipost.status.store import StatusStore
@@ -54,12 +55,33 @@ class _Tally:
     refused: int = 0  # rows in batches the vendor refused
     not_confirmed: int = 0  # rows whose call failed for a reason a later try may not meet
     skipped_opted_out: int = 0  # opt-in rows whose number is on the suppression list (lift_opt_outs off)
+    # Opt-in rows whose number said STOP while their call was with the vendor: not opted in here,
+    # and opted out again at the vendor.
+    opted_out_during_call: list[str] = field(default_factory=list)
     batches: int = 0
     batches_reused: int = 0
     failed_rows: list[dict[str, Any]] = field(default_factory=list)
     stop: PepipostError | None = None  # an error every further call would meet (a refused key)
     transient: PepipostError | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class _OptOutPass:
+    """Opt-outs passed on to the vendor: those taken from replies, and the STOPs that raced an opt-in."""
+
+    synced: list[str] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)  # not a number the vendor can take
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (number, the vendor's reason), one by one
+    refused_calls: int = 0
+    not_confirmed: int = 0
+    error: PepipostError | None = None
+    stop: PepipostError | None = None  # an error every further call would meet (a refused key)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def unsynced(self) -> int:
+        return len(self.invalid) + len(self.refused) + self.not_confirmed
 
 
 class WhatsAppConsentOperator(BaseOperator):
@@ -87,19 +109,22 @@ class WhatsAppConsentOperator(BaseOperator):
         fails (without Airflow retries: the same rows would be refused again).
     :param sync_reply_opt_outs: also pass on to the vendor, as opt-outs, the numbers that opted
         out by replying a stop word (recorded by the webhook receiver, which never calls the
-        vendor itself). Each is passed on once.
+        vendor itself). Each is passed on once. A batch the vendor refuses is split until the
+        numbers it refuses stand alone; the task fails while any of them is not passed on.
     :param reply_opt_out_source: the ``source`` of those opt-outs.
     :param lift_opt_outs: for ``optin``: also opt in numbers on the suppression list, taking them
         off it. Off by default: a sign-up list processed again must not undo a later "STOP".
-        Set it only for rows that record a new consent given after the opt-out.
+        Set it only for rows that record a new consent given after the opt-out. Only opt-outs
+        recorded before a batch was read are lifted: a STOP that arrives while the batch is with
+        the vendor always stays, and is passed on to the vendor.
     :param pepipost_conn_id: the Pepipost connection.
     :param status_store_conn_id: Airflow connection of the status store (see the send operators).
 
     Returns (XCom ``return_value``) the counts: ``kind``, ``total``, ``confirmed``, ``refused``,
-    ``not_confirmed``, ``skipped_opted_out``, ``batches``, ``batches_reused``,
-    ``reply_opt_outs_synced``, and
-    ``failed_rows`` (the first 100 rows of refused batches: row, recipient, error_code,
-    error_message).
+    ``not_confirmed``, ``skipped_opted_out``, ``opted_out_during_call``, ``batches``,
+    ``batches_reused``, ``reply_opt_outs_synced``, ``reply_opt_outs_refused``,
+    ``reply_opt_outs_invalid``, ``reply_opt_outs_not_confirmed``, and ``failed_rows`` (the first
+    100 rows the vendor refused: row, masked recipient, error_code, error_message).
     """
 
     template_fields: Sequence[str] = ("recipients", "kind", "source", "user_agent", "ip")
@@ -158,7 +183,7 @@ class WhatsAppConsentOperator(BaseOperator):
         total = 0
         try:
             if self.recipients is not None:
-                audience = Audience(self.recipients)
+                audience = Audience(self.recipients, number_columns=("recipient", "recipient_whatsapp"))
                 self.log.info("Validating recipients from %s", audience.source_description)
             total = validate_rows(audience, defaults, build_consent_row)
         except (MessageValidationError, PepipostConfigError) as err:
@@ -180,13 +205,16 @@ class WhatsAppConsentOperator(BaseOperator):
             )
         try:
             rows = iter_messages(audience, defaults, build_consent_row)
-            if self.kind == "optin" and not self.lift_opt_outs:
-                rows = self._without_opted_out(rows, store, tally)
             self._call_all(hook, store, task, self.kind, _batches(rows, self.batch_size), earlier, tally, total)
-            synced = self._sync_reply_opt_outs(hook, store, task, earlier, tally) if self.sync_reply_opt_outs else 0
+            # Reply opt-outs, and the STOPs that came while their opt-in was with the vendor.
+            numbers = store.reply_opt_outs(REPLY_SYNC_LIMIT) if self.sync_reply_opt_outs else []
+            numbers = list(dict.fromkeys([*tally.opted_out_during_call, *numbers]))
+            passed = self._pass_on_opt_outs(hook, store, numbers, tally) if numbers else _OptOutPass()
+            if self.sync_reply_opt_outs and not numbers:
+                self.log.info("No opt-out from a reply is waiting to be passed on to the vendor")
         finally:
             hook.close()
-        return self._judge(tally, total, synced)
+        return self._judge(tally, total, passed)
 
     def _call_all(
         self,
@@ -198,33 +226,30 @@ class WhatsAppConsentOperator(BaseOperator):
         earlier: dict[str, ConsentBatch],
         tally: _Tally,
         total: int,
-        *,
-        update_list: bool = True,
-    ) -> list[list[tuple[int, ConsentRow]]]:
-        """Call the vendor for every batch not confirmed before; return the batches confirmed now.
-
-        ``update_list``: a confirmed batch also moves its numbers on or off the suppression list.
-        """
-        confirmed_now: list[list[tuple[int, ConsentRow]]] = []
+    ) -> None:
+        """Call the vendor for every batch not confirmed before; a confirmed batch also moves its
+        numbers on or off the suppression list."""
         started = last_log = time.monotonic()
         with ThreadPoolExecutor(self.max_workers, thread_name_prefix="pepipost-consent") as pool:
             in_flight: dict[Future, list[tuple[int, ConsentRow]]] = {}
 
             def collect(futures: set[Future]) -> None:
                 for future in futures:
-                    if future.result():
-                        confirmed_now.append(in_flight[future])
+                    future.result()
                     del in_flight[future]
 
             for batch in batches:
+                # Keyed on the input rows, before any is skipped: a STOP between two tries must not
+                # re-cut the batches, or the second try would call again for confirmed ones.
                 key = batch_key(task, kind, [row for _, row in batch])
                 tally.batches += 1
                 known = earlier.get(key)
                 if known is not None and known.state == "confirmed":
                     tally.batches_reused += 1
-                    tally.confirmed += len(batch)
+                    tally.confirmed += known.rows
+                    tally.skipped_opted_out += len(batch) - known.rows
                     continue
-                call = (hook, store, task, kind, key, batch, tally, update_list)
+                call = (hook, store, task, kind, key, batch, tally)
                 in_flight[pool.submit(self._call_one, *call)] = batch
                 if len(in_flight) >= 2 * self.max_workers:
                     collect(wait(in_flight, return_when=FIRST_COMPLETED).done)
@@ -233,7 +258,6 @@ class WhatsAppConsentOperator(BaseOperator):
                     self._log_progress(kind, tally, total, started)
             collect(wait(in_flight).done)
         self._log_progress(kind, tally, total, started)
-        return confirmed_now
 
     def _call_one(
         self,
@@ -244,14 +268,22 @@ class WhatsAppConsentOperator(BaseOperator):
         key: str,
         batch: list[tuple[int, ConsentRow]],
         tally: _Tally,
-        update_list: bool,
-    ) -> bool:
-        """One consent call; True when the vendor confirmed it."""
-        rows = [row for _, row in batch]
+    ) -> None:
+        """One consent call, its outcome recorded."""
         if tally.stop is not None:
             with tally.lock:
                 tally.not_confirmed += len(batch)
-            return False
+            return
+        # What the list holds now: the opt-in is recorded only where it still holds this after the call.
+        held = store.consents(row.recipient for _, row in batch) if kind == "optin" else {}
+        if kind == "optin" and not self.lift_opt_outs:
+            kept = [(index, row) for index, row in batch if not _opted_out(held, row.recipient)]
+            with tally.lock:
+                tally.skipped_opted_out += len(batch) - len(kept)
+            batch = kept
+            if not batch:
+                return
+        rows = [row for _, row in batch]
         try:
             hook.manage_consent(kind, rows)
         except PepipostApiError as err:
@@ -262,75 +294,95 @@ class WhatsAppConsentOperator(BaseOperator):
                         tally.stop = tally.stop or err
                     else:
                         tally.transient = tally.transient or err
-                return False
+                return
             store.record_consent_batch(task, ConsentBatch(key, kind, len(rows), "refused", err.code, err.message))
             with tally.lock:
                 tally.refused += len(batch)
                 for index, row in batch:
-                    if len(tally.failed_rows) < FAILED_ROWS_LISTED:
-                        tally.failed_rows.append(
-                            {
-                                "row": index,
-                                "recipient": row.recipient,
-                                "error_code": err.code,
-                                "error_message": err.message,
-                            }
-                        )
+                    _list_failed_row(tally.failed_rows, index, row.recipient, err)
             self.log.warning(
                 "The vendor refused the %s batch of rows %d-%d (%s): %s",
                 kind, batch[0][0], batch[-1][0], err.code or err.http_status, err.message,
             )  # fmt: skip
-            return False
+            return
         except PepipostError as err:
             # Not sent, or an answer that cannot tell: consent calls are idempotent, so the next
             # try calls again. Nothing is recorded.
             with tally.lock:
                 tally.not_confirmed += len(batch)
                 tally.transient = tally.transient or err
-            return False
-        numbers = [row.recipient for row in rows] if update_list else []
-        store.record_consent_batch(task, ConsentBatch(key, kind, len(rows), "confirmed"), numbers)
+            return
+        numbers = [row.recipient for row in rows]
+        changed = store.record_consent_batch(task, ConsentBatch(key, kind, len(rows), "confirmed"), numbers, held)
+        raced = sorted(store.suppressed(changed)) if changed else []
         with tally.lock:
-            tally.confirmed += len(batch)
-        return True
-
-    def _without_opted_out(
-        self, rows: Iterator[tuple[int, ConsentRow]], store: StatusStore, tally: _Tally
-    ) -> Iterator[tuple[int, ConsentRow]]:
-        """The rows whose number is not on the suppression list, looked up a chunk at a time."""
-        for index, row, opted_out in store.flag_opt_outs(rows):
-            if opted_out:
-                tally.skipped_opted_out += 1
-            else:
-                yield index, row
-
-    def _sync_reply_opt_outs(
-        self, hook: PepipostHook, store: StatusStore, task: TaskKey, earlier: dict[str, ConsentBatch], tally: _Tally
-    ) -> int:
-        """Pass on to the vendor the opt-outs taken from replies; mark each once confirmed."""
-        if tally.stop is not None:
-            return 0
-        numbers = store.reply_opt_outs(REPLY_SYNC_LIMIT)
-        if not numbers:
-            self.log.info("No opt-out from a reply is waiting to be passed on to the vendor")
-            return 0
-        self.log.info("Passing on %d opt-out(s) taken from replies to the vendor", len(numbers))
-        rows = ((i, ConsentRow(number, self.reply_opt_out_source)) for i, number in enumerate(numbers))
-        sync = _Tally()
-        # They are on the list already, as replies: the calls only mark them passed on.
-        batches = _batches(rows, self.batch_size)
-        confirmed = self._call_all(hook, store, task, "optout", batches, earlier, sync, len(numbers), update_list=False)
-        store.mark_reply_opt_outs_synced([row.recipient for batch in confirmed for _, row in batch])
-        with tally.lock:
-            tally.stop = tally.stop or sync.stop
-            tally.transient = tally.transient or sync.transient
-            tally.batches += sync.batches
-        if sync.refused or sync.not_confirmed:
+            tally.confirmed += len(batch) - len(raced)
+            tally.opted_out_during_call += raced
+        if raced:
             self.log.warning(
-                "%d reply opt-out(s) were not confirmed by the vendor (%d refused); the next run tries them again",
-                sync.refused + sync.not_confirmed, sync.refused,
+                "%d number(s) of the opt-in batch of rows %d-%d said STOP while the call was with the vendor: "
+                "they stay opted out, and their opt-out is passed on to the vendor",
+                len(raced), batch[0][0], batch[-1][0],
             )  # fmt: skip
-        return sum(len(batch) for batch in confirmed)
+
+    def _pass_on_opt_outs(
+        self, hook: PepipostHook, store: StatusStore, numbers: list[str], tally: _Tally
+    ) -> _OptOutPass:
+        """Pass opt-outs on to the vendor in batches, isolating the numbers it refuses; mark each
+        reply opt-out passed on once confirmed."""
+        passed = _OptOutPass()
+        valid = []
+        for number in numbers:  # checked first: one bad number must not cost its batch
+            (valid if phone_or_none(number) == number else passed.invalid).append(number)
+        if tally.stop is not None:
+            passed.not_confirmed += len(valid)
+            return passed
+        self.log.info("Passing on %d opt-out(s) to the vendor", len(valid))
+        with ThreadPoolExecutor(self.max_workers, thread_name_prefix="pepipost-opt-out") as pool:
+            for start in range(0, len(valid), self.batch_size):
+                pool.submit(self._opt_out_isolating, hook, valid[start : start + self.batch_size], passed)
+        store.mark_reply_opt_outs_synced(passed.synced)
+        if passed.unsynced:
+            self.log.warning(
+                "%d opt-out(s) were not passed on to the vendor (%d refused, %d not valid numbers, %d not "
+                "confirmed); they stay on the suppression list, and the next run tries them again",
+                passed.unsynced, len(passed.refused), len(passed.invalid), passed.not_confirmed,
+            )  # fmt: skip
+        return passed
+
+    def _opt_out_isolating(self, hook: PepipostHook, numbers: list[str], passed: _OptOutPass) -> None:
+        """One opt-out call; a batch the vendor refuses is split in two until the refused numbers
+        stand alone, so that one bad number never keeps the others from the vendor."""
+        if passed.stop is not None:
+            with passed.lock:
+                passed.not_confirmed += len(numbers)
+            return
+        try:
+            hook.manage_consent("optout", [ConsentRow(number, self.reply_opt_out_source) for number in numbers])
+        except PepipostApiError as err:
+            if err.is_transient or err.kind is FailureKind.JOB:
+                failure = err
+            else:
+                with passed.lock:
+                    passed.refused_calls += 1
+                    if len(numbers) == 1:
+                        passed.refused.append((numbers[0], f"{err.code or err.http_status}: {err.message}"))
+                        return
+                middle = len(numbers) // 2
+                self._opt_out_isolating(hook, numbers[:middle], passed)
+                self._opt_out_isolating(hook, numbers[middle:], passed)
+                return
+        except PepipostError as err:  # not sent, or an answer that cannot tell: the next run tries again
+            failure = err
+        else:
+            with passed.lock:
+                passed.synced += numbers
+            return
+        with passed.lock:
+            passed.not_confirmed += len(numbers)
+            passed.error = passed.error or failure
+            if isinstance(failure, PepipostApiError) and failure.kind is FailureKind.JOB:
+                passed.stop = passed.stop or failure
 
     def _log_progress(self, kind: str, tally: _Tally, total: int, started: float) -> None:
         done = tally.confirmed + tally.refused + tally.not_confirmed
@@ -339,7 +391,7 @@ class WhatsAppConsentOperator(BaseOperator):
             kind, done, total, time.monotonic() - started, tally.confirmed, tally.refused, tally.not_confirmed,
         )  # fmt: skip
 
-    def _judge(self, tally: _Tally, total: int, synced: int) -> dict[str, Any]:
+    def _judge(self, tally: _Tally, total: int, passed: _OptOutPass) -> dict[str, Any]:
         result = {
             "kind": self.kind,
             "total": total,
@@ -347,19 +399,21 @@ class WhatsAppConsentOperator(BaseOperator):
             "refused": tally.refused,
             "not_confirmed": tally.not_confirmed,
             "skipped_opted_out": tally.skipped_opted_out,
+            "opted_out_during_call": len(tally.opted_out_during_call),
             "batches": tally.batches,
             "batches_reused": tally.batches_reused,
-            "reply_opt_outs_synced": synced,
+            "reply_opt_outs_synced": len(passed.synced),
+            "reply_opt_outs_refused": len(passed.refused),
+            "reply_opt_outs_invalid": len(passed.invalid),
+            "reply_opt_outs_not_confirmed": passed.not_confirmed,
             "failed_rows": tally.failed_rows,
         }
         counts = {k: v for k, v in result.items() if k != "failed_rows"}
-        if tally.stop is not None:
-            raise AirflowFailException(f"Consent calls stopped: {tally.stop}. Counts: {counts}")
+        if (stop := tally.stop or passed.stop) is not None:
+            raise AirflowFailException(f"Consent calls stopped: {stop}. Counts: {counts}")
         allowed = int(self.max_rejected_ratio * total + 1e-9)
         if tally.refused > allowed:
-            shown = ", ".join(
-                f"row {r['row']} ({mask_value('recipient', r['recipient'])})" for r in tally.failed_rows[:5]
-            )
+            shown = ", ".join(f"row {r['row']} ({r['recipient']})" for r in tally.failed_rows[:5])
             raise AirflowFailException(
                 f"The vendor refused {tally.refused} of {total} rows, more than max_rejected_ratio allows ({allowed}); "
                 f"a retry would meet the same refusals. First refused: {shown}. Counts: {counts}"
@@ -368,6 +422,20 @@ class WhatsAppConsentOperator(BaseOperator):
             raise CampaignError(
                 f"{tally.not_confirmed} row(s) were not confirmed by the vendor ({tally.transient}); the confirmed "
                 f"batches are recorded, and the next try calls only the others. Counts: {counts}"
+            )
+        if passed.refused or passed.invalid:
+            shown = [f"{mask_number(number)} ({reason})" for number, reason in passed.refused[:5]]
+            shown += [f"{mask_number(number)} (not a number of 10 to 15 digits)" for number in passed.invalid[:5]]
+            raise AirflowFailException(
+                f"{len(passed.refused) + len(passed.invalid)} opt-out(s) could not be passed on to the vendor: "
+                f"{', '.join(shown)}. They stay on the status store's suppression list and are never messaged; "
+                f"every run that passes opt-outs on tries them again. The other {len(passed.synced)} were passed "
+                f"on. Counts: {counts}"
+            )
+        if passed.not_confirmed:
+            raise CampaignError(
+                f"{passed.not_confirmed} opt-out(s) were not confirmed by the vendor ({passed.error}); they stay on "
+                f"the suppression list, and the next try passes them on. Counts: {counts}"
             )
         if tally.skipped_opted_out:
             self.log.warning(
@@ -388,3 +456,16 @@ def batch_key(task: TaskKey, kind: str, rows: Sequence[ConsentRow]) -> str:
 def _batches(rows: Iterator[tuple[int, ConsentRow]], size: int) -> Iterator[list[tuple[int, ConsentRow]]]:
     while batch := list(itertools.islice(rows, size)):
         yield batch
+
+
+def _opted_out(held: dict[str, Consent], number: str) -> bool:
+    consent = held.get(number)
+    return consent is not None and consent.opted_out
+
+
+def _list_failed_row(failed_rows: list[dict[str, Any]], index: int, number: str, err: PepipostApiError) -> None:
+    """One refused row for the XCom, which every DAG reader sees: its number masked."""
+    if len(failed_rows) < FAILED_ROWS_LISTED:
+        failed_rows.append(
+            {"row": index, "recipient": mask_number(number), "error_code": err.code, "error_message": err.message}
+        )

@@ -122,6 +122,7 @@ class WhatsAppCampaignOperator(BaseOperator):
             task,
             total=total,
             campaign_key=self.campaign_key or None,
+            generation=clear_generation(context),
             resend_unknown=self.resend_unknown,
             respect_opt_outs=self.respect_opt_outs,
             max_workers=self.max_workers,
@@ -141,7 +142,10 @@ class WhatsAppCampaignOperator(BaseOperator):
         ti.xcom_push(key="send_summary", value=summary)
         if keep and result.outcomes is not None:
             ti.xcom_push(key="messages", value=[outcome.to_dict() for outcome in result.outcomes])
-        judge_campaign(result, total, sender.max_rejected, self.max_unknown_ratio, self.log)
+        judge_campaign(
+            result, total, sender.max_rejected, self.max_unknown_ratio, self.log,
+            max_rejected_ratio=self.max_rejected_ratio, has_fallback=bool(getattr(self, "fallback_template", None)),
+        )  # fmt: skip
         self.log.info("Done: %s", summary)
         emit(context, self.campaign_asset, summary)
         campaign = task.of_campaign(sender.campaign_key)  # what the sensor counts: this campaign only
@@ -184,14 +188,19 @@ class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):
         delivery reports reconciled them, may pass.
     :param campaign_key: names the campaign; every message's idempotency key and default
         x-apiheader derive from it, the recipient and everything the recipient would see. Default:
-        the task instance (dag, run, task, map index), so that retries and clears never send the
-        same message twice. Give a new one to send the same content again on purpose. (templated)
+        the task in its run (dag, run, task; not the map index), so that retries and clears never
+        send the same message twice, even when a cleared upstream hands the rows out to other map
+        indexes. A row with the same recipient and content in two map indexes of one run is one
+        message (``duplicate`` in the second). Give a new key to send the same content again on
+        purpose. (templated)
     :param resend_unknown: send again the rows an earlier try left unknown. Off by default: such a
         row may have reached its recipient, who would then get the message twice.
     :param respect_opt_outs: skip recipients on the status store's suppression list (they replied
         a stop word, or a consent task opted them out); such rows have state ``suppressed`` and
-        are counted in ``send_summary``. Set False only for messages the recipient must get
-        whatever they chose (check your obligations first).
+        are counted in ``send_summary``. The list is read when each row is claimed, in the
+        claim's transaction, and again just before a paced (``max_rate``) row goes out, so a STOP
+        stored while the campaign runs stops every row claimed after it. Set False only for
+        messages the recipient must get whatever they chose (check your obligations first).
     :param status_store_conn_id: Airflow connection (postgres or sqlite) of the status store;
         default ``[pepipost] status_store_conn_id``, then ``$PEPIPOST_STATUS_STORE_URL``, then SQLite
         in AIRFLOW_HOME (see ``airflow_provider_pepipost.status.resolver``).
@@ -339,8 +348,22 @@ class SendWhatsAppTemplateOperator(WhatsAppCampaignOperator):
         return build_template_message(item, defaults, row)
 
 
-def judge_campaign(result: CampaignResult, total: int, max_rejected: int, max_unknown_ratio: float, log: Any) -> None:
-    """Fail the task unless the campaign did what a green task says it did."""
+def clear_generation(context: Context) -> int:
+    """How many times the run was cleared: the ledger tells a clear's rows from a duplicate row by it."""
+    return int(getattr(context.get("dag_run"), "clear_number", None) or 0)
+
+
+def judge_campaign(
+    result: CampaignResult,
+    total: int,
+    max_rejected: int,
+    max_unknown_ratio: float,
+    log: Any,
+    *,
+    max_rejected_ratio: float = 0.0,
+    has_fallback: bool = False,
+) -> None:
+    """Fail the task unless the campaign did what a green task says it did; say why in words."""
     summary = result.summary()
     counts = result.counts
     if result.duplicate_rows:
@@ -358,6 +381,7 @@ def judge_campaign(result: CampaignResult, total: int, max_rejected: int, max_un
             "the task.",
             counts["unknown"],
         )
+    why = refusal_reasons(result, has_fallback)
     if result.fatal is not None:
         raise AirflowFailException(f"Sending stopped: {result.fatal}. Summary: {summary}")
     if result.stopped is not None:
@@ -366,8 +390,9 @@ def judge_campaign(result: CampaignResult, total: int, max_rejected: int, max_un
         )
     if counts["rejected"] > max_rejected:
         raise AirflowFailException(
-            f"{counts['rejected']} of {total} rows were rejected, more than max_rejected_ratio allows "
-            f"({max_rejected}); a retry would send them again and meet the same refusals. Summary: {summary}"
+            f"{counts['rejected']} of {total} rows were rejected by the vendor, more than max_rejected_ratio="
+            f"{max_rejected_ratio:g} allows ({max_rejected} row(s): {max_rejected_ratio * 100:g} % of {total}). "
+            f"{why}A retry would send them again and meet the same refusals. Summary: {summary}"
         )
     if result.stopped_reason:
         raise CampaignError(f"Sending stopped: {result.stopped_reason}. Summary: {summary}")
@@ -378,9 +403,34 @@ def judge_campaign(result: CampaignResult, total: int, max_rejected: int, max_un
             f"ones delivery reports reconcile by then. Summary: {summary}"
         )
     if total and not counts["accepted"] and not counts["fallback"]:
-        text = f"None of the {total} rows was accepted by the vendor. Summary: {summary}"
+        text = f"None of the {total} rows was accepted by the vendor. {why}"
         if not counts["not_sent"] and not counts["unknown"]:
             raise AirflowFailException(
-                text + ". Every row was refused, repeated or opted out: a retry would meet the same."
+                f"{text}Every row was refused, repeated or opted out: a retry would meet the same. Summary: {summary}"
             )
-        raise CampaignError(text)
+        raise CampaignError(f"{text}Summary: {summary}")
+
+
+# What a refusal means, where its code alone says little to a marketer.
+REFUSAL_HINTS = {
+    "8002": "8002: those numbers have no WhatsApp opt-in with the vendor; opt them in first (WhatsAppConsentOperator).",
+    "8003": "8003: those numbers are not on WhatsApp.",
+    "8007": "8007: those recipients have not written to the business in the last 24 hours, so WhatsApp's "
+    "session window is closed and only an approved template reaches them: use SendWhatsAppTemplateOperator, "
+    "or set fallback_template={...} on SendWhatsAppMediaOperator to send one to those rows.",
+}
+
+
+def refusal_reasons(result: CampaignResult, has_fallback: bool, top: int = 3) -> str:
+    """The vendor's most common refusals, counted, with what the usual codes mean ('' for none)."""
+    if not result.reasons:
+        return ""
+    shown = [
+        f"{code or 'no code'} {message!r} ({count} row{'s' if count != 1 else ''})"
+        for (code, message), count in result.reasons.most_common(top)
+    ]
+    others = sum(result.reasons.values()) - sum(count for _, count in result.reasons.most_common(top))
+    text = "The vendor's reasons: " + "; ".join(shown) + (f"; {others} row(s) for other reasons" if others else "")
+    codes = {code for code, _ in result.reasons}
+    hints = [hint for code, hint in REFUSAL_HINTS.items() if code in codes and not (code == "8007" and has_fallback)]
+    return text + ". " + "".join(f"{hint} " for hint in hints)

@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from airflow_provider_pepipost.sandbox.consent import add_consent_routes
 from airflow_provider_pepipost.sandbox.reports import AcceptedMessage, ReportSender
 from airflow_provider_pepipost.sandbox.scenario import RECIPIENT_ERRORS, Scenario
+from airflow_provider_pepipost.sandbox.subscribers import subscriber
 
 _DIGITS = re.compile(r"^[0-9]{10,15}$")
 _MEDIA_TYPES = {"image", "video", "audio", "document", "sticker"}
@@ -56,6 +57,7 @@ class SandboxState:
 
     def opted_in_now(self, recipient: str) -> bool:
         """What the vendor's opt-in check before every send finds (8002 when False)."""
+        recipient = subscriber(recipient)
         with self.lock:
             if recipient in self.opted_out:
                 return False
@@ -260,7 +262,7 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
             state.accepted_count += 1
             state.accepted_by_header[item.get("x-apiheader")] += 1
             state.accepted_by_type[item["message_type"]] += 1
-            state.accepted_by_recipient[recipient] += 1
+            state.accepted_by_recipient[subscriber(recipient)] += 1
             state.final_by_id[message_id] = sc.final_status(item.get("x-apiheader") or message_id)
             if state.record_bodies:
                 state.accepted.append({"message_id": message_id, "body": body})
@@ -294,7 +296,7 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
     async def recipient_state(number: str) -> dict[str, Any]:
         """What the sandbox holds for one number: messages accepted, opt-in."""
         with state.lock:
-            accepted = state.accepted_by_recipient[number]
+            accepted = state.accepted_by_recipient[subscriber(number)]
         return {"accepted": accepted, "opted_in": state.opted_in_now(number)}
 
     @app.get("/_sandbox/stats")

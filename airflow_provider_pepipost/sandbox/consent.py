@@ -16,6 +16,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from airflow_provider_pepipost.sandbox.subscribers import subscriber
+
 KINDS = ("optin", "optout")
 SOURCE_MAX = 25
 
@@ -81,12 +83,13 @@ def add_consent_routes(
         with state.lock:
             state.consent_calls.append({"type": kind, "recipients": numbers})
             for number in numbers:
+                phone = subscriber(number)
                 if kind == "optin":
-                    state.opted_out.discard(number)
-                    state.opted_in[number] = {**body_item(body, number), "created_date": _now()}
+                    state.opted_out.discard(phone)
+                    state.opted_in[phone] = {**body_item(body, number), "created_date": _now()}
                 else:
-                    state.opted_in.pop(number, None)
-                    state.opted_out.add(number)
+                    state.opted_in.pop(phone, None)
+                    state.opted_out.add(phone)
             state.responses[f"consent_{kind}"] += 1
         word = "Optin" if kind == "optin" else "Optout"
         return JSONResponse({"status": "success", "message": f"{word} successfully added."})
@@ -99,7 +102,7 @@ def add_consent_routes(
         if not isinstance(number, str) or not number:
             return failure("8006", "phone_number is required.", 400, state)
         with state.lock:
-            found = state.opted_in.get(number)
+            found = state.opted_in.get(subscriber(number))
         if found is None:
             # The vendor's answer names no code here.
             return JSONResponse({"status": "failure", "error": {"message": f"Optin details not found for {number}"}})

@@ -1,9 +1,12 @@
 """Consent in the store: the suppression list (numbers that opted out) and the consent batches
 the vendor confirmed, so that a retried consent task does not call it again for them.
 
-Functions of an open connection; ``StatusStore`` runs them in its transactions. The last change
-written wins: opting in after an opt-out lifts it, a stop word after an opt-in suppresses again.
-Nothing compares clocks: the order is the database's.
+Functions of an open connection; ``StatusStore`` runs them in its transactions. Every number is
+written and compared in its canonical form (``numbers.canonical_number``). An opt-out is written
+whatever the row held; an opt-in only where the row still holds what it held when the consent
+call's rows were read (its ``revision``), so a STOP that arrives while the call is with the
+vendor is never undone by the call's confirmation. Nothing compares clocks: the order is the
+database's.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, select, update
 
 from airflow_provider_pepipost import limits
+from airflow_provider_pepipost.numbers import canonical_number
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.engines import chunks, insert_for
 from airflow_provider_pepipost.status.ledger import TaskKey
@@ -21,6 +25,14 @@ from airflow_provider_pepipost.status.ledger import TaskKey
 # How a number came to be on (or off) the suppression list.
 VIA_REPLY = "reply"  # an inbound reply that was a stop word (the receiver)
 VIA_CONSENT_API = "consent_api"  # a consent task's opt-out or opt-in, confirmed by the vendor
+
+
+@dataclass(frozen=True, slots=True)
+class Consent:
+    """What the suppression list held for a number when a consent call's rows were read."""
+
+    opted_out: bool
+    revision: int
 
 
 @dataclass(frozen=True)
@@ -38,18 +50,8 @@ class ConsentBatch:
 def set_opted_out(
     conn: Connection, recipients: Iterable[str], opted_out: bool, via: str, detail: str, now: float
 ) -> None:
-    """Put numbers on the suppression list (``opted_out``) or take them off it."""
-    rows = [
-        {
-            "recipient": r,
-            "opted_out": opted_out,
-            "changed_at": now,
-            "via": via,
-            "detail": detail[:200],
-            "synced_at": None,
-        }
-        for r in dict.fromkeys(recipients)
-    ]
+    """Put numbers on the suppression list (``opted_out``) or take them off it, whatever it held."""
+    rows = [_row(number, opted_out, via, detail, now) for number in dict.fromkeys(map(canonical_number, recipients))]
     if not rows:
         return
     sup = schema.suppressions
@@ -62,20 +64,69 @@ def set_opted_out(
             "via": stmt.excluded.via,
             "detail": stmt.excluded.detail,
             "synced_at": stmt.excluded.synced_at,
+            "revision": sup.c.revision + 1,
         },
     )
     conn.execute(stmt, rows)
 
 
+def opt_in_if_unchanged(conn: Connection, expected: dict[str, Consent | None], detail: str, now: float) -> set[str]:
+    """Take numbers off the suppression list (or record their opt-in) where the row still holds
+    what ``expected`` says it held when the call's rows were read (None: no row).
+
+    Returns the numbers whose row changed meanwhile: their opt-in is not recorded.
+    """
+    sup = schema.suppressions
+    changed: set[str] = set()
+    for number, held in expected.items():
+        number = canonical_number(number)
+        if held is None:
+            stmt = insert_for(conn, sup).on_conflict_do_nothing(index_elements=[sup.c.recipient])
+            done = conn.execute(stmt, _row(number, False, VIA_CONSENT_API, detail, now)).rowcount
+        else:
+            values = {**_row(number, False, VIA_CONSENT_API, detail, now), "revision": sup.c.revision + 1}
+            where = (sup.c.recipient == number, sup.c.revision == held.revision)
+            done = conn.execute(update(sup).where(*where).values(values)).rowcount
+        if not done:
+            changed.add(number)
+    return changed
+
+
+def consents(conn: Connection, recipients: Iterable[str]) -> dict[str, Consent]:
+    """What the suppression list holds for these numbers (canonical), by number; absent: no row."""
+    sup = schema.suppressions
+    found: dict[str, Consent] = {}
+    for chunk in chunks(list(dict.fromkeys(map(canonical_number, recipients)))):
+        query = select(sup.c.recipient, sup.c.opted_out, sup.c.revision).where(sup.c.recipient.in_(chunk))
+        found.update({number: Consent(bool(out), revision) for number, out, revision in conn.execute(query)})
+    return found
+
+
 def suppressed(conn: Connection, recipients: Iterable[str]) -> set[str]:
-    """Which of these numbers have opted out."""
+    """Which of these numbers have opted out, as the caller spelled them."""
+    spelled: dict[str, list[str]] = {}
+    for recipient in recipients:
+        spelled.setdefault(canonical_number(recipient), []).append(recipient)
     sup = schema.suppressions
     found: set[str] = set()
-    for chunk in chunks(list(dict.fromkeys(recipients))):
-        found.update(
-            conn.execute(select(sup.c.recipient).where(sup.c.recipient.in_(chunk), sup.c.opted_out.is_(True))).scalars()
-        )
+    for chunk in chunks(list(spelled)):
+        for number in conn.execute(
+            select(sup.c.recipient).where(sup.c.recipient.in_(chunk), sup.c.opted_out.is_(True))
+        ).scalars():
+            found.update(spelled[number])
     return found
+
+
+def _row(number: str, opted_out: bool, via: str, detail: str, now: float) -> dict:
+    return {
+        "recipient": number,
+        "opted_out": opted_out,
+        "changed_at": now,
+        "via": via,
+        "detail": detail[:200],
+        "synced_at": None,
+        "revision": 1,
+    }
 
 
 def unsynced_reply_opt_outs(conn: Connection, limit: int) -> list[str]:
@@ -93,7 +144,7 @@ def unsynced_reply_opt_outs(conn: Connection, limit: int) -> list[str]:
 def mark_synced(conn: Connection, recipients: Sequence[str], now: float) -> None:
     """The vendor confirmed the opt-out of these numbers (still opted out by a reply)."""
     sup = schema.suppressions
-    for chunk in chunks(list(recipients)):
+    for chunk in chunks(list(dict.fromkeys(map(canonical_number, recipients)))):
         conn.execute(
             update(sup)
             .where(sup.c.recipient.in_(chunk), sup.c.opted_out.is_(True), sup.c.via == VIA_REPLY)

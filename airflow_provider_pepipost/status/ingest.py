@@ -72,9 +72,11 @@ def ingest_many(conn: Connection, batches: Sequence[WebhookBatch], now: float) -
     if letters:
         _insert_dead_letters(conn, letters, now)
     if inbound:
-        opt_outs = _insert_inbound(conn, inbound, now)
-        if opt_outs:
-            results[-1].opt_outs += opt_outs
+        stopped = _insert_inbound(conn, inbound, now)
+        items = iter(inbound)  # the replies, batch by batch, in order: each answer counts its own
+        for result, (_, _, inb) in zip(results, batches, strict=True):
+            senders = {item["sender"] for item in itertools.islice(items, len(inb)) if id(item) in stopped}
+            result.opt_outs += len(senders)
     return results
 
 
@@ -97,17 +99,19 @@ def _insert_dead_letters(conn: Connection, letters: Sequence[DeadLetterItem], no
     )
 
 
-def _insert_inbound(conn: Connection, inbound: Sequence[Mapping[str, Any]], now: float) -> int:
+def _insert_inbound(conn: Connection, inbound: Sequence[Mapping[str, Any]], now: float) -> set[int]:
     """Store the replies not stored yet; put the senders of new stop-word replies on the
-    suppression list. Returns how many senders opted out."""
-    rows = {hashlib.sha256(item["raw"].encode()).hexdigest()[:40]: item for item in inbound}
+    suppression list. Returns the ``id()`` of each of those replies."""
+    rows: dict[str, Mapping[str, Any]] = {}
+    for item in inbound:  # a reply in two bodies counts in the first
+        rows.setdefault(hashlib.sha256(item["raw"].encode()).hexdigest()[:40], item)
     table = schema.inbound_messages
     seen: set[str] = set()
     for chunk in chunks(list(rows)):
         seen.update(conn.execute(select(table.c.inbound_key).where(table.c.inbound_key.in_(chunk))).scalars())
     new = {key: item for key, item in rows.items() if key not in seen}
     if not new:
-        return 0
+        return set()
     conn.execute(
         insert_for(conn, table).on_conflict_do_nothing(index_elements=["inbound_key"]),
         [
@@ -122,10 +126,11 @@ def _insert_inbound(conn: Connection, inbound: Sequence[Mapping[str, Any]], now:
         ],
     )
     # Only a reply stored now counts: the same reply posted again must not undo a later opt-in.
-    stops = {item["sender"]: item["opt_out"] for item in new.values() if item.get("opt_out") and item.get("sender")}
-    for sender, word in stops.items():
+    stops = [item for item in new.values() if item.get("opt_out") and item.get("sender")]
+    words = {item["sender"]: item["opt_out"] for item in stops}
+    for sender, word in words.items():
         set_opted_out(conn, [sender], True, VIA_REPLY, f"replied {word!r}", now)
-    return len(stops)
+    return {id(item) for item in stops}
 
 
 def _insert_new_events(conn: Connection, events: Sequence[DeliveryEvent], keys: Sequence[str], now: float) -> set[str]:

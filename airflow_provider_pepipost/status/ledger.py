@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, null, or_, select, update
+from sqlalchemy import Connection, bindparam, case, func, null, or_, select, update
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.status import schema
@@ -20,8 +20,9 @@ from airflow_provider_pepipost.status.engines import insert_for
 from airflow_provider_pepipost.status.model import LedgerState
 
 IN_FLIGHT_STATES = (LedgerState.SENDING.value, LedgerState.UNKNOWN.value)
-# Rows a later try may send again: the vendor refused them, or a stopped campaign never sent them.
-RESENDABLE_STATES = (LedgerState.REJECTED.value, LedgerState.NOT_SENT.value)
+# Rows a later try may send again: the vendor refused them, a stopped campaign never sent them, or
+# the number was suppressed then (a later try checks the suppression list again).
+RESENDABLE_STATES = (LedgerState.REJECTED.value, LedgerState.NOT_SENT.value, LedgerState.SUPPRESSED.value)
 
 
 def campaign_hash(campaign_key: str) -> str:
@@ -83,6 +84,26 @@ class LedgerEntry:
     error_code: str | None = None
     error_message: str | None = None
     reconciled: bool = False  # the message id came from a delivery report, after an unknown outcome
+    campaign: str | None = None  # ``campaign_hash`` of the row's campaign key
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimAnswer:
+    """What the ledger said to one claim. Only a granted claim may be sent."""
+
+    granted: bool
+    # The number is on the suppression list: the row is recorded ``suppressed``, not sent.
+    suppressed: bool = False
+    # Another task instance of this run sent it before the run was cleared: the row now belongs
+    # to the claimer, which reports this entry instead of sending again.
+    taken_over: LedgerEntry | None = None
+
+    def __bool__(self) -> bool:
+        return self.granted
+
+
+GRANTED, HELD = ClaimAnswer(True), ClaimAnswer(False)
+SUPPRESSED = ClaimAnswer(False, suppressed=True)
 
 
 def task_filter(task: TaskKey) -> tuple[Any, ...]:
@@ -122,6 +143,7 @@ def open_ledger(conn: Connection, task: TaskKey) -> dict[str, LedgerEntry]:
             led.c.error_code,
             led.c.error_message,
             led.c.reconciled_at.is_not(None),
+            led.c.campaign,
         ).where(*task_filter(task))
     ).all()
     return {row.idempotency_key: LedgerEntry(*row) for row in rows}
@@ -136,39 +158,42 @@ def claim(
     resend_unknown: bool,
     campaign: str | None,
     now: float,
-) -> list[bool]:
-    """Record that these messages are being sent; True for each claim granted.
+    generation: int = 0,
+) -> list[ClaimAnswer]:
+    """Record that these messages are being sent; the ledger's answer to each claim.
 
     A claim is granted only when the ledger does not hold the message yet, or holds it as
-    rejected or not sent by another try than ``attempt`` (with ``resend_unknown``, also as
-    unknown). Anything else (sent, in flight, unknown, or a duplicate row of this try) must not
-    go out again.
+    rejected, not sent or suppressed by another try than ``attempt`` (with ``resend_unknown``,
+    also as unknown). Anything else (sent, in flight, unknown, or a duplicate row of this try)
+    must not go out again.
+
+    ``generation`` is how many times the run was cleared (Airflow's ``clear_number``). A row held
+    by another task instance of the same run is a duplicate row when that instance claimed it in
+    this generation; from an earlier one (a clear whose upstream put the row in another map
+    index), the claimer takes the row over and reports what it holds, never sending it again.
     """
     led = schema.ledger
     resendable = (*RESENDABLE_STATES, LedgerState.UNKNOWN.value) if resend_unknown else RESENDABLE_STATES
     insert_stmt = insert_for(conn, led)
+    new = insert_stmt.excluded
+    owner = ("dag_id", "run_id", "task_id", "map_index", "row_index", "attempt", "campaign", "generation")
     claim_stmt = insert_stmt.on_conflict_do_update(
         index_elements=[led.c.idempotency_key],
         set_={
             "state": LedgerState.SENDING.value,
             "error_code": None,
             "error_message": None,
-            "updated_at": insert_stmt.excluded.updated_at,
-            "sent_at": insert_stmt.excluded.sent_at,
-            "attempt": insert_stmt.excluded.attempt,
-            "campaign": insert_stmt.excluded.campaign,
+            "updated_at": new.updated_at,
+            "sent_at": new.sent_at,
             # A row taken over belongs to the task instance that sends it now (a campaign_key
             # shared by two runs): its summaries and clears see it.
-            "dag_id": insert_stmt.excluded.dag_id,
-            "run_id": insert_stmt.excluded.run_id,
-            "task_id": insert_stmt.excluded.task_id,
-            "map_index": insert_stmt.excluded.map_index,
-            "row_index": insert_stmt.excluded.row_index,
+            **{name: getattr(new, name) for name in owner},
         },
         # or_ of equalities, not in_: an IN list is an expanding parameter, which a multi-row
         # statement cannot hold.
         where=or_(*(led.c.state == state for state in resendable))
-        & (led.c.attempt.is_(None) | (led.c.attempt != insert_stmt.excluded.attempt)),
+        & (led.c.attempt.is_(None) | (led.c.attempt != new.attempt))
+        & _not_a_sibling_of_this_clear(led, new),
     )
     common = {
         "dag_id": task.dag_id,
@@ -180,6 +205,7 @@ def claim(
         "updated_at": now,
         "attempt": attempt,
         "campaign": campaign_hash(campaign) if campaign is not None else None,
+        "generation": generation,
     }
     rows = [
         {
@@ -191,7 +217,67 @@ def claim(
         }
         for c in claims
     ]
-    return _grant_claims(conn, claim_stmt, rows)
+    granted = _grant_claims(conn, claim_stmt, rows)
+    answers = [GRANTED if ok else HELD for ok in granted]
+    held = {row["idempotency_key"]: index for index, row in enumerate(rows) if not granted[index]}
+    held_rows = {key: rows[index] for key, index in held.items()}
+    for key, entry in _take_over_from_earlier_clears(conn, task, held_rows, generation, now).items():
+        answers[held[key]] = ClaimAnswer(False, taken_over=entry)
+    return answers
+
+
+def _not_a_sibling_of_this_clear(led: Any, new: Any) -> Any:
+    """The held row is not another task instance's of the same run and the same clear."""
+    same_instance = (
+        (led.c.dag_id == new.dag_id)
+        & (led.c.run_id == new.run_id)
+        & (led.c.task_id == new.task_id)
+        & (led.c.map_index == new.map_index)
+    )
+    other_run = (led.c.dag_id != new.dag_id) | (led.c.run_id != new.run_id)
+    return same_instance | other_run | (func.coalesce(led.c.generation, -1) < new.generation)
+
+
+def _take_over_from_earlier_clears(
+    conn: Connection, task: TaskKey, held: dict[str, dict[str, Any]], generation: int, now: float
+) -> dict[str, LedgerEntry]:
+    """Rows held by another task instance of this run from before its last clear: move them to
+    ``task`` as they are (a row left sending by the cleared try becomes unknown). Returns them.
+
+    ``held``: the claims' ledger rows (as ``claim`` built them) by idempotency key.
+    """
+    if not held:
+        return {}
+    led = schema.ledger
+    older = func.coalesce(led.c.generation, -1) < generation
+    other_instance = (led.c.task_id != task.task_id) | (led.c.map_index != task.map_index)
+    candidates = conn.execute(
+        select(
+            led.c.idempotency_key, led.c.api_header, led.c.message_id, led.c.state, led.c.row_index,
+            led.c.error_code, led.c.error_message, led.c.reconciled_at.is_not(None), led.c.campaign,
+        ).where(
+            led.c.idempotency_key.in_(list(held)),
+            led.c.dag_id == task.dag_id, led.c.run_id == task.run_id, other_instance, older,
+        )
+    ).all()  # fmt: skip
+    taken: dict[str, LedgerEntry] = {}
+    for row in candidates:
+        entry = LedgerEntry(*row)
+        if entry.state == LedgerState.SENDING.value:
+            cleared = "the try that sent it was cleared before the answer came"
+            entry = dataclasses.replace(entry, state=LedgerState.UNKNOWN.value, error_message=cleared)
+        claimed = held[entry.idempotency_key]
+        entry = dataclasses.replace(entry, row_index=claimed["row_index"])
+        values = {
+            "dag_id": task.dag_id, "run_id": task.run_id, "task_id": task.task_id, "map_index": task.map_index,
+            "row_index": claimed["row_index"], "attempt": claimed["attempt"], "generation": generation,
+            "updated_at": now, "state": entry.state, "error_message": entry.error_message,
+        }  # fmt: skip
+        # Two instances of this clear may hold the same row: the first to move it has it.
+        moved = conn.execute(update(led).where(led.c.idempotency_key == entry.idempotency_key, older).values(values))
+        if moved.rowcount:
+            taken[entry.idempotency_key] = entry
+    return taken
 
 
 def _grant_claims(conn: Connection, claim_stmt: Any, rows: list[dict[str, Any]]) -> list[bool]:
@@ -207,6 +293,24 @@ def _grant_claims(conn: Connection, claim_stmt: Any, rows: list[dict[str, Any]])
     unique = [rows[index] for index in first.values()]
     won = set(conn.execute(claim_stmt.returning(schema.ledger.c.idempotency_key), unique).scalars())
     return [key in won and first[key] == index for index, key in enumerate(r["idempotency_key"] for r in rows)]
+
+
+def mark_suppressed(conn: Connection, keys: Sequence[str], now: float) -> None:
+    """Claimed rows whose number is on the suppression list: recorded, never sent."""
+    led = schema.ledger
+    for start in range(0, len(keys), 500):
+        conn.execute(
+            update(led)
+            .where(led.c.idempotency_key.in_(keys[start : start + 500]))
+            .values(
+                state=LedgerState.SUPPRESSED.value,
+                error_message=SUPPRESSED_REASON,
+                updated_at=now,
+            )
+        )
+
+
+SUPPRESSED_REASON = "the recipient opted out: the number is on the status store's suppression list"
 
 
 def record_outcomes(conn: Connection, outcomes: Sequence[Outcome], now: float) -> None:

@@ -11,7 +11,7 @@ import threading
 import uuid
 from concurrent.futures import Future
 
-from airflow_provider_pepipost.status.ledger import Claim, Outcome, TaskKey
+from airflow_provider_pepipost.status.ledger import Claim, ClaimAnswer, Outcome, TaskKey
 from airflow_provider_pepipost.status.store import StatusStore
 
 MAX_BATCH = 500
@@ -21,7 +21,14 @@ class LedgerWriter:
     """Batches ``claim_many`` (waits for its commit) and ``record`` (committed with the next batch)."""
 
     def __init__(
-        self, store: StatusStore, task: TaskKey, *, resend_unknown: bool = False, campaign: str | None = None
+        self,
+        store: StatusStore,
+        task: TaskKey,
+        *,
+        resend_unknown: bool = False,
+        campaign: str | None = None,
+        generation: int = 0,
+        check_opt_outs: bool = True,
     ) -> None:
         self.store = store
         self.task = task
@@ -29,6 +36,8 @@ class LedgerWriter:
         self.attempt = uuid.uuid4().hex
         self.resend_unknown = resend_unknown
         self.campaign = campaign
+        self.generation = generation
+        self.check_opt_outs = check_opt_outs
         self._claims: list[tuple[Claim, Future]] = []
         self._outcomes: list[Outcome] = []
         self._cond = threading.Condition()
@@ -37,8 +46,9 @@ class LedgerWriter:
         self._thread = threading.Thread(target=self._run, name="pepipost-ledger", daemon=True)
         self._thread.start()
 
-    def claim_many(self, claims: list[Claim]) -> list[bool]:
-        """For each claim, whether its message may be sent; returns once all are committed."""
+    def claim_many(self, claims: list[Claim]) -> list[ClaimAnswer]:
+        """For each claim, whether its message may be sent (see ``StatusStore.write_ledger``);
+        returns once all are committed."""
         futures: list[Future] = [Future() for _ in claims]
         with self._cond:
             self._raise_if_failed()
@@ -82,6 +92,8 @@ class LedgerWriter:
                     attempt=self.attempt,
                     resend_unknown=self.resend_unknown,
                     campaign=self.campaign,
+                    generation=self.generation,
+                    check_opt_outs=self.check_opt_outs,
                 )
             except BaseException as err:  # every waiting sender must hear of it
                 with self._cond:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import Connection, delete, insert, inspect, select, text, update
 
+from airflow_provider_pepipost.numbers import phone_or_none
 from airflow_provider_pepipost.status import schema
 
 
@@ -59,6 +60,55 @@ def _v6_first_delivered_and_read(conn: Connection) -> None:
     )
 
 
+def _v7_canonical_numbers(conn: Connection) -> None:
+    """v7: every stored number in its canonical form; the ledger's clear generation and the
+    suppression list's revision.
+
+    Before v7 a reply's sender was stored as written ('+91 98330 78369'), and a leading '00' was
+    kept everywhere, so a STOP could miss the same number spelled another way.
+    """
+    _add_column(conn, schema.ledger.name, "generation", "INTEGER")
+    _add_column(conn, schema.suppressions.name, "revision", "INTEGER NOT NULL DEFAULT 1")
+    _canonical_suppressions(conn)
+    for table, key, column in (
+        (schema.inbound_messages, "id", "sender"),
+        (schema.events, "id", "recipient"),
+        (schema.ledger, "idempotency_key", "recipient"),
+    ):
+        _canonical_column(conn, table, key, column)
+
+
+def _not_canonical(conn: Connection, column: str) -> str:
+    """SQL true for values that may not be canonical: a leading 00, or anything but digits."""
+    other = f"{column} ~ '[^0-9]'" if conn.dialect.name == "postgresql" else f"{column} GLOB '*[^0-9]*'"
+    return f"({column} LIKE '00%' OR {other})"
+
+
+def _canonical_column(conn: Connection, table, key: str, column: str) -> None:
+    """Rewrite the values that are numbers written another way (group ids and junk stay)."""
+    found = conn.execute(
+        select(table.c[key], table.c[column]).where(text(_not_canonical(conn, f"{table.name}.{column}")))
+    ).all()
+    fixes = [(row_key, number) for row_key, value in found if (number := phone_or_none(value)) and number != value]
+    for row_key, number in fixes:
+        conn.execute(update(table).where(table.c[key] == row_key).values({column: number}))
+
+
+def _canonical_suppressions(conn: Connection) -> None:
+    """One row per canonical number; where spellings collide, the latest change wins (an opt-out on a tie)."""
+    sup = schema.suppressions
+    rows = conn.execute(select(sup)).mappings().all()
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(phone_or_none(row["recipient"]) or row["recipient"], []).append(dict(row))
+    for number, group in groups.items():
+        if len(group) == 1 and group[0]["recipient"] == number:
+            continue
+        winner = max(group, key=lambda row: (row["changed_at"], row["opted_out"]))
+        conn.execute(delete(sup).where(sup.c.recipient.in_([row["recipient"] for row in group])))
+        conn.execute(insert(sup).values({**winner, "recipient": number}))
+
+
 # version -> the step that makes it from the version before
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     2: _v2_ledger_attempt,
@@ -66,6 +116,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     4: _v4_ledger_campaign,
     5: _v5_consent_tables,
     6: _v6_first_delivered_and_read,
+    7: _v7_canonical_numbers,
 }
 
 

@@ -42,6 +42,7 @@ class LedgerState(str, Enum):
     REJECTED = "rejected"  # the vendor refused it (8002, 8003, 8007, 8001, 8006, 8004, 8008)
     UNKNOWN = "unknown"  # the request left; the answer could not tell whether the vendor took it
     NOT_SENT = "not_sent"  # claimed, but its request never reached the vendor: a later try sends it
+    SUPPRESSED = "suppressed"  # the number was on the suppression list when claimed: never sent
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from sqlalchemy import BigInteger, Boolean, Column, Float, Index, Integer, MetaD
 
 from airflow_provider_pepipost import limits
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 metadata = MetaData()
 
@@ -59,6 +59,10 @@ ledger = Table(
     # The campaign the row belongs to (a hash of the campaign key): a task instance that sent two
     # campaigns (a new campaign_key to send again on purpose) is summarised one campaign at a time.
     Column("campaign", String(limits.CAMPAIGN_HASH_MAX), nullable=True),
+    # v7: how many times the run had been cleared when the row was claimed (Airflow's
+    # clear_number). A row that another task instance of the same run holds from an earlier clear
+    # is taken over, not sent again; one it holds from this clear is a duplicate row.
+    Column("generation", Integer, nullable=True),
     Index("ix_pepipost_ledger_task", "dag_id", "run_id", "task_id", "map_index"),
     Index("ix_pepipost_ledger_message_id", "message_id", unique=True),
     Index("ix_pepipost_ledger_api_header", "api_header"),
@@ -127,9 +131,10 @@ inbound_messages = Table(
     Index("ux_pepipost_inbound_key", "inbound_key", unique=True),
 )
 
-# v5: the suppression list. One row per number whose consent changed: opted out (a stop word in a
-# reply, or a confirmed opt-out) or back in (a confirmed opt-in after an opt-out). The last change
-# written wins; the send operators skip numbers whose row says opted_out.
+# v5: the suppression list, by canonical number (``numbers.canonical_number``). One row per number
+# whose consent changed: opted out (a stop word in a reply, or a confirmed opt-out) or back in (a
+# confirmed opt-in of a consent read before it changed). The send operators skip numbers whose row
+# says opted_out.
 suppressions = Table(
     "pepipost_suppressions",
     metadata,
@@ -140,6 +145,9 @@ suppressions = Table(
     Column("detail", String(200), nullable=True),  # the reply's words, or the consent task
     # An opt-out taken from a reply, once the consent operator passed it on to the vendor.
     Column("synced_at", Float, nullable=True),
+    # v7: raised by every change, so that a consent call records its outcome only where the row
+    # still holds what it held when the call's rows were read (a STOP that came meanwhile wins).
+    Column("revision", Integer, nullable=False, default=1, server_default="1"),
 )
 
 # v5: the consent calls each task instance made, by the hash of the batch: a retried consent task

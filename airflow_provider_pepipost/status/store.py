@@ -10,20 +10,22 @@ production). Never Airflow's metadata database: Airflow 3 tasks may not touch it
 
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, select, update
+from sqlalchemy import exc as sa_exc
 
+from airflow_provider_pepipost.errors import StatusStoreUnavailable
+from airflow_provider_pepipost.numbers import canonical_number
 from airflow_provider_pepipost.status import consent, ingest, ledger, reports, schema, summaries
-from airflow_provider_pepipost.status.consent import ConsentBatch
+from airflow_provider_pepipost.status.consent import Consent, ConsentBatch
 from airflow_provider_pepipost.status.engines import get_engine, insert_for, redact_url, sqlite_write_lock
 from airflow_provider_pepipost.status.ingest import DeadLetterItem, IngestResult, WebhookBatch
-from airflow_provider_pepipost.status.ledger import Claim, LedgerEntry, Outcome, TaskKey
+from airflow_provider_pepipost.status.ledger import Claim, ClaimAnswer, LedgerEntry, Outcome, TaskKey
 from airflow_provider_pepipost.status.migrations import migrate
 from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary
 from airflow_provider_pepipost.status.resolver import resolve_store_url
@@ -31,8 +33,6 @@ from airflow_provider_pepipost.status.resolver import resolve_store_url
 __all__ = ["StatusStore", "TaskKey"]
 
 _SCHEMA_READY: set[str] = set()
-# Rows whose recipients are looked up on the suppression list at once.
-OPT_OUT_CHUNK = 1000
 
 
 class StatusStore:
@@ -40,7 +40,10 @@ class StatusStore:
 
     def __init__(self, url: str | None = None) -> None:
         self.url = url or resolve_store_url()
-        self.engine = get_engine(self.url)
+        try:
+            self.engine = get_engine(self.url)
+        except OSError as err:  # the SQLite file's folder cannot be made
+            raise self._unavailable(f"{err.strerror}: {err.filename}") from err
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._write_lock = sqlite_write_lock(self.url) if self.is_sqlite else None
         self.ensure_schema()
@@ -54,6 +57,23 @@ class StatusStore:
         """Create the tables on first use, and record the schema version."""
         if self.url in _SCHEMA_READY:
             return
+        try:
+            self._create_or_migrate()
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as err:
+            # The driver's first line says what failed (refused, unknown host, bad password), never the password.
+            cause = str(err.orig).strip().splitlines()[0] if err.orig is not None else type(err).__name__
+            raise self._unavailable(cause) from err
+        _SCHEMA_READY.add(self.url)
+
+    def _unavailable(self, cause: str) -> StatusStoreUnavailable:
+        return StatusStoreUnavailable(
+            f"The status store {redact_url(self.url)} could not be opened: {cause}. Check that the database is "
+            "running and reachable from this machine, and the store's Airflow connection (host, port, "
+            "database, login, password): status_store_conn_id, [pepipost] status_store_conn_id or "
+            "PEPIPOST_STATUS_STORE_URL"
+        )
+
+    def _create_or_migrate(self) -> None:
         with self._writing() as conn:
             schema.metadata.create_all(conn, checkfirst=True)
             found = conn.execute(select(func.max(schema.schema_version.c.version))).scalar()
@@ -70,7 +90,6 @@ class StatusStore:
                     f"the status store at {redact_url(self.url)} has schema version {found}, newer than "
                     f"this provider's {schema.SCHEMA_VERSION}: upgrade airflow-provider-pepipost"
                 )
-        _SCHEMA_READY.add(self.url)
 
     def schema_version(self) -> int:
         with self.engine.connect() as conn:
@@ -107,27 +126,52 @@ class StatusStore:
         attempt: str = "",
         resend_unknown: bool = False,
         campaign: str | None = None,
-    ) -> list[bool]:
+        generation: int = 0,
+        check_opt_outs: bool = False,
+    ) -> list[ClaimAnswer]:
         """Claims and outcomes of many sends in one transaction (the send loop's group commit).
 
-        Returns, for each claim, whether it was granted: see ``ledger.claim``.
+        Returns the ledger's answer to each claim (see ``ledger.claim``). With
+        ``check_opt_outs``, a granted claim whose number is on the suppression list is recorded
+        ``suppressed`` instead, in the same transaction: a STOP stored before the claim's commit
+        is honoured, however long the campaign has been running.
         """
         now = time.time()
-        granted: list[bool] = []
+        answers: list[ClaimAnswer] = []
         with self._writing() as conn:
             if claims:
                 if task is None:
                     raise ValueError("claims need the task instance that sends them")
-                granted = ledger.claim(
-                    conn, task, claims, attempt=attempt, resend_unknown=resend_unknown, campaign=campaign, now=now
-                )
+                answers = ledger.claim(
+                    conn, task, claims, attempt=attempt, resend_unknown=resend_unknown, campaign=campaign, now=now,
+                    generation=generation,
+                )  # fmt: skip
+                if check_opt_outs:
+                    answers = self._suppress_opted_out(conn, claims, answers, now)
             if outcomes:
                 ledger.record_outcomes(conn, outcomes, now)
-        return granted
+        return answers
+
+    @staticmethod
+    def _suppress_opted_out(
+        conn: Connection, claims: Sequence[Claim], answers: list[ClaimAnswer], now: float
+    ) -> list[ClaimAnswer]:
+        # Read after the claim's write: on SQLite the transaction then holds the write lock, so no
+        # STOP can commit between this read and the commit.
+        opted_out = consent.suppressed(conn, {c.recipient for c, a in zip(claims, answers, strict=True) if a.granted})
+        if not opted_out:
+            return answers
+        stopped = [c.key for c, a in zip(claims, answers, strict=True) if a.granted and c.recipient in opted_out]
+        ledger.mark_suppressed(conn, stopped, now)
+        return [
+            ledger.SUPPRESSED if a.granted and c.recipient in opted_out else a
+            for c, a in zip(claims, answers, strict=True)
+        ]
 
     def claim_for_sending(self, task: TaskKey, key: str, api_header: str, recipient: str, row_index: int) -> bool:
         """One claim in its own transaction: see ``write_ledger``."""
-        return self.write_ledger(task, [Claim(key, api_header, recipient, row_index)], attempt=uuid.uuid4().hex)[0]
+        claim = Claim(key, api_header, recipient, row_index)
+        return self.write_ledger(task, [claim], attempt=uuid.uuid4().hex)[0].granted
 
     def record_outcome(
         self,
@@ -140,6 +184,13 @@ class StatusStore:
     ) -> None:
         """The answer to a send: accepted (with its id), rejected (with the error) or unknown."""
         self.write_ledger(None, outcomes=[Outcome(key, state, message_id, error_code, error_message)])
+
+    def adopt_campaign(self, task: TaskKey, old: str, new: str) -> None:
+        """Count a task instance's rows of campaign hash ``old`` as campaign ``new`` (the legacy
+        default key of an earlier try, see ``CampaignSender``)."""
+        led = schema.ledger
+        with self._writing() as conn:
+            conn.execute(update(led).where(*ledger.task_filter(task), led.c.campaign == old).values(campaign=new))
 
     def ledger_message_ids(self, task: TaskKey) -> list[str]:
         """The ids of every accepted message of a task instance, in input order."""
@@ -186,20 +237,14 @@ class StatusStore:
     # -- consent and the suppression list -------------------------------------------------------
 
     def suppressed(self, recipients: Iterable[str]) -> set[str]:
-        """Which of these numbers have opted out (the send operators skip them)."""
+        """Which of these numbers have opted out (the send operators skip them), as spelled here."""
         with self.engine.connect() as conn:
             return consent.suppressed(conn, recipients)
 
-    def flag_opt_outs(
-        self, rows: Iterable[tuple[int, Any]], chunk: int = OPT_OUT_CHUNK
-    ) -> Iterator[tuple[int, Any, bool]]:
-        """Each (row, item) with whether ``item.recipient`` opted out: one indexed query per
-        ``chunk`` rows, however long the audience."""
-        rows = iter(rows)
-        while part := list(itertools.islice(rows, chunk)):
-            suppressed = self.suppressed({item.recipient for _, item in part})
-            for row, item in part:
-                yield row, item, item.recipient in suppressed
+    def consents(self, recipients: Iterable[str]) -> dict[str, Consent]:
+        """What the suppression list holds for these numbers, by canonical number (none: no row)."""
+        with self.engine.connect() as conn:
+            return consent.consents(conn, recipients)
 
     def record_opt_outs(self, recipients: Iterable[str], *, via: str, detail: str = "") -> None:
         """Put numbers on the suppression list (``via``: ``reply`` or ``consent_api``)."""
@@ -211,15 +256,33 @@ class StatusStore:
         with self.engine.connect() as conn:
             return consent.batches_of(conn, task)
 
-    def record_consent_batch(self, task: TaskKey, batch: ConsentBatch, recipients: Sequence[str] = ()) -> None:
+    def record_consent_batch(
+        self,
+        task: TaskKey,
+        batch: ConsentBatch,
+        recipients: Sequence[str] = (),
+        held: Mapping[str, Consent | None] | None = None,
+    ) -> set[str]:
         """One consent call's outcome; a confirmed one also moves ``recipients`` on or off the
-        suppression list (opt-out on, opt-in off), in the same transaction."""
+        suppression list, in the same transaction.
+
+        An opt-out is recorded whatever the list held. An opt-in is recorded only for numbers
+        whose row still holds what ``held`` says it held when the call's rows were read (absent
+        from ``held``: no row then): a STOP that came while the call was with the vendor stays.
+        Returns the numbers whose opt-in was not recorded for that reason.
+        """
         now = time.time()
         with self._writing() as conn:
             consent.record_batch(conn, task, batch, now)
-            if batch.state == "confirmed" and recipients:
-                detail = f"{batch.kind} by {task.dag_id}/{task.run_id}/{task.task_id}"
-                consent.set_opted_out(conn, recipients, batch.kind == "optout", consent.VIA_CONSENT_API, detail, now)
+            if batch.state != "confirmed" or not recipients:
+                return set()
+            detail = f"{batch.kind} by {task.dag_id}/{task.run_id}/{task.task_id}"
+            if batch.kind == "optout":
+                consent.set_opted_out(conn, recipients, True, consent.VIA_CONSENT_API, detail, now)
+                return set()
+            read = held or {}
+            expected = {number: read.get(canonical_number(number)) for number in recipients}
+            return consent.opt_in_if_unchanged(conn, expected, detail, now)
 
     def reply_opt_outs(self, limit: int = 100_000) -> list[str]:
         """Numbers that opted out by a reply, not yet passed on to the vendor."""

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 
+from airflow_provider_pepipost.errors import StatusStoreUnavailable
 from airflow_provider_pepipost.status.ingest import IngestResult, WebhookBatch
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.logs import describe_error
@@ -38,7 +39,7 @@ def is_transient(err: BaseException) -> bool:
     Such a failure fails every request of the commit alike; retrying body by body would only wait
     on the same lock or the same dead server once per body.
     """
-    if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
+    if isinstance(err, StatusStoreUnavailable) or (isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated):
         return True
     return isinstance(err, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError))
 
@@ -163,5 +164,5 @@ def _halve(
         _halve(store, items[:middle], as_batch, total, refused)
         _halve(store, items[middle:], as_batch, total, refused)
         return
-    for name in ("accepted", "duplicates", "inbound", "reconciled"):
+    for name in ("accepted", "duplicates", "inbound", "reconciled", "opt_outs"):
         setattr(total, name, getattr(total, name) + getattr(result, name))

@@ -17,6 +17,7 @@ from typing import Any
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.consent import is_stop_reply, normalize_reply, stop_word_set
+from airflow_provider_pepipost.numbers import phone_or_none
 from airflow_provider_pepipost.status.model import DeliveryEvent, normalize_status
 
 MAX_RAW_CHARS = limits.RAW_MAX  # of a dead letter: enough to see what went wrong
@@ -127,16 +128,22 @@ def parse_delivery_item(item: Any) -> DeliveryEvent:
         reported_at=parse_time(item.get("received_at")),
         remark=remark,
         api_header=_text_field(item, "x-apiheader", limits.API_HEADER_MAX, required=False),
-        recipient=_text_field(item, "recipient", limits.RECIPIENT_MAX, required=False),
+        recipient=_canonical(_text_field(item, "recipient", limits.RECIPIENT_MAX, required=False)),
         raw=raw,
     )
+
+
+def _canonical(number: str | None) -> str | None:
+    """A number in its canonical form; what is not a phone number (a group id) as it came."""
+    return (phone_or_none(number) or number) if number else number
 
 
 def _inbound_item(item: dict[str, Any], stop_words: frozenset[str]) -> dict[str, Any]:
     """One ``incoming_message[]`` item as the store keeps it; ValueError when it cannot be stored.
 
-    ``opt_out`` holds the reply's text when it is one of ``stop_words``: the store then puts the
-    sender on the suppression list.
+    ``sender`` is the canonical number (as it came when it is none). ``opt_out`` holds the
+    reply's text when it is one of ``stop_words`` and the sender is a number: the store then puts
+    the sender on the suppression list.
     """
     raw = _raw(item)
     if problem := limits.text_problem(raw):
@@ -153,7 +160,9 @@ def _inbound_item(item: dict[str, Any], stop_words: frozenset[str]) -> dict[str,
         if len(text) > limit:
             raise ValueError(f"'{name}' is longer than {limit} characters")
     text = item.get("text_type", {}).get("text") if isinstance(item.get("text_type"), dict) else None
-    opt_out = normalize_reply(text) if sender and is_stop_reply(text, stop_words) else None
+    number = phone_or_none(sender) if sender else None
+    opt_out = normalize_reply(text) if number and is_stop_reply(text, stop_words) else None
+    sender = number or sender
     return {"sender": sender or None, "context_message_id": context_id or None, "raw": raw, "opt_out": opt_out}
 
 

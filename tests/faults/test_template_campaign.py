@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
+
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
@@ -95,3 +98,33 @@ def test_a_bad_fallback_template_is_caught_before_the_first_send(vendor):
     assert "field 'fallback_template.attributes[1]'" in str(error) and vendor.state.requests == 0
     error, _ = run_operator(ROWS[:3], attachment_id="media-1", fallback_template={"template": "x"})
     assert isinstance(error, AirflowFailException) and "unknown keys ['template']" in str(error)
+
+
+def test_the_progress_line_counts_every_state_and_the_last_retries_come_before_it(
+    sqlite_url, pepipost_conn, capfd, caplog
+):
+    rows = [*(f"9198{i:08d}" for i in range(60)), "919800000001"]  # the last row repeats the second
+    scenario = Scenario(closed_window_ratio=0.5, reject_ratio={"8003": 0.1}, rate_429=0.2, retry_after=0.01)
+    with SandboxServer(scenario) as server:
+        pepipost_conn(server.url, sqlite_url, max_retries=8, backoff_max=0.02)
+        StatusStore(sqlite_url).record_opt_outs(rows[:3], via="reply", detail="replied 'STOP'")
+        fallback = {"template_name": "spring_offer", "attributes": ["Asha"]}
+        with caplog.at_level("WARNING", logger="airflow_provider_pepipost.hooks.pepipost"):
+            _, ti = run_operator(rows, max_rejected_ratio=1.0, fallback_template=fallback)
+    summary = ti.xcom["send_summary"]
+    assert summary["fallback"] > 0 and summary["rejected"] > 0 and summary["suppressed"] == 3
+    assert summary["duplicate"] == 1
+    # The operator's lines (the task log, on stdout) and the hook's retry lines (stdlib logging).
+    progress_lines = [line for line in capfd.readouterr().out.splitlines() if "] Processed " in line]
+    last = progress_lines[-1]
+    progress = re.search(r"^(\S+Z) .*Processed (\d+) of (\d+) rows \(100%\), [\d.]+ rows/s: (.*?) \[", last)
+    assert progress and progress[2] == progress[3] == str(len(rows)), last
+    counts = {label: int(n) for label, n in (part.rsplit(" ", 1) for part in progress[4].split(", "))}
+    assert sum(counts.values()) == len(rows), last
+    assert (counts["fallback template"], counts["rejected"], counts["opted out"]) == (
+        summary["fallback"], summary["rejected"], 3,
+    )  # fmt: skip
+    retries = [r for r in caplog.records if r.getMessage().startswith("Retr")]
+    assert retries and retries[-1].getMessage().startswith("Retried")  # the 429s were retried, and said so...
+    printed_at = datetime.fromisoformat(progress[1].replace("Z", "+00:00")).timestamp()
+    assert all(r.created <= printed_at for r in retries)  # ...before the last progress line

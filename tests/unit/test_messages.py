@@ -179,11 +179,11 @@ def test_validate_counts_rows_and_iter_messages_keeps_order():
 
 
 def test_idempotency_key_is_stable_and_distinct():
-    campaign = default_campaign_key("dag", "run", "task", -1)
+    campaign = default_campaign_key("dag", "run", "task")
     message = MediaMessage("919833078369", "src", attachment_id="media-1", caption="Hi")
     key = idempotency_key(campaign, message.recipient, message.identity())
     assert key == idempotency_key(campaign, message.recipient, message.identity())
-    assert key != idempotency_key(default_campaign_key("dag", "run", "task", 0), message.recipient, message.identity())
+    assert key != idempotency_key(default_campaign_key("dag", "run-2", "task"), message.recipient, message.identity())
     assert key.startswith("af-") and len(key) == 35
 
 

@@ -321,5 +321,5 @@ def test_retries_are_logged_in_summary_with_counts_that_add_up():
     retry_log.flush()
     assert len(lines) == 2  # the first at once, the rest in one line: not 40 lines for one outage
     assert "Retrying 1 send(s)" in lines[0]
-    assert "Retrying 39 send(s)" in lines[1] and "HTTP 429 (rate limited) x38" in lines[1]
+    assert "Retried 39 send(s)" in lines[1] and "HTTP 429 (rate limited) x38" in lines[1]  # over when flushed
     assert "vendor code 8005 x1" in lines[1] and "up to 4.0s" in lines[1]

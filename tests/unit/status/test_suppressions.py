@@ -25,7 +25,8 @@ def test_a_stop_reply_suppresses_and_a_later_opt_in_lifts_it(store_url):
     assert store.suppressed(["919800000001", "919800000002", "919800000003"]) == {"919800000001"}
     assert store.reply_opt_outs() == ["919800000001"]
 
-    store.record_consent_batch(TASK, ConsentBatch("cb-1", "optin", 1, "confirmed"), ["919800000001"])
+    held = store.consents(["919800000001"])  # read after the STOP: an opt-in given anew
+    store.record_consent_batch(TASK, ConsentBatch("cb-1", "optin", 1, "confirmed"), ["919800000001"], held)
     assert store.suppressed(["919800000001"]) == set()
     assert store.reply_opt_outs() == []  # opted back in: nothing to pass on
 
@@ -34,7 +35,8 @@ def test_the_same_stop_reply_posted_again_does_not_undo_a_later_opt_in(store_url
     store = StatusStore(store_url)
     stop = reply("919800000001", "STOP", "STOP")
     store.ingest([], inbound=[stop])
-    store.record_consent_batch(TASK, ConsentBatch("cb-1", "optin", 1, "confirmed"), ["919800000001"])
+    held = store.consents(["919800000001"])
+    store.record_consent_batch(TASK, ConsentBatch("cb-1", "optin", 1, "confirmed"), ["919800000001"], held)
     again = store.ingest([], inbound=[stop])  # the vendor posts the same body again
     assert again.opt_outs == 0
     assert store.suppressed(["919800000001"]) == set()
@@ -68,3 +70,30 @@ def test_many_numbers_are_looked_up_in_chunks(store_url):
     numbers = [f"9198{i:08d}" for i in range(12_000)]
     store.record_opt_outs(numbers[::3], via="consent_api", detail="bulk")
     assert store.suppressed(numbers) == set(numbers[::3])
+
+
+def test_a_stop_that_arrives_while_the_opt_in_is_with_the_vendor_is_never_undone(store_url):
+    store = StatusStore(store_url)
+    numbers = ["919800000001", "919800000002", "919800000003"]
+    store.record_opt_outs(["919800000003"], via="reply", detail="replied 'STOP'")  # an old STOP
+    held = store.consents(numbers)  # the batch is read...
+    store.ingest([], inbound=[reply("919800000001", "STOP", "STOP")])  # ...a STOP comes while it is away...
+    store.record_opt_outs(["919800000002"], via="consent_api", detail="another task")
+    changed = store.record_consent_batch(TASK, ConsentBatch("cb-1", "optin", 3, "confirmed"), numbers, held)
+    # ...and the confirmation records the opt-in only where nothing changed since the read: the
+    # old opt-out (read with the batch, so lift_opt_outs chose to lift it) is lifted.
+    assert changed == {"919800000001", "919800000002"}
+    assert store.suppressed(numbers) == {"919800000001", "919800000002"}
+    assert store.reply_opt_outs() == ["919800000001"]  # still to be passed on to the vendor
+
+
+def test_numbers_are_compared_and_stored_in_one_spelling(store_url):
+    store = StatusStore(store_url)
+    store.ingest([], inbound=[reply("+91 98000-00001", "STOP", "STOP")])  # a sender as some gateways write it
+    store.record_opt_outs(["0091 (98) 0000 0002"], via="consent_api", detail="a file")
+    assert store.suppressed(["919800000001", "00919800000002", "+919800000003"]) == {
+        "919800000001",
+        "00919800000002",
+    }
+    assert set(store.consents(["+91 9800000001", "919800000002"])) == {"919800000001", "919800000002"}
+    assert sorted(store.reply_opt_outs()) == ["919800000001"]
