@@ -22,6 +22,7 @@ LEDGER_STATE_MAX = 16
 ATTEMPT_MAX = 32  # the id of the try that claimed a ledger row
 CAMPAIGN_HASH_MAX = 32  # the hash of a campaign key, as the ledger keeps it
 ERROR_CODE_MAX = 32
+PRICING_MAX = 32  # a report's pricing category, pricing model or type ("marketing", "CBP")
 EVENT_KEY_MAX = 64
 SENDER_MAX = 64  # the sender of an inbound reply (a phone number)
 

@@ -138,7 +138,16 @@ def idempotency_key(campaign: str, recipient: str, content: str) -> str:
     reports echo.
     """
     raw = "\x1f".join((campaign, recipient, content))
-    return "af-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
+    return DERIVED_HEADER_PREFIX + hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+DERIVED_HEADER_PREFIX = "af-"
+_DERIVED_HEADER = re.compile(r"^af-[0-9a-f]{32}$")
+
+
+def is_derived_header(header: str | None) -> bool:
+    """True for an x-apiheader ``idempotency_key`` made (a hash: no number in it, whatever its digits)."""
+    return bool(header) and _DERIVED_HEADER.match(header) is not None
 
 
 def mask_value(field: str, value: Any) -> str:

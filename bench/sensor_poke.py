@@ -44,6 +44,14 @@ def fill(store: StatusStore, count: int) -> tuple[list[str], TaskKey]:
 
     with store.engine.begin() as conn:
         conn.execute(schema.ledger.insert(), rows)
+        # What the send task recorded of each input row: the campaign page reads these.
+        page_rows = [
+            {**{k: row[k] for k in ("dag_id", "run_id", "task_id", "map_index", "row_index", "recipient")},
+             "state": "accepted", "ledger_key": row["idempotency_key"], "message_id": row["message_id"],
+             "updated_at": 0.0}
+            for row in rows
+        ]  # fmt: skip
+        conn.execute(schema.campaign_rows.insert(), page_rows)
     batch: list[DeliveryEvent] = []
     for index, mid in enumerate(ids):
         # Most messages reach read; every tenth stops at delivered, every fiftieth fails.

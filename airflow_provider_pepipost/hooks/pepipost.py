@@ -273,8 +273,8 @@ class PepipostHook(BaseHook):
         """
         return self.post_message_body(request_body(message))
 
-    def post_message_body(self, body: dict[str, Any]) -> str:
-        return message_id_of(self.post_json(self.settings.endpoint, body), self._redact)
+    def post_message_body(self, body: dict[str, Any], *, deadline: float | None = None) -> str:
+        return message_id_of(self.post_json(self.settings.endpoint, body, deadline=deadline), self._redact)
 
     # -- consent --------------------------------------------------------------------------------
 
@@ -309,35 +309,45 @@ class PepipostHook(BaseHook):
         data = answer.get("data")
         return data if isinstance(data, dict) else None
 
-    def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def post_json(self, path: str, body: dict[str, Any], *, deadline: float | None = None) -> dict[str, Any]:
         """POST ``body`` to ``path`` of the vendor's API; return the answer's JSON object.
 
         The one request path of every endpoint: auth, retries, error mapping, masking, size and
         time limits. Only what the vendor cannot have processed is retried, with exponential
         backoff and jitter, honouring Retry-After: a failure before the request left, a failure
         body, 429, 503 with Retry-After. The README's "Which answers are retried" table says why.
+
+        ``deadline`` (``time.monotonic()`` seconds): by then the call is over, retries and waits
+        included, whatever Retry-After asks (a notifier's bound on a whole notification).
         """
         data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        stop: Any = stop_after_attempt(self.settings.max_retries + 1)
+        wait: Any = self._wait_before_retry
+        if deadline is not None:
+            # No retry whose wait (a Retry-After of minutes) would end past the deadline.
+            stop = stop | (lambda retry_state: self._wait_before_retry(retry_state) >= deadline - time.monotonic())
+            wait = lambda retry_state: min(self._wait_before_retry(retry_state), max(deadline - time.monotonic(), 0))  # noqa: E731
         retrying = Retrying(
-            stop=stop_after_attempt(self.settings.max_retries + 1),
-            wait=self._wait_before_retry,
+            stop=stop,
+            wait=wait,
             retry=retry_if_exception(_worth_retrying),
             before_sleep=self._log_retry,
             reraise=True,
         )
-        return retrying(self._post_once, path, data)
+        return retrying(self._post_once, path, data, deadline)
 
-    def _post_once(self, path: str, data: bytes) -> dict[str, Any]:
+    def _post_once(self, path: str, data: bytes, deadline: float | None = None) -> dict[str, Any]:
         settings = self.settings
         template, environment = self._prepared(path)
         request = template.copy()
         request.prepare_body(data, None)
-        progress = begin_request(settings.deadline)
+        left = max(deadline - time.monotonic(), 0.001) if deadline is not None else float("inf")
+        progress = begin_request(min(settings.deadline, left))
         try:
             try:
                 response = self.session.send(
                     request,
-                    timeout=(settings.connect_timeout, settings.timeout),
+                    timeout=(min(settings.connect_timeout, left), min(settings.timeout, left)),
                     allow_redirects=False,
                     **{**environment, "stream": True},  # the body is read below, under the size cap
                 )

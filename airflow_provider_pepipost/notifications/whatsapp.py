@@ -7,15 +7,18 @@ A template, not a session message: on-call phones have rarely written to the bus
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.bases.notifier import BaseNotifier
 
 from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
-from airflow_provider_pepipost.errors import PepipostError
+from airflow_provider_pepipost.errors import MessageValidationError, PepipostError
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import build_all, mask_value, request_body
+from airflow_provider_pepipost.numbers import mask_numbers_in
 from airflow_provider_pepipost.template_messages import TemplateDefaults, TemplateMessage, build_template_message
 
 if TYPE_CHECKING:
@@ -30,6 +33,10 @@ DEFAULT_ATTRIBUTES = (
     "{{ ti.try_number }}",
     "{{ ti.log_url }}",
 )
+DEFAULT_TIMEOUT = 30.0  # seconds a whole notification may take, every number and retry included
+# async_notify's own threads: a slow alert never takes the event loop's default pool, which the
+# triggerer's other triggers (the delivery sensor's among them) run their blocking work on.
+_NOTIFY_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pepipost-notify")
 
 
 class WhatsAppTemplateNotifier(BaseNotifier):
@@ -37,8 +44,10 @@ class WhatsAppTemplateNotifier(BaseNotifier):
 
     For ``on_failure_callback``, ``on_success_callback``, ``on_retry_callback`` and deadline
     alerts. Every attribute is a Jinja template rendered from the callback's context (``dag``,
-    ``ti``, ``run_id``, ``ti.log_url``...). A failure to notify is logged as an error naming the
-    cause and the masked number; with ``raise_on_failure=True`` it is raised as well.
+    ``ti``, ``run_id``, ``ti.log_url``...). A failure to notify (a refusal, a missing connection, a
+    number that is not one) is logged as an error naming the cause and the masked number; with
+    ``raise_on_failure=True`` it is raised as well. A whole notification takes at most
+    ``timeout`` seconds, however the vendor throttles.
 
     :param recipients: phone numbers (with country code), or one. (templated)
     :param template_name: the approved template. (templated)
@@ -50,6 +59,8 @@ class WhatsAppTemplateNotifier(BaseNotifier):
     :param source: WhatsApp source id; default: the connection extra ``source``.
     :param pepipost_conn_id: the Pepipost connection.
     :param raise_on_failure: raise when a message could not be sent (the callback then fails).
+    :param timeout: seconds the whole notification may take, every number, retry and Retry-After
+        wait included; what is not sent by then is reported as not sent.
     """
 
     template_fields: Sequence[str] = ("recipients", "template_name", "attributes", "language", "media_url")
@@ -67,6 +78,7 @@ class WhatsAppTemplateNotifier(BaseNotifier):
         source: str | None = None,
         pepipost_conn_id: str = DEFAULT_CONN_ID,
         raise_on_failure: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__()
         self.recipients = recipients
@@ -79,6 +91,7 @@ class WhatsAppTemplateNotifier(BaseNotifier):
         self.source = source
         self.pepipost_conn_id = pepipost_conn_id
         self.raise_on_failure = raise_on_failure
+        self.timeout = timeout
 
     def messages(self, hook: PepipostHook) -> list[TemplateMessage]:
         """The messages to send, one per number, validated as the template operator validates rows."""
@@ -95,36 +108,51 @@ class WhatsAppTemplateNotifier(BaseNotifier):
             media_url=self.media_url or None,
             media_type=self.media_type or None,
         )
-        built = build_all(numbers, defaults, build_template_message)
+        try:
+            built = build_all(numbers, defaults, build_template_message)
+        except MessageValidationError as err:  # the notifier's numbers are a list, not rows of a file
+            problems = "; ".join(
+                f"recipients[{p.row}] = {p.value}: {p.reason}" if p.field == "recipient_whatsapp" else str(p)
+                for p in err.problems
+            )
+            raise ValueError(problems) from None
         if not built:
             raise ValueError("recipients: is empty")
         return built
 
     def notify(self, context: Context) -> None:
-        hook = PepipostHook(self.pepipost_conn_id)
+        deadline = time.monotonic() + self.timeout
         failures: list[str] = []
+        hook: PepipostHook | None = None
         try:
+            hook = PepipostHook(self.pepipost_conn_id)
             for message in self.messages(hook):
                 shown = mask_value("recipient_whatsapp", message.recipient)
+                if time.monotonic() >= deadline:
+                    failures.append(f"{shown}: not sent, the notification's {self.timeout:g} s were up")
+                    continue
                 try:
-                    message_id = hook.post_message_body(request_body(message))
+                    message_id = hook.post_message_body(request_body(message), deadline=deadline)
                 except PepipostError as err:
                     failures.append(f"{shown}: {err}")
                     continue
                 self.log.info("WhatsApp alert '%s' sent to %s (id %s)", message.template_name, shown, message_id)
-        except (PepipostError, ValueError) as err:
-            failures.append(str(err))
+        except Exception as err:  # a missing connection, a bad setting: the callback must not crash on it
+            failures.append(f"{type(err).__name__}: {err}")
         finally:
-            hook.close()
+            if hook is not None:
+                hook.close()
         if failures:
-            text = f"WhatsApp alert '{self.template_name}' was NOT sent: " + "; ".join(failures)
+            # The vendor's texts may quote the number: every DAG reader sees this log.
+            text = mask_numbers_in(f"WhatsApp alert '{self.template_name}' was NOT sent: " + "; ".join(failures))
             self.log.error(text)
             if self.raise_on_failure:
                 raise PepipostError(text)
 
     async def async_notify(self, context: Context) -> None:
-        """The same send in a thread, so that the triggerer's event loop never waits on the network."""
-        await asyncio.to_thread(self.notify, context)
+        """The same send on the notifier's own threads: the event loop never waits on the network,
+        and a slow alert never holds the threads other triggers need."""
+        await asyncio.get_running_loop().run_in_executor(_NOTIFY_THREADS, self.notify, context)
 
 
 def send_whatsapp_template_notification(**kwargs: Any) -> WhatsAppTemplateNotifier:

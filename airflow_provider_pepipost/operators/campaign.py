@@ -28,9 +28,10 @@ from airflow_provider_pepipost.messages import (
     MediaMessage,
     default_campaign_key,
     idempotency_key,
+    is_derived_header,
     legacy_campaign_key,
 )
-from airflow_provider_pepipost.numbers import mask_numbers_in
+from airflow_provider_pepipost.numbers import mask_number, mask_numbers_in
 from airflow_provider_pepipost.status.ledger import (
     RESENDABLE_STATES,
     SUPPRESSED_REASON,
@@ -38,6 +39,7 @@ from airflow_provider_pepipost.status.ledger import (
     ClaimAnswer,
     LedgerEntry,
     Outcome,
+    RowRecord,
     TaskKey,
     campaign_hash,
 )
@@ -57,16 +59,30 @@ class RowOutcome:
     error_code: str | None = None
     error_message: str | None = None
     reconciled: bool = False  # the id came from a delivery report, after an unknown outcome
+    key: str | None = None  # the ledger row of the message that stands for the row
 
-    def to_dict(self) -> dict[str, Any]:
+    def record(self) -> RowRecord:
+        """The row as the store keeps it for the campaign page and its CSV."""
+        return RowRecord(
+            self.row, self.recipient, self.state, self.key, self.message_id, self.error_code, self.error_message
+        )
+
+    def to_dict(self, *, full_numbers: bool = False) -> dict[str, Any]:
+        """The row for XCom ``messages``, which every user who can see the DAG may read: numbers
+        masked (in free text too) unless ``full_numbers``; the row and the message id join it back
+        to the status store, which keeps the whole number."""
+        text = (lambda value: value) if full_numbers else _masked_text
+        # A derived x-apiheader is a hash, which may hold a run of digits: kept as it is, since
+        # reports are matched by it. A header of the user's own may hold a number: masked.
+        header = self.api_header if is_derived_header(self.api_header) else text(self.api_header)
         return {
             "row": self.row,
-            "recipient": self.recipient,
-            "x-apiheader": self.api_header,
+            "recipient": self.recipient if full_numbers else mask_number(self.recipient),
+            "x-apiheader": header,
             "message_id": self.message_id,
             "state": self.state,
             "error_code": self.error_code,
-            "error_message": self.error_message,
+            "error_message": text(self.error_message),
         }
 
 
@@ -171,10 +187,14 @@ class CampaignSender:
             generation=self.generation,
             check_opt_outs=self.respect_opt_outs,
         )
+        whole = False
         try:
-            return self._run(messages)
+            result = self._run(messages)
+            whole = True
+            return result
         finally:
-            self.ledger.close()  # every outcome is in the ledger before the task moves on
+            # Every outcome is in the ledger before the task moves on.
+            self.ledger.close(whole_audience=whole)
 
     def _run(self, messages: Iterable[tuple[int, MediaMessage]]) -> CampaignResult:
         earlier = self.store.open_ledger(self.task)
@@ -204,7 +224,8 @@ class CampaignSender:
                     if answer.granted:
                         pool.submit(self._send_one, row, key, message).add_done_callback(finished.put)
                     else:
-                        self._record(self._not_claimed(row, message, answer), reused=answer.taken_over is not None)
+                        outcome = self._not_claimed(row, key, message, answer)
+                        self._record(outcome, reused=answer.taken_over is not None)
                 batch.clear()
                 return sum(answer.granted for answer in answers)
 
@@ -222,14 +243,14 @@ class CampaignSender:
                         outcome = self._from_ledger(row, message.fallback, fallback_entry)
                         self._record(_as_fallback(outcome), reused=True)
                     elif self._stop.is_set():
-                        self._record(self._not_sent(row, message))
+                        self._record(self._not_sent(row, message, key))
                     else:
                         pool.submit(self._send_fallback, row, message).add_done_callback(finished.put)
                         in_flight += 1
                 elif entry is not None and entry.state not in resendable:
                     self._record(self._from_ledger(row, message, entry), reused=True)
                 elif self._stop.is_set():
-                    self._record(self._not_sent(row, message))
+                    self._record(self._not_sent(row, message, key))
                 else:
                     batch.append((row, key, message))
                     if len(batch) >= batch_size:
@@ -241,8 +262,8 @@ class CampaignSender:
                 self._log_progress_every_interval(started)
             if batch and not self._stop.is_set():
                 in_flight += claim_and_submit()
-            for row, _key, message in batch:  # the campaign stopped while they waited for a claim
-                self._record(self._not_sent(row, message))
+            for row, key, message in batch:  # the campaign stopped while they waited for a claim
+                self._record(self._not_sent(row, message, key))
             while in_flight:
                 try:
                     self._record(finished.get(timeout=self.progress_interval).result())
@@ -290,12 +311,12 @@ class CampaignSender:
             # that how long a STOP may go unheeded never depends on max_rate.
             if self.respect_opt_outs and self.store.suppressed([recipient]):
                 self.ledger.record(Outcome(key, "suppressed", error_message=SUPPRESSED_REASON))
-                return self._suppressed(row, message)
+                return self._suppressed(row, message, key)
         try:
             message_id = self.hook.send_message(message)
         except PepipostOutcomeUnknownError as err:
             self.ledger.record(Outcome(key, "unknown", error_message=str(err)))
-            return RowOutcome(row, recipient, header, None, "unknown", error_message=str(err))
+            return RowOutcome(row, recipient, header, None, "unknown", error_message=str(err), key=key)
         except PepipostNotSentError as err:
             # It never reached the vendor, after the hook's retries: the network or the connection.
             self._stop_campaign(err, fatal=not err.retryable)
@@ -311,13 +332,13 @@ class CampaignSender:
             self.ledger.record(Outcome(key, "rejected", error_code=err.code, error_message=err.message))
             if err.kind is FailureKind.JOB:
                 self._stop_campaign(err, fatal=True)
-            return RowOutcome(row, recipient, header, None, "rejected", err.code, err.message)
+            return RowOutcome(row, recipient, header, None, "rejected", err.code, err.message, key=key)
         except BaseException:
             # Unexpected: the outcome of the request is not known, so it must not be resent.
             self.ledger.record(Outcome(key, "unknown", error_message="the send raised unexpectedly"))
             raise
         self.ledger.record(Outcome(key, "accepted", message_id=message_id))
-        return RowOutcome(row, recipient, header, message_id, "accepted")
+        return RowOutcome(row, recipient, header, message_id, "accepted", key=key)
 
     def _fallback_key(self, template: Any) -> str:
         return idempotency_key(self.campaign_key, template.recipient, template.identity())
@@ -330,39 +351,40 @@ class CampaignSender:
             template = dataclasses.replace(template, api_header=key)
         answer = self.ledger.claim_many([Claim(key, template.api_header, template.recipient, row)])[0]
         if not answer.granted:
-            return _as_fallback(self._not_claimed(row, template, answer))
+            return _as_fallback(self._not_claimed(row, key, template, answer))
         return _as_fallback(self._send_one(row, key, template))
 
-    def _not_claimed(self, row: int, message: Any, answer: ClaimAnswer) -> RowOutcome:
+    def _not_claimed(self, row: int, key: str, message: Any, answer: ClaimAnswer) -> RowOutcome:
         """A row the ledger would not let go out: suppressed, sent before a clear, or a duplicate."""
         if answer.suppressed:
-            return self._suppressed(row, message)
+            return self._suppressed(row, message, key)
         if answer.taken_over is not None:
             return self._from_ledger(row, message, answer.taken_over)
-        return self._duplicate(row, message)
+        return self._duplicate(row, message, key)
 
     def _give_back(self, row: int, key: str, message: MediaMessage, err: PepipostError | None) -> RowOutcome:
         """A claimed row whose request never reached the vendor: a later try sends it."""
         reason = str(err) if err is not None else "the campaign stopped before it was sent"
         self.ledger.record(Outcome(key, "not_sent", error_message=reason))
-        return self._not_sent(row, message, reason)
+        return self._not_sent(row, message, key, reason)
 
     @staticmethod
-    def _not_sent(row: int, message: MediaMessage, reason: str | None = None) -> RowOutcome:
+    def _not_sent(row: int, message: MediaMessage, key: str, reason: str | None = None) -> RowOutcome:
         reason = reason or "the campaign stopped before it was sent"
-        return RowOutcome(row, message.recipient, message.api_header or "", None, "not_sent", error_message=reason)
+        header = message.api_header or ""
+        return RowOutcome(row, message.recipient, header, None, "not_sent", error_message=reason, key=key)
 
     @staticmethod
-    def _suppressed(row: int, message: Any) -> RowOutcome:
+    def _suppressed(row: int, message: Any, key: str) -> RowOutcome:
         header = message.api_header or ""
-        return RowOutcome(row, message.recipient, header, None, "suppressed", error_message=SUPPRESSED_REASON)
+        return RowOutcome(row, message.recipient, header, None, "suppressed", error_message=SUPPRESSED_REASON, key=key)
 
-    def _duplicate(self, row: int, message: MediaMessage) -> RowOutcome:
+    def _duplicate(self, row: int, message: MediaMessage, key: str) -> RowOutcome:
         if len(self.result.duplicate_rows) < 20:
             self.result.duplicate_rows.append(row)
         return RowOutcome(
             row, message.recipient, message.api_header or "", None, "duplicate",
-            error_message="the same recipient and content as an earlier row of this campaign",
+            error_message="the same recipient and content as an earlier row of this campaign", key=key,
         )  # fmt: skip
 
     def _stop_campaign(self, err: PepipostError, *, fatal: bool) -> None:
@@ -403,6 +425,7 @@ class CampaignSender:
                 "the rows not sent yet go out on the next try"
             )
             self._stop.set()
+        self.ledger.record_row(outcome.record())  # the page's and the CSV's row, one per input row
         if result.outcomes is not None:
             result.outcomes.append(outcome)
 
@@ -410,7 +433,7 @@ class CampaignSender:
     def _from_ledger(row: int, message: MediaMessage, entry: LedgerEntry) -> RowOutcome:
         return RowOutcome(
             row, message.recipient, entry.api_header, entry.message_id, entry.state,
-            entry.error_code, entry.error_message, reconciled=entry.reconciled,
+            entry.error_code, entry.error_message, reconciled=entry.reconciled, key=entry.idempotency_key,
         )  # fmt: skip
 
     def _log_earlier_try(self, earlier: dict[str, LedgerEntry]) -> None:
@@ -448,10 +471,14 @@ PROGRESS_STATES = (
     ("fallback", "fallback template"),
     ("rejected", "rejected"),
     ("unknown", "unknown"),
-    ("not_sent", "not sent"),
     ("duplicate", "duplicate"),
+    ("not_sent", "not sent"),
     ("suppressed", "opted out"),
 )
+
+
+def _masked_text(value: str | None) -> str | None:
+    return mask_numbers_in(value) if value else value
 
 
 def _closed_window(entry: LedgerEntry | None) -> bool:

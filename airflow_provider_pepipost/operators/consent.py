@@ -33,7 +33,7 @@ from airflow_provider_pepipost.errors import (
 )
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import iter_messages, validate_rows
-from airflow_provider_pepipost.numbers import mask_number, phone_or_none
+from airflow_provider_pepipost.numbers import mask_number, mask_numbers_in, phone_or_none
 from airflow_provider_pepipost.status.consent import Consent, ConsentBatch
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
@@ -467,5 +467,10 @@ def _list_failed_row(failed_rows: list[dict[str, Any]], index: int, number: str,
     """One refused row for the XCom, which every DAG reader sees: its number masked."""
     if len(failed_rows) < FAILED_ROWS_LISTED:
         failed_rows.append(
-            {"row": index, "recipient": mask_number(number), "error_code": err.code, "error_message": err.message}
+            {
+                "row": index,
+                "recipient": mask_number(number),
+                "error_code": err.code,
+                "error_message": mask_numbers_in(err.message),
+            }
         )

@@ -63,6 +63,7 @@ class WhatsAppCampaignOperator(BaseOperator):
         respect_opt_outs: bool = True,
         status_store_conn_id: str | None = None,
         xcom_ids_limit: int = DEFAULT_XCOM_IDS_LIMIT,
+        xcom_full_numbers: bool = False,
         campaign_asset: Asset | str | bool | None = None,
         progress_interval: float = 10.0,
         **kwargs: Any,
@@ -82,10 +83,27 @@ class WhatsAppCampaignOperator(BaseOperator):
         self.respect_opt_outs = respect_opt_outs
         self.status_store_conn_id = status_store_conn_id
         self.xcom_ids_limit = xcom_ids_limit
+        self.xcom_full_numbers = xcom_full_numbers
         self.progress_interval = progress_interval
         self.campaign_asset = resolve_asset(campaign_asset, "campaign", self.dag_id, self.task_id)
-        if self.campaign_asset is not None:
+        if self.campaign_asset is not None and self.campaign_asset not in self.outlets:
             self.outlets = [*self.outlets, self.campaign_asset]
+
+    @classmethod
+    def partial(cls, **kwargs: Any) -> Any:
+        """``partial(...).expand(...)`` as Airflow's, with the campaign asset among the mapped task's
+        outlets when the DAG is parsed: an asset that only the running instance names is not
+        active, and Airflow drops its events ("Task has inactive assets")."""
+        partial = super().partial(**kwargs)
+        task_kwargs = partial.kwargs
+        dag = task_kwargs.get("dag")
+        asset = resolve_asset(
+            task_kwargs.get("campaign_asset"), "campaign", getattr(dag, "dag_id", ""), task_kwargs["task_id"]
+        )
+        outlets = list(task_kwargs.get("outlets") or [])
+        if asset is not None and asset not in outlets:
+            task_kwargs["outlets"] = [*outlets, asset]
+        return partial
 
     def message_defaults(self, hook: PepipostHook) -> Any:
         """The operator-wide values a row's own values override."""
@@ -141,7 +159,8 @@ class WhatsAppCampaignOperator(BaseOperator):
         summary = result.summary()
         ti.xcom_push(key="send_summary", value=summary)
         if keep and result.outcomes is not None:
-            ti.xcom_push(key="messages", value=[outcome.to_dict() for outcome in result.outcomes])
+            whole = self.xcom_full_numbers
+            ti.xcom_push(key="messages", value=[outcome.to_dict(full_numbers=whole) for outcome in result.outcomes])
         judge_campaign(
             result, total, sender.max_rejected, self.max_unknown_ratio, self.log,
             max_rejected_ratio=self.max_rejected_ratio, has_fallback=bool(getattr(self, "fallback_template", None)),
@@ -205,6 +224,11 @@ class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):
         default ``[pepipost] status_store_conn_id``, then ``$PEPIPOST_STATUS_STORE_URL``, then SQLite
         in AIRFLOW_HOME (see ``airflow_provider_pepipost.status.resolver``).
     :param xcom_ids_limit: above this many rows, return a ledger reference instead of the ids.
+    :param xcom_full_numbers: keep whole numbers in XCom ``messages``. Off by default: every user
+        who can see the DAG can read XCom (REST API included), so rows hold masked numbers
+        (``9198******69``), and the row index and message id join them back to the status store,
+        which keeps the whole number. Turn it on only for a DAG whose downstream needs the numbers
+        and whose readers may see them.
     :param progress_interval: seconds between progress lines in the task log.
     :param campaign_asset: the asset a successful send updates, with ``send_summary`` as the
         event's extra: default ``Asset("pepipost://campaign/<dag_id>/<task_id>")``; a string names
@@ -214,8 +238,8 @@ class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):
     outcomes are unknown, by a ledger reference to those rows
     (``{"pepipost_ledger": {..., "outcome": "unknown"}}``) so that the sensor waits for them too;
     above ``xcom_ids_limit`` rows, one ledger reference ``{"pepipost_ledger": {...}}`` to all of
-    them. Pushes XCom ``messages`` (one row per input row: recipient, x-apiheader, message id
-    or null, state, error) when the ids are listed, and ``send_summary`` (counts) always.
+    them. Pushes XCom ``messages`` (one row per input row: masked recipient, x-apiheader, message
+    id or null, state, error) when the ids are listed, and ``send_summary`` (counts) always.
     """
 
     template_fields: Sequence[str] = (

@@ -6,9 +6,9 @@ from datetime import datetime, timezone
 from html import escape
 from typing import Any
 
-from airflow_provider_pepipost.status.reports import CampaignReport, Latency
+from airflow_provider_pepipost.status.model import DELIVERY_STATUS_MEANINGS, TASK_STATE_MEANINGS
+from airflow_provider_pepipost.status.reports import CampaignReport, Cost, Latency
 
-FUNNEL = ("sent", "delivered", "read", "failed", "pending", "unknown", "rejected", "suppressed", "fallback")
 _COLORS = {"sent": "#128c7e", "delivered": "#25d366", "read": "#34b7f1", "failed": "#d9534f"}
 
 _STYLE = """
@@ -18,13 +18,13 @@ td,th{padding:3px 10px;border-bottom:1px solid #e4e7eb;text-align:left}td.n{text
 font-variant-numeric:tabular-nums}.cards{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid
 #e4e7eb;border-radius:6px;padding:8px 14px;min-width:90px}.card b{display:block;font-size:22px}
 a.button{display:inline-block;padding:6px 12px;border:1px solid #128c7e;border-radius:4px;color:#128c7e;
-text-decoration:none}svg text{font:11px system-ui,sans-serif;fill:#52606d}
+text-decoration:none}svg text{font:11px system-ui,sans-serif;fill:#52606d}dl.legend dt{font-weight:600}
+dl.legend dd{margin:0 0 4px 16px;color:#52606d}
 """
 
 
-def render_page(report: CampaignReport, *, title: str, scope: str, csv_url: str, summary_counts: dict[str, int]) -> str:
-    """The whole page. ``summary_counts`` adds what only the send tasks' XCom knows (suppressed)."""
-    funnel = {**report.funnel, **summary_counts}
+def render_page(report: CampaignReport, *, title: str, scope: str, csv_url: str) -> str:
+    """The whole page: what the task did with each row, what the phones reported, what it cost."""
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>",
         f"<style>{_STYLE}</style></head><body>",
@@ -35,15 +35,17 @@ def render_page(report: CampaignReport, *, title: str, scope: str, csv_url: str,
             "<p id='empty'>No WhatsApp messages were sent by this run or task (nothing in the status store).</p>"
         )
         return "".join(parts) + "</body></html>"
-    parts.append("<h2>Funnel</h2><div class='cards' id='funnel'>")
-    for stage in FUNNEL:
-        if stage in funnel and (funnel[stage] or stage in ("sent", "delivered", "read", "failed", "pending")):
-            parts.append(f"<div class='card'><b data-stage='{stage}'>{funnel[stage]:,}</b>{escape(stage)}</div>")
-    parts.append("</div>")
-    parts.append(_bar_chart([(s, funnel.get(s, 0)) for s in ("sent", "delivered", "read", "failed")], "funnel-chart"))
-    parts.append(
-        f"<p><a class='button' id='csv' href='{escape(csv_url)}'>Download every recipient's outcome (CSV)</a></p>"
-    )
+    parts.append(f"<h2>What the task did with each row <span class='sub'>({report.rows:,} rows)</span></h2>")
+    parts.append(_cards(report.states, "states", "data-state"))
+    parts.append(f"<h2>What the phones reported <span class='sub'>({report.messages:,} messages)</span></h2>")
+    parts.append(_cards(report.statuses, "statuses", "data-status"))
+    reached = [(s, report.reached(s)) for s in ("sent", "delivered", "read")] + [
+        ("failed", report.statuses.get("failed", 0))
+    ]
+    parts.append("<div class='sub'>Messages that got at least this far</div>")
+    parts.append(_bar_chart(reached, "funnel-chart"))
+    parts.append(_cost(report.cost))
+    parts.append(f"<p><a class='button' id='csv' href='{escape(csv_url)}'>Download one row per recipient (CSV)</a></p>")
 
     parts.append("<h2>Time from send to status</h2><table id='latency'><tr><th></th><th>messages</th>")
     parts.append("<th>median</th><th>90th percentile</th></tr>")
@@ -57,16 +59,65 @@ def render_page(report: CampaignReport, *, title: str, scope: str, csv_url: str,
 
     if report.timeline:
         parts.append(f"<h2>Delivered over time</h2><div class='sub'>one bar per {_seconds(report.timeline_step)}</div>")
-        parts.append(_bar_chart([(_clock(start), n) for start, n in report.timeline], "timeline", small_labels=True))
+        bars = [(_clock(start, report.timeline_step), n) for start, n in report.timeline]
+        parts.append(_bar_chart(bars, "timeline", small_labels=True))
 
     parts.append("<h2>Refused by the vendor</h2>")
     parts.append(_table(["code", "message", "rows"], [(c, m, n) for c, m, n in report.refusals], "refusals"))
     parts.append("<h2>Failed on the phone's side</h2>")
     parts.append(_table(["remark", "messages"], report.failures, "failures"))
-    parts.append(f"<h2>Failed recipients (first {len(report.failed_recipients)})</h2>")
+    listed = len(report.failed_recipients)
+    more = "" if listed < 100 else f" <span class='sub'>(the first {listed}; the CSV has them all)</span>"
+    parts.append(f"<h2>Refused or failed recipients{more}</h2>")
     rows = [(r["task"], r["row"], r["recipient"], r["kind"], r["reason"]) for r in report.failed_recipients]
     parts.append(_table(["task", "row", "number", "outcome", "reason"], rows, "failed-recipients"))
+    parts.append(_legend())
     return "".join(parts) + "</body></html>"
+
+
+def _cards(counts: dict[str, int], block_id: str, attribute: str) -> str:
+    cards = "".join(
+        f"<div class='card' title='{escape(_meaning(name))}'><b {attribute}='{escape(name)}'>{count:,}</b>"
+        f"{escape(name.replace('_', ' '))}</div>"
+        for name, count in counts.items()
+    )
+    return f"<div class='cards' id='{block_id}'>{cards}</div>"
+
+
+def _meaning(name: str) -> str:
+    return TASK_STATE_MEANINGS.get(name) or DELIVERY_STATUS_MEANINGS.get(name) or "a status the provider does not know"
+
+
+def _cost(cost: Cost) -> str:
+    parts = ["<h2>What it cost</h2><table id='cost'><tr><th>category</th><th>billable messages</th></tr>"]
+    lines = [*sorted(cost.billable.items()), ("not billable", cost.not_billable), ("not reported", cost.not_reported)]
+    for category, count in lines:
+        name = escape(category)
+        parts.append(f"<tr data-category='{name}'><td>{name}</td><td class='n'>{count:,}</td></tr>")
+    parts.append("</table>")
+    if cost.estimated is not None:
+        unpriced = ", ".join(f"{c} ({n:,})" for c, n in sorted(cost.unpriced.items()))
+        parts.append(
+            f"<p id='estimated-cost'>Estimated cost: <b>{cost.estimated:,.2f} {escape(cost.currency or '')}</b> "
+            "(billable messages by the rate card" + (f"; no rate for {escape(unpriced)}" if unpriced else "") + ")</p>"
+        )
+    else:
+        parts.append(
+            "<p class='sub' id='estimated-cost'>No rate card: give the Pepipost connection an extra "
+            "<code>rate_card</code> (a price per billable message by category, and a currency) to see an estimate.</p>"
+        )
+    parts.append(
+        "<div class='sub'>From the pricing webhook v2 reports carry; a message whose reports carry none "
+        "(webhook v1, or no report yet) is not reported, not free.</div>"
+    )
+    return "".join(parts)
+
+
+def _legend() -> str:
+    parts = ["<h2>What the words mean</h2><dl class='legend' id='legend'>"]
+    for name, meaning in (*TASK_STATE_MEANINGS.items(), *DELIVERY_STATUS_MEANINGS.items()):
+        parts.append(f"<dt>{escape(name.replace('_', ' '))}</dt><dd>{escape(meaning)}</dd>")
+    return "".join(parts) + "</dl>"
 
 
 def _table(headers: list[str], rows: list[tuple[Any, ...]], table_id: str) -> str:
@@ -120,5 +171,11 @@ def _seconds(value: float | None) -> str:
     return f"{value / 3600:.1f} h"
 
 
-def _clock(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%H:%M")
+def _clock(epoch: float, step: float) -> str:
+    """A bar's start, as precise as the bars are apart: seconds under a minute, the date past a day."""
+    when = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    if step < 60:
+        return when.strftime("%H:%M:%S")
+    if step < 86_400:
+        return when.strftime("%H:%M")
+    return when.strftime("%m-%d %H:%M")

@@ -4,7 +4,8 @@ Served by the API server (the provider's plugin mounts it). Plugin endpoints are
 Airflow's auth on their own: every route here asks Airflow's auth manager, as the core API does,
 for the signed-in user (the UI's session cookie or a Bearer token) and for read access to the
 DAG's runs; without it the answer is 401 or 403 and names nothing of the DAG. Numbers are masked
-in the page; the CSV holds them whole only for users who may also edit the DAG.
+in the page, in free text too; the CSV holds them whole only for users who may also edit the DAG.
+The CSV is data, never formulas: a cell that a spreadsheet would run is quoted.
 """
 
 from __future__ import annotations
@@ -12,17 +13,22 @@ from __future__ import annotations
 import csv
 import inspect
 import io
+import json
+import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from airflow_provider_pepipost import limits
+from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
 from airflow_provider_pepipost.operators.links import PAGE_PREFIX
 from airflow_provider_pepipost.plugins.campaign_html import render_page
-from airflow_provider_pepipost.status.reports import EXPORT_COLUMNS
+from airflow_provider_pepipost.status.reports import EXPORT_COLUMNS, check_rate_card
 from airflow_provider_pepipost.status.resolver import resolve_store_url
 from airflow_provider_pepipost.status.store import StatusStore
 
@@ -30,6 +36,13 @@ from airflow_provider_pepipost.status.store import StatusStore
 Authorize = Callable[..., Any]
 # (request, dag_id) -> whether the user may see whole numbers.
 MayEdit = Callable[[Request, str], Any]
+# () -> the rate card the page prices billable messages by, or None.
+RateCard = Callable[[], Any]
+
+log = logging.getLogger(__name__)
+# A spreadsheet runs a cell that starts with one of these (OWASP, "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_UNSAFE_FILE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def airflow_auth() -> tuple[Authorize, MayEdit]:
@@ -65,12 +78,12 @@ def airflow_auth() -> tuple[Authorize, MayEdit]:
 
 
 def create_campaign_app(
-    store_url: str | None = None, *, auth: tuple[Authorize, MayEdit] | None = None, send_summaries: Any = None
+    store_url: str | None = None, *, auth: tuple[Authorize, MayEdit] | None = None, rate_card: RateCard | None = None
 ) -> FastAPI:
-    """The page app. ``auth`` defaults to Airflow's (the API server's auth manager);
-    ``send_summaries(dag_id, run_id, task_id)`` gives the send tasks' ``send_summary`` XComs."""
+    """The page app. ``auth`` defaults to Airflow's (the API server's auth manager); ``rate_card``
+    to the Pepipost connection's extra ``rate_card``."""
     authorize, may_edit = auth or airflow_auth()
-    read_summaries = send_summaries or xcom_send_summaries
+    card_of = rate_card or connection_rate_card
     app = FastAPI(title="Pepipost campaign page", docs_url=None, redoc_url=None, openapi_url=None)
     holder: dict[str, StatusStore] = {}
 
@@ -79,35 +92,39 @@ def create_campaign_app(
             holder["store"] = StatusStore(store_url or resolve_store_url())
         return holder["store"]
 
-    guarded = [Depends(authorize)]
+    # Ids are checked before anything else: a NUL or an over-long id never reaches the database.
+    guarded = [Depends(valid_ids), Depends(authorize)]
 
     async def page(request: Request, dag_id: str, run_id: str, task_id: str | None) -> HTMLResponse:
-        report = await run_in_threadpool(lambda: store().campaign_report(dag_id, run_id, task_id))
-        summaries = await run_in_threadpool(read_summaries, dag_id, run_id, task_id)
+        card = await run_in_threadpool(card_of)
+        report = await run_in_threadpool(lambda: store().campaign_report(dag_id, run_id, task_id, rate_card=card))
         scope = f"DAG {dag_id}, run {run_id}" + (f", task {task_id}" if task_id else ", every send task")
         html = render_page(
             report,
             title="WhatsApp campaign" + (f": {task_id}" if task_id else ""),
             scope=scope,
             csv_url=str(request.url.path).rstrip("/") + "/export.csv",
-            summary_counts={"suppressed": sum(s.get("suppressed", 0) for s in summaries)},
         )
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     async def export(request: Request, dag_id: str, run_id: str, task_id: str | None) -> StreamingResponse:
         whole = may_edit(request, dag_id)
         whole = bool(await whole if inspect.isawaitable(whole) else whole)
-        rows = store().export_campaign(dag_id, run_id, task_id, full_numbers=whole)
-        name = f"whatsapp-campaign-{dag_id}-{run_id}{'-' + task_id if task_id else ''}.csv".replace("/", "_")
+        # The first rows are read before the answer starts: a query that fails is a 500, never a 200.
+        lines = _csv_lines(store().export_campaign(dag_id, run_id, task_id, full_numbers=whole))
+        first = await run_in_threadpool(next, lines)
+        name = _file_name(f"whatsapp-campaign-{dag_id}-{run_id}{'-' + task_id if task_id else ''}") + ".csv"
         return StreamingResponse(
-            _csv_lines(rows),
+            _chain(first, lines),
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"},
         )
 
     async def report_json(dag_id: str, run_id: str, task_id: str | None) -> JSONResponse:
         report = await run_in_threadpool(lambda: store().campaign_report(dag_id, run_id, task_id))
-        return JSONResponse({"funnel": report.funnel, "total": report.total, "tasks": report.tasks})
+        return JSONResponse(
+            {"rows": report.rows, "states": report.states, "messages": report.messages, "statuses": report.statuses}
+        )
 
     @app.get("/dags/{dag_id}/runs/{run_id}", dependencies=guarded, response_class=HTMLResponse)
     async def run_page(request: Request, dag_id: str, run_id: str) -> HTMLResponse:
@@ -132,43 +149,63 @@ def create_campaign_app(
     return app
 
 
+def valid_ids(request: Request) -> None:
+    """400 for a DAG, run or task id no Airflow id can be: a control character (%00), or too long."""
+    for name, value in request.path_params.items():
+        if len(value) > limits.AIRFLOW_ID_MAX or any(ord(char) < 32 or ord(char) == 127 for char in value):
+            raise HTTPException(status_code=400, detail=f"{name} is not a valid Airflow id")
+
+
+def connection_rate_card(conn_id: str = DEFAULT_CONN_ID) -> dict[str, Any] | None:
+    """The Pepipost connection's extra ``rate_card`` (a dict, or its JSON), checked; None without one.
+
+    Read where the page runs (the API server, which may read connections); a card that is not
+    valid is logged and left out, the page still renders.
+    """
+    try:
+        from airflow.models.connection import Connection
+
+        extra = Connection.get_connection_from_secrets(conn_id).extra_dejson
+    except Exception:  # no such connection: no card
+        return None
+    card = extra.get("rate_card")
+    if card in (None, "", {}):
+        return None
+    try:
+        return check_rate_card(json.loads(card) if isinstance(card, str) else card)
+    except ValueError as err:
+        log.warning("The %s connection's extra rate_card is left out: %s", conn_id, err)
+        return None
+
+
+def _file_name(name: str) -> str:
+    """A download's name that no header parameter can be smuggled into."""
+    return _UNSAFE_FILE_NAME.sub("_", name)[:150].strip("._") or "whatsapp-campaign"
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: one that would start a formula gets a leading quote."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
 def _csv_lines(rows: Iterator[tuple[Any, ...]]) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(EXPORT_COLUMNS)
     for count, row in enumerate(rows, 1):
-        writer.writerow(row)
+        writer.writerow([_cell(value) for value in row])
         if count % 1000 == 0:
             yield buffer.getvalue()
             buffer.seek(0)
             buffer.truncate()
     yield buffer.getvalue()
-
-
-def xcom_send_summaries(dag_id: str, run_id: str, task_id: str | None) -> list[dict[str, Any]]:
-    """The ``send_summary`` XComs of a run's send tasks, from Airflow's database (the API server's)."""
-    try:
-        from airflow.models.xcom import XComModel
-        from airflow.utils.session import create_session
-        from sqlalchemy import select
-
-        query = select(XComModel.value).where(
-            XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key == "send_summary"
-        )
-        if task_id is not None:
-            query = query.where(XComModel.task_id == task_id)
-        with create_session() as session:
-            values = session.scalars(query).all()
-    except Exception:  # the page still shows what the status store knows
-        return []
-    return [XComModel.deserialize_value(_Row(v)) if not isinstance(v, dict) else v for v in values]
-
-
-class _Row:
-    """What ``XComModel.deserialize_value`` reads: an object with ``value``."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
 
 
 class PepipostCampaignPagePlugin(AirflowPlugin):
@@ -185,9 +222,10 @@ class PepipostCampaignPagePlugin(AirflowPlugin):
             "url_route": "pepipost_campaign_run",
         },
         {
+            # The task instance's tab (the task overview has no run to show).
             "name": "WhatsApp campaign",
             "href": PAGE_PREFIX + "/dags/{DAG_ID}/runs/{RUN_ID}/tasks/{TASK_ID}",
-            "destination": "task",
+            "destination": "task_instance",
             "url_route": "pepipost_campaign_task",
         },
     ]

@@ -22,6 +22,7 @@ from airflow_provider_pepipost.status.model import (
     DeliverySummary,
     evaluate,
 )
+from airflow_provider_pepipost.status.reports import check_rate_card, price
 from airflow_provider_pepipost.status.resolver import resolve_store_url
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.triggers.status import WhatsAppMessageStatusTrigger
@@ -49,9 +50,13 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
     :param delivery_asset: the asset the sensor updates when the wait succeeds, with the delivery
         counts as the event's extra: default ``Asset("pepipost://delivery/<dag_id>/<task_id>")``;
         a string names it, an ``Asset`` is used as it is, False emits none.
+    :param rate_card: prices per billable message by pricing category, and a currency
+        (``{"currency": "INR", "marketing": 0.78, "utility": 0.115}``): the summary then carries
+        ``estimated_cost``. Default: none.
 
-    Returns (XCom ``return_value``) the delivery summary: counts by status, pending, unknown,
-    and the failed ids with their remarks.
+    Returns (XCom ``return_value``) the delivery summary: counts by status, pending, unknown, the
+    failed ids with their remarks, and what the reports said the messages cost (``billable`` by
+    category, ``not_billable``, ``pricing_not_reported``: webhook v1 reports carry no pricing).
     """
 
     template_fields: Sequence[str] = ("message_ids", "target_status")
@@ -68,9 +73,11 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         status_store_conn_id: str | None = None,
         deferrable: bool = False,
         delivery_asset: Asset | str | bool | None = None,
+        rate_card: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.rate_card = rate_card
         self.delivery_asset = resolve_asset(delivery_asset, "delivery", self.dag_id, self.task_id)
         if self.delivery_asset is not None:
             self.outlets = [*self.outlets, self.delivery_asset]
@@ -139,7 +146,14 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         )  # fmt: skip
         if verdict.failed:
             raise WhatsAppDeliveryFailed(verdict.reason)
-        return PokeReturnValue(verdict.done, xcom_value=summary.to_dict() if verdict.done else None)
+        return PokeReturnValue(verdict.done, xcom_value=self._priced(summary.to_dict()) if verdict.done else None)
+
+    def _priced(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The summary, with its billable messages priced by ``rate_card`` when there is one."""
+        if not self.rate_card:
+            return summary
+        card = check_rate_card(self.rate_card)
+        return {**summary, "estimated_cost": price(summary.get("billable", {}), card)}
 
     def execute(self, context: Context) -> Any:
         if not self.deferrable:
@@ -179,8 +193,9 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         if event.get("status") == "success":
             self.log.info("Done: %s", event["reason"])
-            self._emit(context, event["summary"])
-            return event["summary"]
+            summary = self._priced(event["summary"])
+            self._emit(context, summary)
+            return summary
         if event.get("status") == "failure":
             raise WhatsAppDeliveryFailed(event["reason"])
         if event.get("status") == "timeout":

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, case, func, select, update
 
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.consent import VIA_REPLY, set_opted_out
@@ -174,10 +174,13 @@ def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: floa
     first read (the campaign page's latencies), one row per message per statement."""
     best: dict[str, DeliveryEvent] = {}
     reached: dict[str, list[float | None]] = {}  # message id -> [first delivered, first read]
+    priced: dict[str, DeliveryEvent] = {}  # message id -> the first of its events with pricing
     for ev in events:
         held = best.get(ev.message_id)
         if held is None or ev.rank > held.rank:
             best[ev.message_id] = ev
+        if ev.billable is not None:
+            priced.setdefault(ev.message_id, ev)
         if ev.status in ("delivered", "read"):  # read implies delivered
             when = ev.reported_at if ev.reported_at is not None else now
             times = reached.setdefault(ev.message_id, [None, None])
@@ -187,21 +190,25 @@ def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: floa
     ms = schema.message_status
     stmt = insert_for(conn, ms)
     new = stmt.excluded
-    # Only a higher status is written (the one statement's WHERE, as cheap as before v6); the
-    # first times it brings are kept. A 'delivered' that comes after 'read' changes nothing: the
-    # delivered time is then when the read report came.
+    # Only a higher status is written (the one statement's WHERE, as cheap as before v6), or the
+    # first pricing; the first times and the first pricing it brings are kept. A 'delivered' that
+    # comes after 'read' changes nothing: the delivered time is then when the read report came.
+    higher = ms.c.rank < new.rank
     stmt = stmt.on_conflict_do_update(
         index_elements=[ms.c.message_id],
         set_={
-            "status": new.status,
-            "rank": new.rank,
-            "remark": new.remark,
-            "reported_at": new.reported_at,
+            "status": case((higher, new.status), else_=ms.c.status),
+            "rank": case((higher, new.rank), else_=ms.c.rank),
+            "remark": case((higher, new.remark), else_=ms.c.remark),
+            "reported_at": case((higher, new.reported_at), else_=ms.c.reported_at),
             "updated_at": new.updated_at,
             "delivered_at": func.coalesce(ms.c.delivered_at, new.delivered_at),
             "read_at": func.coalesce(ms.c.read_at, new.read_at),
+            "billable": func.coalesce(ms.c.billable, new.billable),
+            "category": func.coalesce(ms.c.category, new.category),
+            "pricing_model": func.coalesce(ms.c.pricing_model, new.pricing_model),
         },
-        where=ms.c.rank < new.rank,
+        where=higher | (ms.c.billable.is_(None) & new.billable.is_not(None)),
     )
     if conn.dialect.name == "postgresql":
         stmt = stmt.returning(ms.c.message_id)  # one multi-row INSERT (see above)
@@ -217,10 +224,17 @@ def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: floa
                 "updated_at": now,
                 "delivered_at": reached.get(ev.message_id, (None, None))[0],
                 "read_at": reached.get(ev.message_id, (None, None))[1],
+                **_pricing_of(priced.get(ev.message_id)),
             }
             for ev in best.values()
         ],
     )
+
+
+def _pricing_of(ev: DeliveryEvent | None) -> dict[str, Any]:
+    if ev is None:
+        return {"billable": None, "category": None, "pricing_model": None}
+    return {"billable": ev.billable, "category": ev.category, "pricing_model": ev.pricing_model}
 
 
 def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> set[str]:

@@ -88,6 +88,20 @@ class LedgerEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class RowRecord:
+    """What became of one input row, as the task's XCom ``messages`` says it (the campaign page
+    and its CSV read these, one per input row)."""
+
+    row_index: int
+    recipient: str
+    state: str  # accepted | fallback | rejected | unknown | duplicate | not_sent | suppressed
+    ledger_key: str | None  # the ledger row of the message that stands for it, if any
+    message_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimAnswer:
     """What the ledger said to one claim. Only a granted claim may be sent."""
 
@@ -311,6 +325,54 @@ def mark_suppressed(conn: Connection, keys: Sequence[str], now: float) -> None:
 
 
 SUPPRESSED_REASON = "the recipient opted out: the number is on the status store's suppression list"
+
+
+def record_rows(
+    conn: Connection, task: TaskKey, rows: Sequence[RowRecord], *, campaign: str | None, attempt: str, now: float
+) -> None:
+    """What became of these input rows: a later try's record of a row replaces an earlier try's."""
+    table = schema.campaign_rows
+    stmt = insert_for(conn, table)
+    changing = ("state", "recipient", "ledger_key", "message_id", "error_code", "error_message", "campaign", "attempt")
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.c.dag_id, table.c.run_id, table.c.task_id, table.c.map_index, table.c.row_index],
+        set_={**{name: getattr(stmt.excluded, name) for name in changing}, "updated_at": stmt.excluded.updated_at},
+    )
+    where = {"dag_id": task.dag_id, "run_id": task.run_id, "task_id": task.task_id, "map_index": task.map_index}
+    campaign_value = campaign_hash(campaign) if campaign is not None else None
+    conn.execute(
+        stmt,
+        [
+            {
+                **where,
+                "row_index": r.row_index,
+                "state": r.state,
+                "recipient": r.recipient,
+                "ledger_key": r.ledger_key,
+                "message_id": r.message_id,
+                "error_code": r.error_code,
+                "error_message": limits.storable(r.error_message, limits.REASON_MAX) if r.error_message else None,
+                "campaign": campaign_value,
+                "attempt": attempt,
+                "updated_at": now,
+            }
+            for r in rows
+        ],
+    )
+
+
+def prune_rows(conn: Connection, task: TaskKey, attempt: str) -> None:
+    """Forget the rows an earlier try recorded beyond this try's audience (it had fewer rows)."""
+    table = schema.campaign_rows
+    conn.execute(
+        table.delete().where(
+            table.c.dag_id == task.dag_id,
+            table.c.run_id == task.run_id,
+            table.c.task_id == task.task_id,
+            table.c.map_index == task.map_index,
+            table.c.attempt != attempt,
+        )
+    )
 
 
 def record_outcomes(conn: Connection, outcomes: Sequence[Outcome], now: float) -> None:

@@ -11,7 +11,7 @@ import threading
 import uuid
 from concurrent.futures import Future
 
-from airflow_provider_pepipost.status.ledger import Claim, ClaimAnswer, Outcome, TaskKey
+from airflow_provider_pepipost.status.ledger import Claim, ClaimAnswer, Outcome, RowRecord, TaskKey
 from airflow_provider_pepipost.status.store import StatusStore
 
 MAX_BATCH = 500
@@ -40,6 +40,7 @@ class LedgerWriter:
         self.check_opt_outs = check_opt_outs
         self._claims: list[tuple[Claim, Future]] = []
         self._outcomes: list[Outcome] = []
+        self._rows: list[RowRecord] = []
         self._cond = threading.Condition()
         self._closing = False
         self._error: BaseException | None = None
@@ -63,13 +64,26 @@ class LedgerWriter:
             self._outcomes.append(outcome)
             self._cond.notify()
 
-    def close(self) -> None:
-        """Commit everything queued and stop; raises if a write failed."""
+    def record_row(self, row: RowRecord) -> None:
+        """Queue what became of one input row; committed with the next batch."""
+        with self._cond:
+            self._raise_if_failed()
+            self._rows.append(row)
+            self._cond.notify()
+
+    def close(self, *, whole_audience: bool = False) -> None:
+        """Commit everything queued and stop; raises if a write failed.
+
+        ``whole_audience``: this try recorded every input row, so rows only earlier tries
+        recorded (an audience that shrank) are forgotten.
+        """
         with self._cond:
             self._closing = True
             self._cond.notify()
         self._thread.join()
         self._raise_if_failed()
+        if whole_audience:
+            self.store.prune_rows(self.task, self.attempt)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -78,11 +92,12 @@ class LedgerWriter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._claims or self._outcomes or self._closing):
+                while not (self._claims or self._outcomes or self._rows or self._closing):
                     self._cond.wait()
                 claims, self._claims = self._claims[:MAX_BATCH], self._claims[MAX_BATCH:]
                 outcomes, self._outcomes = self._outcomes, []
-                if not claims and not outcomes and self._closing:
+                rows, self._rows = self._rows, []
+                if not claims and not outcomes and not rows and self._closing:
                     return
             try:
                 granted = self.store.write_ledger(
@@ -94,6 +109,7 @@ class LedgerWriter:
                     campaign=self.campaign,
                     generation=self.generation,
                     check_opt_outs=self.check_opt_outs,
+                    rows=rows,
                 )
             except BaseException as err:  # every waiting sender must hear of it
                 with self._cond:

@@ -109,6 +109,38 @@ def _canonical_suppressions(conn: Connection) -> None:
         conn.execute(insert(sup).values({**winner, "recipient": number}))
 
 
+def _v8_campaign_rows_and_pricing(conn: Connection) -> None:
+    """v8: what each report said the message cost; one row per input row, filled from the ledger.
+
+    Rows the ledger never held (duplicates, rows a stopped campaign never claimed) cannot be
+    recovered for runs before v8: their pages show what the ledger has. A row's pick is its best
+    ledger row (accepted, then in flight, suppressed, not sent, rejected); an accepted template
+    beside a session message refused with 8007 is the row's fallback.
+    """
+    table = schema.message_status.name
+    _add_column(conn, table, "billable", "BOOLEAN")
+    _add_column(conn, table, "category", "VARCHAR(32)")
+    _add_column(conn, table, "pricing_model", "VARCHAR(32)")
+    place = "dag_id, run_id, task_id, map_index, row_index"
+    rank = (
+        "CASE state WHEN 'accepted' THEN 5 WHEN 'unknown' THEN 4 WHEN 'sending' THEN 4 WHEN 'suppressed' THEN 3 "
+        "WHEN 'not_sent' THEN 2 ELSE 1 END"
+    )
+    conn.execute(
+        text(
+            f"INSERT INTO {schema.campaign_rows.name} ({place}, state, recipient, ledger_key, message_id, error_code, "
+            "error_message, campaign, attempt, updated_at) "
+            f"SELECT {place}, CASE WHEN state = 'sending' THEN 'unknown' "
+            "WHEN state = 'accepted' AND closed = 1 THEN 'fallback' ELSE state END, "
+            "recipient, idempotency_key, message_id, error_code, error_message, campaign, attempt, updated_at "
+            f"FROM (SELECT l.*, ROW_NUMBER() OVER (PARTITION BY {place} ORDER BY {rank} DESC, idempotency_key) "
+            "AS pick, "
+            "MAX(CASE WHEN state = 'rejected' AND error_code = '8007' THEN 1 ELSE 0 END) "
+            f"OVER (PARTITION BY {place}) AS closed FROM {schema.ledger.name} l) ranked WHERE pick = 1"
+        )
+    )
+
+
 # version -> the step that makes it from the version before
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     2: _v2_ledger_attempt,
@@ -117,6 +149,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     5: _v5_consent_tables,
     6: _v6_first_delivered_and_read,
     7: _v7_canonical_numbers,
+    8: _v8_campaign_rows_and_pricing,
 }
 
 

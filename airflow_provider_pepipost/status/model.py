@@ -17,6 +17,29 @@ TARGET_STATUSES = ("sent", "delivered", "read")
 # The vendor does not document the spelling of the failed value; these all mean it.
 _FAILED_SPELLINGS = frozenset({"failed", "fail", "failure", "undelivered", "rejected", "error"})
 
+# The words the XCom, the page, its CSV and the README use, each defined once. What the send task
+# did with an input row (XCom ``messages`` ``state``; ``send_summary`` counts them):
+TASK_STATE_MEANINGS: dict[str, str] = {
+    "accepted": "the vendor took the message and gave it an id",
+    "fallback": "the vendor refused the session message (8007, the 24-hour window is closed) and took the "
+    "fallback template instead",
+    "rejected": "the vendor refused the message (its code and reason are kept); a later try sends it again",
+    "unknown": "the request left, but the answer could not tell whether the vendor took it; never resent "
+    "on its own, reconciled from delivery reports",
+    "duplicate": "the same recipient and content as an earlier row of the campaign: not sent twice",
+    "not_sent": "never reached the vendor (the campaign stopped, or the network failed first); a later try sends it",
+    "suppressed": "the number is on the suppression list (it said STOP, or was opted out): not sent",
+}
+# What the phones reported of a message the vendor took (the sensor's summary):
+DELIVERY_STATUS_MEANINGS: dict[str, str] = {
+    "pending": "no delivery report yet",
+    "sent": "the last report says sent: WhatsApp has it, the phone has not confirmed",
+    "delivered": "the phone received it",
+    "read": "the recipient opened it",
+    "failed": "WhatsApp could not deliver it (the remark says why); final",
+    "unknown": "the send's own outcome is unknown and no report has matched it yet",
+}
+
 FAIL_ON_POLICIES = ("unreachable", "any", "never")
 UNKNOWN_POLICIES = ("wait", "ignore", "fail")
 
@@ -57,6 +80,10 @@ class DeliveryEvent:
     api_header: str | None = None
     recipient: str | None = None
     raw: str = ""  # the item as received, JSON text, for audits
+    # Webhook v2's pricing, when the item carries it (None: not reported).
+    billable: bool | None = None
+    category: str | None = None
+    pricing_model: str | None = None
 
     @property
     def rank(self) -> int:
@@ -73,8 +100,22 @@ class DeliverySummary:
     unknown: int = 0  # send outcome unknown (timed out) and not yet reconciled
     failed: list[dict[str, str]] = field(default_factory=list)  # [{"message_id", "remark"}], capped
     failed_total: int = 0
+    # What the reports said the messages cost (webhook v2's pricing): billable messages by
+    # category, those not billable, and those whose reports carry no pricing (v1, or none yet).
+    billable: dict[str, int] = field(default_factory=dict)
+    not_billable: int = 0
+    pricing_not_reported: int = 0
 
     MAX_FAILED_LISTED = 100
+
+    def add_pricing(self, billable: bool | None, category: str | None, count: int) -> None:
+        if billable is None:
+            self.pricing_not_reported += count
+        elif billable:
+            name = category or "uncategorized"
+            self.billable[name] = self.billable.get(name, 0) + count
+        else:
+            self.not_billable += count
 
     def reached(self, target_status: str) -> int:
         """Messages at the target status or beyond it (failed never counts as beyond)."""
@@ -101,6 +142,9 @@ class DeliverySummary:
             "unknown": self.unknown,
             "failed_total": self.failed_total,
             "failed": self.failed,
+            "billable": dict(sorted(self.billable.items())),
+            "not_billable": self.not_billable,
+            "pricing_not_reported": self.pricing_not_reported,
         }
 
     @classmethod
@@ -112,6 +156,9 @@ class DeliverySummary:
             unknown=data.get("unknown", 0),
             failed=list(data["failed"]),
             failed_total=data["failed_total"],
+            billable=dict(data.get("billable", {})),
+            not_billable=data.get("not_billable", 0),
+            pricing_not_reported=data.get("pricing_not_reported", 0),
         )
 
 

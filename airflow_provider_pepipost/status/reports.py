@@ -1,32 +1,47 @@
-"""The campaign report: what the campaign page shows of some task instances' messages.
+"""The campaign report: what the campaign page and its CSV show of a run's send task instances.
 
-The funnel, refusals and failures by code and remark, the time from send to delivered and to read,
-delivery over time, the failed recipients, and a per-recipient export. Functions of an open
-connection, read through the same tables as the summaries; numbers are masked here unless the
-caller asks for them whole.
+Read from ``campaign_rows`` (one row per input row, with the task's own state for it, as XCom
+``messages`` says) joined to the ledger row of the message standing for it and that message's
+current status. Two counts come out, and each equals its source by construction:
+
+- the task states of the rows: ``send_summary``'s counts;
+- the delivery statuses of the messages the sensor waits on (rows accepted, fallback or unknown):
+  the sensor's summary of the same task.
+
+Functions of an open connection. Whole numbers leave this module only where the caller asks
+for them; every free text (vendor errors, remarks) has its numbers masked unless asked too.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, or_, select
 
-from airflow_provider_pepipost.messages import mask_number
+from airflow_provider_pepipost.numbers import mask_number, mask_numbers_in
 from airflow_provider_pepipost.status import schema
-from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES, TaskKey, task_filter
-from airflow_provider_pepipost.status.model import LedgerState
+from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
 
 FAILED_LISTED = 100
 # Upper bounds (seconds) of the latency histogram's bars; the last bar holds the rest.
 LATENCY_BUCKETS = (10, 30, 60, 300, 900, 3600, 6 * 3600, 24 * 3600)
 TIMELINE_BARS = 30
-_CLOSED_WINDOW = "8007"
+
+# What the task did with an input row (XCom ``messages`` ``state``; ``send_summary`` counts them).
+TASK_STATES = ("accepted", "fallback", "rejected", "unknown", "duplicate", "not_sent", "suppressed")
+# Rows whose message the vendor took, or may have (unknown): what the sensor waits on.
+WENT_OUT = ("accepted", "fallback", "unknown")
+# What the phones reported of a message (the sensor's summary): its last status, ``pending``
+# before any report, ``unknown`` while the send's own outcome is unknown. A status the provider
+# does not know (``enqueued``) is kept and shown under its own name.
+DELIVERY_STATUSES = ("pending", "sent", "delivered", "read", "failed", "unknown")
+PRICING_CATEGORIES = ("marketing", "utility", "authentication", "service")
 
 
 @dataclass
@@ -40,10 +55,24 @@ class Latency:
 
 
 @dataclass
+class Cost:
+    """What the messages cost, as webhook v2 reports said (v1 reports say nothing)."""
+
+    billable: dict[str, int] = field(default_factory=dict)  # category -> billable messages
+    not_billable: int = 0
+    not_reported: int = 0  # no report with pricing (yet, or v1)
+    currency: str | None = None  # of the rate card, when one was given
+    estimated: float | None = None  # billable messages priced by the rate card
+    unpriced: dict[str, int] = field(default_factory=dict)  # billable categories the rate card lacks
+
+
+@dataclass
 class CampaignReport:
     tasks: int = 0
-    total: int = 0  # ledger rows that went out (accepted, unknown) plus refused ones
-    funnel: dict[str, int] = field(default_factory=dict)
+    rows: int = 0  # input rows: send_summary's total
+    states: dict[str, int] = field(default_factory=dict)  # task state -> rows: send_summary's counts
+    messages: int = 0  # rows accepted, fallback or unknown: the sensor's total
+    statuses: dict[str, int] = field(default_factory=dict)  # delivery status -> messages: the sensor's
     refusals: list[tuple[str, str, int]] = field(default_factory=list)  # (code, message, rows)
     failures: list[tuple[str, int]] = field(default_factory=list)  # (remark, messages)
     to_delivered: Latency = field(default_factory=Latency)
@@ -51,102 +80,131 @@ class CampaignReport:
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (bar start, delivered in it)
     timeline_step: float = 0.0
     failed_recipients: list[dict[str, Any]] = field(default_factory=list)
+    cost: Cost = field(default_factory=Cost)
+
+    def reached(self, status: str) -> int:
+        """Messages at this status or beyond: delivered counts read too."""
+        beyond = {"sent": ("sent", "delivered", "read"), "delivered": ("delivered", "read"), "read": ("read",)}
+        return sum(self.statuses.get(s, 0) for s in beyond[status])
 
 
-def _tasks_filter(tasks: Sequence[TaskKey]) -> Any:
-    return or_(*(and_(*task_filter(t)) for t in tasks))
+def _scope(dag_id: str, run_id: str, task_id: str | None) -> Any:
+    """The rows of a run, or of one task of it: by the table's key prefix, never one term per instance."""
+    rows = schema.campaign_rows
+    where = and_(rows.c.dag_id == dag_id, rows.c.run_id == run_id)
+    return and_(where, rows.c.task_id == task_id) if task_id is not None else where
 
 
-def _per_message(tasks: Sequence[TaskKey]) -> Any:
-    """One row per ledger row: its state, current status and when it was first delivered and read."""
-    led, st = schema.ledger, schema.message_status
-    return (
-        select(
-            led.c.task_id,
-            led.c.map_index,
-            led.c.row_index,
-            led.c.recipient,
-            led.c.message_id,
-            led.c.state,
-            led.c.error_code,
-            led.c.error_message,
-            led.c.sent_at,
-            st.c.status,
-            st.c.remark,
-            st.c.delivered_at,
-            st.c.read_at,
-        )
-        .select_from(led.outerjoin(st, st.c.message_id == led.c.message_id))
-        .where(_tasks_filter(tasks))
-        .order_by(led.c.dag_id, led.c.task_id, led.c.map_index, led.c.row_index)
+def _joined(whole_ledger: bool = False) -> Any:
+    """Each row with its message's status. The ledger is looked up for rows whose outcome was
+    unknown only (a report may have reconciled it since), the others carry their message id;
+    ``whole_ledger`` looks it up for every row (the CSV's send times)."""
+    rows, led, st = schema.campaign_rows, schema.ledger, schema.message_status
+    ledger_row = led.c.idempotency_key == rows.c.ledger_key
+    return rows.outerjoin(led, ledger_row if whole_ledger else and_(rows.c.state == "unknown", ledger_row)).outerjoin(
+        st, st.c.message_id == func.coalesce(rows.c.message_id, led.c.message_id)
     )
 
 
-def campaign_report(conn: Connection, tasks: Sequence[TaskKey]) -> CampaignReport:
-    """The report over these task instances (one send task's map indexes, or a whole run's).
+def _delivery_status() -> Any:
+    """A went-out row's delivery status, as the sensor counts it."""
+    rows, led, st = schema.campaign_rows, schema.ledger, schema.message_status
+    unreconciled = and_(rows.c.state == "unknown", or_(led.c.state.in_(IN_FLIGHT_STATES), led.c.message_id.is_(None)))
+    return case(
+        (unreconciled, "unknown"),
+        (func.coalesce(rows.c.message_id, led.c.message_id).is_(None), "unknown"),
+        else_=func.coalesce(st.c.status, "pending"),
+    )
 
-    Counted in the database (grouped), so that 100,000 messages cost a few aggregate queries and
-    one list of times, not 100,000 rows through Python.
+
+def _ledger_scope(dag_id: str, run_id: str, task_id: str | None) -> Any:
+    led = schema.ledger
+    where = and_(led.c.dag_id == dag_id, led.c.run_id == run_id)
+    return and_(where, led.c.task_id == task_id) if task_id is not None else where
+
+
+def campaign_report(
+    conn: Connection,
+    dag_id: str,
+    run_id: str,
+    task_id: str | None = None,
+    *,
+    rate_card: Mapping[str, Any] | None = None,
+    full_text: bool = False,
+) -> CampaignReport:
+    """The report of a run's send tasks (or of one, every map index), counted in the database.
+
+    ``full_text``: free texts as the vendor wrote them; by default the numbers in them are masked.
     """
-    report = CampaignReport(tasks=len(tasks))
-    if not tasks:
+    rows = schema.campaign_rows
+    report = CampaignReport()
+    where = _scope(dag_id, run_id, task_id)
+    instances = select(rows.c.task_id, rows.c.map_index).where(where).distinct().subquery()
+    report.tasks = conn.execute(select(func.count()).select_from(instances)).scalar() or 0
+    if not report.tasks:
         return report
-    led, st = schema.ledger, schema.message_status
-    where = _tasks_filter(tasks)
-    funnel: Counter = Counter()
+    text = (lambda value: value) if full_text else mask_numbers_in
+    states: Counter = Counter()
     refusals: Counter = Counter()
-    failures: Counter = Counter()
-    grouped = (
-        select(led.c.state, led.c.error_code, led.c.error_message, st.c.status, st.c.remark, func.count())
-        .select_from(led.outerjoin(st, st.c.message_id == led.c.message_id))
+    for state, code, message, count in conn.execute(
+        select(rows.c.state, rows.c.error_code, rows.c.error_message, func.count())
         .where(where)
-        .group_by(led.c.state, led.c.error_code, led.c.error_message, st.c.status, st.c.remark)
-    )
-    for state, code, message, status, remark, count in conn.execute(grouped):
-        if state == LedgerState.REJECTED.value:
-            refusals[(code or "", message or "")] += count
-        elif state in IN_FLIGHT_STATES:
-            funnel["unknown"] += count
-        elif state == LedgerState.ACCEPTED.value:
-            funnel[status or "pending"] += count
-            if status == "failed":
-                failures[remark or ""] += count
-    closed_windows = any(code == _CLOSED_WINDOW for code, _ in refusals)
-    served = _served_by_template(conn, where) if closed_windows else set()
-    if served:  # a closed window the template served is not a refusal of the row: it is a fallback
-        refusals[(_CLOSED_WINDOW, _closed_message(refusals))] -= len(served)
-    accepted = sum(funnel[s] for s in ("pending", "sent", "delivered", "read", "failed"))
-    report.funnel = {
-        "sent": accepted,
-        "delivered": funnel["delivered"] + funnel["read"],
-        "read": funnel["read"],
-        "failed": funnel["failed"],
-        "pending": funnel["pending"] + funnel["sent"],
-        "unknown": funnel["unknown"],
-        "rejected": sum(n for n in refusals.values() if n > 0),
-        "fallback": len(served),
-    }
-    report.total = accepted + funnel["unknown"] + report.funnel["rejected"]
-    report.refusals = sorted(((c, m, n) for (c, m), n in refusals.items() if n > 0), key=lambda x: -x[2])
-    report.failures = sorted(failures.items(), key=lambda x: -x[1])
-    _add_times(conn, where, report)
-    _add_failed_recipients(conn, where, served, report)
+        .group_by(rows.c.state, rows.c.error_code, rows.c.error_message)
+    ):
+        states[state] += count
+        if state == "rejected":
+            refusals[(code or "", text(message or ""))] += count
+    report.states = {state: states.get(state, 0) for state in TASK_STATES} | dict(states)
+    report.rows = sum(states.values())
+    report.refusals = sorted(((c, m, n) for (c, m), n in refusals.items()), key=lambda x: (-x[2], x[0], x[1]))
+    _add_delivery_and_cost(conn, where, report, text, rate_card)
+    _add_times(conn, _ledger_scope(dag_id, run_id, task_id), report)
+    _add_failed_recipients(conn, where, report, text)
     return report
 
 
-def _served_by_template(conn: Connection, where: Any) -> set[tuple[Any, ...]]:
-    """The rows whose session message met a closed window (8007) and whose template was accepted."""
-    led = schema.ledger
-    place = (led.c.dag_id, led.c.run_id, led.c.task_id, led.c.map_index, led.c.row_index)
-    closed = func.sum(case((and_(led.c.state == "rejected", led.c.error_code == _CLOSED_WINDOW), 1), else_=0))
-    accepted = func.sum(case((led.c.state == LedgerState.ACCEPTED.value, 1), else_=0))
-    query = select(*place).where(where, or_(led.c.error_code == _CLOSED_WINDOW, led.c.state == "accepted"))
-    query = query.group_by(*place).having(and_(closed > 0, accepted > 0))
-    return {tuple(row) for row in conn.execute(query)}
+def _add_delivery_and_cost(
+    conn: Connection, where: Any, report: CampaignReport, text: Any, rate_card: Mapping[str, Any] | None
+) -> None:
+    """The messages by delivery status, the failures by remark, and the pricing: one grouped read."""
+    rows, st = schema.campaign_rows, schema.message_status
+    status = _delivery_status()
+    remark = case((status == "failed", st.c.remark), else_=None)
+    statuses: Counter = Counter()
+    failures: Counter = Counter()
+    cost = Cost()
+    for value, why, billable, category, count in conn.execute(
+        select(status, remark, st.c.billable, st.c.category, func.count())
+        .select_from(_joined())
+        .where(where, rows.c.state.in_(WENT_OUT))
+        .group_by(status, remark, st.c.billable, st.c.category)
+    ):
+        statuses[value] += count
+        if value == "failed":
+            failures[text(why or "")] += count
+        _add_pricing(cost, billable, category, count)
+    report.statuses = {s: statuses.get(s, 0) for s in DELIVERY_STATUSES} | dict(statuses)
+    report.messages = sum(statuses.values())
+    report.failures = sorted(failures.items(), key=lambda x: (-x[1], x[0]))
+    if rate_card:
+        estimate = price(cost.billable, rate_card)
+        cost.currency, cost.estimated, cost.unpriced = estimate["currency"], estimate["amount"], estimate["unpriced"]
+    report.cost = cost
+
+
+def _add_pricing(cost: Cost, billable: bool | None, category: str | None, count: int) -> None:
+    if billable is None:
+        cost.not_reported += count
+    elif billable:
+        name = category or "uncategorized"
+        cost.billable[name] = cost.billable.get(name, 0) + count
+    else:
+        cost.not_billable += count
 
 
 def _add_times(conn: Connection, where: Any, report: CampaignReport) -> None:
-    """Send to delivered and to read, per accepted message, from the first time each was reported.
+    """Send to delivered and to read, per accepted message of the run's ledger, from the first
+    time each was reported.
 
     The report's time (the vendor's clock, else the receiver's) minus the send time (the
     worker's): two clocks, so these are figures to look at, never a decision.
@@ -155,50 +213,34 @@ def _add_times(conn: Connection, where: Any, report: CampaignReport) -> None:
     query = (
         select(st.c.delivered_at - led.c.sent_at, st.c.read_at - led.c.sent_at, st.c.delivered_at)
         .select_from(led.join(st, st.c.message_id == led.c.message_id))
-        .where(where, led.c.state == LedgerState.ACCEPTED.value, st.c.delivered_at.is_not(None))
+        .where(where, led.c.state == "accepted", st.c.delivered_at.is_not(None))
     )
-    delivered_after: list[float] = []
-    read_after: list[float] = []
-    delivered_times: list[float] = []
-    for to_delivered, to_read, delivered_at in conn.execute(query).tuples():
-        delivered_after.append(max(to_delivered, 0.0))
-        delivered_times.append(delivered_at)
-        if to_read is not None:
-            read_after.append(max(to_read, 0.0))
-    report.to_delivered = _latency(delivered_after)
-    report.to_read = _latency(read_after)
-    report.timeline, report.timeline_step = _timeline(delivered_times)
+    found = conn.execute(query).all()  # one fetch: row by row costs more than the query
+    report.to_delivered = _latency([max(row[0], 0.0) for row in found])
+    report.to_read = _latency([max(row[1], 0.0) for row in found if row[1] is not None])
+    report.timeline, report.timeline_step = _timeline([row[2] for row in found])
 
 
-def _add_failed_recipients(conn: Connection, where: Any, served: set[tuple[Any, ...]], report: CampaignReport) -> None:
-    """The first refused rows (but those the template served), then the messages that failed."""
-    led, st = schema.ledger, schema.message_status
-    columns = (led.c.dag_id, led.c.run_id, led.c.task_id, led.c.map_index, led.c.row_index, led.c.recipient)
-    refused = (
-        select(*columns, led.c.error_code, led.c.error_message)
-        .where(where, led.c.state == "rejected")
-        .order_by(led.c.dag_id, led.c.task_id, led.c.map_index, led.c.row_index)
-    )
-    for row in conn.execute(refused):
-        if len(report.failed_recipients) >= FAILED_LISTED:
-            break
-        if tuple(row[:5]) not in served:
-            _list_failed(report, row, "refused", f"{row.error_code}: {row.error_message}")
+def _add_failed_recipients(conn: Connection, where: Any, report: CampaignReport, text: Any) -> None:
+    """The first rows the vendor refused, then the first messages that failed on the phone's side."""
+    rows, st = schema.campaign_rows, schema.message_status
+    order = (rows.c.task_id, rows.c.map_index, rows.c.row_index)
+    columns = (rows.c.task_id, rows.c.map_index, rows.c.row_index, rows.c.recipient)
+    refused = select(*columns, rows.c.error_code, rows.c.error_message).where(where, rows.c.state == "rejected")
+    for row in conn.execute(refused.order_by(*order).limit(FAILED_LISTED)):
+        _list_failed(report, row, "refused", text(f"{row.error_code}: {row.error_message}"))
+    room = FAILED_LISTED - len(report.failed_recipients)
+    if room <= 0:
+        return
     failed = (
         select(*columns, st.c.remark)
-        .select_from(led.join(st, st.c.message_id == led.c.message_id))
-        .where(where, led.c.state == LedgerState.ACCEPTED.value, st.c.status == "failed")
-        .order_by(led.c.dag_id, led.c.task_id, led.c.map_index, led.c.row_index)
-        .limit(FAILED_LISTED)
+        .select_from(_joined())
+        .where(where, rows.c.state.in_(WENT_OUT), _delivery_status() == "failed")
+        .order_by(*order)
+        .limit(room)
     )
     for row in conn.execute(failed):
-        if len(report.failed_recipients) >= FAILED_LISTED:
-            break
-        _list_failed(report, row, "failed", row.remark or "")
-
-
-def _closed_message(refusals: Counter) -> str:
-    return next((m for (c, m) in refusals if c == _CLOSED_WINDOW), "")
+        _list_failed(report, row, "failed", text(row.remark or ""))
 
 
 def _list_failed(report: CampaignReport, row: Any, kind: str, reason: str) -> None:
@@ -213,6 +255,37 @@ def _list_failed(report: CampaignReport, row: Any, kind: str, reason: str) -> No
     )
 
 
+def price(billable: Mapping[str, int], rate_card: Mapping[str, Any]) -> dict[str, Any]:
+    """Billable messages by category, priced by a rate card (see ``check_rate_card``): the amount,
+    its currency, and the billable messages of categories the card has no price for."""
+    prices = {k: float(v) for k, v in rate_card.items() if k != "currency"}
+    return {
+        "currency": str(rate_card.get("currency") or ""),
+        "amount": round(sum(n * prices[c] for c, n in billable.items() if c in prices), 6),
+        "unpriced": {c: n for c, n in billable.items() if c not in prices},
+    }
+
+
+def check_rate_card(value: Any) -> dict[str, Any]:
+    """A rate card as ``{"currency": "INR", "marketing": 0.78, ...}``: a price per billable message
+    by category. Raises ValueError naming the entry that is wrong."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"rate_card must be a mapping of category to price, not {type(value).__name__}")
+    card: dict[str, Any] = {}
+    for key, price in value.items():
+        if key == "currency":
+            if not isinstance(price, str) or not price.strip() or len(price) > 8:
+                raise ValueError(f"rate_card['currency'] must be a currency code such as 'INR', not {price!r}")
+            card[key] = price.strip()
+            continue
+        if isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price) or price < 0:
+            raise ValueError(f"rate_card[{key!r}] must be a price of 0 or more, not {price!r}")
+        card[str(key).lower()] = float(price)
+    if "currency" not in card:
+        raise ValueError("rate_card needs a 'currency' (e.g. 'INR') beside the prices")
+    return card
+
+
 def _percentile(sorted_values: list[float], share: float) -> float:
     index = max(math.ceil(share * len(sorted_values)) - 1, 0)
     return sorted_values[index]
@@ -222,13 +295,12 @@ def _latency(values: list[float]) -> Latency:
     if not values:
         return Latency()
     values.sort()
-    bars = Counter()
-    for value in values:
-        bars[next((b for b in LATENCY_BUCKETS if value < b), None)] += 1
-    labels = [(f"< {_duration(b)}", bars[b]) for b in LATENCY_BUCKETS] + [
-        (f"≥ {_duration(LATENCY_BUCKETS[-1])}", bars[None])
-    ]
-    return Latency(len(values), _percentile(values, 0.5), _percentile(values, 0.9), labels)
+    # Sorted: each bar's end is one bisection, not one comparison per value.
+    ends = [bisect.bisect_left(values, bound) for bound in LATENCY_BUCKETS]
+    counts = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)] + [len(values) - ends[-1]]
+    labels = [f"< {_duration(b)}" for b in LATENCY_BUCKETS] + [f"≥ {_duration(LATENCY_BUCKETS[-1])}"]
+    histogram = list(zip(labels, counts, strict=True))
+    return Latency(len(values), _percentile(values, 0.5), _percentile(values, 0.9), histogram)
 
 
 def _duration(seconds: float) -> str:
@@ -245,28 +317,58 @@ def _timeline(times: list[float]) -> tuple[list[tuple[float, int]], float]:
         return [], 0.0
     start, end = min(times), max(times)
     step = max((end - start) / TIMELINE_BARS, 1.0)
-    bars = Counter(min(int((t - start) // step), TIMELINE_BARS - 1) for t in times)
+    last = TIMELINE_BARS - 1
+    bars = Counter([min(int((t - start) // step), last) for t in times])
     return [(start + i * step, bars[i]) for i in range(TIMELINE_BARS)], step
 
 
 EXPORT_COLUMNS = (
-    "task", "map_index", "row", "recipient", "message_id", "state", "last_status",
+    "task", "map_index", "row", "recipient", "state", "message_id", "last_status", "category", "billable",
     "sent_at", "delivered_at", "read_at", "error",
 )  # fmt: skip
 
 
-def export_rows(conn: Connection, tasks: Sequence[TaskKey], *, full_numbers: bool) -> Iterator[tuple[Any, ...]]:
-    """Every ledger row of these task instances, for a CSV, streamed from the database."""
-    if not tasks:
-        return
-    result = conn.execution_options(yield_per=5000).execute(_per_message(tasks))
-    for row in result:
-        error = f"{row.error_code}: {row.error_message}" if row.error_code else (row.error_message or row.remark or "")
+def export_rows(
+    conn: Connection, dag_id: str, run_id: str, task_id: str | None = None, *, full_numbers: bool
+) -> Iterator[tuple[Any, ...]]:
+    """One row per input row (XCom ``messages``' rows and states, plus the delivery columns),
+    streamed from the database; numbers masked unless ``full_numbers``, in free text too."""
+    rows, led, st = schema.campaign_rows, schema.ledger, schema.message_status
+    went_out = rows.c.state.in_(WENT_OUT)
+
+    def delivery(column: Any) -> Any:  # only for the messages that went out: a duplicate has none
+        return case((went_out, column), else_=None)
+
+    columns = (
+        rows.c.task_id, rows.c.map_index, rows.c.row_index, rows.c.recipient, rows.c.state,
+        delivery(func.coalesce(led.c.message_id, rows.c.message_id)).label("message_id"),
+        case((went_out, _delivery_status()), else_="").label("status"),
+        delivery(st.c.category).label("category"), delivery(st.c.billable).label("billable"),
+        case((rows.c.state.in_((*WENT_OUT, "rejected")), led.c.sent_at), else_=None).label("sent_at"),
+        delivery(st.c.delivered_at).label("delivered_at"), delivery(st.c.read_at).label("read_at"),
+        rows.c.error_code, rows.c.error_message, st.c.remark,
+    )  # fmt: skip
+    query = (
+        select(*columns)
+        .select_from(_joined(whole_ledger=True))
+        .where(_scope(dag_id, run_id, task_id))
+        .order_by(rows.c.task_id, rows.c.map_index, rows.c.row_index)
+    )
+    text = (lambda value: value) if full_numbers else mask_numbers_in
+    for row in conn.execution_options(yield_per=5000).execute(query):
+        if row.state == "rejected":
+            error = f"{row.error_code}: {row.error_message}" if row.error_code else (row.error_message or "")
+        elif row.status == "failed":
+            error = row.remark or ""
+        else:
+            error = row.error_message or ""
         yield (
             row.task_id, row.map_index, row.row_index,
             row.recipient if full_numbers else mask_number(row.recipient),
-            row.message_id or "", row.state, row.status or "",
-            _iso(row.sent_at), _iso(row.delivered_at), _iso(row.read_at), error,
+            row.state, row.message_id or "", row.status, row.category or "",
+            "" if row.billable is None else ("yes" if row.billable else "no"),
+            _iso(row.sent_at), _iso(row.delivered_at), _iso(row.read_at),
+            text(error),
         )  # fmt: skip
 
 
@@ -276,17 +378,13 @@ def _iso(epoch: float | None) -> str:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def run_tasks(conn: Connection, dag_id: str, run_id: str, task_id: str | None = None) -> list[TaskKey]:
-    """The task instances of a run (or of one task of it, every map index) that sent messages."""
-    led = schema.ledger
-    query = (
-        select(led.c.dag_id, led.c.run_id, led.c.task_id, led.c.map_index)
-        .distinct()
-        .where(led.c.dag_id == dag_id, led.c.run_id == run_id)
-    )
-    if task_id is not None:
-        query = query.where(led.c.task_id == task_id)
-    return [TaskKey(*row) for row in conn.execute(query.order_by(led.c.task_id, led.c.map_index))]
-
-
-__all__ = ["EXPORT_COLUMNS", "CampaignReport", "campaign_report", "export_rows", "run_tasks"]
+__all__ = [
+    "DELIVERY_STATUSES",
+    "EXPORT_COLUMNS",
+    "TASK_STATES",
+    "CampaignReport",
+    "Cost",
+    "campaign_report",
+    "check_rate_card",
+    "export_rows",
+]

@@ -5,11 +5,23 @@ Bump SCHEMA_VERSION and add a step to ``migrations.MIGRATIONS`` for any change t
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+)
 
 from airflow_provider_pepipost import limits
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 metadata = MetaData()
 
@@ -83,6 +95,34 @@ message_status = Table(
     # time, else the receiver's. Kept here so that the campaign page reads no events.
     Column("delivered_at", Float, nullable=True),
     Column("read_at", Float, nullable=True),
+    # v8: what the conversation cost, from the first report of a webhook v2 that carried pricing
+    # (v1 reports carry none: NULL is "not reported", never "free").
+    Column("billable", Boolean, nullable=True),
+    Column("category", String(limits.PRICING_MAX), nullable=True),  # marketing, utility, ...
+    Column("pricing_model", String(limits.PRICING_MAX), nullable=True),
+)
+
+# v8: one row per input row of a send task instance, with the task's own state for it: what XCom
+# ``messages`` says, kept for the campaign page and its CSV (the ledger above has one row per send
+# attempt: a session message refused with 8007 and its template are two). ``ledger_key`` names the
+# ledger row of the message that stands for the row, whose message id and status the page reads.
+campaign_rows = Table(
+    "pepipost_campaign_rows",
+    metadata,
+    *_task_instance_columns(),
+    Column("row_index", Integer, nullable=False),
+    # accepted | fallback | rejected | unknown | duplicate | not_sent | suppressed
+    Column("state", String(limits.LEDGER_STATE_MAX), nullable=False),
+    Column("recipient", String(limits.RECIPIENT_MAX), nullable=False),
+    Column("ledger_key", String(limits.IDEMPOTENCY_KEY_MAX), nullable=True),
+    Column("message_id", String(limits.MESSAGE_ID_MAX), nullable=True),
+    Column("error_code", String(limits.ERROR_CODE_MAX), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("campaign", String(limits.CAMPAIGN_HASH_MAX), nullable=True),
+    Column("attempt", String(limits.ATTEMPT_MAX), nullable=True),  # the try that wrote it
+    Column("updated_at", Float, nullable=False),
+    # By run first: the page selects a run (or one task of it) by this key's prefix.
+    PrimaryKeyConstraint("dag_id", "run_id", "task_id", "map_index", "row_index"),
 )
 
 # Every delivery event as it came, once: the key folds message id, status and reported time.

@@ -25,7 +25,7 @@ from airflow_provider_pepipost.status import consent, ingest, ledger, reports, s
 from airflow_provider_pepipost.status.consent import Consent, ConsentBatch
 from airflow_provider_pepipost.status.engines import get_engine, insert_for, redact_url, sqlite_write_lock
 from airflow_provider_pepipost.status.ingest import DeadLetterItem, IngestResult, WebhookBatch
-from airflow_provider_pepipost.status.ledger import Claim, ClaimAnswer, LedgerEntry, Outcome, TaskKey
+from airflow_provider_pepipost.status.ledger import Claim, ClaimAnswer, LedgerEntry, Outcome, RowRecord, TaskKey
 from airflow_provider_pepipost.status.migrations import migrate
 from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary
 from airflow_provider_pepipost.status.resolver import resolve_store_url
@@ -128,13 +128,15 @@ class StatusStore:
         campaign: str | None = None,
         generation: int = 0,
         check_opt_outs: bool = False,
+        rows: Sequence[RowRecord] = (),
     ) -> list[ClaimAnswer]:
         """Claims and outcomes of many sends in one transaction (the send loop's group commit).
 
         Returns the ledger's answer to each claim (see ``ledger.claim``). With
         ``check_opt_outs``, a granted claim whose number is on the suppression list is recorded
         ``suppressed`` instead, in the same transaction: a STOP stored before the claim's commit
-        is honoured, however long the campaign has been running.
+        is honoured, however long the campaign has been running. ``rows``: what became of input
+        rows (see ``ledger.record_rows``), written in the same transaction.
         """
         now = time.time()
         answers: list[ClaimAnswer] = []
@@ -150,7 +152,16 @@ class StatusStore:
                     answers = self._suppress_opted_out(conn, claims, answers, now)
             if outcomes:
                 ledger.record_outcomes(conn, outcomes, now)
+            if rows:
+                if task is None:
+                    raise ValueError("rows need the task instance they belong to")
+                ledger.record_rows(conn, task, rows, campaign=campaign, attempt=attempt, now=now)
         return answers
+
+    def prune_rows(self, task: TaskKey, attempt: str) -> None:
+        """After a try went through its whole audience: forget rows only earlier tries had."""
+        with self._writing() as conn:
+            ledger.prune_rows(conn, task, attempt)
 
     @staticmethod
     def _suppress_opted_out(
@@ -317,18 +328,25 @@ class StatusStore:
 
     # -- the campaign page ----------------------------------------------------------------------
 
-    def campaign_report(self, dag_id: str, run_id: str, task_id: str | None = None) -> reports.CampaignReport:
+    def campaign_report(
+        self,
+        dag_id: str,
+        run_id: str,
+        task_id: str | None = None,
+        *,
+        rate_card: Mapping[str, Any] | None = None,
+        full_text: bool = False,
+    ) -> reports.CampaignReport:
         """The campaign page's figures for a DAG run, or for one send task of it (all map indexes)."""
         with self.engine.connect() as conn:
-            return reports.campaign_report(conn, reports.run_tasks(conn, dag_id, run_id, task_id))
+            return reports.campaign_report(conn, dag_id, run_id, task_id, rate_card=rate_card, full_text=full_text)
 
     def export_campaign(
         self, dag_id: str, run_id: str, task_id: str | None = None, *, full_numbers: bool = False
     ) -> Iterator[tuple[Any, ...]]:
-        """Every recipient's outcome (``reports.EXPORT_COLUMNS``), streamed; numbers masked unless asked."""
+        """One row per input row (``reports.EXPORT_COLUMNS``), streamed; numbers masked unless asked."""
         with self.engine.connect() as conn:
-            tasks = reports.run_tasks(conn, dag_id, run_id, task_id)
-            yield from reports.export_rows(conn, tasks, full_numbers=full_numbers)
+            yield from reports.export_rows(conn, dag_id, run_id, task_id, full_numbers=full_numbers)
 
     def last_report_at(self, targets: Sequence[str | TaskKey] | None = None) -> float | None:
         """When the store last received a delivery report (epoch seconds), or None if never.

@@ -11,7 +11,20 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, String, Text, any_, bindparam, cast, func, literal, null, select, union_all
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    String,
+    Text,
+    any_,
+    bindparam,
+    cast,
+    func,
+    literal,
+    null,
+    select,
+    union_all,
+)
 from sqlalchemy.dialects import postgresql
 
 from airflow_provider_pepipost.status import schema
@@ -33,27 +46,35 @@ def summarize_ids(conn: Connection, message_ids: Iterable[str], *, chunked: bool
     summary = DeliverySummary(total=len(ids))
     st = schema.message_status
     for matches in id_filters(conn, st.c.message_id, ids, chunked):
-        # One statement per id set, so the ids travel once: the counts by status, then (marked by
-        # a null status) the first failed ids with their remarks.
-        matched = select(st.c.message_id, st.c.status, st.c.remark).where(matches).cte("matched")
+        # One statement per id set, so the ids travel once: the counts by status and pricing, then
+        # (marked by a null status) the first failed ids with their remarks.
+        matched = select(st.c.message_id, st.c.status, st.c.remark, st.c.billable, st.c.category)
+        matched = matched.where(matches).cte("matched")
         counts = select(
-            matched.c.status, func.count().label("n"), cast(null(), String).label("mid"), cast(null(), Text)
-        ).group_by(matched.c.status)
+            matched.c.status, func.count().label("n"), cast(null(), String).label("mid"),
+            cast(null(), Text).label("failed_remark"), matched.c.billable, matched.c.category,
+        ).group_by(matched.c.status, matched.c.billable, matched.c.category)  # fmt: skip
         room = max(DeliverySummary.MAX_FAILED_LISTED - len(summary.failed), 0)
+        failed_columns = (
+            cast(null(), String).label("status"), literal(0).label("n"), matched.c.message_id, matched.c.remark,
+            cast(null(), Boolean).label("billable"), cast(null(), String).label("category"),
+        )  # fmt: skip
         failed = (
-            select(cast(null(), String), literal(0), matched.c.message_id, matched.c.remark)
+            select(*failed_columns)
             .where(matched.c.status == "failed")
             .order_by(matched.c.message_id)
             .limit(room)
             .subquery()
         )
-        for status, count, message_id, remark in conn.execute(union_all(counts, select(failed))):
+        for status, count, message_id, remark, billable, category in conn.execute(union_all(counts, select(failed))):
             if status is None:
                 summary.failed.append({"message_id": message_id, "remark": remark})
             else:
                 summary.counts[status] = summary.counts.get(status, 0) + count
+                summary.add_pricing(billable, category, count)
     summary.failed_total = summary.counts.get("failed", 0)
     summary.pending = summary.total - sum(summary.counts.values())
+    summary.pricing_not_reported += summary.pending  # no report at all: no pricing either
     return summary
 
 
@@ -87,13 +108,14 @@ def summarize_task(conn: Connection, task: TaskKey) -> DeliverySummary:
         rows += (led.c.state.in_(IN_FLIGHT_STATES) | led.c.reconciled_at.is_not(None),)
     if task.campaign is not None:
         rows += (led.c.campaign == task.campaign,)
-    for state, status, count in conn.execute(
-        select(led.c.state, st.c.status, func.count())
+    for state, status, billable, category, count in conn.execute(
+        select(led.c.state, st.c.status, st.c.billable, st.c.category, func.count())
         .select_from(joined)
         .where(*rows)
-        .group_by(led.c.state, st.c.status)
+        .group_by(led.c.state, st.c.status, st.c.billable, st.c.category)
     ):
         summary.total += count
+        summary.add_pricing(billable if state not in IN_FLIGHT_STATES else None, category, count)
         if state in IN_FLIGHT_STATES:
             summary.unknown += count
         elif status is None:
@@ -124,6 +146,10 @@ def merge_summaries(parts: Sequence[DeliverySummary]) -> DeliverySummary:
         total.failed_total += part.failed_total
         for status, count in part.counts.items():
             total.counts[status] = total.counts.get(status, 0) + count
+        for category, count in part.billable.items():
+            total.billable[category] = total.billable.get(category, 0) + count
+        total.not_billable += part.not_billable
+        total.pricing_not_reported += part.pricing_not_reported
         total.failed.extend(part.failed[: DeliverySummary.MAX_FAILED_LISTED - len(total.failed)])
     return total
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -91,9 +93,9 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
         while True:
             try:
                 if store is None:
-                    url = await asyncio.to_thread(resolve_store_url, self.status_store_conn_id)
-                    store = await asyncio.to_thread(StatusStore, url)
-                summary = await asyncio.to_thread(store.summarize, targets)
+                    url = await _in_thread(resolve_store_url, self.status_store_conn_id)
+                    store = await _in_thread(StatusStore, url)
+                summary = await _in_thread(store.summarize, targets)
             except Exception as err:
                 errors += 1
                 self.log.warning("Reading the status store failed (%d in a row): %s", errors, type(err).__name__)
@@ -122,3 +124,13 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
                 summary.pending, summary.failed_total,
             )  # fmt: skip
             await asyncio.sleep(self.poll_interval)
+
+
+# The store reads of every status trigger in this triggerer: threads of their own, so that other
+# work on the event loop's default pool (a notifier's alert, another provider's trigger) never
+# delays a delivered sensor, and these reads never delay that work.
+_STORE_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pepipost-status")
+
+
+async def _in_thread(function: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(_STORE_THREADS, functools.partial(function, *args))

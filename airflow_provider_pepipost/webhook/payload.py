@@ -130,7 +130,26 @@ def parse_delivery_item(item: Any) -> DeliveryEvent:
         api_header=_text_field(item, "x-apiheader", limits.API_HEADER_MAX, required=False),
         recipient=_canonical(_text_field(item, "recipient", limits.RECIPIENT_MAX, required=False)),
         raw=raw,
+        **_pricing(item.get("pricing")),
     )
+
+
+def _pricing(value: Any) -> dict[str, Any]:
+    """Webhook v2's ``pricing {billable, category, pricing_model, type}``; what cannot be read is left
+    out (a report's status never depends on its pricing)."""
+    if not isinstance(value, dict):
+        return {}
+    billable = value.get("billable")
+    if isinstance(billable, str) and billable.strip().lower() in ("true", "false"):
+        billable = billable.strip().lower() == "true"
+    if not isinstance(billable, bool):
+        return {}
+    found: dict[str, Any] = {"billable": billable}
+    for name in ("category", "pricing_model"):
+        text = value.get(name)
+        if isinstance(text, str) and text.strip() and len(text) <= limits.PRICING_MAX and not limits.text_problem(text):
+            found[name] = text.strip().lower() if name == "category" else text.strip()
+    return found
 
 
 def _canonical(number: str | None) -> str | None:

@@ -18,7 +18,9 @@ SEGMENTS = [NUMBERS[:10], NUMBERS[10:20], NUMBERS[20:30]]
 def send_segments(segments: list[list[str]], clear_number: int, run_id: str = "run-1") -> list[tuple[object, object]]:
     """Each segment to the map index it lands in, as one run of a mapped send task does."""
     return [
-        run_operator(rows, StandInTaskInstance(run_id=run_id, map_index=index), clear_number=clear_number)
+        run_operator(
+            rows, StandInTaskInstance(run_id=run_id, map_index=index), clear_number=clear_number, xcom_full_numbers=True
+        )
         for index, rows in enumerate(segments)
     ]
 

@@ -49,6 +49,11 @@ def test_a_clear_of_a_mapped_run_whose_upstream_reorders_sends_nothing_twice(tmp
         stack.wait_for_runs([DAG], 1)
         first = {index: recipients(stack, run_id, index) for index in range(3)}
         assert stack_sent(sandbox) == 30
+        # The mapped send's asset is active: one event per map index, each with its counts.
+        events = campaign_events(stack)
+        assert sorted(event["map_index"] for event in events) == [0, 1, 2], events
+        assert all(event["accepted"] == 10 and event["run_id"] == run_id for event in events), events
+        assert "inactive assets" not in stack.procs.log("api-server")
 
         answer = requests.post(
             f"{stack.api_url}/api/v2/dags/{DAG}/clearTaskInstances",
@@ -80,6 +85,16 @@ def xcom(stack: AirflowStack, dag_id: str, run_id: str, task_id: str, key: str, 
         params = {"dag": dag_id, "run": run_id, "task": task_id, "key": key, "map_index": map_index}
         value = conn.execute(query, params).scalar_one()
     return json.loads(value) if isinstance(value, str) else value
+
+
+def campaign_events(stack: AirflowStack) -> list[dict[str, Any]]:
+    """The extras of the asset events the mapped send emitted, from Airflow's database."""
+    query = sqlalchemy.text(
+        "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.uri = :uri ORDER BY e.id"
+    )
+    with stack.metadata.connect() as conn:
+        extras = conn.execute(query, {"uri": f"pepipost://campaign/{DAG}/send"}).scalars().all()
+    return [json.loads(extra) if isinstance(extra, str) else extra for extra in extras]
 
 
 def recipients(stack: AirflowStack, run_id: str, map_index: int) -> list[str]:

@@ -1,5 +1,6 @@
-"""The campaign page's figures against the store they come from (the real browser test is in
-tests/system/test_campaign_page.py)."""
+"""The campaign page's figures against the store they come from, on SQLite and PostgreSQL (the real
+browser test is in tests/system/test_campaign_page.py; the counts against the task's own XCom
+and the sensor in tests/faults/test_campaign_truth.py)."""
 
 from __future__ import annotations
 
@@ -13,35 +14,52 @@ from sqlalchemy import update
 
 from airflow_provider_pepipost.plugins.campaign_page import create_campaign_app
 from airflow_provider_pepipost.status import schema
-from airflow_provider_pepipost.status.ledger import Claim, Outcome, TaskKey
+from airflow_provider_pepipost.status.ledger import Claim, Outcome, RowRecord, TaskKey
 from airflow_provider_pepipost.status.model import DeliveryEvent
 from airflow_provider_pepipost.status.store import StatusStore
 
 SEND = TaskKey("campaign", "run-1", "send")
 T0 = 1_800_000_000.0
+RATE_CARD = {"currency": "INR", "marketing": 0.8, "utility": 0.1}
+
+
+def number(i: int) -> str:
+    return f"9198000000{i:02d}"
 
 
 def fill(store: StatusStore) -> None:
-    """20 rows: 12 read, 3 delivered, 2 failed, 1 unknown, 1 refused (8003), 1 pending."""
-    claims = [Claim(f"k{i}", f"k{i}", f"9198000000{i:02d}", i) for i in range(20)]
+    """25 rows: 12 read, 3 delivered, 2 failed, 1 unknown, 1 refused (8003, its text naming the
+    number), 1 pending, 1 'enqueued' (a status the provider does not know), 1 duplicate,
+    2 suppressed, 1 not sent."""
+    claims = [Claim(f"k{i}", f"k{i}", number(i), i) for i in range(21)]
     store.write_ledger(SEND, claims, attempt="a1")
     outcomes = [Outcome(f"k{i}", "accepted", message_id=f"m{i}") for i in range(17)]
-    outcomes += [Outcome("k17", "unknown"), Outcome("k18", "rejected", error_code="8003", error_message="no WhatsApp")]
-    outcomes += [Outcome("k19", "accepted", message_id="m19")]
+    outcomes += [Outcome("k17", "unknown")]
+    outcomes += [Outcome("k18", "rejected", error_code="8003", error_message=f"{number(18)} is not on WhatsApp")]
+    outcomes += [Outcome("k19", "accepted", message_id="m19"), Outcome("k20", "accepted", message_id="m20")]
     store.write_ledger(None, outcomes=outcomes)
+    rows = [RowRecord(i, number(i), "accepted", f"k{i}", f"m{i}") for i in (*range(17), 19, 20)]
+    rows += [RowRecord(17, number(17), "unknown", "k17")]
+    rows += [RowRecord(18, number(18), "rejected", "k18", None, "8003", f"{number(18)} is not on WhatsApp")]
+    rows += [RowRecord(21, number(3), "duplicate", "k3", None, None, "the same recipient and content")]
+    rows += [RowRecord(22 + i, number(50 + i), "suppressed", None, None, None, "opted out") for i in range(2)]
+    rows += [RowRecord(24, number(60), "not_sent", None, None, None, "the campaign stopped")]
+    store.write_ledger(SEND, rows=rows, attempt="a1", campaign="campaign/run-1/send")
     with store.engine.begin() as conn:  # a known send time, so the latencies are known
         conn.execute(update(schema.ledger).values(sent_at=T0))
     events = []
     for i in range(12):
-        events += [ev(f"m{i}", "delivered", T0 + 10 + i), ev(f"m{i}", "read", T0 + 100 + i)]
-    events += [ev(f"m{i}", "delivered", T0 + 40) for i in range(12, 15)]
-    events += [ev(f"m{i}", "failed", T0 + 5, remark="Recipient phone unreachable") for i in (15, 16)]
+        marketing = {"billable": True, "category": "marketing"}
+        events += [ev(f"m{i}", "delivered", T0 + 10 + i, **marketing), ev(f"m{i}", "read", T0 + 100 + i)]
+    events += [ev(f"m{i}", "delivered", T0 + 40, billable=True, category="utility") for i in range(12, 15)]
+    events += [ev(f"m{i}", "failed", T0 + 5, remark=f"Phone {number(i)} unreachable") for i in (15, 16)]
+    events += [ev("m20", "enqueued", T0 + 5)]
     store.ingest(events)
 
 
-def ev(message_id: str, status: str, at: float, remark: str = "") -> DeliveryEvent:
+def ev(message_id: str, status: str, at: float, remark: str = "", **pricing) -> DeliveryEvent:
     return DeliveryEvent(
-        message_id=message_id, status=status, raw_status=status, remark=remark, reported_at=at, raw="{}"
+        message_id=message_id, status=status, raw_status=status, remark=remark, reported_at=at, raw="{}", **pricing
     )
 
 
@@ -52,37 +70,88 @@ def allow(request: Request) -> None:
 
 @pytest.fixture
 def client(store_url):
-    store = StatusStore(store_url)
-    fill(store)
+    fill(StatusStore(store_url))
     app = create_campaign_app(
         store_url,
         auth=(allow, lambda request, dag_id: request.headers.get("x-edit") == "yes"),
-        send_summaries=lambda *_: [{"suppressed": 3}],
+        rate_card=lambda: RATE_CARD,
     )
     return TestClient(app)
 
 
-def test_the_funnel_latencies_and_failures_match_the_store(client):
+def test_the_page_counts_rows_by_state_and_messages_by_status(client):
     report = client.get("/dags/campaign/runs/run-1/report.json", headers={"x-user": "ana"}).json()
-    assert report["funnel"] == {"sent": 18, "delivered": 15, "read": 12, "failed": 2, "pending": 1, "unknown": 1,
-                                "rejected": 1, "fallback": 0}  # fmt: skip
+    assert report["rows"] == 25 and report["messages"] == 20
+    assert report["states"] == {"accepted": 19, "fallback": 0, "rejected": 1, "unknown": 1, "duplicate": 1,
+                                "not_sent": 1, "suppressed": 2}  # fmt: skip
+    assert report["statuses"] == {"pending": 1, "sent": 0, "delivered": 3, "read": 12, "failed": 2, "unknown": 1,
+                                  "enqueued": 1}  # fmt: skip
     page = client.get("/dags/campaign/runs/run-1/tasks/send", headers={"x-user": "ana"}).text
-    assert "data-stage='delivered'>15<" in page and "data-stage='suppressed'>3<" in page
+    assert "data-status='delivered'>3<" in page and "data-state='suppressed'>2<" in page
+    assert "data-state='not_sent'>1<" in page and "data-status='enqueued'>1<" in page
     # Delivered: 12 after 10..21 s and 3 after 40 s -> median 17 s, p90 40 s; read 100..111 s (shown in minutes).
     assert "<td>to delivered</td><td class='n'>15</td><td class='n'>17 s</td><td class='n'>40 s</td>" in page
     assert "<td>to read</td><td class='n'>12</td><td class='n'>1.8 min</td><td class='n'>1.8 min</td>" in page
-    assert "Recipient phone unreachable" in page and "8003" in page
-    assert "919800000015" not in page and "9198******15" in page  # numbers masked on the page
+    assert "8003" in page and "id='legend'" in page
 
 
-def test_the_csv_has_every_row_masked_unless_the_viewer_may_edit(client):
+def test_the_page_shows_what_it_cost_by_category(client):
+    page = client.get("/dags/campaign/runs/run-1", headers={"x-user": "ana"}).text
+    assert "data-category='marketing'><td>marketing</td><td class='n'>12<" in page
+    assert "data-category='utility'><td>utility</td><td class='n'>3<" in page
+    assert "data-category='not reported'><td>not reported</td><td class='n'>5<" in page
+    assert "Estimated cost: <b>9.90 INR</b>" in page  # 12 x 0.8 + 3 x 0.1
+
+
+def test_a_viewer_sees_no_whole_number_not_even_in_the_vendors_text(client):
+    page = client.get("/dags/campaign/runs/run-1", headers={"x-user": "ana"}).text
+    masked = client.get("/dags/campaign/runs/run-1/export.csv", headers={"x-user": "ana"}).text
+    for text in (page, masked):
+        assert not any(number(i) in text for i in range(61)), text
+    assert "9198******18 is not on WhatsApp" in page and "Phone 9198******15 unreachable" in masked
+
+
+def test_the_csv_is_one_row_per_input_row_with_the_tasks_state(client):
     masked = client.get("/dags/campaign/runs/run-1/export.csv", headers={"x-user": "ana"})
     rows = list(csv.DictReader(io.StringIO(masked.text)))
-    assert len(rows) == 20 and rows[0]["recipient"] == "9198******00" and rows[0]["last_status"] == "read"
-    assert rows[0]["delivered_at"] == "2027-01-15T08:00:10Z"
-    assert {r["state"] for r in rows} == {"accepted", "unknown", "rejected"}
+    assert [int(r["row"]) for r in rows] == list(range(25))
+    by_row = {int(r["row"]): r for r in rows}
+    assert by_row[0]["recipient"] == "9198******00" and by_row[0]["last_status"] == "read"
+    assert by_row[0]["category"] == "marketing" and by_row[0]["billable"] == "yes"
+    assert by_row[0]["delivered_at"] == "2027-01-15T08:00:10Z"
+    assert by_row[21]["state"] == "duplicate" and by_row[21]["message_id"] == "" and by_row[21]["sent_at"] == ""
+    assert by_row[17]["state"] == "unknown" and by_row[17]["last_status"] == "unknown"
+    assert by_row[24]["state"] == "not_sent" and by_row[22]["state"] == "suppressed"
     whole = client.get("/dags/campaign/runs/run-1/export.csv", headers={"x-user": "ana", "x-edit": "yes"})
-    assert next(csv.DictReader(io.StringIO(whole.text)))["recipient"] == "919800000000"
+    first = next(csv.DictReader(io.StringIO(whole.text)))
+    assert first["recipient"] == "919800000000"
+
+
+def test_the_csv_is_data_not_formulas_and_its_name_carries_nothing_else(store_url):
+    store = StatusStore(store_url)
+    run = "r\"; filename*=UTF-8''evil.exe; x=\""
+    task = TaskKey("campaign", run, "send")
+    store.write_ledger(task, [Claim("f1", "f1", number(1), 0)], attempt="a")
+    store.write_ledger(None, outcomes=[Outcome("f1", "accepted", message_id="mf1")])
+    texts = ['=HYPERLINK("http://x")', "@SUM(A1)", "+1", "-2", "\tx", "\rx"]
+    store.write_ledger(task, rows=[RowRecord(0, number(1), "accepted", "f1", "mf1")], attempt="a")
+    store.ingest([ev("mf1", "failed", T0, remark=texts[0]), ev("mf1", "=1+2", T0)])
+    client = TestClient(create_campaign_app(store_url, auth=(allow, lambda *_: True), rate_card=lambda: None))
+    answer = client.get(f"/dags/campaign/runs/{run}/export.csv", headers={"x-user": "ana"})
+    assert answer.status_code == 200
+    disposition = answer.headers["content-disposition"]
+    assert disposition.count('"') == 2 and "filename*" not in disposition and ";" not in disposition.split("=", 1)[1]
+    row = next(csv.DictReader(io.StringIO(answer.text)))
+    assert row["error"] == "'" + texts[0]
+    for name, cell in row.items():  # a number (map_index -1) is a number, not a formula
+        assert name == "map_index" or not cell.startswith(("=", "+", "-", "@", "\t", "\r")), row
+
+
+@pytest.mark.parametrize("path", ["/dags/campaign/runs/run%00-1", "/dags/campaign/runs/run-1/tasks/se%00nd/export.csv",
+                                  "/dags/" + "d" * 300 + "/runs/r"])  # fmt: skip
+def test_an_id_no_airflow_id_can_be_is_refused_before_anything_runs(client, path):
+    answer = client.get(path, headers={"x-user": "ana"})
+    assert answer.status_code == 400 and "campaign" not in answer.text
 
 
 @pytest.mark.parametrize(("headers", "status"), [({}, 401), ({"x-user": "bob"}, 403)])
@@ -95,3 +164,13 @@ def test_nobody_without_access_sees_anything(client, headers, status):
 def test_a_run_that_sent_nothing_says_so(client):
     page = client.get("/dags/campaign/runs/other-run", headers={"x-user": "ana"}).text
     assert "No WhatsApp messages were sent" in page
+
+
+def test_a_failing_query_is_never_a_200(store_url):
+    client = TestClient(create_campaign_app(store_url, auth=(allow, lambda *_: True), rate_card=lambda: None))
+    with StatusStore(store_url).engine.begin() as conn:
+        conn.execute(schema.campaign_rows.delete())
+        conn.exec_driver_sql("DROP TABLE pepipost_campaign_rows")
+    with TestClient(client.app, raise_server_exceptions=False) as failing:
+        answer = failing.get("/dags/campaign/runs/run-1/export.csv", headers={"x-user": "ana"})
+    assert answer.status_code == 500
