@@ -43,6 +43,7 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": [
                     "airflow_provider_pepipost.operators.whatsapp",
                     "airflow_provider_pepipost.operators.consent",
+                    "airflow_provider_pepipost.operators.maintenance",
                 ],
             }
         ],

@@ -8,6 +8,8 @@ that a number that said STOP is the same string however it was written: ``+91 98
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import unicodedata
 from typing import Any
@@ -84,3 +86,14 @@ _NUMBER_IN_TEXT = re.compile(r"(?<![\d+])(?:\d{10,15}|\+\d(?:[ .\-]?\d){9,14})(?
 def mask_numbers_in(text: str) -> str:
     """Free text with every phone number in it masked, for places every DAG reader can see."""
     return _NUMBER_IN_TEXT.sub(lambda found: mask_number(canonical_number(found.group())), text)
+
+
+ERASED_PREFIX = "h:"
+
+
+def number_hash(number: str, key: str) -> str:
+    """What an erased number is kept as on the suppression list: a keyed one-way hash of its
+    canonical form (``h:`` and 32 hex digits). Without the key, no list of numbers can be hashed
+    to find it again; with it, the send path still recognises the number and never messages it."""
+    digest = hmac.new(key.encode(), canonical_number(number).encode(), hashlib.sha256).hexdigest()
+    return ERASED_PREFIX + digest[:32]

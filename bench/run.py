@@ -18,7 +18,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import campaign_page, celery_scale, memory_stream, send_throughput, sensor_poke, webhook_ingest  # noqa: E402
+from bench import (  # noqa: E402
+    campaign_page,
+    celery_scale,
+    memory_stream,
+    send_throughput,
+    sensor_poke,
+    store_size,
+    webhook_ingest,
+)
 
 
 def table(rows: list[tuple[str, str, str, str]]) -> str:
@@ -35,10 +43,15 @@ def verdict(ok: bool) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory-rows", type=int, default=int(os.environ.get("PEPIPOST_BENCH_MEMORY_ROWS", 200_000)))
-    parser.add_argument("--only", choices=["send", "memory", "ingest", "poke", "celery", "page"], action="append")
+    parser.add_argument(
+        "--only", choices=["send", "memory", "ingest", "poke", "celery", "page", "size"], action="append"
+    )
+    parser.add_argument(
+        "--size-messages", type=int, default=int(os.environ.get("PEPIPOST_BENCH_SIZE_MESSAGES", 1_000_000))
+    )
     args = parser.parse_args()
     pg = os.environ.get("PEPIPOST_BENCH_POSTGRES_URL") or os.environ.get("PEPIPOST_TEST_POSTGRES_URL")
-    only = set(args.only or ["send", "memory", "ingest", "poke", "celery", "page"])
+    only = set(args.only or ["send", "memory", "ingest", "poke", "celery", "page", "size"])
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
     rows = [("figure", "measured", "target", "verdict")]
 
@@ -48,7 +61,7 @@ def main() -> int:
     started = time.monotonic()
 
     if "send" in only:
-        print("[bench] 1/6 send throughput (sandbox latency 50 ms) ...", flush=True)
+        print("[bench] 1/7 send throughput (sandbox latency 50 ms) ...", flush=True)
         send = results["send"] = send_throughput.run(postgres_url=pg)
         base = send["baseline_msg_per_s"]
         add("sequential requests.post loop (baseline)", f"{base} msg/s")
@@ -66,7 +79,7 @@ def main() -> int:
                 r["vs_baseline"] >= 15,
             )
     if "memory" in only:
-        print(f"[bench] 2/6 memory, {args.memory_rows} JSONL rows streamed ...", flush=True)
+        print(f"[bench] 2/7 memory, {args.memory_rows} JSONL rows streamed ...", flush=True)
         mem = results["memory"] = memory_stream.run(args.memory_rows)
         add(
             f"peak RSS, {mem['rows']} rows validated + sent",
@@ -76,7 +89,7 @@ def main() -> int:
         )
         add("  send rate, no latency", f"{mem['msg_per_s']} msg/s")
     if "ingest" in only:
-        print("[bench] 3/6 webhook ingest ...", flush=True)
+        print("[bench] 3/7 webhook ingest ...", flush=True)
         ingest = results["ingest"] = webhook_ingest.run(pg)
         for r in ingest:
             add(
@@ -86,7 +99,7 @@ def main() -> int:
                 r["events_per_s"] >= 2000,
             )
     if "poke" in only:
-        print("[bench] 4/6 sensor poke over 100k ids ...", flush=True)
+        print("[bench] 4/7 sensor poke over 100k ids ...", flush=True)
         poke = results["poke"] = sensor_poke.run(100_000, pg)
         for store, r in poke.items():
             add(
@@ -103,7 +116,7 @@ def main() -> int:
                 r["poke_ms_ledger_reference"] < 200,
             )
     if "celery" in only:
-        print("[bench] 5/6 mapped campaign across Celery workers, one then two (sandbox latency 50 ms) ...", flush=True)
+        print("[bench] 5/7 mapped campaign across Celery workers, one then two (sandbox latency 50 ms) ...", flush=True)
         if reason := celery_scale.unavailable(pg, celery_scale.redis_url()):
             add("mapped campaign across Celery workers", f"skipped: {reason}")
         else:
@@ -116,7 +129,7 @@ def main() -> int:
                 )
             add("  ratio, 2 workers / 1 worker", f"{scale['ratio']}x")
     if "page" in only:
-        print("[bench] 6/6 the campaign page over 100k messages, SQLite ...", flush=True)
+        print("[bench] 6/7 the campaign page over 100k messages, SQLite ...", flush=True)
         page = results["page"] = campaign_page.run(100_000)
         add(
             "campaign page, 100k messages, SQLite: the page",
@@ -126,6 +139,26 @@ def main() -> int:
         )
         add("  its figures (StatusStore.campaign_report)", f"{page['report_ms']} ms")
         add("  the CSV of every recipient", f"{page['csv_seconds']} s")
+
+    if "size" in only:
+        print(
+            f"[bench] 7/7 the store's size and a purge of {args.size_messages:,} messages under ingest ...", flush=True
+        )
+        size = results["size"] = store_size.run(args.size_messages, pg)
+        for backend in ("sqlite", "postgresql"):
+            if backend in size:
+                figures = size[backend]
+                add(
+                    f"store size per message (ledger, row, status, 3 reports), {backend}",
+                    f"{figures['bytes_per_message']} B",
+                )
+                add(
+                    f"  purge of {args.size_messages:,} messages under ingest, {backend}",
+                    f"{figures['purge_seconds']} s, {figures['reports_during']} reports during it, "
+                    f"{figures['reports_refused']} refused",
+                    "0 refused",
+                    figures["reports_refused"] == 0,
+                )
 
     results["wall_seconds"] = round(time.monotonic() - started, 1)
     out = ROOT / "bench" / "results"

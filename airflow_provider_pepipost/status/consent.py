@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, select, update
 
 from airflow_provider_pepipost import limits
-from airflow_provider_pepipost.numbers import canonical_number
+from airflow_provider_pepipost.numbers import canonical_number, number_hash
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.engines import chunks, insert_for
 from airflow_provider_pepipost.status.ledger import TaskKey
+from airflow_provider_pepipost.status.resolver import erasure_key
 
 # How a number came to be on (or off) the suppression list.
 VIA_REPLY = "reply"  # an inbound reply that was a stop word (the receiver)
@@ -103,10 +104,15 @@ def consents(conn: Connection, recipients: Iterable[str]) -> dict[str, Consent]:
 
 
 def suppressed(conn: Connection, recipients: Iterable[str]) -> set[str]:
-    """Which of these numbers have opted out, as the caller spelled them."""
+    """Which of these numbers have opted out, as the caller spelled them; an erased number is
+    found by its keyed hash (``numbers.number_hash``) when the deployment has the erasure key."""
+    key = erasure_key()
     spelled: dict[str, list[str]] = {}
     for recipient in recipients:
-        spelled.setdefault(canonical_number(recipient), []).append(recipient)
+        number = canonical_number(recipient)
+        spelled.setdefault(number, []).append(recipient)
+        if key:
+            spelled.setdefault(number_hash(number, key), []).append(recipient)
     sup = schema.suppressions
     found: set[str] = set()
     for chunk in chunks(list(spelled)):

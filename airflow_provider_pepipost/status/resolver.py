@@ -44,6 +44,15 @@ def airflow_setting(key: str) -> str | None:
         return None
 
 
+ERASURE_KEY_ENV = "PEPIPOST_ERASURE_KEY"
+
+
+def erasure_key() -> str | None:
+    """The deployment's erasure key (``$PEPIPOST_ERASURE_KEY``, else ``[pepipost] erasure_key``), or
+    None when none is set: then no number can be erased, and only plain numbers are suppressed."""
+    return os.environ.get(ERASURE_KEY_ENV) or airflow_setting("erasure_key")
+
+
 def default_sqlite_url() -> str:
     home = Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
     return f"sqlite:///{home / DEFAULT_SQLITE_NAME}"

@@ -19,16 +19,16 @@ from typing import Any
 from sqlalchemy import Connection, func, select, update
 from sqlalchemy import exc as sa_exc
 
-from airflow_provider_pepipost.errors import StatusStoreUnavailable
+from airflow_provider_pepipost.errors import PepipostConfigError, StatusStoreUnavailable
 from airflow_provider_pepipost.numbers import canonical_number
-from airflow_provider_pepipost.status import consent, ingest, ledger, reports, schema, summaries
+from airflow_provider_pepipost.status import consent, ingest, ledger, reports, retention, schema, summaries
 from airflow_provider_pepipost.status.consent import Consent, ConsentBatch
 from airflow_provider_pepipost.status.engines import get_engine, insert_for, redact_url, sqlite_write_lock
 from airflow_provider_pepipost.status.ingest import DeadLetterItem, IngestResult, WebhookBatch
 from airflow_provider_pepipost.status.ledger import Claim, ClaimAnswer, LedgerEntry, Outcome, RowRecord, TaskKey
 from airflow_provider_pepipost.status.migrations import migrate
 from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary
-from airflow_provider_pepipost.status.resolver import resolve_store_url
+from airflow_provider_pepipost.status.resolver import ERASURE_KEY_ENV, erasure_key, resolve_store_url
 
 __all__ = ["StatusStore", "TaskKey"]
 
@@ -347,6 +347,38 @@ class StatusStore:
         """One row per input row (``reports.EXPORT_COLUMNS``), streamed; numbers masked unless asked."""
         with self.engine.connect() as conn:
             yield from reports.export_rows(conn, dag_id, run_id, task_id, full_numbers=full_numbers)
+
+    # -- retention and erasure -----------------------------------------------------------------
+
+    def purge(
+        self, older_than_days: float, *, batch_size: int = retention.DEFAULT_PURGE_BATCH, dry_run: bool = False
+    ) -> dict[str, int]:
+        """Delete events, replies, dead letters, finished ledger rows and the rest older than
+        ``older_than_days``, in short transactions; never the suppression list. Returns the rows
+        deleted per table (with ``dry_run``, the rows that would be)."""
+        if not older_than_days > 0:
+            raise PepipostConfigError(f"older_than_days must be above 0, not {older_than_days!r}")
+        if batch_size < 1:
+            raise PepipostConfigError(f"batch_size must be at least 1, not {batch_size!r}")
+        return retention.purge(
+            self.engine, self._writing, older_than_days * 86_400, batch_size=batch_size, dry_run=dry_run
+        )
+
+    def erase(self, number: str, *, key: str | None = None) -> retention.Erased:
+        """Remove or anonymise every row holding ``number``; it stays suppressed under its keyed
+        hash (``key``, default the deployment's erasure key; none set: refused)."""
+        key = key or erasure_key()
+        if not key:
+            raise PepipostConfigError(
+                f"no erasure key: set {ERASURE_KEY_ENV} (or [pepipost] erasure_key) for every Airflow component "
+                "and the receiver, to a secret kept outside the store. An erased number stays suppressed under a "
+                "hash made with it, which the send operators check; without it, it would be messaged again"
+            )
+        return retention.erase(self._writing, number, key)
+
+    def stats(self) -> list[retention.TableStats]:
+        """Rows, bytes and the oldest row of every table."""
+        return retention.stats(self.engine)
 
     def last_report_at(self, targets: Sequence[str | TaskKey] | None = None) -> float | None:
         """When the store last received a delivery report (epoch seconds), or None if never.

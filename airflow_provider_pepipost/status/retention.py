@@ -1,0 +1,238 @@
+"""The store over time: purging what is older than a cut-off, erasing a person, the size per table.
+
+Functions of an engine and its write lock (``StatusStore`` passes them its own), because a purge
+is many short transactions, not one: a receiver on the same store waits for one batch at most.
+
+Erasure keeps a STOP: the person's suppression row stays, its number replaced by a keyed hash
+(``numbers.number_hash``), which the send path checks beside the plain number. The key is the
+deployment's secret (``$PEPIPOST_ERASURE_KEY`` or ``[pepipost] erasure_key``), never in the store:
+a dump of the store alone cannot be hashed back to numbers, ten digits being few enough to try.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, func, or_, select, text, tuple_, update
+
+from airflow_provider_pepipost.numbers import canonical_number, mask_numbers_in, normalize_phone, number_hash
+from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.engines import chunks
+from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
+from airflow_provider_pepipost.status.resolver import erasure_key
+
+__all__ = ["Erased", "TableStats", "erase", "erasure_key", "purge", "stats"]
+
+VIA_ERASURE = "erasure"
+DEFAULT_PURGE_BATCH = 5000
+
+Writing = Callable[[], AbstractContextManager[Connection]]
+
+# What a purge deletes, table by table: (table, key column, the time a row is judged by, and the
+# rows never purged whatever their age).
+_PURGED = (
+    (schema.events, "id", "received_at", None),
+    (schema.inbound_messages, "id", "received_at", None),
+    (schema.dead_letters, "id", "received_at", None),
+    # A row still in flight is never purged: its try may come back to it.
+    (schema.ledger, "idempotency_key", "updated_at", schema.ledger.c.state.in_(IN_FLIGHT_STATES)),
+    (schema.campaign_rows, None, "updated_at", None),
+    (schema.message_status, "message_id", "updated_at", None),
+    (schema.consent_batches, "batch_key", "updated_at", None),
+)
+
+
+def purge(
+    engine: Engine, writing: Writing, older_than: float, *, batch_size: int = DEFAULT_PURGE_BATCH, dry_run: bool = False
+) -> dict[str, int]:
+    """Delete what is older than ``older_than`` seconds, a batch per transaction; the suppression
+    list is never purged. Returns the rows deleted (or, with ``dry_run``, that would be) per table."""
+    cutoff = time.time() - older_than
+    counts: dict[str, int] = {}
+    for table, key, when, kept in _PURGED:
+        old = table.c[when] < cutoff
+        if kept is not None:
+            old = old & ~kept
+        if dry_run:
+            with engine.connect() as conn:
+                counts[table.name] = int(conn.execute(select(func.count()).select_from(table).where(old)).scalar() or 0)
+            continue
+        counts[table.name] = sum(_delete_in_batches(writing, table, key, old, batch_size))
+    return counts
+
+
+def _delete_in_batches(writing: Writing, table: Any, key: str | None, old: Any, batch_size: int) -> Iterator[int]:
+    """Delete matching rows ``batch_size`` at a time, each batch in its own short transaction."""
+    columns = [table.c[key]] if key else list(table.primary_key.columns)
+    while True:
+        with writing() as conn:
+            found = conn.execute(select(*columns).where(old).limit(batch_size)).all()
+            if not found:
+                return
+            if key:
+                conn.execute(delete(table).where(table.c[key].in_([row[0] for row in found])))
+            else:  # a composite key: row values, which SQLite and PostgreSQL both take
+                conn.execute(delete(table).where(tuple_(*columns).in_([tuple(row) for row in found])))
+        yield len(found)
+        if len(found) < batch_size:
+            return
+
+
+@dataclass
+class Erased:
+    """What erasing one number changed, table by table."""
+
+    suppression_kept: bool = False
+    ledger_rows: int = 0
+    campaign_rows: int = 0
+    events: int = 0
+    statuses: int = 0
+    inbound: int = 0
+    dead_letters: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def erase(writing: Writing, number: str, key: str) -> Erased:
+    """Remove or anonymise every row that holds ``number`` (in any spelling), in one transaction;
+    keep it suppressed under its keyed hash, so that a STOP survives and it is never messaged."""
+    phone = normalize_phone(number)
+    hashed = number_hash(phone, key)
+    found = Erased()
+    with writing() as conn:
+        _keep_suppressed(conn, phone, hashed)
+        found.suppression_kept = True
+        led, rows, st, ev = schema.ledger, schema.campaign_rows, schema.message_status, schema.events
+        message_ids = list(
+            conn.execute(select(led.c.message_id).where(led.c.recipient == phone, led.c.message_id.is_not(None)))
+            .scalars()
+        )  # fmt: skip
+        found.ledger_rows = conn.execute(
+            update(led).where(led.c.recipient == phone).values(recipient=hashed, api_header=hashed, error_message=None)
+        ).rowcount
+        found.campaign_rows = conn.execute(
+            update(rows).where(rows.c.recipient == phone).values(recipient=hashed, error_message=None)
+        ).rowcount
+        for chunk in chunks(message_ids):
+            found.events += conn.execute(delete(ev).where(ev.c.message_id.in_(chunk))).rowcount
+            found.statuses += conn.execute(update(st).where(st.c.message_id.in_(chunk)).values(remark="")).rowcount
+        found.events += conn.execute(delete(ev).where(ev.c.recipient == phone)).rowcount
+        found.inbound = conn.execute(
+            delete(schema.inbound_messages).where(schema.inbound_messages.c.sender == phone)
+        ).rowcount
+        found.inbound += _delete_mentions(conn, schema.inbound_messages, "id", ("raw",), phone)
+        found.events += _delete_mentions(conn, ev, "id", ("raw", "remark"), phone)
+        found.dead_letters = _delete_mentions(conn, schema.dead_letters, "id", ("raw", "reason"), phone)
+        _scrub_mentions(conn, st, "message_id", "remark", phone)
+        _scrub_mentions(conn, led, "idempotency_key", "error_message", phone)
+        _scrub_mentions(conn, rows, None, "error_message", phone)
+    return found
+
+
+def _keep_suppressed(conn: Connection, phone: str, hashed: str) -> None:
+    sup = schema.suppressions
+    held = conn.execute(select(sup).where(sup.c.recipient == phone)).mappings().first()
+    conn.execute(delete(sup).where(sup.c.recipient.in_([phone, hashed])))
+    values = {
+        "recipient": hashed,
+        "opted_out": True,
+        "changed_at": time.time(),
+        "via": held["via"] if held else VIA_ERASURE,
+        "detail": "erased on request" + (f"; it had {held['detail']}" if held and held["detail"] else ""),
+        "synced_at": held["synced_at"] if held else None,
+        "revision": (held["revision"] + 1) if held else 1,
+    }
+    values["detail"] = mask_numbers_in(values["detail"])[:200]
+    conn.execute(sup.insert().values(values))
+
+
+def _mentioning(conn: Connection, table: Any, columns: tuple[str, ...], phone: str) -> Iterator[Any]:
+    """Rows whose text columns spell ``phone`` in any way (a prefilter on its last digits, then
+    every digit run in the text made canonical and compared)."""
+    tail = phone[-4:]
+    like = or_(*(table.c[column].like(f"%{tail}%") for column in columns))
+    for row in conn.execute(select(table).where(like)).mappings():
+        if any(_spells(row[column] or "", phone) for column in columns):
+            yield row
+
+
+# Digits as people and gateways write a number: separated by spaces, dashes, dots or brackets.
+_DIGIT_RUNS = re.compile(r"\+?\(?\d[\d\s().\-]{8,24}\d")
+
+
+def _spells(text_value: str, phone: str) -> bool:
+    return phone in text_value or any(canonical_number(run) == phone for run in _DIGIT_RUNS.findall(text_value))
+
+
+def _delete_mentions(conn: Connection, table: Any, key: str, columns: tuple[str, ...], phone: str) -> int:
+    doomed = [row[key] for row in _mentioning(conn, table, columns, phone)]
+    for chunk in chunks(doomed):
+        conn.execute(delete(table).where(table.c[key].in_(chunk)))
+    return len(doomed)
+
+
+def _scrub_mentions(conn: Connection, table: Any, key: str | None, column: str, phone: str) -> None:
+    columns = [table.c[key]] if key else list(table.primary_key.columns)
+    for row in list(_mentioning(conn, table, (column,), phone)):
+        where = [c == row[c.name] for c in columns]
+        conn.execute(update(table).where(*where).values({column: "(erased)"}))
+
+
+@dataclass(frozen=True)
+class TableStats:
+    """One table of the store: its rows, its bytes on disk (None where the database cannot say)
+    and when its oldest row was written (epoch seconds, or None)."""
+
+    table: str
+    rows: int
+    bytes: int | None
+    oldest: float | None
+
+
+_AGE_COLUMNS = {
+    "pepipost_events": "received_at",
+    "pepipost_inbound_messages": "received_at",
+    "pepipost_dead_letters": "received_at",
+    "pepipost_ledger": "sent_at",
+    "pepipost_campaign_rows": "updated_at",
+    "pepipost_message_status": "updated_at",
+    "pepipost_consent_batches": "updated_at",
+    "pepipost_suppressions": "changed_at",
+    "pepipost_schema_version": "applied_at",
+}
+
+
+def stats(engine: Engine) -> list[TableStats]:
+    """Rows, bytes and the oldest row of every table of the store."""
+    found = []
+    with engine.connect() as conn:
+        sizes = _table_bytes(conn)
+        for name, table in sorted(schema.metadata.tables.items()):
+            column = table.c[_AGE_COLUMNS[name]]
+            rows, oldest = conn.execute(select(func.count(), func.min(column)).select_from(table)).one()
+            found.append(TableStats(name, int(rows), sizes.get(name), oldest))
+    return found
+
+
+def _table_bytes(conn: Connection) -> dict[str, int]:
+    """Bytes per table, its indexes included: PostgreSQL's relation sizes, SQLite's dbstat pages."""
+    names = list(schema.metadata.tables)
+    if conn.dialect.name == "postgresql":
+        query = text("SELECT relname, pg_total_relation_size(oid) FROM pg_class WHERE relname = ANY(:names)")
+        return {name: int(size) for name, size in conn.execute(query, {"names": names})}
+    try:
+        pages = conn.execute(text("SELECT name, tbl_name FROM sqlite_master WHERE type IN ('table', 'index')")).all()
+        owner = {name: table for name, table in pages}
+        sizes: dict[str, int] = {}
+        for name, size in conn.execute(text("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name")):
+            table = owner.get(name, name)
+            sizes[table] = sizes.get(table, 0) + int(size)
+        return {name: sizes[name] for name in names if name in sizes}
+    except Exception:  # an SQLite built without the dbstat table
+        return {}
