@@ -37,7 +37,7 @@ from airflow_provider_pepipost.errors import (
     PepipostNotSentError,
     PepipostOutcomeUnknownError,
 )
-from airflow_provider_pepipost.hooks.transport import TrackingAdapter, begin_request, end_request
+from airflow_provider_pepipost.hooks.transport import Fate, TrackingAdapter, begin_request, end_request, fate_of
 from airflow_provider_pepipost.messages import MediaMessage, build_all, normalize_phone, request_body
 
 log = logging.getLogger(__name__)
@@ -417,11 +417,13 @@ class PepipostHook(BaseHook):
 
     def _classify_exception(self, err: requests.exceptions.RequestException, progress: Any) -> Exception:
         """Not sent (retry) when the request never fully left; unknown (never resend) when it did."""
-        if not progress.sent:
+        read_timeout = isinstance(err, requests.exceptions.ReadTimeout)
+        fate = fate_of(sent=progress.sent, expired=progress.expired, read_timeout=read_timeout)
+        if fate is Fate.NOT_SENT:
             return describe_not_sent(err, self.settings)
-        if progress.expired:
+        if fate is Fate.PAST_DEADLINE:
             return self._past_deadline()
-        if isinstance(err, requests.exceptions.ReadTimeout):
+        if fate is Fate.NO_ANSWER:
             return PepipostOutcomeUnknownError(
                 f"no answer within {self.settings.timeout:g}s after the request was sent; it may have been accepted"
             )

@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from requests.adapters import HTTPAdapter
@@ -43,6 +44,29 @@ class RequestProgress:
     expired: bool = False  # the watchdog cut it at the deadline
     done: bool = False
     connection: Any = field(default=None, repr=False)
+
+
+class Fate(str, Enum):
+    """What a request that failed without an answer may have done at the vendor."""
+
+    NOT_SENT = "not_sent"  # it never left whole: the vendor cannot have it; safe to retry
+    PAST_DEADLINE = "past_deadline"  # it left, and the answer was cut at the deadline: unknown
+    NO_ANSWER = "no_answer"  # it left, and no answer came within the read timeout: unknown
+    DROPPED = "dropped"  # it left, and the connection broke before the answer: unknown
+
+    @property
+    def may_have_been_processed(self) -> bool:
+        return self is not Fate.NOT_SENT
+
+
+def fate_of(*, sent: bool, expired: bool, read_timeout: bool) -> Fate:
+    """The one rule behind "never send twice" and "never green having sent nothing": a failure
+    before the whole request was written is not sent, anything after it is unknown."""
+    if not sent:
+        return Fate.NOT_SENT
+    if expired:
+        return Fate.PAST_DEADLINE
+    return Fate.NO_ANSWER if read_timeout else Fate.DROPPED
 
 
 def begin_request(deadline_seconds: float) -> RequestProgress:
