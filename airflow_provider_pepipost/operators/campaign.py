@@ -11,9 +11,10 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from airflow_provider_pepipost.errors import (
@@ -204,78 +205,46 @@ class CampaignSender:
         resendable = (*RESENDABLE_STATES, "unknown") if self.resend_unknown else RESENDABLE_STATES
         started = time.monotonic()
         self._last_log = started
-        # Claims are committed by this thread, a batch at a time, while the workers send the batch
-        # before: no worker waits on a commit. The price: a try killed outright can leave up to
-        # `window` claimed rows 'unknown' (never resent), not only the max_workers being sent.
-        # Each claim checks the suppression list in its transaction, so a STOP stored while the
-        # campaign runs stops every row claimed after it: at most this one batch ahead.
-        batch_size = max(1, self.max_workers // 2)
-        window = self.max_workers + 2 * batch_size
-        # Finished sends arrive here; waiting on a queue costs the same whatever is in flight.
-        finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
-        batch: list[tuple[int, str, MediaMessage]] = []
-        in_flight = 0
         with ThreadPoolExecutor(self.max_workers, thread_name_prefix="pepipost-send") as pool:
-
-            def claim_and_submit() -> int:
-                claims = [Claim(key, msg.api_header or key, msg.recipient, row) for row, key, msg in batch]
-                answers = self.ledger.claim_many(claims)
-                for (row, key, message), answer in zip(batch, answers, strict=True):
-                    if answer.granted:
-                        pool.submit(self._send_one, row, key, message).add_done_callback(finished.put)
-                    else:
-                        outcome = self._not_claimed(row, key, message, answer)
-                        self._record(outcome, reused=answer.taken_over is not None)
-                batch.clear()
-                return sum(answer.granted for answer in answers)
-
+            pipeline = _Pipeline(self, pool)
             for row, message in messages:
                 key = idempotency_key(self.campaign_key, message.recipient, message.identity())
                 if message.api_header is None:
                     message = dataclasses.replace(message, api_header=key)
                 # Popped: a second row with the same key is a duplicate on every try, not a reuse.
                 entry = self._earlier_entry(earlier, legacy, key, message)
-                if getattr(message, "fallback", None) is not None and _closed_window(entry):
-                    # An earlier try met the closed window: straight to the template.
-                    template = message.fallback
-                    fallback_entry = self._earlier_entry(earlier, legacy, self._fallback_key(template), template)
-                    if fallback_entry is not None and fallback_entry.state not in resendable:
-                        outcome = self._from_ledger(row, message.fallback, fallback_entry)
-                        self._record(_as_fallback(outcome), reused=True)
-                    elif self._stop.is_set():
-                        self._record(self._not_sent(row, message, key))
-                    else:
-                        pool.submit(self._send_fallback, row, message).add_done_callback(finished.put)
-                        in_flight += 1
-                elif entry is not None and entry.state not in resendable:
-                    self._record(self._from_ledger(row, message, entry), reused=True)
-                elif self._stop.is_set():
-                    self._record(self._not_sent(row, message, key))
-                else:
-                    batch.append((row, key, message))
-                    if len(batch) >= batch_size:
-                        in_flight += claim_and_submit()
-                # Keep one batch queued behind the workers, so that they never wait for the next claim.
-                while in_flight > window - batch_size or not finished.empty():
-                    self._record(finished.get().result())
-                    in_flight -= 1
+                template = getattr(message, "fallback", None)
+
+                def earlier_template(template: Any = template) -> LedgerEntry | None:
+                    return self._earlier_entry(earlier, legacy, self._fallback_key(template), template)
+
+                decision = decide_row(
+                    entry, earlier_template, has_fallback=template is not None, resendable=resendable,
+                    stopped=self._stop.is_set(),
+                )  # fmt: skip
+                self._act(decision, pipeline, row, key, message, entry)
+                pipeline.drain_ready()
                 self._log_progress_every_interval(started)
-            if batch and not self._stop.is_set():
-                in_flight += claim_and_submit()
-            for row, key, message in batch:  # the campaign stopped while they waited for a claim
-                self._record(self._not_sent(row, message, key))
-            while in_flight:
-                try:
-                    self._record(finished.get(timeout=self.progress_interval).result())
-                    in_flight -= 1
-                except queue.Empty:
-                    pass
-                self._log_progress_every_interval(started)
+            pipeline.finish(started)
         self.hook.flush_retry_log()  # the retries' last summary before the last progress line
         self._log_progress(started)
         if self.result.outcomes is not None:
             self.result.outcomes.sort(key=lambda outcome: outcome.row)
         return self.result
+
+    def _act(
+        self, decision: RowDecision, pipeline: _Pipeline, row: int, key: str, message: Any, entry: LedgerEntry | None
+    ) -> None:
+        """Carry out what ``decide_row`` decided for one row."""
+        if decision.action is Action.REUSE:
+            outcome = self._from_ledger(row, decision.message_of(message), decision.entry or entry)
+            self._record(_as_fallback(outcome) if decision.of_template else outcome, reused=True)
+        elif decision.action is Action.NOT_SENT:
+            self._record(self._not_sent(row, message, key))
+        elif decision.action is Action.SEND_FALLBACK:
+            pipeline.submit(self._send_fallback, row, message)
+        else:
+            pipeline.claim(row, key, message)
 
     def _earlier_entry(
         self, earlier: dict[str, LedgerEntry], legacy: str | None, key: str, message: Any
@@ -475,6 +444,109 @@ PROGRESS_STATES = (
     ("not_sent", "not sent"),
     ("suppressed", "opted out"),
 )
+
+
+class Action(str, Enum):
+    """What the engine does with one input row before any request."""
+
+    REUSE = "reuse"  # an earlier try settled it: its outcome stands, nothing is sent
+    NOT_SENT = "not_sent"  # the campaign has stopped: a later try sends it
+    SEND_FALLBACK = "send_fallback"  # an earlier try met the closed window: straight to the template
+    CLAIM = "claim"  # claim it in the ledger, then send it if the claim is granted
+
+
+@dataclass(frozen=True)
+class RowDecision:
+    action: Action
+    entry: LedgerEntry | None = None  # the earlier try's entry that stands (REUSE)
+    of_template: bool = False  # that entry is the row's fallback template
+
+    def message_of(self, message: Any) -> Any:
+        return message.fallback if self.of_template else message
+
+
+def decide_row(
+    entry: LedgerEntry | None,
+    earlier_template: Callable[[], LedgerEntry | None],
+    *,
+    has_fallback: bool,
+    resendable: tuple[str, ...],
+    stopped: bool,
+) -> RowDecision:
+    """The per-row rule, from what an earlier try of this task recorded for the row.
+
+    ``entry`` is the earlier try's row for the message (None: none), ``earlier_template`` looks up
+    the one for its fallback template (only asked when the session message met a closed window).
+    """
+    if has_fallback and _closed_window(entry):
+        template_entry = earlier_template()
+        if template_entry is not None and template_entry.state not in resendable:
+            return RowDecision(Action.REUSE, template_entry, of_template=True)
+        return RowDecision(Action.NOT_SENT if stopped else Action.SEND_FALLBACK)
+    if entry is not None and entry.state not in resendable:
+        return RowDecision(Action.REUSE, entry)
+    return RowDecision(Action.NOT_SENT if stopped else Action.CLAIM)
+
+
+class _Pipeline:
+    """Claims rows a batch at a time and keeps the workers fed, never more than a window ahead.
+
+    Claims are committed by the engine's thread, a batch at a time, while the workers send the
+    batch before: no worker waits on a commit. The price: a try killed outright can leave up to
+    ``window`` claimed rows 'unknown' (never resent), not only the ``max_workers`` being sent. Each
+    claim checks the suppression list in its transaction, so a STOP stored while the campaign runs
+    stops every row claimed after it: at most this one batch ahead.
+    """
+
+    def __init__(self, sender: CampaignSender, pool: ThreadPoolExecutor) -> None:
+        self.sender, self.pool = sender, pool
+        self.batch_size = max(1, sender.max_workers // 2)
+        self.window = sender.max_workers + 2 * self.batch_size
+        # Finished sends arrive here; waiting on a queue costs the same whatever is in flight.
+        self.finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        self.batch: list[tuple[int, str, Any]] = []
+        self.in_flight = 0
+
+    def submit(self, send: Callable[..., RowOutcome], *args: Any) -> None:
+        self.pool.submit(send, *args).add_done_callback(self.finished.put)
+        self.in_flight += 1
+
+    def claim(self, row: int, key: str, message: Any) -> None:
+        self.batch.append((row, key, message))
+        if len(self.batch) >= self.batch_size:
+            self._claim_batch()
+
+    def _claim_batch(self) -> None:
+        sender = self.sender
+        claims = [Claim(key, msg.api_header or key, msg.recipient, row) for row, key, msg in self.batch]
+        for (row, key, message), answer in zip(self.batch, sender.ledger.claim_many(claims), strict=True):
+            if answer.granted:
+                self.submit(sender._send_one, row, key, message)
+            else:
+                sender._record(sender._not_claimed(row, key, message, answer), reused=answer.taken_over is not None)
+        self.batch.clear()
+
+    def drain_ready(self) -> None:
+        """Record what finished; keep one batch queued behind the workers, so that they never
+        wait for the next claim, and no more."""
+        while self.in_flight > self.window - self.batch_size or not self.finished.empty():
+            self.sender._record(self.finished.get().result())
+            self.in_flight -= 1
+
+    def finish(self, started: float) -> None:
+        """Claim the last batch (unless the campaign stopped) and wait for every send."""
+        sender = self.sender
+        if self.batch and not sender._stop.is_set():
+            self._claim_batch()
+        for row, key, message in self.batch:  # the campaign stopped while they waited for a claim
+            sender._record(sender._not_sent(row, message, key))
+        while self.in_flight:
+            try:
+                sender._record(self.finished.get(timeout=sender.progress_interval).result())
+                self.in_flight -= 1
+            except queue.Empty:
+                pass
+            sender._log_progress_every_interval(started)
 
 
 def _masked_text(value: str | None) -> str | None:
