@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -36,8 +37,8 @@ from airflow_provider_pepipost.messages import iter_messages, validate_rows
 from airflow_provider_pepipost.numbers import mask_number, mask_numbers_in, phone_or_none
 from airflow_provider_pepipost.status.consent import Consent, ConsentBatch
 from airflow_provider_pepipost.status.ledger import TaskKey
-from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
-from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.status.resolver import store_source
+from airflow_provider_pepipost.status.store import StatusStore, open_store
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -164,6 +165,11 @@ class WhatsAppConsentOperator(BaseOperator):
         self.pepipost_conn_id = pepipost_conn_id
         self.status_store_conn_id = status_store_conn_id
 
+    @cached_property
+    def hook(self) -> PepipostHook:
+        """The Pepipost hook, built once per task instance, its pool sized to the workers."""
+        return PepipostHook(self.pepipost_conn_id, pool_size=self.max_workers)
+
     def _check_settings(self) -> None:
         if self.kind not in CONSENT_KINDS:
             raise AirflowFailException(f"kind must be one of {CONSENT_KINDS}, not {self.kind!r}")
@@ -194,8 +200,8 @@ class WhatsAppConsentOperator(BaseOperator):
         ti = context["ti"]
         task = TaskKey(ti.dag_id, ti.run_id, ti.task_id, ti.map_index if ti.map_index is not None else -1)
         self.log.info("Status store: %s", store_source(self.status_store_conn_id))
-        store = StatusStore(resolve_store_url(self.status_store_conn_id))
-        hook = PepipostHook(self.pepipost_conn_id, pool_size=self.max_workers)
+        store = open_store(self.status_store_conn_id)
+        hook = self.hook
         tally = _Tally()
         earlier = store.consent_batches(task)
         if earlier:

@@ -9,9 +9,9 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.errors import PepipostConfigError
-from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
+from airflow_provider_pepipost.status.resolver import store_source
 from airflow_provider_pepipost.status.retention import DEFAULT_PURGE_BATCH
-from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.status.store import open_store
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -55,7 +55,7 @@ class PurgeStatusStoreOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, int]:
         self.log.info("Status store: %s", store_source(self.status_store_conn_id))
-        store = StatusStore(resolve_store_url(self.status_store_conn_id))
+        store = open_store(self.status_store_conn_id)
         try:
             days = float(self.older_than_days)
             deleted = store.purge(days, batch_size=self.batch_size, dry_run=self.dry_run)

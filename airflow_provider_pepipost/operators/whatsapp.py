@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Asset, BaseOperator
@@ -19,8 +20,8 @@ from airflow_provider_pepipost.operators.campaign import CampaignResult, Campaig
 from airflow_provider_pepipost.operators.links import WhatsAppCampaignLink
 from airflow_provider_pepipost.operators.xcom import ledger_ref, message_targets
 from airflow_provider_pepipost.status.ledger import TaskKey
-from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
-from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.status.resolver import store_source
+from airflow_provider_pepipost.status.store import open_store
 from airflow_provider_pepipost.template_messages import TEMPLATE_OPTIONS, TemplateDefaults, build_template_message
 
 if TYPE_CHECKING:
@@ -105,6 +106,11 @@ class WhatsAppCampaignOperator(BaseOperator):
             task_kwargs["outlets"] = [*outlets, asset]
         return partial
 
+    @cached_property
+    def hook(self) -> PepipostHook:
+        """The Pepipost hook, built once per task instance, its pool sized to the workers."""
+        return PepipostHook(self.pepipost_conn_id, pool_size=self.max_workers)
+
     def message_defaults(self, hook: PepipostHook) -> Any:
         """The operator-wide values a row's own values override."""
         raise NotImplementedError
@@ -119,7 +125,7 @@ class WhatsAppCampaignOperator(BaseOperator):
                 raise AirflowFailException(f"{name} must be between 0 and 1, not {getattr(self, name)!r}")
         if self.max_workers < 1:
             raise AirflowFailException(f"max_workers must be at least 1, not {self.max_workers!r}")
-        hook = PepipostHook(self.pepipost_conn_id, pool_size=self.max_workers)
+        hook = self.hook
         audience = Audience(self.recipients)
         try:
             defaults = self.message_defaults(hook)
@@ -132,7 +138,7 @@ class WhatsAppCampaignOperator(BaseOperator):
         ti = context["ti"]
         task = TaskKey(ti.dag_id, ti.run_id, ti.task_id, ti.map_index if ti.map_index is not None else -1)
         self.log.info("Status store: %s", store_source(self.status_store_conn_id))
-        store = StatusStore(resolve_store_url(self.status_store_conn_id))
+        store = open_store(self.status_store_conn_id)
         keep = total <= self.xcom_ids_limit
         sender = CampaignSender(
             hook,

@@ -29,8 +29,7 @@ from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
 from airflow_provider_pepipost.operators.links import PAGE_PREFIX
 from airflow_provider_pepipost.plugins.campaign_html import render_page
 from airflow_provider_pepipost.status.reports import EXPORT_COLUMNS, check_rate_card
-from airflow_provider_pepipost.status.resolver import resolve_store_url
-from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.status.store import StatusStore, open_store
 
 # (request) -> None, raising HTTPException when the user may not read the DAG's runs.
 Authorize = Callable[..., Any]
@@ -89,7 +88,7 @@ def create_campaign_app(
 
     def store() -> StatusStore:
         if "store" not in holder:  # resolved on first use: importing the plugin touches no database
-            holder["store"] = StatusStore(store_url or resolve_store_url())
+            holder["store"] = open_store(url=store_url)
         return holder["store"]
 
     # Ids are checked before anything else: a NUL or an over-long id never reaches the database.

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from airflow.configuration import conf
 from airflow.sdk import Asset, BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
@@ -23,8 +24,7 @@ from airflow_provider_pepipost.status.model import (
     evaluate,
 )
 from airflow_provider_pepipost.status.reports import check_rate_card, price
-from airflow_provider_pepipost.status.resolver import resolve_store_url
-from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.status.store import open_store
 from airflow_provider_pepipost.triggers.status import WhatsAppMessageStatusTrigger
 
 if TYPE_CHECKING:
@@ -46,7 +46,8 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         waited on (``wait``), left out of the count (``ignore``) or fail the sensor (``fail``).
     :param status_store_conn_id: Airflow connection (postgres or sqlite) of the status store; default
         as the send operators resolve it (``airflow_provider_pepipost.status.resolver``).
-    :param deferrable: wait in the triggerer instead of a worker slot.
+    :param deferrable: wait in the triggerer instead of a worker slot; default Airflow's
+        ``[operators] default_deferrable``.
     :param delivery_asset: the asset the sensor updates when the wait succeeds, with the delivery
         counts as the event's extra: default ``Asset("pepipost://delivery/<dag_id>/<task_id>")``;
         a string names it, an ``Asset`` is used as it is, False emits none.
@@ -71,7 +72,7 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         fail_on: str = "unreachable",
         unknown_policy: str = "wait",
         status_store_conn_id: str | None = None,
-        deferrable: bool = False,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         delivery_asset: Asset | str | bool | None = None,
         rate_card: dict[str, Any] | None = None,
         **kwargs: Any,
@@ -109,11 +110,11 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         return targets
 
     def _summarize(self) -> DeliverySummary:
-        return StatusStore(resolve_store_url(self.status_store_conn_id)).summarize(self._targets())
+        return open_store(self.status_store_conn_id).summarize(self._targets())
 
     def timeout_message(self, summary: dict[str, Any] | None = None) -> str:
         """Why the wait ended without a verdict, and where to look: mostly, reports did not arrive."""
-        store = StatusStore(resolve_store_url(self.status_store_conn_id))
+        store = open_store(self.status_store_conn_id)
         targets = self._targets()
         if summary is None:
             summary = store.summarize(targets).to_dict()

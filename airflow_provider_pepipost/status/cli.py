@@ -17,9 +17,9 @@ from datetime import datetime, timezone
 
 from airflow_provider_pepipost.errors import PepipostError
 from airflow_provider_pepipost.numbers import mask_number
-from airflow_provider_pepipost.status.resolver import STORE_URL_ENV, resolve_store_url, store_source
+from airflow_provider_pepipost.status.resolver import STORE_URL_ENV, store_source
 from airflow_provider_pepipost.status.retention import DEFAULT_PURGE_BATCH
-from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.status.store import StatusStore, open_store
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,10 +41,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    url = args.store_url or resolve_store_url(args.store_conn_id)
     where = "--store-url" if args.store_url else store_source(args.store_conn_id)
     try:
-        store = StatusStore(url)
+        store = open_store(args.store_conn_id, url=args.store_url)
         result = run(store, args)
     except (PepipostError, ValueError) as err:
         print(f"pepipost-store {args.command}: {err}", file=sys.stderr)

@@ -30,9 +30,15 @@ from airflow_provider_pepipost.status.migrations import migrate
 from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary
 from airflow_provider_pepipost.status.resolver import ERASURE_KEY_ENV, erasure_key, resolve_store_url
 
-__all__ = ["StatusStore", "TaskKey"]
+__all__ = ["StatusStore", "TaskKey", "open_store"]
 
 _SCHEMA_READY: set[str] = set()
+
+
+def open_store(conn_id: str | None = None, *, url: str | None = None) -> StatusStore:
+    """The one way every part opens the status store: ``url`` when given (a command line's),
+    else the store resolver's answer for ``conn_id`` (see ``status.resolver``)."""
+    return StatusStore(url or resolve_store_url(conn_id))
 
 
 class StatusStore:

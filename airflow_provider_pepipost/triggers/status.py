@@ -13,8 +13,8 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.model import evaluate
-from airflow_provider_pepipost.status.resolver import resolve_store_url, store_source
-from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.status.resolver import store_source
+from airflow_provider_pepipost.status.store import StatusStore, open_store
 
 # Consecutive store errors the trigger rides out (a database restart) before it gives up.
 MAX_CONSECUTIVE_ERRORS = 5
@@ -93,8 +93,7 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
         while True:
             try:
                 if store is None:
-                    url = await _in_thread(resolve_store_url, self.status_store_conn_id)
-                    store = await _in_thread(StatusStore, url)
+                    store = await _in_thread(open_store, self.status_store_conn_id)
                 summary = await _in_thread(store.summarize, targets)
             except Exception as err:
                 errors += 1

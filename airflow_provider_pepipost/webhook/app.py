@@ -23,8 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from airflow_provider_pepipost.consent import stop_word_set
-from airflow_provider_pepipost.status.resolver import resolve_store_url
-from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.status.store import StatusStore, open_store
 from airflow_provider_pepipost.webhook.batching import (
     DEFAULT_MAX_QUEUED_BODIES,
     DEFAULT_MAX_QUEUED_BYTES,
@@ -141,7 +140,7 @@ def create_app(
     def store() -> StatusStore:
         # Created, and its URL resolved, on first use: importing the plugin must not touch a database.
         if "store" not in holder:
-            holder["store"] = StatusStore(store_url or resolve_store_url())
+            holder["store"] = open_store(url=store_url)
         return holder["store"]
 
     ingest_queue = IngestQueue(store, max_bodies=max_queued_bodies, max_bytes=max_queued_bytes)

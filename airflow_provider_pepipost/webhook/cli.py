@@ -16,6 +16,7 @@ import sys
 from fastapi import FastAPI
 
 from airflow_provider_pepipost.status.resolver import STORE_URL_ENV, resolve_store_url, store_source
+from airflow_provider_pepipost.status.store import open_store
 from airflow_provider_pepipost.webhook.app import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES,
@@ -145,14 +146,13 @@ def serve(argv: list[str] | None = None) -> None:
 
 def import_file(argv: list[str]) -> None:
     """Load delivery reports from a JSON Lines file through the receiver's validation into the store."""
-    from airflow_provider_pepipost.status.store import StatusStore
     from airflow_provider_pepipost.webhook.importer import import_reports
 
     parser = argparse.ArgumentParser(prog="pepipost-webhook import", description=import_file.__doc__)
     parser.add_argument("file", help="a report object (delivery_status[] item) or a whole body per line; - for stdin")
     _store_options(parser)
     args = parser.parse_args(argv)
-    store = StatusStore(store_url(args.store_url, args.store_conn_id))
+    store = open_store(args.store_conn_id, url=args.store_url)
     if args.file == "-":
         totals = import_reports(sys.stdin, store)
     else:
