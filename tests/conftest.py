@@ -22,12 +22,18 @@ os.environ.pop("AIRFLOW_CONN_PEPIPOST_DEFAULT", None)
 os.environ.pop("AIRFLOW__PEPIPOST__STATUS_STORE_CONN_ID", None)
 
 import pytest  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
 
 from airflow_provider_pepipost.sandbox import DEFAULT_API_KEY, DEFAULT_SOURCE, SandboxServer, Scenario  # noqa: E402
 from tests.helpers import ServedApp  # noqa: E402
 
 POSTGRES_URL_ENV = "PEPIPOST_TEST_POSTGRES_URL"
 WEBHOOK_TOKEN = "test-webhook-token-4f1c"
+
+# Hypothesis draws the same examples in every run (no random seed, no example database): a
+# failure it finds is a failure every time, not one run in so many.
+hypothesis_settings.register_profile("pepipost", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.load_profile("pepipost")
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -98,6 +98,24 @@ def test_recipient_rejections_are_fixed_by_the_seed():
     assert codes[0] == codes[1] and "8003" in codes[0] and None in codes[0]
 
 
+def test_an_audience_meets_the_same_outcomes_whatever_run_sent_it():
+    """The x-apiheader holds the run id (and a caption may hold the date): outcomes must not depend on it."""
+    scenario = Scenario(seed=5, final_mix={"read": 0.4, "delivered": 0.3, "failed": 0.3}, rate_429=0.3)
+    runs = []
+    for run in ("manual__2026-01-01T00:00:00", "manual__2026-07-09T12:34:56"):
+        with SandboxServer(scenario) as sandbox:
+            answers = []
+            for i in range(40):
+                body = {"message": [media(recipient_whatsapp=f"91983307{i:04d}", **{"x-apiheader": f"{run}-{i}"})]}
+                answers.append(send(sandbox, body).status_code)
+            finals = [sandbox.state.final_by_id[a["message_id"]] for a in sandbox.state.accepted]
+            recipients = [a["body"]["message"][0]["recipient_whatsapp"] for a in sandbox.state.accepted]
+            runs.append((answers, dict(zip(recipients, finals, strict=True))))
+    assert runs[0] == runs[1]
+    answers, finals = runs[0]
+    assert 429 in answers and 200 in answers and set(finals.values()) == {"read", "delivered", "failed"}
+
+
 def test_faults_429_with_retry_after_and_drops():
     with SandboxServer(Scenario(rate_429=1.0, retry_after=1.5)) as sandbox:
         answer = send(sandbox, {"message": [media()]})
