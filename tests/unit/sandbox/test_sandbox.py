@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import requests
@@ -228,3 +233,32 @@ def test_a_closed_window_refuses_session_messages_only():
         assert send(sandbox, {"message": [media()]}).json()["error"]["code"] == "8007"
         assert send(sandbox, {"message": [template()]}).json()["status"] == "success"
         assert sandbox.state.accepted_by_type == {"template": 1}
+
+
+SANDBOX_COMMAND = str(Path(sys.executable).parent / "pepipost-sandbox")
+
+
+def test_the_command_prints_its_address_once_it_listens_there(tmp_path):
+    """``--port 0``: the line names the port it got, and that address answers."""
+    log = tmp_path / "sandbox.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([SANDBOX_COMMAND, "--port", "0"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(lambda: "Pepipost sandbox on" in log.read_text(), timeout=30), log.read_text()
+        url = re.search(r"Pepipost sandbox on (http://\S+),", log.read_text()).group(1)
+        assert not url.endswith(":0")
+        assert requests.get(f"{url}/_sandbox/stats", timeout=10).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_the_command_says_when_its_port_is_taken():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([SANDBOX_COMMAND, "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert f"port {port} on 127.0.0.1 is taken" in run.stderr and "--port" in run.stderr
+    assert "Pepipost sandbox on" not in run.stdout + run.stderr and "Traceback" not in run.stderr
