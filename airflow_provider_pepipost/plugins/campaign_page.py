@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from airflow_provider_pepipost.operators.links import PAGE_PREFIX
+from airflow_provider_pepipost.operators.links import PAGE_PREFIX, RUN_VIEW_ROUTE, TASK_VIEW_ROUTE
 from airflow_provider_pepipost.plugins.campaign_html import render_page
 from airflow_provider_pepipost.status.reports import EXPORT_COLUMNS
 from airflow_provider_pepipost.status.resolver import resolve_store_url
@@ -182,12 +182,12 @@ class PepipostCampaignPagePlugin(AirflowPlugin):
             "name": "WhatsApp campaign",
             "href": PAGE_PREFIX + "/dags/{DAG_ID}/runs/{RUN_ID}",
             "destination": "dag_run",
-            "url_route": "pepipost_campaign_run",
+            "url_route": RUN_VIEW_ROUTE,
         },
         {
             "name": "WhatsApp campaign",
             "href": PAGE_PREFIX + "/dags/{DAG_ID}/runs/{RUN_ID}/tasks/{TASK_ID}",
             "destination": "task",
-            "url_route": "pepipost_campaign_task",
+            "url_route": TASK_VIEW_ROUTE,
         },
     ]
