@@ -114,13 +114,18 @@ def asset_event_extra(uri: str, run_id: str) -> dict:
 
 @pytest.mark.timeout(700)  # above the demo's own 600 s: a hung demo fails this test, not the whole run
 def test_make_demo_runs_the_campaign_end_to_end(tmp_path):
-    """What `make demo` runs: sandbox and receiver processes, `airflow dags test`, the funnel."""
+    """What `make demo` runs: sandbox and receiver processes, `airflow dags test`, the funnel; and its
+    last lines are the README's, figure for figure (the sandbox's draws follow the recipients)."""
     run = subprocess.run(
         [sys.executable, "-m", "devtools.demo", "--workdir", str(tmp_path / "demo"),
-         "--dags-folder", str(REPO / "dags_examples"), "--audience-size", "60"],
+         "--dags-folder", str(REPO / "dags_examples")],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    readme = (REPO / "README.md").read_text()
+    shown = readme[readme.index("[demo] Delivery funnel") : readme.index("[demo] funnel matches")].splitlines()
+    printed = run.stdout.splitlines()
+    assert len(shown) > 8 and [line for line in shown if line not in printed] == []
     assert "funnel matches the sandbox scenario: yes" in run.stdout
     assert "as the approved template, where the 24-hour window was closed" in run.stdout
     assert "templates where the window was closed" in run.stdout + run.stderr  # the DAG's own report
