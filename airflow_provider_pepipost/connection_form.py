@@ -31,10 +31,17 @@ EXTRA_FIELDS: dict[str, tuple[str, str, Any, str]] = {
     "backoff_max": ("Longest wait between retries (s)", "number", 60, "Retry-After is honoured up to 10x this"),
 }
 
+# The port stays in the form: Airflow 3.3.2's Test button sends a connection without a port as
+# port 0, and its API then refuses the test ("The host or port to test differs from the stored
+# connection"). A connection saved with its port (443 for https) tests as it should.
 UI_FIELD_BEHAVIOUR: dict[str, Any] = {
-    "hidden_fields": ["schema", "port", "login", "extra"],
+    "hidden_fields": ["schema", "login", "extra"],
     "relabeling": {"host": "Base URL", "password": "API key"},
-    "placeholders": {"host": DEFAULT_BASE_URL, "password": "Pepipost WhatsApp API key (sent as Bearer)"},
+    "placeholders": {
+        "host": DEFAULT_BASE_URL,
+        "port": "443 (fill it in: the UI's Test button needs it)",
+        "password": "Pepipost WhatsApp API key (sent as Bearer)",
+    },
 }
 
 

@@ -47,6 +47,7 @@ JOB_FAILURE_HINTS: dict[str, str] = {
     "404": "the endpoint was not found; check the connection's host and extra 'endpoint'.",
     "405": "the endpoint does not take this request; check the connection's host and extra 'endpoint'.",
 }
+JOB_FAILURE_DEFAULT_HINT = "every further send would fail the same way."
 
 
 def kind_of_failure(code: str | None, http_status: int | None) -> FailureKind:
@@ -81,15 +82,23 @@ class PepipostApiError(PepipostError):
         super().__init__(self._describe())
 
     def _describe(self) -> str:
-        parts = [f"Pepipost error {self.code}" if self.code else "Pepipost error"]
-        if self.http_status is not None:
-            parts.append(f"(HTTP {self.http_status})")
-        text = " ".join(parts) + f": {self.message}"
-        if self.kind is FailureKind.JOB:
-            text += ". This stops the whole send: " + JOB_FAILURE_HINTS.get(
-                self.code or str(self.http_status), "every further send would fail the same way."
-            )
-        return text
+        if self.kind is not FailureKind.JOB:
+            return f"{self.label}: {self.message}"
+        said = self.message.strip().rstrip(".").strip()  # the vendor's own full stop, not a second one
+        return f"{self.label}{f': {said}' if said else ''}. This stops the whole send: " + (
+            self.hint or JOB_FAILURE_DEFAULT_HINT
+        )
+
+    @property
+    def label(self) -> str:
+        """``Pepipost error 8004 (HTTP 401)``: the code and status, without the vendor's words."""
+        label = f"Pepipost error {self.code}" if self.code else "Pepipost error"
+        return label + (f" (HTTP {self.http_status})" if self.http_status is not None else "")
+
+    @property
+    def hint(self) -> str | None:
+        """What to check, for a failure that is about the key or the endpoint (see ``JOB_FAILURE_HINTS``)."""
+        return JOB_FAILURE_HINTS.get(self.code or "") or JOB_FAILURE_HINTS.get(str(self.http_status))
 
     @property
     def is_transient(self) -> bool:

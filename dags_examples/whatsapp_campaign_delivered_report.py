@@ -4,15 +4,22 @@ Each send task updates the asset `pepipost://campaign/<dag_id>/<task_id>` with i
 as the event's extra, and `WhatsAppMessageStatusSensor` updates `pepipost://delivery/<dag_id>/<task_id>`
 with the delivery counts. Scheduled on both, this DAG runs after every campaign of
 `whatsapp_template_campaign` that was sent and whose wait succeeded, without knowing its schedule.
+
+Triggered by hand, no asset event triggered the run: it reports on the latest campaign that was
+delivered (read through the task's inlets), or, when there has been none yet, says so in its log
+and skips.
 """
 
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Asset, dag, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 CAMPAIGN_SENT = Asset("pepipost://campaign/whatsapp_template_campaign/send_invoices")
 CAMPAIGN_DELIVERED = Asset("pepipost://delivery/whatsapp_template_campaign/wait_for_delivery")
+# How many of the latest send events a run triggered by hand looks through for its campaign's.
+SENT_EVENTS_LOOKED_AT = 20
 
 
 @dag(
@@ -22,20 +29,33 @@ CAMPAIGN_DELIVERED = Asset("pepipost://delivery/whatsapp_template_campaign/wait_
     tags=["pepipost", "whatsapp", "example", "assets"],
 )
 def whatsapp_campaign_delivered_report():
-    @task
-    def delivery_figures(triggering_asset_events=None) -> dict:
-        """The send and delivery counts that triggered this run, e.g. for a dashboard or a CRM."""
-        sent = triggering_asset_events[CAMPAIGN_SENT][-1].extra
-        delivered = triggering_asset_events[CAMPAIGN_DELIVERED][-1].extra
+    @task(inlets=[CAMPAIGN_SENT, CAMPAIGN_DELIVERED])
+    def delivery_figures(triggering_asset_events=None, inlet_events=None) -> dict:
+        """The send and delivery counts of the campaign, e.g. for a dashboard or a CRM."""
+        delivered_events = list(triggering_asset_events[CAMPAIGN_DELIVERED]) if triggering_asset_events else []
+        sent_events = list(triggering_asset_events[CAMPAIGN_SENT]) if triggering_asset_events else []
+        if not delivered_events:  # triggered by hand: the latest campaign that was delivered
+            delivered_events = list(inlet_events[CAMPAIGN_DELIVERED].ascending(False).limit(1))
+            sent_events = list(inlet_events[CAMPAIGN_SENT].ascending(False).limit(SENT_EVENTS_LOOKED_AT))[::-1]
+            if not delivered_events:
+                raise AirflowSkipException(
+                    "Nothing to report: no campaign of whatsapp_template_campaign has been delivered yet "
+                    f"(no event on {CAMPAIGN_DELIVERED.uri}). Run that DAG first; this one then runs on its own."
+                )
+            print(f"Triggered by hand: the latest delivered campaign is run {delivered_events[-1].extra['run_id']}")
+        delivered = delivered_events[-1].extra
+        # The send event of the same campaign run (a mapped send task has one per map index).
+        sent = [event.extra for event in sent_events if event.extra.get("run_id") == delivered["run_id"]]
+        totals = {key: sum(s.get(key, 0) for s in sent) for key in ("accepted", "fallback", "rejected")}
         print(
-            f"Campaign run {delivered['run_id']}: {sent['accepted']} session messages and {sent['fallback']} "
-            f"templates sent, {sent['rejected']} refused; {delivered['total']} waited on, counts "
+            f"Campaign run {delivered['run_id']}: {totals['accepted']} session messages and {totals['fallback']} "
+            f"templates sent, {totals['rejected']} refused; {delivered['total']} waited on, counts "
             f"{delivered['counts']}, {delivered['pending']} pending, {delivered['failed_total']} failed"
         )
         return {
             "run_id": delivered["run_id"],
-            "accepted": sent["accepted"],
-            "fallback": sent["fallback"],
+            "accepted": totals["accepted"],
+            "fallback": totals["fallback"],
             "total": delivered["total"],
             "counts": delivered["counts"],
         }

@@ -1,7 +1,11 @@
 """Example campaign: build the audience, send each customer their invoice on WhatsApp, wait for delivery, report.
 
-Runs as-is against the local sandbox (`make demo`); point the `pepipost_default` connection at
-https://waapi.pepipost.com with a real key to run it for real.
+Runs as-is against the local sandbox (`pepipost-sandbox` with its default scenario, the connection
+pointing at it, then `airflow dags test whatsapp_media_campaign`); point the `pepipost_default`
+connection at https://waapi.pepipost.com with a real key to run it for real. It sends session
+(media) messages only, so it is not what `make demo` runs: the demo's audience has not written in
+24 hours for 30 % of its numbers, which a session message cannot reach (8007, over this DAG's
+`max_rejected_ratio`); `whatsapp_template_campaign` sends those the approved template instead.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A headless Chromium driven through chromedriver's W3C WebDriver HTTP API, with requests only.
 
 Debian's ``chromium`` and ``chromium-driver`` packages (``.ci/run`` installs them). Enough for the
-browser tests: open a URL, set a cookie, read the rendered DOM, take a screenshot.
+browser tests: open a URL, set a cookie, read the rendered DOM (of the page or of a frame in it),
+take a screenshot.
 """
 
 from __future__ import annotations
@@ -67,6 +68,18 @@ class Browser:
         element = self._call("POST", f"{self.session}/element", {"using": "css selector", "value": css})
         element_id = next(iter(element.values()))
         return self._call("GET", f"{self.session}/element/{element_id}/text")
+
+    def find(self, css: str) -> dict[str, str] | None:
+        """The first element matching ``css`` (a WebDriver element reference), or None."""
+        found = self._call("POST", f"{self.session}/elements", {"using": "css selector", "value": css})
+        return found[0] if found else None
+
+    def attribute(self, element: dict[str, str], name: str) -> str | None:
+        return self._call("GET", f"{self.session}/element/{next(iter(element.values()))}/attribute/{name}")
+
+    def enter_frame(self, element: dict[str, str] | None) -> None:
+        """Read the DOM of this iframe from now on; None: the top page again."""
+        self._call("POST", f"{self.session}/frame", {"id": element})
 
     def screenshot(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

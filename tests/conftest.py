@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,12 +23,30 @@ os.environ.pop("AIRFLOW_CONN_PEPIPOST_DEFAULT", None)
 os.environ.pop("AIRFLOW__PEPIPOST__STATUS_STORE_CONN_ID", None)
 
 import pytest  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
 
 from airflow_provider_pepipost.sandbox import DEFAULT_API_KEY, DEFAULT_SOURCE, SandboxServer, Scenario  # noqa: E402
 from tests.helpers import ServedApp  # noqa: E402
 
 POSTGRES_URL_ENV = "PEPIPOST_TEST_POSTGRES_URL"
+# The PostgreSQL tests create (and drop) databases named <prefix>test_* and <prefix>sys_*.
+DB_PREFIX_ENV = "PEPIPOST_TEST_DB_PREFIX"
 WEBHOOK_TOKEN = "test-webhook-token-4f1c"
+
+# Hypothesis draws the same examples in every run (no random seed, no example database): a
+# failure it finds is a failure every time, not one run in so many.
+hypothesis_settings.register_profile("pepipost", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.load_profile("pepipost")
+
+
+def database_name(kind: str) -> str:
+    """A fresh database name for a PostgreSQL test: ``pepipost_test_<hex>`` or ``pepipost_sys_<hex>`` by default."""
+    prefix = os.environ.get(DB_PREFIX_ENV, "pepipost_")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", prefix):
+        raise pytest.UsageError(
+            f"{DB_PREFIX_ENV}={prefix!r}: use lower-case letters, digits and underscores (at most 41, no digit first)"
+        )
+    return f"{prefix}{kind}_{uuid.uuid4().hex[:12]}"
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +93,7 @@ def postgres_url(postgres_server_url: str):
     """A fresh PostgreSQL database per test, dropped afterwards."""
     import sqlalchemy
 
-    name = f"pepipost_test_{uuid.uuid4().hex[:12]}"
+    name = database_name("test")
     admin = sqlalchemy.create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))

@@ -500,16 +500,30 @@ class PepipostHook(BaseHook):
         probe = {"message": [{"message_type": "media"}]}
         data = json.dumps(probe).encode()
         try:
+            base = self.settings.base_url
             answer = self._post_once(self.settings.endpoint, data)
         except PepipostApiError as err:
             if err.code in ("8001", "8006"):
-                return True, f"Reached {self.settings.base_url}; the API key was accepted"
-            return False, str(err)  # a refused key names itself in the error's hint
+                return True, f"Connection test passed: {base} answered and took the API key. Nothing was sent."
+            return False, connection_test_failure(base, err)
         except (PepipostNotSentError, PepipostOutcomeUnknownError) as err:
-            return False, f"Could not reach {self.settings.base_url}: {err}"
+            return False, f"Connection test failed: could not reach {base}: {err}. Check the host and port."
         except Exception as err:
-            return False, f"{type(err).__name__}: {self._redact(str(err))}"
-        return False, f"The API accepted an empty probe ({self._redact(str(answer))[:100]}): is the base URL right?"
+            return False, f"Connection test failed: {type(err).__name__}: {self._redact(str(err))}"
+        return False, (
+            f"Connection test failed: {base} took a message without a recipient "
+            f"({self._redact(str(answer))[:100]}), which Pepipost refuses: is the host Pepipost's API?"
+        )
+
+
+def connection_test_failure(base_url: str, err: PepipostApiError) -> str:
+    """A refusal of the connection test's probe, in the words of a connection test (not of a send)."""
+    said = err.message.strip().rstrip(".").strip()
+    quoted = f' "{said}"' if said else ""
+    text = f"Connection test failed: {base_url} answered {err.label}{quoted}."
+    if err.hint:
+        return f"{text} {err.hint[0].upper()}{err.hint[1:]}"
+    return f"{text} Check the host, the port and extra 'endpoint'."
 
 
 def _consent_row(item: Any, defaults: ConsentDefaults, row: int) -> tuple[ConsentRow | None, list[Any]]:

@@ -7,7 +7,7 @@ from html import escape
 from typing import Any
 
 from airflow_provider_pepipost.status.model import DELIVERY_STATUS_MEANINGS, TASK_STATE_MEANINGS
-from airflow_provider_pepipost.status.reports import CampaignReport, Cost, Latency
+from airflow_provider_pepipost.status.reports import FAILED_LISTED, CampaignReport, Cost, Latency
 
 _COLORS = {"sent": "#128c7e", "delivered": "#25d366", "read": "#34b7f1", "failed": "#d9534f"}
 
@@ -59,18 +59,22 @@ def render_page(report: CampaignReport, *, title: str, scope: str, csv_url: str)
 
     if report.timeline:
         parts.append(f"<h2>Delivered over time</h2><div class='sub'>one bar per {_seconds(report.timeline_step)}</div>")
-        bars = [(_clock(start, report.timeline_step), n) for start, n in report.timeline]
+        clock = _clock_format(report.timeline_step, len(report.timeline))
+        bars = [(_clock(start, clock), n) for start, n in report.timeline]
         parts.append(_bar_chart(bars, "timeline", small_labels=True))
 
     parts.append("<h2>Refused by the vendor</h2>")
     parts.append(_table(["code", "message", "rows"], [(c, m, n) for c, m, n in report.refusals], "refusals"))
     parts.append("<h2>Failed on the phone's side</h2>")
     parts.append(_table(["remark", "messages"], report.failures, "failures"))
-    listed = len(report.failed_recipients)
-    more = "" if listed < 100 else f" <span class='sub'>(the first {listed}; the CSV has them all)</span>"
-    parts.append(f"<h2>Refused or failed recipients{more}</h2>")
+    parts.append("<h2>Failed recipients</h2>")
     rows = [(r["task"], r["row"], r["recipient"], r["kind"], r["reason"]) for r in report.failed_recipients]
-    parts.append(_table(["task", "row", "number", "outcome", "reason"], rows, "failed-recipients"))
+    if rows:
+        shown = f"the first {len(rows):,}; the CSV lists every one" if len(rows) >= FAILED_LISTED else f"{len(rows):,}"
+        parts.append(f"<div class='sub'>{shown}, refused rows first</div>")
+        parts.append(_table(["task", "row", "number", "outcome", "reason"], rows, "failed-recipients"))
+    else:
+        parts.append("<p class='sub' id='failed-recipients'>No recipient was refused and no message failed.</p>")
     parts.append(_legend())
     return "".join(parts) + "</body></html>"
 
@@ -171,11 +175,13 @@ def _seconds(value: float | None) -> str:
     return f"{value / 3600:.1f} h"
 
 
-def _clock(epoch: float, step: float) -> str:
-    """A bar's start, as precise as the bars are apart: seconds under a minute, the date past a day."""
-    when = datetime.fromtimestamp(epoch, tz=timezone.utc)
-    if step < 60:
-        return when.strftime("%H:%M:%S")
-    if step < 86_400:
-        return when.strftime("%H:%M")
-    return when.strftime("%m-%d %H:%M")
+def _clock_format(step: float, bars: int) -> str:
+    """A time format fine enough that ``bars`` bars ``step`` seconds apart (``step`` >= 1) all get
+    different labels: seconds under a minute a bar, the date once the chart spans a day."""
+    if step * bars >= 86400:
+        return "%Y-%m-%d" if step >= 86400 else "%m-%d %H:%M"
+    return "%H:%M:%S" if step < 60 else "%H:%M"
+
+
+def _clock(epoch: float, fmt: str) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime(fmt)

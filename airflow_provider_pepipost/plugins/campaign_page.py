@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
-from airflow_provider_pepipost.operators.links import PAGE_PREFIX
+from airflow_provider_pepipost.operators.links import PAGE_PREFIX, RUN_VIEW_ROUTE, TASK_VIEW_ROUTE
 from airflow_provider_pepipost.plugins.campaign_html import render_page
 from airflow_provider_pepipost.status.reports import EXPORT_COLUMNS, check_rate_card
 from airflow_provider_pepipost.status.store import StatusStore, open_store
@@ -218,13 +218,13 @@ class PepipostCampaignPagePlugin(AirflowPlugin):
             "name": "WhatsApp campaign",
             "href": PAGE_PREFIX + "/dags/{DAG_ID}/runs/{RUN_ID}",
             "destination": "dag_run",
-            "url_route": "pepipost_campaign_run",
+            "url_route": RUN_VIEW_ROUTE,
         },
         {
             # The task instance's tab (the task overview has no run to show).
             "name": "WhatsApp campaign",
             "href": PAGE_PREFIX + "/dags/{DAG_ID}/runs/{RUN_ID}/tasks/{TASK_ID}",
             "destination": "task_instance",
-            "url_route": "pepipost_campaign_task",
+            "url_route": TASK_VIEW_ROUTE,
         },
     ]

@@ -230,11 +230,13 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
             return _failure(*problem, 400, state)
 
         content = item.get("type_media") or item.get("type_template")
+        # Tries are counted per message; what each try meets is drawn from the recipient and kind.
         identity = item.get("x-apiheader") or f"{item['recipient_whatsapp']}|{json.dumps(content)}"
+        draw_key = sc.draw_key(item["recipient_whatsapp"], item["message_type"])
         with state.lock:
             state.attempts[identity] += 1
             attempt = state.attempts[identity]
-        fault = sc.request_fault(identity, attempt)
+        fault = sc.request_fault(draw_key, attempt)
         if fault == "429":
             headers = {"Retry-After": f"{sc.retry_after:g}"} if sc.retry_after is not None else None
             return _failure("429", "Too many requests.", 429, state, headers)
@@ -255,7 +257,7 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
 
         message_id = str(uuid.uuid4())
         accepted = AcceptedMessage(
-            message_id, item["recipient_whatsapp"], item["source"], item.get("x-apiheader"), time.time()
+            message_id, item["recipient_whatsapp"], item["source"], item.get("x-apiheader"), time.time(), draw_key
         )
         with state.lock:
             state.responses["accepted"] += 1
@@ -263,7 +265,7 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
             state.accepted_by_header[item.get("x-apiheader")] += 1
             state.accepted_by_type[item["message_type"]] += 1
             state.accepted_by_recipient[subscriber(recipient)] += 1
-            state.final_by_id[message_id] = sc.final_status(item.get("x-apiheader") or message_id)
+            state.final_by_id[message_id] = sc.final_status(draw_key)
             if state.record_bodies:
                 state.accepted.append({"message_id": message_id, "body": body})
         if state.reports:

@@ -31,6 +31,7 @@ class AcceptedMessage:
     source: str
     api_header: str | None
     accepted_at: float
+    draw_key: str  # Scenario.draw_key: the statuses it reaches follow from it
 
 
 class ReportSender:
@@ -76,7 +77,7 @@ class ReportSender:
         if not self.webhook_url:
             return
         sc = self.scenario
-        identity = message.api_header or message.message_id
+        identity = message.draw_key
         path = sc.status_path(identity)
         times = [message.accepted_at + sc.status_delay * (i + 1) for i in range(len(path))]
         if len(path) == 3 and sc.draw("order", identity) < sc.out_of_order_ratio:
@@ -99,7 +100,7 @@ class ReportSender:
     def _delivery_item(self, message: AcceptedMessage, status: str, when: float) -> dict[str, Any]:
         remark = ""
         if status == "failed":
-            remark = FAILED_REMARKS[int(self.scenario.draw("remark", message.message_id) * len(FAILED_REMARKS))]
+            remark = FAILED_REMARKS[int(self.scenario.draw("remark", message.draw_key) * len(FAILED_REMARKS))]
         item: dict[str, Any] = {
             "ncmessage_id": message.message_id,
             "recipient": message.recipient,

@@ -1,7 +1,9 @@
 """What the sandbox does to each request and message: faults, rejections and final statuses.
 
-Every choice is a pure function of the seed and the message's identity (never of arrival order),
-so a test that sends the same audience twice sees the same outcomes, whatever the concurrency.
+Every choice is a pure function of the seed and what the audience fixes: the recipient's number,
+the message's kind (media or template) and the how-many-th try of that message it is. Never of the
+run id, the date, the x-apiheader derived from them, a message id or arrival order: a test that
+sends the same audience meets the same outcomes in every run, whatever the concurrency.
 """
 
 from __future__ import annotations
@@ -124,6 +126,11 @@ class Scenario:
     def needs_optin(self, recipient: str) -> bool:
         """True for the recipients who start without an opt-in."""
         return self.draw("optin", recipient) < self.optin_required_ratio
+
+    @staticmethod
+    def draw_key(recipient: str, message_type: str) -> str:
+        """What a message's draws are keyed on: the same for the same audience in every run."""
+        return f"{recipient}|{message_type}"
 
     def final_status(self, identity: str) -> str:
         roll = self.draw("final", identity)

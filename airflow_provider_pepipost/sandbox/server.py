@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_API_KEY = "sandbox-api-key"
 DEFAULT_SOURCE = "sandbox-source"
+BACKLOG = 2048
 
 
 class SandboxServer:
@@ -74,7 +76,12 @@ class SandboxServer:
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
+        try:
+            sock.bind((self.host, self.port))
+            sock.listen(BACKLOG)  # connections wait in the queue until uvicorn serves them
+        except OSError:
+            sock.close()
+            raise
         self.port = sock.getsockname()[1]
         return sock
 
@@ -84,7 +91,7 @@ class SandboxServer:
             log_level="warning",
             access_log=False,
             timeout_keep_alive=self.scenario.keep_alive_timeout,
-            backlog=2048,
+            backlog=BACKLOG,
         )
 
     def start(self) -> SandboxServer:
@@ -102,9 +109,15 @@ class SandboxServer:
         self.reports.start()
         return self
 
+    def listen(self) -> SandboxServer:
+        """Bind the port now (``OSError`` when it is taken), so that ``url`` is the real address."""
+        if self._socket is None:
+            self._socket = self._bind()
+        return self
+
     def serve_forever(self) -> None:
         """Run in the foreground (the console script) until SIGINT or SIGTERM."""
-        self._socket = self._bind()
+        self.listen()
         self._server = uvicorn.Server(self._config())
         self.reports.start()
         try:
@@ -187,7 +200,17 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         record_bodies=not args.no_record,
     )
-    log.info("Pepipost sandbox on http://%s:%s, reports to %s", args.host, args.port, args.webhook_url or "nowhere")
+    try:
+        server.listen()
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise SystemExit(
+                f"pepipost-sandbox: port {args.port} on {args.host} is taken (by another sandbox?): stop that "
+                "process, or choose another port with --port"
+            ) from None
+        raise SystemExit(f"pepipost-sandbox: cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+    # Only now that the port is ours: the address printed is the one that answers.
+    log.info("Pepipost sandbox on %s, reports to %s", server.url, args.webhook_url or "nowhere")
     server.serve_forever()
 
 

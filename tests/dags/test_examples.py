@@ -46,13 +46,19 @@ def test_mapped_example(sandbox_with_reports):
     assert result.value("wait_for_delivery")["total"] == 30
 
 
-def test_media_by_url_example(sandbox_with_reports):
-    result = run_dag("whatsapp_media_by_url")
+def test_media_by_url_example(sandbox_with_reports, tmp_path):
+    root = tmp_path / "audiences"
+    result = run_dag("whatsapp_media_by_url", audience_root=f"file://{root}")
     assert result.state == "success", result.tasks
     body = sandbox_with_reports.state.accepted[0]["body"]["message"][0]
     attachment = body["type_media"][0]["attachments"][0]
     assert attachment["attachment_type"] == "video" and attachment["attachment_url"].startswith("https://")
     assert attachment["caption"].endswith(", see what is new this spring")
+    # The audience went through a file in the given storage, its URL (no number) in XCom, and is gone.
+    assert result.value("send_video", "send_summary")["total"] == 15
+    assert result.value("export_audience").startswith(f"file://{root}/whatsapp_media_by_url/")
+    assert result.task_state("remove_audience") == "success"
+    assert [p for p in root.rglob("*") if p.is_file()] == []
 
 
 def test_template_example_sends_the_template_where_the_window_is_closed(airflow_db, sqlite_receiver, pepipost_conn):
@@ -79,6 +85,17 @@ def test_template_example_sends_the_template_where_the_window_is_closed(airflow_
     assert delivered["total"] == 60 and delivered["counts"] == result.value("wait_for_delivery")["counts"]
     assert delivered["target_status"] == "delivered"
 
+    # The report DAG triggered by hand (no asset event behind its run): the latest delivered campaign.
+    report = run_dag("whatsapp_campaign_delivered_report")
+    assert report.state == "success", report.tasks
+    assert report.value("delivery_figures") == {
+        "run_id": result.run_id,
+        "accepted": split["session"],
+        "fallback": split["template"],
+        "total": 60,
+        "counts": delivered["counts"],
+    }
+
 
 def asset_event_extra(uri: str, run_id: str) -> dict:
     """The extra of the event a run's task emitted on the asset ``uri``, from Airflow's database."""
@@ -97,13 +114,18 @@ def asset_event_extra(uri: str, run_id: str) -> dict:
 
 @pytest.mark.timeout(700)  # above the demo's own 600 s: a hung demo fails this test, not the whole run
 def test_make_demo_runs_the_campaign_end_to_end(tmp_path):
-    """What `make demo` runs: sandbox and receiver processes, `airflow dags test`, the funnel."""
+    """What `make demo` runs: sandbox and receiver processes, `airflow dags test`, the funnel; and its
+    last lines are the README's, figure for figure (the sandbox's draws follow the recipients)."""
     run = subprocess.run(
         [sys.executable, "-m", "devtools.demo", "--workdir", str(tmp_path / "demo"),
-         "--dags-folder", str(REPO / "dags_examples"), "--audience-size", "60"],
+         "--dags-folder", str(REPO / "dags_examples")],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    readme = (REPO / "README.md").read_text()
+    shown = readme[readme.index("[demo] Delivery funnel") : readme.index("[demo] funnel matches")].splitlines()
+    printed = run.stdout.splitlines()
+    assert len(shown) > 8 and [line for line in shown if line not in printed] == []
     assert "funnel matches the sandbox scenario: yes" in run.stdout
     assert "as the approved template, where the 24-hour window was closed" in run.stdout
     assert "templates where the window was closed" in run.stdout + run.stderr  # the DAG's own report

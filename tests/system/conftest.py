@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy
+
+from tests.conftest import database_name
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def fresh_database(postgres_server_url: str) -> Iterator[Any]:
     names: list[str] = []
 
     def make() -> str:
-        name = f"pepipost_sys_{uuid.uuid4().hex[:10]}"
+        name = database_name("sys")
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
         names.append(name)

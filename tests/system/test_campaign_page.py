@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote, urljoin, urlsplit
 
 import pytest
 import requests
@@ -35,12 +36,16 @@ PASSWORDS = {"admin": "admin-pw-7d1", "outsider": "outsider-pw-3c9"}
 
 @pytest.fixture
 def finished_campaign(airflow_db, sqlite_receiver, pepipost_conn):
-    scenario = Scenario(final_mix={"read": 0.6, "delivered": 0.2, "failed": 0.2}, status_delay=0.05,
+    # Seeded, and drawn from the recipients (not the run id): the same 59 messages every run, 11 of
+    # them failed, which the sensor's 75 % delivered allows (up to 14), and 14 sent as the template.
+    scenario = Scenario(seed=7, final_mix={"read": 0.6, "delivered": 0.2, "failed": 0.2}, status_delay=0.05,
                         closed_window_ratio=0.3, reject_ratio={"8003": 0.05})  # fmt: skip
     headers = {"X-Pepipost-Token": WEBHOOK_TOKEN}
     with SandboxServer(scenario, webhook_url=sqlite_receiver.webhook_url, webhook_headers=headers) as sandbox:
         pepipost_conn(sandbox.url, sqlite_receiver.store_url)
         result = run_dag(DAG)
+        assert sandbox.state.funnel() == {"read": 33, "delivered": 15, "failed": 11}, sandbox.state.funnel()
+        assert sandbox.state.accepted_by_type == {"media": 45, "template": 14}
         assert result.state == "success", result.tasks
         assert sandbox.wait_for_reports()
     return result.run_id, sqlite_receiver.store_url
@@ -107,6 +112,12 @@ def test_the_page_shows_the_stores_numbers_to_a_signed_in_user_only(api_server, 
         if os.environ.get("PEPIPOST_REQUIRE_BROWSER"):
             pytest.fail(reason)
         pytest.skip(reason)
+    # The send task's extra link, as the UI gets it from Airflow's API.
+    links_url = f"{base}/api/v2/dags/{DAG}/dagRuns/{quote(run_id, safe='')}/taskInstances/send_invoices/links"
+    links = requests.get(links_url, headers={"Authorization": f"Bearer {admin}"}, timeout=10)
+    assert links.status_code == 200, links.text
+    link = urljoin(base + "/", links.json()["extra_links"]["WhatsApp campaign"])
+
     browser = Browser(*browser_paths, log.parent / "chromedriver.log")
     try:
         browser.open(f"{base}/api/v2/monitor/health")  # the cookie belongs to the API server's site
@@ -114,6 +125,19 @@ def test_the_page_shows_the_stores_numbers_to_a_signed_in_user_only(api_server, 
         browser.open(page_url)
         dom = browser.source()
         browser.screenshot(ARTIFACTS / "campaign-page.png")
+        # The UI opens a link to its own site in the same tab: the link must lead to the page inside
+        # the UI (the task's "WhatsApp campaign" tab, the page in a frame), not to the bare page.
+        assert urlsplit(link).netloc == urlsplit(base).netloc, link
+        browser.open(link)
+        assert wait_until(lambda: browser.find("iframe[title='WhatsApp campaign']"), timeout=60), browser.source()
+        frame = browser.find("iframe[title='WhatsApp campaign']")
+        assert browser.attribute(frame, "src") == page_url.removeprefix(base)
+        assert browser.find("header, nav"), "the UI's own navigation is not around the page"
+        browser.enter_frame(frame)
+        assert wait_until(lambda: "data-stage=" in browser.source(), timeout=30), browser.source()[:2000]
+        framed = browser.source()
+        browser.enter_frame(None)
+        browser.screenshot(ARTIFACTS / "campaign-tab.png")
     finally:
         browser.close()
     shown = {stage: int(n.replace(",", "")) for stage, n in re.findall(r'data-stage="(\w+)">([\d,]+)<', dom)}
@@ -126,3 +150,4 @@ def test_the_page_shows_the_stores_numbers_to_a_signed_in_user_only(api_server, 
     for remark, count in expected.failures:
         assert remark in dom and f">{count}<" in dom
     assert not re.search(r"91\d{10}", dom)  # numbers are masked on the page
+    assert re.findall(r'data-stage="(\w+)">([\d,]+)<', framed) == re.findall(r'data-stage="(\w+)">([\d,]+)<', dom)

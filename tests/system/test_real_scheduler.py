@@ -4,8 +4,11 @@
 scheduler. Here the api-server, scheduler, dag-processor and triggerer run as separate processes
 (LocalExecutor, PostgreSQL as the metadata database), with the sandbox and the receiver beside
 them. Every example DAG is triggered with `airflow dags trigger` (no logical date) and must
-succeed, its deferrable sensor waiting in the real triggerer. Delivery reports go first to the
-standalone `pepipost-webhook`, then to the receiver the plugin mounts in the api-server.
+succeed, its deferrable sensor waiting in the real triggerer; the report DAG, scheduled on the
+template campaign's assets, runs on them and is also triggered by hand, before any campaign
+(nothing to report: it says so and skips) and after one (the latest campaign's figures). Delivery
+reports go first to the standalone `pepipost-webhook`, then to the receiver the plugin mounts in
+the api-server.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ EXAMPLES = [
     "whatsapp_template_campaign",
     "whatsapp_opt_in_then_campaign",
 ]
-# Scheduled on the asset the template campaign's sensor updates: nobody triggers it.
+# Scheduled on the assets of the template campaign; also triggered by hand, before and after one.
 DOWNSTREAM = "whatsapp_campaign_delivered_report"
 TOKEN = "system-test-webhook-token"
 
@@ -44,21 +47,41 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
         sandbox.start(stack.procs, receiver_url, EXAMPLES_SCENARIO)
         stack.start([*EXAMPLES, DOWNSTREAM])
 
+        # Round 0: the report DAG by hand before any campaign: it says there is nothing to report, and skips.
+        stack.trigger(DOWNSTREAM, "manual-0-report")
+        stack.wait_for_runs([DOWNSTREAM], 1)
+        assert task_state(stack, DOWNSTREAM, "manual-0-report", "delivery_figures") == "skipped"
+        assert "Nothing to report: no campaign of whatsapp_template_campaign" in task_log(
+            stack, DOWNSTREAM, "manual-0-report", "delivery_figures"
+        )
+
         # Round 1: by hand, no logical date; reports to the standalone receiver.
+        audiences = tmp_path / "audiences"
+        confs = {"whatsapp_media_by_url": {"audience_root": f"file://{audiences}"}}
         for dag_id in EXAMPLES:
-            stack.trigger(dag_id, f"manual-1-{dag_id}")
+            stack.trigger(dag_id, f"manual-1-{dag_id}", confs.get(dag_id))
         stack.wait_for_runs(EXAMPLES, 1)
         runs = stack.run_states(EXAMPLES)
         assert all(logical_date is None for runs_ in runs.values() for _, _, logical_date in runs_)
+        assert [p for p in audiences.rglob("*") if p.is_file()] == []  # the audience file was removed
+        sent_by_url = xcom(
+            stack, "whatsapp_media_by_url", "manual-1-whatsapp_media_by_url", "send_video", "send_summary"
+        )
+        assert sent_by_url["total"] == 15
         # The campaign's two assets (sent, delivered) ran the downstream DAG, which read the figures.
-        stack.wait_for_runs([DOWNSTREAM], 1)
+        stack.wait_for_runs([DOWNSTREAM], 2)
         first_run = "manual-1-whatsapp_template_campaign"
         waited = xcom(stack, "whatsapp_template_campaign", first_run, "wait_for_delivery")
-        (downstream_run,) = [run_id for run_id, _, _ in stack.run_states([DOWNSTREAM])[DOWNSTREAM]]
+        runs = stack.run_states([DOWNSTREAM])[DOWNSTREAM]
+        (downstream_run,) = [run_id for run_id, _, _ in runs if not run_id.startswith("manual-")]
         figures = xcom(stack, DOWNSTREAM, downstream_run, "delivery_figures")
         summary = xcom(stack, "whatsapp_template_campaign", first_run, "send_invoices", "send_summary")
         expected = {"run_id": first_run, "accepted": summary["accepted"], "fallback": summary["fallback"]}
         assert figures == {**expected, "total": waited["total"], "counts": waited["counts"]}
+        # By hand now: it reports on the latest delivered campaign, the same figures.
+        stack.trigger(DOWNSTREAM, "manual-1-report")
+        stack.wait_for_runs([DOWNSTREAM], 3)
+        assert xcom(stack, DOWNSTREAM, "manual-1-report", "delivery_figures") == figures
         assert xcom(stack, "whatsapp_opt_in_then_campaign", "manual-1-whatsapp_opt_in_then_campaign",
                     "simulate_stop_reply") is True  # fmt: skip
 
@@ -87,6 +110,17 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
         stack.procs.alive()
     finally:
         stack.stop()
+
+
+def task_state(stack: AirflowStack, dag_id: str, run_id: str, task_id: str) -> str:
+    (state,) = [ti["state"] for ti in stack.task_instances(dag_id, run_id) if ti["task_id"] == task_id]
+    return state
+
+
+def task_log(stack: AirflowStack, dag_id: str, run_id: str, task_id: str) -> str:
+    """The task's log files (every try) as Airflow wrote them under its home."""
+    folder = stack.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
+    return "".join(log.read_text(errors="replace") for log in sorted(folder.glob("*.log")))
 
 
 def xcom(stack: AirflowStack, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:

@@ -51,7 +51,7 @@ def test_airflow_lists_the_provider_and_its_connection_form():
     hook = ProvidersManagerTaskRuntime().hooks["pepipost"]  # where tasks look hooks up in Airflow 3.3
     assert hook.hook_class_name == "airflow_provider_pepipost.hooks.pepipost.PepipostHook"
     assert "extra__pepipost__source" in manager.connection_form_widgets
-    assert manager.field_behaviours["pepipost"]["hidden_fields"] == ["schema", "port", "login", "extra"]
+    assert manager.field_behaviours["pepipost"]["hidden_fields"] == ["schema", "login", "extra"]  # the port shows
 
 
 @pytest.mark.dag

@@ -264,19 +264,41 @@ def test_test_connection_tells_a_good_key_from_a_bad_one(sandbox, monkeypatch, p
     pepipost_conn(sandbox.url)
     ok, text = PepipostHook().test_connection()
     assert ok, text
+    assert text == f"Connection test passed: {sandbox.url} answered and took the API key. Nothing was sent."
     monkeypatch.setenv(
         "AIRFLOW_CONN_PEPIPOST_DEFAULT",
         json.dumps({"conn_type": "pepipost", "host": sandbox.url, "password": "not-the-key"}),
     )
     ok, text = PepipostHook().test_connection()
-    assert not ok and "refused" in text and "not-the-key" not in text
+    assert not ok and "not-the-key" not in text
+    # In the words of a connection test: no "send" to stop, one full stop after the vendor's words.
+    assert text == (
+        f'Connection test failed: {sandbox.url} answered Pepipost error 8004 (HTTP 401) "Client details not found". '
+        "The API key was refused; check the connection's password."
+    )
     assert sandbox.state.accepted_count == 0  # nobody was messaged
+
+
+def test_test_connection_names_a_wrong_endpoint(httpserver, hook_for):
+    httpserver.expect_request("/api/v2/message/").respond_with_data("Not Found", status=404)
+    ok, text = hook_for(httpserver.url_for("").rstrip("/")).test_connection()
+    assert not ok and text.startswith("Connection test failed: ") and "send" not in text
+    assert "the endpoint was not found; check the connection's host and extra 'endpoint'" in text.lower()
 
 
 def test_test_connection_reports_an_unreachable_host(hook_for):
     port = free_port()
     ok, text = hook_for(f"http://127.0.0.1:{port}").test_connection()
-    assert not ok and "Could not reach" in text
+    assert not ok and text.startswith(f"Connection test failed: could not reach http://127.0.0.1:{port}: ")
+
+
+def test_a_job_failure_of_a_send_has_one_full_stop_before_what_to_do():
+    err = PepipostApiError("8004", "Client details not found.", http_status=401)
+    assert str(err) == (
+        "Pepipost error 8004 (HTTP 401): Client details not found. This stops the whole send: "
+        "the API key was refused; check the connection's password."
+    )
+    assert str(PepipostApiError(None, "", http_status=404)).startswith("Pepipost error (HTTP 404). This stops")
 
 
 def test_the_key_is_registered_with_the_secrets_masker(hook_for, sandbox):

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 
 import pytest
 from fastapi import HTTPException, Request
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
+from airflow_provider_pepipost.plugins.campaign_html import render_page
 from airflow_provider_pepipost.plugins.campaign_page import create_campaign_app
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.ledger import Claim, Outcome, RowRecord, TaskKey
 from airflow_provider_pepipost.status.model import DeliveryEvent
+from airflow_provider_pepipost.status.reports import CampaignReport
 from airflow_provider_pepipost.status.store import StatusStore
 
 SEND = TaskKey("campaign", "run-1", "send")
@@ -174,3 +177,47 @@ def test_a_failing_query_is_never_a_200(store_url):
     with TestClient(client.app, raise_server_exceptions=False) as failing:
         answer = failing.get("/dags/campaign/runs/run-1/export.csv", headers={"x-user": "ana"})
     assert answer.status_code == 500
+
+
+def timeline_labels(page: str) -> list[str]:
+    """Each bar's label (its tooltip) in the page's "Delivered over time" chart."""
+    chart = re.search(r"<svg id='timeline'.*?</svg>", page).group(0)
+    return re.findall(r"<title>([^<]*): [\d,]+</title>", chart)
+
+
+def test_every_bar_of_the_timeline_has_a_label_of_its_own(client):
+    page = client.get("/dags/campaign/runs/run-1", headers={"x-user": "ana"}).text
+    labels = timeline_labels(page)  # deliveries over 30 s: a bar a second, labelled to the second
+    assert len(labels) == 30 and len(set(labels)) == 30, labels
+    assert labels[:2] == ["08:00:10", "08:00:11"]
+
+
+@pytest.mark.parametrize(("step", "first_two"), [
+    (1.5, ["08:00:00", "08:00:01"]),  # under a minute a bar: seconds
+    (240.0, ["08:00", "08:04"]),  # 2 hours: minutes
+    (3000.0, ["01-15 08:00", "01-15 08:50"]),  # over a day: the date too, so 24 h apart is not the same label
+    (2 * 86400.0, ["2027-01-15", "2027-01-17"]),
+])  # fmt: skip
+def test_timeline_labels_are_fine_enough_for_the_step(step, first_two):
+    start = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
+    report = CampaignReport(tasks=1, rows=30, timeline=[(start + i * step, 1) for i in range(30)], timeline_step=step)
+    labels = timeline_labels(render_page(report, title="t", scope="s", csv_url="/x.csv"))
+    assert labels[:2] == first_two and len(set(labels)) == 30, labels
+
+
+def test_a_campaign_without_failures_says_so(store_url):
+    store = StatusStore(store_url)
+    store.write_ledger(SEND, [Claim(f"k{i}", f"k{i}", f"9198000000{i:02d}", i) for i in range(3)], attempt="a1")
+    store.write_ledger(None, outcomes=[Outcome(f"k{i}", "accepted", message_id=f"m{i}") for i in range(3)])
+    rows = [RowRecord(i, f"9198000000{i:02d}", "accepted", f"k{i}", f"m{i}") for i in range(3)]
+    store.write_ledger(SEND, rows=rows, attempt="a1")
+    store.ingest([ev(f"m{i}", "delivered", T0 + i) for i in range(3)])
+    app = create_campaign_app(store_url, auth=(allow, lambda *_: False), rate_card=lambda: None)
+    page = TestClient(app).get("/dags/campaign/runs/run-1", headers={"x-user": "ana"}).text
+    assert "<h2>Failed recipients</h2><p class='sub' id='failed-recipients'>No recipient was refused" in page
+    assert "first 0" not in page
+
+
+def test_failed_recipients_are_counted_when_there_are_some(client):
+    page = client.get("/dags/campaign/runs/run-1", headers={"x-user": "ana"}).text
+    assert "<h2>Failed recipients</h2><div class='sub'>3, refused rows first</div>" in page  # 8003, 2 failed

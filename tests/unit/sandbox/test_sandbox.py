@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import requests
@@ -96,6 +101,24 @@ def test_recipient_rejections_are_fixed_by_the_seed():
                 ]
             )
     assert codes[0] == codes[1] and "8003" in codes[0] and None in codes[0]
+
+
+def test_an_audience_meets_the_same_outcomes_whatever_run_sent_it():
+    """The x-apiheader holds the run id (and a caption may hold the date): outcomes must not depend on it."""
+    scenario = Scenario(seed=5, final_mix={"read": 0.4, "delivered": 0.3, "failed": 0.3}, rate_429=0.3)
+    runs = []
+    for run in ("manual__2026-01-01T00:00:00", "manual__2026-07-09T12:34:56"):
+        with SandboxServer(scenario) as sandbox:
+            answers = []
+            for i in range(40):
+                body = {"message": [media(recipient_whatsapp=f"91983307{i:04d}", **{"x-apiheader": f"{run}-{i}"})]}
+                answers.append(send(sandbox, body).status_code)
+            finals = [sandbox.state.final_by_id[a["message_id"]] for a in sandbox.state.accepted]
+            recipients = [a["body"]["message"][0]["recipient_whatsapp"] for a in sandbox.state.accepted]
+            runs.append((answers, dict(zip(recipients, finals, strict=True))))
+    assert runs[0] == runs[1]
+    answers, finals = runs[0]
+    assert 429 in answers and 200 in answers and set(finals.values()) == {"read", "delivered", "failed"}
 
 
 def test_faults_429_with_retry_after_and_drops():
@@ -210,3 +233,32 @@ def test_a_closed_window_refuses_session_messages_only():
         assert send(sandbox, {"message": [media()]}).json()["error"]["code"] == "8007"
         assert send(sandbox, {"message": [template()]}).json()["status"] == "success"
         assert sandbox.state.accepted_by_type == {"template": 1}
+
+
+SANDBOX_COMMAND = str(Path(sys.executable).parent / "pepipost-sandbox")
+
+
+def test_the_command_prints_its_address_once_it_listens_there(tmp_path):
+    """``--port 0``: the line names the port it got, and that address answers."""
+    log = tmp_path / "sandbox.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([SANDBOX_COMMAND, "--port", "0"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(lambda: "Pepipost sandbox on" in log.read_text(), timeout=30), log.read_text()
+        url = re.search(r"Pepipost sandbox on (http://\S+),", log.read_text()).group(1)
+        assert not url.endswith(":0")
+        assert requests.get(f"{url}/_sandbox/stats", timeout=10).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_the_command_says_when_its_port_is_taken():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([SANDBOX_COMMAND, "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert f"port {port} on 127.0.0.1 is taken" in run.stderr and "--port" in run.stderr
+    assert "Pepipost sandbox on" not in run.stdout + run.stderr and "Traceback" not in run.stderr

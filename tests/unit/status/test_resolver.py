@@ -30,6 +30,20 @@ def test_a_sqlite_connection_names_its_file(monkeypatch, tmp_path):
     assert resolve_store_url("store_lite") == f"sqlite:///{tmp_path / 's.db'}"
 
 
+@pytest.mark.parametrize(
+    ("conn", "expected"),
+    [
+        ({**POSTGRES, "schema": "campaigns", "extra": {"sqlalchemy_driver": "postgresql+psycopg2"}},
+         "postgresql+psycopg2://pp:s3cr3t-pw@db.internal:5433/campaigns"),
+        ({"host": "/data/pepipost.db", "extra": {"sqlalchemy_driver": "sqlite"}}, "sqlite:////data/pepipost.db"),
+    ],
+)  # fmt: skip
+def test_a_generic_connection_names_its_driver_in_an_extra(monkeypatch, conn, expected):
+    """What the UI offers without any provider: a Generic connection."""
+    monkeypatch.setenv("AIRFLOW_CONN_STORE_GENERIC", json.dumps({**conn, "conn_type": "generic"}))
+    assert resolve_store_url("store_generic") == expected
+
+
 def test_the_order_connection_then_environment_then_config_then_default(monkeypatch, tmp_path):
     assert resolve_store_url() == f"sqlite:///{tmp_path / 'pepipost_status.db'}"
     monkeypatch.setenv("AIRFLOW__PEPIPOST__STATUS_STORE_URL", "sqlite:////from/config.db")
