@@ -257,7 +257,13 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
 
         message_id = str(uuid.uuid4())
         accepted = AcceptedMessage(
-            message_id, item["recipient_whatsapp"], item["source"], item.get("x-apiheader"), time.time(), draw_key
+            message_id,
+            item["recipient_whatsapp"],
+            item["source"],
+            item.get("x-apiheader"),
+            time.time(),
+            draw_key,
+            kind=item["message_type"],
         )
         with state.lock:
             state.responses["accepted"] += 1

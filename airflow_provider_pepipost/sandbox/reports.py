@@ -32,6 +32,7 @@ class AcceptedMessage:
     api_header: str | None
     accepted_at: float
     draw_key: str  # Scenario.draw_key: the statuses it reaches follow from it
+    kind: str = "media"  # media (a session message) or template
 
 
 class ReportSender:
@@ -101,6 +102,7 @@ class ReportSender:
         remark = ""
         if status == "failed":
             remark = FAILED_REMARKS[int(self.scenario.draw("remark", message.draw_key) * len(FAILED_REMARKS))]
+            remark = remark.format(recipient=message.recipient)
         item: dict[str, Any] = {
             "ncmessage_id": message.message_id,
             "recipient": message.recipient,
@@ -114,7 +116,10 @@ class ReportSender:
             item["received_at"] = str(int(when))
             item["x-apiheader"] = message.api_header or ""
             item["phoneNumber"] = "919000000000"
-            item["pricing"] = {"billable": True, "category": "service", "pricing_model": "CBP", "type": "regular"}
+            # A template opens a paid marketing conversation; a session message is a free service one.
+            paid = message.kind == "template"
+            category = "marketing" if paid else "service"
+            item["pricing"] = {"billable": paid, "category": category, "pricing_model": "CBP", "type": "regular"}
         return item
 
     @staticmethod

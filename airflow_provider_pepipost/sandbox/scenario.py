@@ -19,7 +19,13 @@ RECIPIENT_ERRORS = {
     "8003": "WhatsApp contact does not exist.",
     "8007": "Message can not be sent as free form message. Please send template message.",
 }
-FAILED_REMARKS = ("Message undeliverable", "Recipient phone unreachable", "Media download failed")
+# Why a message failed, as the vendor words it; one names the recipient, as real remarks can.
+FAILED_REMARKS = (
+    "Message undeliverable",
+    "Recipient phone unreachable",
+    "Media download failed",
+    "Recipient {recipient} has blocked this business",
+)
 
 
 @dataclass
