@@ -9,76 +9,25 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from airflow_provider_pepipost.sandbox.consent import add_consent_routes
-from airflow_provider_pepipost.sandbox.reports import AcceptedMessage, ReportSender
+from airflow_provider_pepipost.sandbox.reports import AcceptedMessage
 from airflow_provider_pepipost.sandbox.scenario import RECIPIENT_ERRORS, Scenario
+from airflow_provider_pepipost.sandbox.state import SandboxState, failure
 from airflow_provider_pepipost.sandbox.subscribers import subscriber
+
+__all__ = ["SandboxApi", "SandboxState", "create_sandbox_app"]
 
 _DIGITS = re.compile(r"^[0-9]{10,15}$")
 _MEDIA_TYPES = {"image", "video", "audio", "document", "sticker"}
-
-
-@dataclass
-class SandboxState:
-    """What the sandbox knows and has seen. Read by tests through ``SandboxServer``."""
-
-    scenario: Scenario
-    api_key: str
-    sources: set[str] | None  # None: any source id is valid
-    media_ids: set[str] | None  # None: any attachment id is valid
-    record_bodies: bool = True
-    reports: ReportSender | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    requests: int = 0
-    responses: Counter = field(default_factory=Counter)  # outcome -> count ('accepted', '8006', '429', ...)
-    accepted: list[dict[str, Any]] = field(default_factory=list)  # bodies, when record_bodies
-    accepted_count: int = 0
-    accepted_by_header: Counter = field(default_factory=Counter)
-    accepted_by_type: Counter = field(default_factory=Counter)  # media / template
-    final_by_id: dict[str, str] = field(default_factory=dict)  # message id -> final status it will reach
-    attempts: Counter = field(default_factory=Counter)
-    accepted_by_recipient: Counter = field(default_factory=Counter)
-    # Consent: numbers opted in through the API (with what the call said), and opted out.
-    opted_in: dict[str, dict[str, Any]] = field(default_factory=dict)
-    opted_out: set[str] = field(default_factory=set)
-    consent_calls: list[dict[str, Any]] = field(default_factory=list)  # {"type", "recipients"}, in order
-    outage_until: float = 0.0
-    drop_connection: Any = None  # set by the server: closes a request's connection without answering
-
-    def opted_in_now(self, recipient: str) -> bool:
-        """What the vendor's opt-in check before every send finds (8002 when False)."""
-        recipient = subscriber(recipient)
-        with self.lock:
-            if recipient in self.opted_out:
-                return False
-            return recipient in self.opted_in or not self.scenario.needs_optin(recipient)
-
-    def funnel(self) -> dict[str, int]:
-        """How many accepted messages will end in each status: what the demo's report must show."""
-        with self.lock:
-            return dict(Counter(self.final_by_id.values()))
-
-
-def _failure(
-    code: str, message: str, http_status: int, state: SandboxState, headers: dict | None = None
-) -> JSONResponse:
-    with state.lock:
-        state.responses[code] += 1
-    if state.scenario.failures_with_http_200 and http_status < 500:
-        http_status = 200
-    return JSONResponse(
-        {"status": "failure", "error": {"code": code, "message": message}}, status_code=http_status, headers=headers
-    )
 
 
 def _check_message(item: Any, state: SandboxState) -> tuple[str, str] | None:
@@ -136,12 +85,12 @@ def _after_acceptance(fault: str, answer: dict[str, Any], sc: Scenario) -> Respo
         return HTMLResponse(GATEWAY_502_PAGE, status_code=502)
     body = json.dumps(answer).encode()
 
-    async def trickle() -> Any:
+    async def trickle() -> AsyncIterator[bytes]:
         for index in range(len(body)):
             yield body[index : index + 1]
             await asyncio.sleep(sc.trickle_interval)
 
-    async def huge() -> Any:
+    async def huge() -> AsyncIterator[bytes]:
         yield body[:-1] + b', "padding": "'
         chunk = b"x" * 65536
         for _ in range(sc.huge_bytes // len(chunk)):
@@ -185,13 +134,16 @@ def _check_template(item: dict[str, Any], approved: dict[str, dict[str, Any]]) -
     return None
 
 
-def create_sandbox_app(state: SandboxState) -> FastAPI:
-    app = FastAPI(title="Pepipost WhatsApp sandbox", docs_url=None, redoc_url=None, openapi_url=None)
+class SandboxApi:
+    """The sandbox's routes, one method each, sharing one ``SandboxState``."""
 
-    async def refused(request: Request) -> JSONResponse | None:
+    def __init__(self, state: SandboxState) -> None:
+        self.state = state
+
+    async def refused(self, request: Request) -> JSONResponse | None:
         """Outage and auth: what turns a request away. The body is read first, as a vendor holding
         the whole request would process it even if its client died during the latency."""
-        sc = state.scenario
+        state, sc = self.state, self.state.scenario
         await request.body()
         with state.lock:
             state.requests += 1
@@ -204,113 +156,131 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
         if sc.latency:
             await asyncio.sleep(sc.latency)
         if in_outage:
-            return _failure("503", "Service unavailable (sandbox outage)", 503, state)
+            return failure("503", "Service unavailable (sandbox outage)", 503, state)
         auth = request.headers.get("authorization", "")
         if not auth.startswith("Bearer "):
-            return _failure("8004", "Authorization header must be 'Bearer <API key>'.", 403, state)
+            return failure("8004", "Authorization header must be 'Bearer <API key>'.", 403, state)
         if auth[7:] != state.api_key:
-            return _failure("8004", "Client details not found.", 401, state)
+            return failure("8004", "Client details not found.", 401, state)
         return None
 
-    async def send_message(request: Request) -> JSONResponse:
-        sc = state.scenario
-        if (answer := await refused(request)) is not None:
+    async def send_message(self, request: Request) -> Response:
+        """``POST /api/v2/message/``: turned away, faulted, refused for the recipient, or accepted."""
+        sc = self.state.scenario
+        if (answer := await self.refused(request)) is not None:
             return answer
+        read = await self._read_message(request)
+        if isinstance(read, Response):
+            return read
+        body, item = read
+        # Tries are counted per message; what each try meets is drawn from the recipient and kind.
+        draw_key = sc.draw_key(item["recipient_whatsapp"], item["message_type"])
+        fault = sc.request_fault(draw_key, self._count_attempt(item))
+        if (answer := self._fault_before_acceptance(fault, request)) is not None:
+            return answer
+        if (answer := self._recipient_refusal(item)) is not None:
+            return answer
+        message_id = self._accept(body, item, draw_key)
+        if fault == "slow":
+            await asyncio.sleep(sc.slow_seconds)
+        answer_body = {"status": "success", "message": "Request received successfully.", "data": {"id": message_id}}
+        if fault in ("gateway_502", "trickle", "huge"):
+            with self.state.lock:
+                self.state.responses[fault] += 1
+            return _after_acceptance(fault, answer_body, sc)
+        return JSONResponse(answer_body)
+
+    async def _read_message(self, request: Request) -> tuple[dict[str, Any], dict[str, Any]] | JSONResponse:
+        """The body and its one message, checked as the vendor checks them; or the vendor's answer."""
+        state = self.state
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
-            return _failure("8006", "Request body must be JSON.", 400, state)
+            return failure("8006", "Request body must be JSON.", 400, state)
         messages = body.get("message") if isinstance(body, dict) else None
         if not isinstance(messages, list) or not messages:
-            return _failure("8001", "message is required.", 400, state)
+            return failure("8001", "message is required.", 400, state)
         if len(messages) != 1:
-            return _failure("8006", "Send one message per request.", 400, state)
+            return failure("8006", "Send one message per request.", 400, state)
         item = messages[0]
         if problem := _check_message(item, state):
-            return _failure(*problem, 400, state)
+            return failure(*problem, 400, state)
+        return body, item
 
+    def _count_attempt(self, item: dict[str, Any]) -> int:
+        """The how-many-th try of this message this request is."""
         content = item.get("type_media") or item.get("type_template")
-        # Tries are counted per message; what each try meets is drawn from the recipient and kind.
         identity = item.get("x-apiheader") or f"{item['recipient_whatsapp']}|{json.dumps(content)}"
-        draw_key = sc.draw_key(item["recipient_whatsapp"], item["message_type"])
-        with state.lock:
-            state.attempts[identity] += 1
-            attempt = state.attempts[identity]
-        fault = sc.request_fault(draw_key, attempt)
+        with self.state.lock:
+            self.state.attempts[identity] += 1
+            return self.state.attempts[identity]
+
+    def _fault_before_acceptance(self, fault: str | None, request: Request) -> JSONResponse | None:
+        """The scenario's faults that answer before the vendor takes the message."""
+        state, sc = self.state, self.state.scenario
         if fault == "429":
             headers = {"Retry-After": f"{sc.retry_after:g}"} if sc.retry_after is not None else None
-            return _failure("429", "Too many requests.", 429, state, headers)
+            return failure("429", "Too many requests.", 429, state, headers)
         if fault == "5xx":
-            return _failure("500", "Internal server error.", 500, state)
+            return failure("500", "Internal server error.", 500, state)
         if fault == "8005":
-            return _failure("8005", "Technical error, please retry.", 500, state)
+            return failure("8005", "Technical error, please retry.", 500, state)
         if fault == "drop":
             with state.lock:
                 state.responses["drop"] += 1
-            state.drop_connection(request)
+            if state.drop_connection is not None:
+                state.drop_connection(request)
             return JSONResponse({}, status_code=500)  # never reaches the client: its socket is gone
-        recipient = item["recipient_whatsapp"]
-        if item.get("recipient_type", "individual") == "individual" and not state.opted_in_now(recipient):
-            return _failure("8002", RECIPIENT_ERRORS["8002"], 400, state)
-        if code := sc.recipient_error(recipient, item["message_type"]):
-            return _failure(code, RECIPIENT_ERRORS[code], 400, state)
+        return None
 
+    def _recipient_refusal(self, item: dict[str, Any]) -> JSONResponse | None:
+        """No opt-in (8002), or the scenario's refusal of this recipient."""
+        recipient = item["recipient_whatsapp"]
+        if item.get("recipient_type", "individual") == "individual" and not self.state.opted_in_now(recipient):
+            return failure("8002", RECIPIENT_ERRORS["8002"], 400, self.state)
+        if code := self.state.scenario.recipient_error(recipient, item["message_type"]):
+            return failure(code, RECIPIENT_ERRORS[code], 400, self.state)
+        return None
+
+    def _accept(self, body: dict[str, Any], item: dict[str, Any], draw_key: str) -> str:
+        """Take the message: count it, fix the status it will reach, queue its reports. Returns its id."""
+        state = self.state
         message_id = str(uuid.uuid4())
-        accepted = AcceptedMessage(
-            message_id,
-            item["recipient_whatsapp"],
-            item["source"],
-            item.get("x-apiheader"),
-            time.time(),
-            draw_key,
-            kind=item["message_type"],
-        )
+        recipient, kind, header = item["recipient_whatsapp"], item["message_type"], item.get("x-apiheader")
+        accepted = AcceptedMessage(message_id, recipient, item["source"], header, time.time(), draw_key, kind=kind)
         with state.lock:
             state.responses["accepted"] += 1
             state.accepted_count += 1
-            state.accepted_by_header[item.get("x-apiheader")] += 1
-            state.accepted_by_type[item["message_type"]] += 1
+            state.accepted_by_header[header] += 1
+            state.accepted_by_type[kind] += 1
             state.accepted_by_recipient[subscriber(recipient)] += 1
-            state.final_by_id[message_id] = sc.final_status(draw_key)
+            state.final_by_id[message_id] = state.scenario.final_status(draw_key)
             if state.record_bodies:
                 state.accepted.append({"message_id": message_id, "body": body})
         if state.reports:
             state.reports.schedule(accepted)
-        if fault == "slow":
-            await asyncio.sleep(sc.slow_seconds)
-        answer = {"status": "success", "message": "Request received successfully.", "data": {"id": message_id}}
-        if fault in ("gateway_502", "trickle", "huge"):
-            with state.lock:
-                state.responses[fault] += 1
-            return _after_acceptance(fault, answer, sc)
-        return JSONResponse(answer)
+        return message_id
 
-    app.add_api_route("/api/v2/message/", send_message, methods=["POST"])
-    app.add_api_route("/api/v2/message/nc", send_message, methods=["POST"])
-    add_consent_routes(app, state, _failure, refused)
-
-    @app.post("/_sandbox/reply")
-    async def reply(request: Request) -> JSONResponse:
+    async def reply(self, request: Request) -> JSONResponse:
         """Make a recipient reply a text (``{"from", "text", "context_message_id"}``), posted at once."""
         body = await request.json()
         if not isinstance(body, dict) or not body.get("from") or not isinstance(body.get("text"), str):
             return JSONResponse({"detail": "give 'from' (a number) and 'text'"}, status_code=400)
-        if not state.reports:
+        if not self.state.reports:
             return JSONResponse({"detail": "the sandbox has no --webhook-url to post the reply to"}, status_code=409)
-        state.reports.reply(str(body["from"]), body["text"], body.get("context_message_id"))
+        self.state.reports.reply(str(body["from"]), body["text"], body.get("context_message_id"))
         return JSONResponse({"queued": 1})
 
-    @app.get("/_sandbox/recipients/{number}")
-    async def recipient_state(number: str) -> dict[str, Any]:
+    async def recipient_state(self, number: str) -> dict[str, Any]:
         """What the sandbox holds for one number: messages accepted, opt-in."""
-        with state.lock:
-            accepted = state.accepted_by_recipient[subscriber(number)]
-        return {"accepted": accepted, "opted_in": state.opted_in_now(number)}
+        with self.state.lock:
+            accepted = self.state.accepted_by_recipient[subscriber(number)]
+        return {"accepted": accepted, "opted_in": self.state.opted_in_now(number)}
 
-    @app.get("/_sandbox/stats")
-    async def stats() -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
+        state = self.state
         with state.lock:
-            data = {
+            data: dict[str, Any] = {
                 "requests": state.requests,
                 "accepted": state.accepted_count,
                 "accepted_by_type": dict(state.accepted_by_type),
@@ -327,4 +297,14 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
             }
         return data
 
+
+def create_sandbox_app(state: SandboxState) -> FastAPI:
+    app = FastAPI(title="Pepipost WhatsApp sandbox", docs_url=None, redoc_url=None, openapi_url=None)
+    api = SandboxApi(state)
+    app.add_api_route("/api/v2/message/", api.send_message, methods=["POST"])
+    app.add_api_route("/api/v2/message/nc", api.send_message, methods=["POST"])
+    add_consent_routes(app, state, api.refused)
+    app.add_api_route("/_sandbox/reply", api.reply, methods=["POST"])
+    app.add_api_route("/_sandbox/recipients/{number}", api.recipient_state, methods=["GET"])
+    app.add_api_route("/_sandbox/stats", api.stats, methods=["GET"])
     return app

@@ -10,12 +10,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from airflow_provider_pepipost.sandbox.state import SandboxState, failure
 from airflow_provider_pepipost.sandbox.subscribers import subscriber
 
 KINDS = ("optin", "optout")
@@ -55,31 +56,40 @@ def check_consent_body(body: Any) -> str | None:
 
 
 def add_consent_routes(
-    app: FastAPI,
-    state: Any,
-    failure: Callable[..., JSONResponse],
-    refused: Callable[[Request], JSONResponse | None],
+    app: FastAPI, state: SandboxState, refused: Callable[[Request], Awaitable[JSONResponse | None]]
 ) -> None:
     """Mount the consent endpoints on the sandbox app.
 
-    :param failure: the sandbox's failure answer, ``failure(code, message, http_status, state)``.
     :param refused: the answer to a request the sandbox turns away before reading it (outage,
         auth), or None.
     """
+    api = ConsentApi(state, refused)
+    app.add_api_route("/api/v2/consent/manage/", api.manage, methods=["POST"])
+    app.add_api_route("/api/v2/consent/", api.check, methods=["POST"])
 
-    async def read(request: Request) -> Any:
-        try:
-            return json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            return None
 
-    async def manage(request: Request) -> JSONResponse:
-        if (answer := await refused(request)) is not None:
+class ConsentApi:
+    """The consent routes, on the sandbox's state."""
+
+    def __init__(self, state: SandboxState, refused: Callable[[Request], Awaitable[JSONResponse | None]]) -> None:
+        self.state, self.refused = state, refused
+
+    async def manage(self, request: Request) -> JSONResponse:
+        """``POST /api/v2/consent/manage/``: opt numbers in or out."""
+        if (answer := await self.refused(request)) is not None:
             return answer
-        body = await read(request)
+        body = await _read(request)
         if problem := check_consent_body(body):
-            return failure("8006", problem, 400, state)
-        kind, numbers = body["type"], [item["recipient"] for item in body["recipients"]]
+            return failure("8006", problem, 400, self.state)
+        kind = body["type"]
+        self._record(kind, body)
+        word = "Optin" if kind == "optin" else "Optout"
+        return JSONResponse({"status": "success", "message": f"{word} successfully added."})
+
+    def _record(self, kind: str, body: dict[str, Any]) -> None:
+        """A checked call's numbers opted in (lifting an opt-out) or out (dropping an opt-in)."""
+        state = self.state
+        numbers = [item["recipient"] for item in body["recipients"]]
         with state.lock:
             state.consent_calls.append({"type": kind, "recipients": numbers})
             for number in numbers:
@@ -91,18 +101,17 @@ def add_consent_routes(
                     state.opted_in.pop(phone, None)
                     state.opted_out.add(phone)
             state.responses[f"consent_{kind}"] += 1
-        word = "Optin" if kind == "optin" else "Optout"
-        return JSONResponse({"status": "success", "message": f"{word} successfully added."})
 
-    async def check(request: Request) -> JSONResponse:
-        if (answer := await refused(request)) is not None:
+    async def check(self, request: Request) -> JSONResponse:
+        """``POST /api/v2/consent/``: what the vendor holds for one number's opt-in."""
+        if (answer := await self.refused(request)) is not None:
             return answer
-        body = await read(request)
+        body = await _read(request)
         number = body.get("phone_number") if isinstance(body, dict) else None
         if not isinstance(number, str) or not number:
-            return failure("8006", "phone_number is required.", 400, state)
-        with state.lock:
-            found = state.opted_in.get(subscriber(number))
+            return failure("8006", "phone_number is required.", 400, self.state)
+        with self.state.lock:
+            found = self.state.opted_in.get(subscriber(number))
         if found is None:
             # The vendor's answer names no code here.
             return JSONResponse({"status": "failure", "error": {"message": f"Optin details not found for {number}"}})
@@ -115,8 +124,13 @@ def add_consent_routes(
         }
         return JSONResponse({"status": "success", "data": data})
 
-    app.add_api_route("/api/v2/consent/manage/", manage, methods=["POST"])
-    app.add_api_route("/api/v2/consent/", check, methods=["POST"])
+
+async def _read(request: Request) -> Any:
+    """The body as JSON, or None."""
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def body_item(body: dict[str, Any], number: str) -> dict[str, Any]:

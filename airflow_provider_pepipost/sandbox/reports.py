@@ -55,7 +55,9 @@ class ReportSender:
 
     def start(self) -> None:
         if self.webhook_url and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="pepipost-sandbox-reports", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, args=(self.webhook_url,), name="pepipost-sandbox-reports", daemon=True
+            )
             self._thread.start()
 
     def stop(self, drain_seconds: float = 0.0) -> None:
@@ -141,7 +143,7 @@ class ReportSender:
                     return None
                 now = time.time()
                 if self._queue and self._queue[0][0] <= now:
-                    batch = []
+                    batch: list[tuple[str, dict[str, Any]]] = []
                     while self._queue and self._queue[0][0] <= now and len(batch) < self.scenario.batch_size:
                         _, _, kind, item = heapq.heappop(self._queue)
                         batch.append((kind, item))
@@ -149,17 +151,17 @@ class ReportSender:
                 wait = self._queue[0][0] - now if self._queue else 1.0
                 self._cond.wait(timeout=max(self.scenario.batch_interval, min(wait, 1.0)))
 
-    def _run(self) -> None:
+    def _run(self, url: str) -> None:
         while (batch := self._take_due()) is not None:
             body: dict[str, list[dict[str, Any]]] = {}
             for kind, item in batch:
                 body.setdefault(kind, []).append(item)
-            self._post(body, len(batch))
+            self._post(url, body, len(batch))
 
-    def _post(self, body: dict[str, Any], count: int) -> None:
+    def _post(self, url: str, body: dict[str, Any], count: int) -> None:
         for attempt in range(POST_TRIES):
             try:
-                response = self._session.post(self.webhook_url, json=body, headers=self.headers, timeout=10)
+                response = self._session.post(url, json=body, headers=self.headers, timeout=10)
                 if response.status_code < 300:
                     self.events_posted += count
                     self.batches_posted += 1

@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import uvicorn
@@ -38,8 +39,8 @@ class SandboxServer:
         scenario: Scenario | None = None,
         *,
         api_key: str = DEFAULT_API_KEY,
-        sources: set[str] | None = frozenset({DEFAULT_SOURCE}),
-        media_ids: set[str] | None = None,
+        sources: Iterable[str] | None = frozenset({DEFAULT_SOURCE}),
+        media_ids: Iterable[str] | None = None,
         webhook_url: str | None = None,
         webhook_headers: dict[str, str] | None = None,
         host: str = "127.0.0.1",
@@ -90,7 +91,8 @@ class SandboxServer:
             create_sandbox_app(self.state),
             log_level="warning",
             access_log=False,
-            timeout_keep_alive=self.scenario.keep_alive_timeout,
+            # uvicorn hands it to loop.call_later, which takes fractions of a second; its annotation says int.
+            timeout_keep_alive=self.scenario.keep_alive_timeout,  # type: ignore[arg-type]
             backlog=BACKLOG,
         )
 
@@ -111,17 +113,21 @@ class SandboxServer:
 
     def listen(self) -> SandboxServer:
         """Bind the port now (``OSError`` when it is taken), so that ``url`` is the real address."""
+        self._listening_socket()
+        return self
+
+    def _listening_socket(self) -> socket.socket:
         if self._socket is None:
             self._socket = self._bind()
-        return self
+        return self._socket
 
     def serve_forever(self) -> None:
         """Run in the foreground (the console script) until SIGINT or SIGTERM."""
-        self.listen()
+        sock = self._listening_socket()
         self._server = uvicorn.Server(self._config())
         self.reports.start()
         try:
-            self._server.run(sockets=[self._socket])
+            self._server.run(sockets=[sock])
         finally:
             self.reports.stop(drain_seconds=0)
 
@@ -154,6 +160,16 @@ class SandboxServer:
 
 def main(argv: list[str] | None = None) -> None:
     """``pepipost-sandbox``: a local Pepipost WhatsApp API for demos and tests."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s sandbox %(levelname)s %(message)s")
+    server = _server_from(args)
+    _listen_or_exit(server, args.host, args.port)
+    # Only now that the port is ours: the address printed is the one that answers.
+    log.info("Pepipost sandbox on %s, reports to %s", server.url, args.webhook_url or "nowhere")
+    server.serve_forever()
+
+
+def _parser() -> argparse.ArgumentParser:
     defaults = Scenario().to_dict()
     parser = argparse.ArgumentParser(
         prog="pepipost-sandbox",
@@ -182,14 +198,16 @@ def main(argv: list[str] | None = None) -> None:
         "--scenario", default="", help="JSON object of scenario keys (below), or @file.json; default: all defaults"
     )
     parser.add_argument("--no-record", action="store_true", help="keep counters only (long benchmarks)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s sandbox %(levelname)s %(message)s")
+    return parser
 
+
+def _server_from(args: argparse.Namespace) -> SandboxServer:
+    """The server the command line asks for; ``--scenario @file.json`` read from the file."""
     text = args.scenario
     if text.startswith("@"):
         with open(text[1:]) as handle:
             text = handle.read()
-    server = SandboxServer(
+    return SandboxServer(
         Scenario.from_json(text),
         api_key=args.api_key,
         sources=None if args.any_source else set(args.source or [DEFAULT_SOURCE]),
@@ -200,18 +218,19 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         record_bodies=not args.no_record,
     )
+
+
+def _listen_or_exit(server: SandboxServer, host: str, port: int) -> None:
+    """Take the port, or exit non-zero saying why, without a traceback."""
     try:
         server.listen()
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             raise SystemExit(
-                f"pepipost-sandbox: port {args.port} on {args.host} is taken (by another sandbox?): stop that "
+                f"pepipost-sandbox: port {port} on {host} is taken (by another sandbox?): stop that "
                 "process, or choose another port with --port"
             ) from None
-        raise SystemExit(f"pepipost-sandbox: cannot listen on {args.host}:{args.port}: {err.strerror}") from None
-    # Only now that the port is ours: the address printed is the one that answers.
-    log.info("Pepipost sandbox on %s, reports to %s", server.url, args.webhook_url or "nowhere")
-    server.serve_forever()
+        raise SystemExit(f"pepipost-sandbox: cannot listen on {host}:{port}: {err.strerror}") from None
 
 
 if __name__ == "__main__":
