@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, case, func, null, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.status import schema
@@ -186,12 +187,25 @@ def claim(
     this generation; from an earlier one (a clear whose upstream put the row in another map
     index), the claimer takes the row over and reports what it holds, never sending it again.
     """
+    rows = _claim_rows(task, claims, attempt=attempt, campaign=campaign, now=now, generation=generation)
+    granted = _grant_claims(conn, _claim_statement(conn, resend_unknown), rows)
+    answers = [GRANTED if ok else HELD for ok in granted]
+    held = {row["idempotency_key"]: index for index, row in enumerate(rows) if not granted[index]}
+    held_rows = {key: rows[index] for key, index in held.items()}
+    for key, entry in _take_over_from_earlier_clears(conn, task, held_rows, generation, now).items():
+        answers[held[key]] = ClaimAnswer(False, taken_over=entry)
+    return answers
+
+
+def _claim_statement(conn: Connection, resend_unknown: bool) -> postgresql.Insert | sqlite.Insert:
+    """The upsert of one claim: it inserts the row, or takes over a row a later try may send
+    again, and changes nothing else."""
     led = schema.ledger
     resendable = (*RESENDABLE_STATES, LedgerState.UNKNOWN.value) if resend_unknown else RESENDABLE_STATES
     insert_stmt = insert_for(conn, led)
     new = insert_stmt.excluded
     owner = ("dag_id", "run_id", "task_id", "map_index", "row_index", "attempt", "campaign", "generation")
-    claim_stmt = insert_stmt.on_conflict_do_update(
+    return insert_stmt.on_conflict_do_update(
         index_elements=[led.c.idempotency_key],
         set_={
             "state": LedgerState.SENDING.value,
@@ -209,6 +223,12 @@ def claim(
         & (led.c.attempt.is_(None) | (led.c.attempt != new.attempt))
         & _not_a_sibling_of_this_clear(led, new),
     )
+
+
+def _claim_rows(
+    task: TaskKey, claims: Sequence[Claim], *, attempt: str, campaign: str | None, now: float, generation: int
+) -> list[dict[str, Any]]:
+    """The ledger rows the claims write: each one 'sending', owned by ``task`` and this try."""
     common = {
         "dag_id": task.dag_id,
         "run_id": task.run_id,
@@ -221,7 +241,7 @@ def claim(
         "campaign": campaign_hash(campaign) if campaign is not None else None,
         "generation": generation,
     }
-    rows = [
+    return [
         {
             "idempotency_key": c.key,
             "api_header": c.api_header,
@@ -231,13 +251,6 @@ def claim(
         }
         for c in claims
     ]
-    granted = _grant_claims(conn, claim_stmt, rows)
-    answers = [GRANTED if ok else HELD for ok in granted]
-    held = {row["idempotency_key"]: index for index, row in enumerate(rows) if not granted[index]}
-    held_rows = {key: rows[index] for key, index in held.items()}
-    for key, entry in _take_over_from_earlier_clears(conn, task, held_rows, generation, now).items():
-        answers[held[key]] = ClaimAnswer(False, taken_over=entry)
-    return answers
 
 
 def _not_a_sibling_of_this_clear(led: Any, new: Any) -> Any:

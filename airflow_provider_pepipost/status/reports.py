@@ -239,8 +239,8 @@ def _add_failed_recipients(conn: Connection, where: Any, report: CampaignReport,
         .order_by(*order)
         .limit(room)
     )
-    for row in conn.execute(failed):
-        _list_failed(report, row, "failed", text(row.remark or ""))
+    for failed_row in conn.execute(failed):
+        _list_failed(report, failed_row, "failed", text(failed_row.remark or ""))
 
 
 def _list_failed(report: CampaignReport, row: Any, kind: str, reason: str) -> None:

@@ -117,7 +117,9 @@ def _mask(secret: str) -> None:
         from airflow.sdk.log import mask_secret
     except ImportError:  # Airflow 3.1
         try:
-            from airflow.sdk.execution_time.secrets_masker import mask_secret
+            from airflow.sdk.execution_time.secrets_masker import mask_secret as mask_secret_3_1
         except ImportError:
             return
+        mask_secret_3_1(secret)
+        return
     mask_secret(secret)

@@ -139,16 +139,16 @@ def _keep_suppressed(conn: Connection, phone: str, hashed: str) -> None:
     sup = schema.suppressions
     held = conn.execute(select(sup).where(sup.c.recipient == phone)).mappings().first()
     conn.execute(delete(sup).where(sup.c.recipient.in_([phone, hashed])))
+    detail = "erased on request" + (f"; it had {held['detail']}" if held and held["detail"] else "")
     values = {
         "recipient": hashed,
         "opted_out": True,
         "changed_at": time.time(),
         "via": held["via"] if held else VIA_ERASURE,
-        "detail": "erased on request" + (f"; it had {held['detail']}" if held and held["detail"] else ""),
+        "detail": mask_numbers_in(detail)[:200],
         "synced_at": held["synced_at"] if held else None,
         "revision": (held["revision"] + 1) if held else 1,
     }
-    values["detail"] = mask_numbers_in(values["detail"])[:200]
     conn.execute(sup.insert().values(values))
 
 

@@ -48,8 +48,8 @@ def summarize_ids(conn: Connection, message_ids: Iterable[str], *, chunked: bool
     for matches in id_filters(conn, st.c.message_id, ids, chunked):
         # One statement per id set, so the ids travel once: the counts by status and pricing, then
         # (marked by a null status) the first failed ids with their remarks.
-        matched = select(st.c.message_id, st.c.status, st.c.remark, st.c.billable, st.c.category)
-        matched = matched.where(matches).cte("matched")
+        columns = (st.c.message_id, st.c.status, st.c.remark, st.c.billable, st.c.category)
+        matched = select(*columns).where(matches).cte("matched")
         counts = select(
             matched.c.status, func.count().label("n"), cast(null(), String).label("mid"),
             cast(null(), Text).label("failed_remark"), matched.c.billable, matched.c.category,
