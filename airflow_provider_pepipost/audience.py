@@ -9,7 +9,7 @@ import ast
 import csv
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -88,7 +88,7 @@ class Audience:
                     raise PepipostConfigError(f"recipients: {self._path} must hold a JSON list")
                 yield from rows
             else:
-                row = 0
+                index = 0
                 for line_number, line in enumerate(handle, start=1):
                     if not line.strip():
                         continue
@@ -96,9 +96,9 @@ class Audience:
                     try:
                         yield json.loads(line)
                     except ValueError as err:
-                        problem = RowProblem(row, "line", repr(line[:40]), f"is not JSON: {err}", line=line_number)
+                        problem = RowProblem(index, "line", repr(line[:40]), f"is not JSON: {err}", line=line_number)
                         raise MessageValidationError([problem]) from None
-                    row += 1
+                    index += 1
         self.line = None
 
     def _opened(self) -> IO[str]:
@@ -114,7 +114,7 @@ class Audience:
         except (PermissionError, IsADirectoryError) as err:
             raise PepipostConfigError(f"recipients: {self._path} cannot be read: {err.strerror}") from None
 
-    def _check_columns(self, columns: list[str]) -> None:
+    def _check_columns(self, columns: Sequence[str]) -> None:
         """One error for a file without a number column, not one per row."""
         if any(name in columns for name in self.number_columns):
             return

@@ -50,7 +50,9 @@ class PurgeStatusStoreOperator(BaseOperator):
         super().__init__(**kwargs)
         self.older_than_days = older_than_days
         self.batch_size = batch_size
-        self.dry_run = dry_run
+        # Not ``self.dry_run``: that is BaseOperator's method (render the template fields), which
+        # an attribute of that name would hide.
+        self.count_only = dry_run
         self.status_store_conn_id = status_store_conn_id
 
     def execute(self, context: Context) -> dict[str, int]:
@@ -58,10 +60,10 @@ class PurgeStatusStoreOperator(BaseOperator):
         store = open_store(self.status_store_conn_id)
         try:
             days = float(self.older_than_days)
-            deleted = store.purge(days, batch_size=self.batch_size, dry_run=self.dry_run)
+            deleted = store.purge(days, batch_size=self.batch_size, dry_run=self.count_only)
         except (PepipostConfigError, ValueError) as err:
             raise AirflowFailException(f"older_than_days / batch_size: {err}") from err
-        verb = "Would delete" if self.dry_run else "Deleted"
+        verb = "Would delete" if self.count_only else "Deleted"
         self.log.info(
             "%s %d rows older than %g days: %s", verb, sum(deleted.values()), days,
             ", ".join(f"{table} {count}" for table, count in deleted.items()),

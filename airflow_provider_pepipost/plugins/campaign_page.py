@@ -17,7 +17,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -53,7 +53,7 @@ def airflow_auth() -> tuple[Authorize, MayEdit]:
 
         return await get_user(request, None, await bearer_scheme(request))
 
-    def may(method: str, request: Request, dag_id: str, user: Any) -> bool:
+    def may(method: Literal["GET", "PUT"], request: Request, dag_id: str, user: Any) -> bool:
         from airflow.api_fastapi.app import get_auth_manager
         from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
         from airflow.models.dag import DagModel
@@ -82,21 +82,28 @@ def create_campaign_app(
     """The page app. ``auth`` defaults to Airflow's (the API server's auth manager); ``rate_card``
     to the Pepipost connection's extra ``rate_card``."""
     authorize, may_edit = auth or airflow_auth()
-    card_of = rate_card or connection_rate_card
+    pages = CampaignPages(store_url, may_edit, rate_card or connection_rate_card)
     app = FastAPI(title="Pepipost campaign page", docs_url=None, redoc_url=None, openapi_url=None)
-    holder: dict[str, StatusStore] = {}
-
-    def store() -> StatusStore:
-        if "store" not in holder:  # resolved on first use: importing the plugin touches no database
-            holder["store"] = open_store(url=store_url)
-        return holder["store"]
-
     # Ids are checked before anything else: a NUL or an over-long id never reaches the database.
-    guarded = [Depends(valid_ids), Depends(authorize)]
+    _add_routes(app, pages, guarded=[Depends(valid_ids), Depends(authorize)])
+    return app
 
-    async def page(request: Request, dag_id: str, run_id: str, task_id: str | None) -> HTMLResponse:
-        card = await run_in_threadpool(card_of)
-        report = await run_in_threadpool(lambda: store().campaign_report(dag_id, run_id, task_id, rate_card=card))
+
+class CampaignPages:
+    """What the routes answer: the page, its CSV and its JSON, from one status store."""
+
+    def __init__(self, store_url: str | None, may_edit: MayEdit, card_of: RateCard) -> None:
+        self.store_url, self.may_edit, self.card_of = store_url, may_edit, card_of
+        self._store: StatusStore | None = None
+
+    def store(self) -> StatusStore:
+        if self._store is None:  # resolved on first use: importing the plugin touches no database
+            self._store = open_store(url=self.store_url)
+        return self._store
+
+    async def page(self, request: Request, dag_id: str, run_id: str, task_id: str | None) -> HTMLResponse:
+        card = await run_in_threadpool(self.card_of)
+        report = await run_in_threadpool(lambda: self.store().campaign_report(dag_id, run_id, task_id, rate_card=card))
         scope = f"DAG {dag_id}, run {run_id}" + (f", task {task_id}" if task_id else ", every send task")
         html = render_page(
             report,
@@ -106,11 +113,11 @@ def create_campaign_app(
         )
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
-    async def export(request: Request, dag_id: str, run_id: str, task_id: str | None) -> StreamingResponse:
-        whole = may_edit(request, dag_id)
+    async def export(self, request: Request, dag_id: str, run_id: str, task_id: str | None) -> StreamingResponse:
+        whole = self.may_edit(request, dag_id)
         whole = bool(await whole if inspect.isawaitable(whole) else whole)
         # The first rows are read before the answer starts: a query that fails is a 500, never a 200.
-        lines = _csv_lines(store().export_campaign(dag_id, run_id, task_id, full_numbers=whole))
+        lines = _csv_lines(self.store().export_campaign(dag_id, run_id, task_id, full_numbers=whole))
         first = await run_in_threadpool(next, lines)
         name = _file_name(f"whatsapp-campaign-{dag_id}-{run_id}{'-' + task_id if task_id else ''}") + ".csv"
         return StreamingResponse(
@@ -119,33 +126,35 @@ def create_campaign_app(
             headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"},
         )
 
-    async def report_json(dag_id: str, run_id: str, task_id: str | None) -> JSONResponse:
-        report = await run_in_threadpool(lambda: store().campaign_report(dag_id, run_id, task_id))
+    async def report_json(self, dag_id: str, run_id: str, task_id: str | None) -> JSONResponse:
+        report = await run_in_threadpool(lambda: self.store().campaign_report(dag_id, run_id, task_id))
         return JSONResponse(
             {"rows": report.rows, "states": report.states, "messages": report.messages, "statuses": report.statuses}
         )
 
+
+def _add_routes(app: FastAPI, pages: CampaignPages, guarded: list[Any]) -> None:
+    """One route a URL, each behind ``guarded``: the run's and the task's page and CSV, the run's JSON."""
+
     @app.get("/dags/{dag_id}/runs/{run_id}", dependencies=guarded, response_class=HTMLResponse)
     async def run_page(request: Request, dag_id: str, run_id: str) -> HTMLResponse:
-        return await page(request, dag_id, run_id, None)
+        return await pages.page(request, dag_id, run_id, None)
 
     @app.get("/dags/{dag_id}/runs/{run_id}/tasks/{task_id}", dependencies=guarded, response_class=HTMLResponse)
     async def task_page(request: Request, dag_id: str, run_id: str, task_id: str) -> HTMLResponse:
-        return await page(request, dag_id, run_id, task_id)
+        return await pages.page(request, dag_id, run_id, task_id)
 
     @app.get("/dags/{dag_id}/runs/{run_id}/export.csv", dependencies=guarded)
     async def run_export(request: Request, dag_id: str, run_id: str) -> StreamingResponse:
-        return await export(request, dag_id, run_id, None)
+        return await pages.export(request, dag_id, run_id, None)
 
     @app.get("/dags/{dag_id}/runs/{run_id}/tasks/{task_id}/export.csv", dependencies=guarded)
     async def task_export(request: Request, dag_id: str, run_id: str, task_id: str) -> StreamingResponse:
-        return await export(request, dag_id, run_id, task_id)
+        return await pages.export(request, dag_id, run_id, task_id)
 
     @app.get("/dags/{dag_id}/runs/{run_id}/report.json", dependencies=guarded)
     async def run_report(dag_id: str, run_id: str) -> JSONResponse:
-        return await report_json(dag_id, run_id, None)
-
-    return app
+        return await pages.report_json(dag_id, run_id, None)
 
 
 def valid_ids(request: Request) -> None:

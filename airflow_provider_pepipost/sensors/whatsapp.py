@@ -188,7 +188,8 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
     def _emit(self, context: Context, summary: dict[str, Any] | None) -> None:
         """The delivery asset's event: the counts, not the failed ids."""
         if summary:
-            counts = {k: summary[k] for k in ("total", "counts", "pending", "unknown", "failed_total") if k in summary}
+            kept = ("total", "counts", "pending", "unknown", "failed_total")
+            counts: dict[str, Any] = {k: summary[k] for k in kept if k in summary}
             emit(context, self.delivery_asset, {"target_status": self.target_status, **counts})
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
