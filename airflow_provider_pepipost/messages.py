@@ -10,9 +10,9 @@ import dataclasses
 import hashlib
 import re
 import string
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.errors import MessageValidationError, RowProblem
@@ -21,6 +21,8 @@ from airflow_provider_pepipost.errors import MessageValidationError, RowProblem
 from airflow_provider_pepipost.numbers import MAX_PHONE_DIGITS as MAX_PHONE_DIGITS
 from airflow_provider_pepipost.numbers import MIN_PHONE_DIGITS as MIN_PHONE_DIGITS
 from airflow_provider_pepipost.numbers import mask_number, normalize_phone
+from airflow_provider_pepipost.outgoing import OutgoingMessage
+from airflow_provider_pepipost.outgoing import request_body as request_body  # its home before outgoing
 
 RECIPIENT_TYPES = frozenset({"individual", "group"})
 ATTACHMENT_TYPES = frozenset({"image", "video", "audio", "document", "sticker"})
@@ -39,6 +41,24 @@ ROW_FIELDS = (
     "source",
     "x-apiheader",
 )
+
+# Where a row builder reports a problem: (field, the value as given, the reason).
+ProblemSink = Callable[[str, Any, str], None]
+Built = TypeVar("Built")
+# A builder of rows of any kind (a message, a consent row): (item, defaults, row) -> (built or None, problems).
+Builder = Callable[[Any, Any, int], tuple[Built | None, list[RowProblem]]]
+
+
+class AddressDefaults(Protocol):
+    """The operator-wide values every message kind's defaults carry for the shared row fields."""
+
+    @property
+    def source(self) -> str | None: ...
+    @property
+    def recipient_type(self) -> str: ...
+    @property
+    def x_apiheader(self) -> str | None: ...
+
 
 _GROUP_ID = re.compile(r"^[A-Za-z0-9@._:\-]+$")
 _FORMATTER = string.Formatter()
@@ -71,7 +91,7 @@ class MediaMessage:
     api_header: str | None = None
     # The template message to send instead when the vendor answers 8007 (the 24-hour window is
     # closed): not part of this message's body or identity.
-    fallback: Any = None
+    fallback: OutgoingMessage | None = None
 
     @property
     def recipient(self) -> str:
@@ -108,10 +128,11 @@ class MediaMessage:
         payload["type_media"] = [{"attachments": [attachment]}]
         return payload
 
+    def with_header(self, api_header: str) -> MediaMessage:
+        return dataclasses.replace(self, api_header=api_header)
 
-def request_body(message: Any) -> dict[str, Any]:
-    """The whole request body of any message kind: one message per request, the documented reading."""
-    return {"message": [message.to_payload()]}
+    def with_fallback(self, fallback: OutgoingMessage | None) -> MediaMessage:
+        return dataclasses.replace(self, fallback=fallback)
 
 
 def default_campaign_key(dag_id: str, run_id: str, task_id: str) -> str:
@@ -147,7 +168,7 @@ _DERIVED_HEADER = re.compile(r"^af-[0-9a-f]{32}$")
 
 def is_derived_header(header: str | None) -> bool:
     """True for an x-apiheader ``idempotency_key`` made (a hash: no number in it, whatever its digits)."""
-    return bool(header) and _DERIVED_HEADER.match(header) is not None
+    return header is not None and _DERIVED_HEADER.match(header) is not None
 
 
 def mask_value(field: str, value: Any) -> str:
@@ -199,7 +220,7 @@ class Addressing:
     api_header: str | None
 
 
-def check_addressing(data: Mapping[str, Any], defaults: Any, problem: Any) -> Addressing | None:
+def check_addressing(data: Mapping[str, Any], defaults: AddressDefaults, problem: ProblemSink) -> Addressing | None:
     """Validate the fields all message kinds share; report each problem through ``problem``.
 
     ``defaults`` has ``recipient_type``, ``source`` and ``x_apiheader``. Returns None when a
@@ -247,7 +268,9 @@ def check_addressing(data: Mapping[str, Any], defaults: Any, problem: Any) -> Ad
     return Addressing(recipient, recipient_type, source.strip(), header)
 
 
-def read_row(item: Any, defaults: Any, row: int) -> tuple[Mapping[str, Any] | None, list[RowProblem], Any, Any]:
+def read_row(
+    item: Any, defaults: AddressDefaults, row: int
+) -> tuple[Mapping[str, Any] | None, list[RowProblem], ProblemSink, Addressing | None]:
     """The start every message kind's builder shares: the row as a dict, its shared fields checked.
 
     Returns (row dict or None when the item is no row at all, the problem list, the function that
@@ -273,8 +296,28 @@ def build_message(item: Any, defaults: MessageDefaults, row: int) -> tuple[Media
     data, problems, problem, addressing = read_row(item, defaults, row)
     if data is None:
         return None, problems
+    attachment_id, attachment_url, attachment_type = _check_attachment(data, defaults, problem)
+    caption = _check_caption(data, defaults, problem)
+    if problems or addressing is None:
+        return None, problems
+    return (
+        MediaMessage(
+            recipient_whatsapp=addressing.recipient,
+            source=addressing.source,
+            recipient_type=addressing.recipient_type,
+            attachment_id=attachment_id.strip() if attachment_id else None,
+            attachment_url=None if attachment_id else attachment_url,
+            attachment_type=None if attachment_id else attachment_type,
+            caption=caption,
+            api_header=addressing.api_header,
+        ),
+        [],
+    )
 
-    # A row that names its own attachment replaces the defaults' attachment as a whole.
+
+def _check_attachment(data: Mapping[str, Any], defaults: MessageDefaults, problem: ProblemSink) -> tuple[Any, Any, Any]:
+    """The row's media (id, or URL and type), each problem reported; a row's own attachment
+    replaces the defaults' attachment as a whole."""
     if data.get("attachment_id") or data.get("attachment_url"):
         attachment_id, attachment_url = data.get("attachment_id"), data.get("attachment_url")
         attachment_type = data.get("attachment_type")
@@ -296,41 +339,30 @@ def build_message(item: Any, defaults: MessageDefaults, row: int) -> tuple[Media
             )
     else:
         problem("attachment_id", None, "is required: give attachment_id, or attachment_url with attachment_type")
+    return attachment_id, attachment_url, attachment_type
 
+
+def _check_caption(data: Mapping[str, Any], defaults: MessageDefaults, problem: ProblemSink) -> str | None:
+    """The row's caption with its placeholders filled, or None; each problem reported."""
     caption = _text(data, "caption", defaults.caption)
-    if caption is not None:
-        if not isinstance(caption, str):
-            problem("caption", caption, "must be a string")
-            caption = None
-        else:
-            try:
-                caption = render_placeholders(caption, data)
-            except ValueError as err:
-                problem("caption", caption, str(err))
-            else:
-                if len(caption) > MAX_CAPTION_LENGTH:
-                    problem("caption", caption, f"is {len(caption)} characters; at most {MAX_CAPTION_LENGTH}")
-                elif reason := limits.text_problem(caption):
-                    problem("caption", caption, reason)
-
-    if problems or addressing is None:
-        return None, problems
-    return (
-        MediaMessage(
-            recipient_whatsapp=addressing.recipient,
-            source=addressing.source,
-            recipient_type=addressing.recipient_type,
-            attachment_id=attachment_id.strip() if attachment_id else None,
-            attachment_url=None if attachment_id else attachment_url,
-            attachment_type=None if attachment_id else attachment_type,
-            caption=caption,
-            api_header=addressing.api_header,
-        ),
-        [],
-    )
+    if caption is None:
+        return None
+    if not isinstance(caption, str):
+        problem("caption", caption, "must be a string")
+        return None
+    try:
+        text = render_placeholders(caption, data)
+    except ValueError as err:
+        problem("caption", caption, str(err))
+        return caption
+    if len(text) > MAX_CAPTION_LENGTH:
+        problem("caption", text, f"is {len(text)} characters; at most {MAX_CAPTION_LENGTH}")
+    elif reason := limits.text_problem(text):
+        problem("caption", text, reason)
+    return text
 
 
-def validate_rows(items: Iterable[Any], defaults: Any, build: Any = None) -> int:
+def validate_rows(items: Iterable[Any], defaults: Any, build: Builder[Any] | None = None) -> int:
     """Check every row; return how many there are, or raise one error listing all problems.
 
     ``build(item, defaults, row)`` is the message kind's builder (default: media). Streams: memory
@@ -343,8 +375,9 @@ def validate_rows(items: Iterable[Any], defaults: Any, build: Any = None) -> int
     for index, item in enumerate(items):
         count += 1
         _, problems = build(item, defaults, index)
-        if problems and getattr(items, "line", None) is not None:  # a file: name the row's line too
-            problems = [dataclasses.replace(p, line=items.line) for p in problems]
+        line = getattr(items, "line", None)  # an audience read from a file: name the row's line too
+        if problems and line is not None:
+            problems = [dataclasses.replace(p, line=line) for p in problems]
         total_problems += len(problems)
         room = MessageValidationError.SHOWN - len(shown)
         if room > 0:
@@ -354,13 +387,13 @@ def validate_rows(items: Iterable[Any], defaults: Any, build: Any = None) -> int
     return count
 
 
-def build_all(items: Iterable[Any], defaults: Any, build: Any) -> list[Any]:
+def build_all(items: Iterable[Any], defaults: Any, build: Builder[Built]) -> list[Built]:
     """Every item built with ``build(item, defaults, row)``, or one error naming every problem.
 
     For the few items a single call takes (a consent batch, a notifier's numbers); campaigns
     stream with ``validate_rows`` and ``iter_messages`` instead.
     """
-    built: list[Any] = []
+    built: list[Built] = []
     problems: list[RowProblem] = []
     for index, item in enumerate(items):
         message, found = build(item, defaults, index)
@@ -372,9 +405,8 @@ def build_all(items: Iterable[Any], defaults: Any, build: Any) -> list[Any]:
     return built
 
 
-def iter_messages(items: Iterable[Any], defaults: Any, build: Any = None) -> Iterator[tuple[int, Any]]:
-    """Build each row's message; rows must have been checked by ``validate_rows`` first."""
-    build = build or build_message
+def iter_messages(items: Iterable[Any], defaults: Any, build: Builder[Built]) -> Iterator[tuple[int, Built]]:
+    """Build each row's message (or row of any kind); rows must have been checked by ``validate_rows`` first."""
     for index, item in enumerate(items):
         message, problems = build(item, defaults, index)
         if message is None:

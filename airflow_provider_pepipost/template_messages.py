@@ -8,13 +8,15 @@ business in the last 24 hours.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.errors import RowProblem
-from airflow_provider_pepipost.messages import read_row, render_placeholders
+from airflow_provider_pepipost.messages import ProblemSink, read_row, render_placeholders
+from airflow_provider_pepipost.outgoing import OutgoingMessage
 
 HEADER_TYPES = frozenset({"document", "image", "video"})
 LANGUAGE_POLICIES = frozenset({"deterministic", "fallback"})
@@ -62,6 +64,19 @@ class TemplateMessage:
     @property
     def recipient(self) -> str:
         return self.recipient_whatsapp
+
+    @property
+    def fallback(self) -> None:
+        """A template reaches a closed window itself: it has no fallback."""
+        return None
+
+    def with_header(self, api_header: str) -> TemplateMessage:
+        return dataclasses.replace(self, api_header=api_header)
+
+    def with_fallback(self, fallback: OutgoingMessage | None) -> TemplateMessage:
+        if fallback is not None:
+            raise ValueError("a template message reaches a closed window itself: it takes no fallback")
+        return self
 
     def identity(self) -> str:
         """Everything the recipient would see, as one string for the idempotency key."""
@@ -113,7 +128,6 @@ def build_template_message(
     data, problems, problem, addressing = read_row(item, defaults, row)
     if data is None:
         return None, problems
-
     name = _given(data, "template_name", defaults.template_name)
     if not isinstance(name, str) or not name.strip():
         problem("template_name", name, "is required: the name of an approved template")
@@ -123,50 +137,9 @@ def build_template_message(
     policy = _given(data, "language_policy", defaults.language_policy)
     if policy is not None and policy not in LANGUAGE_POLICIES:
         problem("language_policy", policy, f"must be one of {sorted(LANGUAGE_POLICIES)}")
-
-    attributes: list[str] = []
-    raw_attributes = _given(data, "attributes", defaults.attributes) or []
-    if isinstance(raw_attributes, str) or not isinstance(raw_attributes, Sequence):
-        problem("attributes", raw_attributes, "must be a list of strings, in the template's order")
-    else:
-        for position, value in enumerate(raw_attributes):
-            field = f"attributes[{position}]"
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                problem(field, value, "must be a string")
-                continue
-            try:
-                text = render_placeholders(str(value), data)
-            except ValueError as err:
-                problem(field, value, str(err))
-                continue
-            if not text.strip():
-                problem(field, value, "is empty: WhatsApp refuses a template variable without text")
-            elif len(text) > MAX_ATTRIBUTE_LENGTH:
-                problem(field, value, f"is {len(text)} characters; at most {MAX_ATTRIBUTE_LENGTH}")
-            elif reason := limits.text_problem(text):
-                problem(field, value, reason)
-            else:
-                attributes.append(text)
-
-    media_url = _given(data, "media_url", defaults.media_url)
-    media_type = _given(data, "media_type", defaults.media_type)
-    if media_url is not None or media_type is not None:
-        if not isinstance(media_url, str) or not media_url.startswith(("https://", "http://")):
-            problem("media_url", media_url, "must be an http(s) URL for a media header")
-        if media_type not in HEADER_TYPES:
-            problem("media_type", media_type, f"must be one of {sorted(HEADER_TYPES)} for a media header")
-
-    ttl = _given(data, "ttl", defaults.ttl)
-    if ttl is not None:
-        try:
-            whole = int(ttl)
-        except (TypeError, ValueError):
-            whole = None
-        if whole is None or isinstance(ttl, bool) or whole != float(ttl) or whole < 1:
-            problem("ttl", ttl, "must be a whole number of days, at least 1")
-        else:
-            ttl = whole
-
+    attributes = _check_attributes(data, defaults, problem)
+    media_url, media_type = _check_header(data, defaults, problem)
+    ttl = _check_ttl(data, defaults, problem)
     if problems or addressing is None:
         return None, problems
     return (
@@ -185,3 +158,58 @@ def build_template_message(
         ),
         [],
     )
+
+
+def _check_attributes(data: Mapping[str, Any], defaults: TemplateDefaults, problem: ProblemSink) -> list[str]:
+    """The template's variables in order, placeholders filled from the row; each problem reported."""
+    attributes: list[str] = []
+    raw_attributes = _given(data, "attributes", defaults.attributes) or []
+    if isinstance(raw_attributes, str) or not isinstance(raw_attributes, Sequence):
+        problem("attributes", raw_attributes, "must be a list of strings, in the template's order")
+        return attributes
+    for position, value in enumerate(raw_attributes):
+        field = f"attributes[{position}]"
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            problem(field, value, "must be a string")
+            continue
+        try:
+            text = render_placeholders(str(value), data)
+        except ValueError as err:
+            problem(field, value, str(err))
+            continue
+        if not text.strip():
+            problem(field, value, "is empty: WhatsApp refuses a template variable without text")
+        elif len(text) > MAX_ATTRIBUTE_LENGTH:
+            problem(field, value, f"is {len(text)} characters; at most {MAX_ATTRIBUTE_LENGTH}")
+        elif reason := limits.text_problem(text):
+            problem(field, value, reason)
+        else:
+            attributes.append(text)
+    return attributes
+
+
+def _check_header(data: Mapping[str, Any], defaults: TemplateDefaults, problem: ProblemSink) -> tuple[Any, Any]:
+    """The media header (URL and type), both or neither; each problem reported."""
+    media_url = _given(data, "media_url", defaults.media_url)
+    media_type = _given(data, "media_type", defaults.media_type)
+    if media_url is not None or media_type is not None:
+        if not isinstance(media_url, str) or not media_url.startswith(("https://", "http://")):
+            problem("media_url", media_url, "must be an http(s) URL for a media header")
+        if media_type not in HEADER_TYPES:
+            problem("media_type", media_type, f"must be one of {sorted(HEADER_TYPES)} for a media header")
+    return media_url, media_type
+
+
+def _check_ttl(data: Mapping[str, Any], defaults: TemplateDefaults, problem: ProblemSink) -> Any:
+    """Whole days the vendor may take to process the message, or None; a problem reported."""
+    ttl = _given(data, "ttl", defaults.ttl)
+    if ttl is None:
+        return None
+    try:
+        whole = int(ttl)
+    except (TypeError, ValueError):
+        whole = None
+    if whole is None or isinstance(ttl, bool) or whole != float(ttl) or whole < 1:
+        problem("ttl", ttl, "must be a whole number of days, at least 1")
+        return ttl
+    return whole

@@ -38,7 +38,8 @@ from airflow_provider_pepipost.errors import (
     PepipostOutcomeUnknownError,
 )
 from airflow_provider_pepipost.hooks.transport import Fate, TrackingAdapter, begin_request, end_request, fate_of
-from airflow_provider_pepipost.messages import MediaMessage, build_all, normalize_phone, request_body
+from airflow_provider_pepipost.messages import build_all, normalize_phone
+from airflow_provider_pepipost.outgoing import OutgoingMessage, request_body
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ def mask_secret(secret: str) -> None:
     try:
         from airflow.sdk.log import mask_secret as airflow_mask_secret
     except ImportError:  # Airflow 3.1
-        from airflow.sdk.execution_time.secrets_masker import mask_secret as airflow_mask_secret
+        from airflow.sdk.execution_time.secrets_masker import (  # type: ignore[no-redef]  # the same function
+            mask_secret as airflow_mask_secret,
+        )
     airflow_mask_secret(secret)
 
 
@@ -264,8 +267,8 @@ class PepipostHook(BaseHook):
 
     # -- sending --------------------------------------------------------------------------------
 
-    def send_message(self, message: MediaMessage) -> str:
-        """Send one media message; return its message id.
+    def send_message(self, message: OutgoingMessage) -> str:
+        """Send one message of any kind (media, template...); return its message id.
 
         Retries what the vendor cannot have processed (see ``post_json``). Raises
         ``PepipostApiError`` when the vendor refuses it, ``PepipostNotSentError`` when it could not
@@ -441,7 +444,9 @@ class PepipostHook(BaseHook):
             body = None
         if isinstance(body, dict) and body.get("status") == "failure":
             # The vendor's own refusal: it did not process the request.
-            error = body.get("error") if isinstance(body.get("error"), dict) else {}
+            error = body.get("error")
+            if not isinstance(error, dict):
+                error = {}
             code = error.get("code")
             raise PepipostApiError(
                 str(code) if code is not None else None,

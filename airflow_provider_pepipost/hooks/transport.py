@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -129,7 +129,14 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
-class _TrackedConnection:
+# The mixin below extends urllib3's connections; the type checker reads it as one of them.
+if TYPE_CHECKING:
+    _ConnectionBase = HTTPConnection
+else:
+    _ConnectionBase = object
+
+
+class _TrackedConnection(_ConnectionBase):
     """Marks the thread's request as sent once the whole request was written, and arms its deadline."""
 
     _pepipost_owner: RequestProgress | None = None
@@ -153,7 +160,7 @@ class _TrackedConnection:
                 self.connect()  # fails before anything is written: the request is not sent
             progress.connection = self
             _WATCHDOG.watch(progress)
-        super().request(*args, **kwargs)  # type: ignore[misc]
+        super().request(*args, **kwargs)
         if progress is not None:
             progress.sent = True
 

@@ -26,13 +26,13 @@ from airflow_provider_pepipost.errors import (
 )
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import (
-    MediaMessage,
     default_campaign_key,
     idempotency_key,
     is_derived_header,
     legacy_campaign_key,
 )
 from airflow_provider_pepipost.numbers import mask_number, mask_numbers_in
+from airflow_provider_pepipost.outgoing import OutgoingMessage
 from airflow_provider_pepipost.status.ledger import (
     RESENDABLE_STATES,
     SUPPRESSED_REASON,
@@ -179,7 +179,7 @@ class CampaignSender:
         self._fresh_unknown = 0
         self.result = CampaignResult(total=total, outcomes=[] if keep_outcomes else None)
 
-    def run(self, messages: Iterable[tuple[int, MediaMessage]]) -> CampaignResult:
+    def run(self, messages: Iterable[tuple[int, OutgoingMessage]]) -> CampaignResult:
         self.ledger = LedgerWriter(
             self.store,
             self.task,
@@ -197,7 +197,7 @@ class CampaignSender:
             # Every outcome is in the ledger before the task moves on.
             self.ledger.close(whole_audience=whole)
 
-    def _run(self, messages: Iterable[tuple[int, MediaMessage]]) -> CampaignResult:
+    def _run(self, messages: Iterable[tuple[int, OutgoingMessage]]) -> CampaignResult:
         earlier = self.store.open_ledger(self.task)
         if earlier:
             self._log_earlier_try(earlier)
@@ -210,19 +210,21 @@ class CampaignSender:
             for row, message in messages:
                 key = idempotency_key(self.campaign_key, message.recipient, message.identity())
                 if message.api_header is None:
-                    message = dataclasses.replace(message, api_header=key)
+                    message = message.with_header(key)
                 # Popped: a second row with the same key is a duplicate on every try, not a reuse.
                 entry = self._earlier_entry(earlier, legacy, key, message)
-                template = getattr(message, "fallback", None)
+                template = message.fallback
 
-                def earlier_template(template: Any = template) -> LedgerEntry | None:
+                def earlier_template(template: OutgoingMessage | None = template) -> LedgerEntry | None:
+                    if template is None:
+                        return None
                     return self._earlier_entry(earlier, legacy, self._fallback_key(template), template)
 
                 decision = decide_row(
                     entry, earlier_template, has_fallback=template is not None, resendable=resendable,
                     stopped=self._stop.is_set(),
                 )  # fmt: skip
-                self._act(decision, pipeline, row, key, message, entry)
+                self._act(decision, pipeline, row, key, message)
                 pipeline.drain_ready()
                 self._log_progress_every_interval(started)
             pipeline.finish(started)
@@ -232,12 +234,10 @@ class CampaignSender:
             self.result.outcomes.sort(key=lambda outcome: outcome.row)
         return self.result
 
-    def _act(
-        self, decision: RowDecision, pipeline: _Pipeline, row: int, key: str, message: Any, entry: LedgerEntry | None
-    ) -> None:
+    def _act(self, decision: RowDecision, pipeline: _Pipeline, row: int, key: str, message: OutgoingMessage) -> None:
         """Carry out what ``decide_row`` decided for one row."""
         if decision.action is Action.REUSE:
-            outcome = self._from_ledger(row, decision.message_of(message), decision.entry or entry)
+            outcome = self._from_ledger(row, decision.message_of(message), decision.settled_entry())
             self._record(_as_fallback(outcome) if decision.of_template else outcome, reused=True)
         elif decision.action is Action.NOT_SENT:
             self._record(self._not_sent(row, message, key))
@@ -247,7 +247,7 @@ class CampaignSender:
             pipeline.claim(row, key, message)
 
     def _earlier_entry(
-        self, earlier: dict[str, LedgerEntry], legacy: str | None, key: str, message: Any
+        self, earlier: dict[str, LedgerEntry], legacy: str | None, key: str, message: OutgoingMessage
     ) -> LedgerEntry | None:
         """What an earlier try recorded for this message (popped), under its key or the legacy one."""
         if not earlier:
@@ -268,7 +268,7 @@ class CampaignSender:
         self.store.adopt_campaign(self.task, old, campaign_hash(self.campaign_key))
         return self.legacy_campaign_key
 
-    def _send_one(self, row: int, key: str, message: MediaMessage) -> RowOutcome:
+    def _send_one(self, row: int, key: str, message: OutgoingMessage) -> RowOutcome:
         """Send one claimed message and record its outcome."""
         header = message.api_header or key  # always set by run(); kept total for direct callers
         recipient = message.recipient
@@ -291,7 +291,7 @@ class CampaignSender:
             self._stop_campaign(err, fatal=not err.retryable)
             return self._give_back(row, key, message, err)
         except PepipostApiError as err:
-            if err.code == "8007" and getattr(message, "fallback", None) is not None:
+            if err.code == "8007" and message.fallback is not None:
                 self.ledger.record(Outcome(key, "rejected", error_code=err.code, error_message=err.message))
                 return self._send_fallback(row, message)
             if err.kind is FailureKind.TRANSIENT:
@@ -309,21 +309,23 @@ class CampaignSender:
         self.ledger.record(Outcome(key, "accepted", message_id=message_id))
         return RowOutcome(row, recipient, header, message_id, "accepted", key=key)
 
-    def _fallback_key(self, template: Any) -> str:
+    def _fallback_key(self, template: OutgoingMessage) -> str:
         return idempotency_key(self.campaign_key, template.recipient, template.identity())
 
-    def _send_fallback(self, row: int, message: Any) -> RowOutcome:
+    def _send_fallback(self, row: int, message: OutgoingMessage) -> RowOutcome:
         """The row's template message, sent where the session message met a closed window."""
-        key = self._fallback_key(message.fallback)
         template = message.fallback
+        if template is None:  # decide_row sends a fallback only for a message that has one
+            raise ValueError(f"row {row} has no fallback template to send")
+        key = self._fallback_key(template)
         if template.api_header is None:
-            template = dataclasses.replace(template, api_header=key)
-        answer = self.ledger.claim_many([Claim(key, template.api_header, template.recipient, row)])[0]
+            template = template.with_header(key)
+        answer = self.ledger.claim_many([Claim(key, template.api_header or key, template.recipient, row)])[0]
         if not answer.granted:
             return _as_fallback(self._not_claimed(row, key, template, answer))
         return _as_fallback(self._send_one(row, key, template))
 
-    def _not_claimed(self, row: int, key: str, message: Any, answer: ClaimAnswer) -> RowOutcome:
+    def _not_claimed(self, row: int, key: str, message: OutgoingMessage, answer: ClaimAnswer) -> RowOutcome:
         """A row the ledger would not let go out: suppressed, sent before a clear, or a duplicate."""
         if answer.suppressed:
             return self._suppressed(row, message, key)
@@ -331,24 +333,24 @@ class CampaignSender:
             return self._from_ledger(row, message, answer.taken_over)
         return self._duplicate(row, message, key)
 
-    def _give_back(self, row: int, key: str, message: MediaMessage, err: PepipostError | None) -> RowOutcome:
+    def _give_back(self, row: int, key: str, message: OutgoingMessage, err: PepipostError | None) -> RowOutcome:
         """A claimed row whose request never reached the vendor: a later try sends it."""
         reason = str(err) if err is not None else "the campaign stopped before it was sent"
         self.ledger.record(Outcome(key, "not_sent", error_message=reason))
         return self._not_sent(row, message, key, reason)
 
     @staticmethod
-    def _not_sent(row: int, message: MediaMessage, key: str, reason: str | None = None) -> RowOutcome:
+    def _not_sent(row: int, message: OutgoingMessage, key: str, reason: str | None = None) -> RowOutcome:
         reason = reason or "the campaign stopped before it was sent"
         header = message.api_header or ""
         return RowOutcome(row, message.recipient, header, None, "not_sent", error_message=reason, key=key)
 
     @staticmethod
-    def _suppressed(row: int, message: Any, key: str) -> RowOutcome:
+    def _suppressed(row: int, message: OutgoingMessage, key: str) -> RowOutcome:
         header = message.api_header or ""
         return RowOutcome(row, message.recipient, header, None, "suppressed", error_message=SUPPRESSED_REASON, key=key)
 
-    def _duplicate(self, row: int, message: MediaMessage, key: str) -> RowOutcome:
+    def _duplicate(self, row: int, message: OutgoingMessage, key: str) -> RowOutcome:
         if len(self.result.duplicate_rows) < 20:
             self.result.duplicate_rows.append(row)
         return RowOutcome(
@@ -399,7 +401,7 @@ class CampaignSender:
             result.outcomes.append(outcome)
 
     @staticmethod
-    def _from_ledger(row: int, message: MediaMessage, entry: LedgerEntry) -> RowOutcome:
+    def _from_ledger(row: int, message: OutgoingMessage, entry: LedgerEntry) -> RowOutcome:
         return RowOutcome(
             row, message.recipient, entry.api_header, entry.message_id, entry.state,
             entry.error_code, entry.error_message, reconciled=entry.reconciled, key=entry.idempotency_key,
@@ -461,8 +463,14 @@ class RowDecision:
     entry: LedgerEntry | None = None  # the earlier try's entry that stands (REUSE)
     of_template: bool = False  # that entry is the row's fallback template
 
-    def message_of(self, message: Any) -> Any:
-        return message.fallback if self.of_template else message
+    def message_of(self, message: OutgoingMessage) -> OutgoingMessage:
+        """The message the settled entry stands for: the row's own, or its fallback template."""
+        return message.fallback if self.of_template and message.fallback is not None else message
+
+    def settled_entry(self) -> LedgerEntry:
+        if self.entry is None:
+            raise ValueError(f"a {self.action.value} decision carries no ledger entry")
+        return self.entry
 
 
 def decide_row(
@@ -504,14 +512,14 @@ class _Pipeline:
         self.window = sender.max_workers + 2 * self.batch_size
         # Finished sends arrive here; waiting on a queue costs the same whatever is in flight.
         self.finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
-        self.batch: list[tuple[int, str, Any]] = []
+        self.batch: list[tuple[int, str, OutgoingMessage]] = []
         self.in_flight = 0
 
     def submit(self, send: Callable[..., RowOutcome], *args: Any) -> None:
         self.pool.submit(send, *args).add_done_callback(self.finished.put)
         self.in_flight += 1
 
-    def claim(self, row: int, key: str, message: Any) -> None:
+    def claim(self, row: int, key: str, message: OutgoingMessage) -> None:
         self.batch.append((row, key, message))
         if len(self.batch) >= self.batch_size:
             self._claim_batch()

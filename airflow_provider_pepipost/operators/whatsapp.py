@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import Asset, BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
@@ -19,6 +20,7 @@ from airflow_provider_pepipost.operators.assets import emit, resolve_asset
 from airflow_provider_pepipost.operators.campaign import CampaignResult, CampaignSender
 from airflow_provider_pepipost.operators.links import WhatsAppCampaignLink
 from airflow_provider_pepipost.operators.xcom import ledger_ref, message_targets
+from airflow_provider_pepipost.outgoing import OutgoingMessage
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.resolver import store_source
 from airflow_provider_pepipost.status.store import open_store
@@ -32,18 +34,29 @@ if TYPE_CHECKING:
 DEFAULT_XCOM_IDS_LIMIT = 10_000
 
 
+@dataclass(frozen=True)
+class RowDefaults:
+    """What every row is built with: the kind's operator-wide values, and the fallback template's."""
+
+    message: Any
+    fallback: TemplateDefaults | None = None
+
+
 class WhatsAppCampaignOperator(BaseOperator):
     """The campaign engine as an operator: one message to each row of an audience, of one kind.
 
     Subclasses name the kind: its template fields, its operator-wide defaults
-    (``message_defaults``) and its row builder (``build_row``). Everything else is shared:
-    validation of every row before the first send, concurrency, pacing, the ledger that makes
-    retries safe, the judgement of the outcome and the XCom contract. See
+    (``message_defaults``) and its row builder (``build_message``), which returns a message that
+    keeps the ``outgoing.OutgoingMessage`` contract. Everything else is shared: validation of
+    every row before the first send, the fallback template of session kinds, concurrency, pacing,
+    the ledger that makes retries safe, the judgement of the outcome and the XCom contract. See
     ``SendWhatsAppMediaOperator`` for the shared parameters.
     """
 
-    template_fields: Sequence[str] = ("recipients", "source", "x_apiheader", "campaign_key")
-    template_fields_renderers = {"recipients": "py"}
+    template_fields: Sequence[str] = ("recipients", "source", "x_apiheader", "campaign_key", "fallback_template")
+    template_fields_renderers = {"recipients": "py", "fallback_template": "py"}
+    # A session kind meets WhatsApp's 24-hour window (8007) and may fall back to a template there.
+    session_kind: ClassVar[bool] = True
     ui_color = "#25d366"
     operator_extra_links = (WhatsAppCampaignLink(),)
 
@@ -67,10 +80,12 @@ class WhatsAppCampaignOperator(BaseOperator):
         xcom_full_numbers: bool = False,
         campaign_asset: Asset | str | bool | None = None,
         progress_interval: float = 10.0,
+        fallback_template: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.recipients = recipients
+        self.fallback_template = fallback_template
         self.source = source
         self.x_apiheader = x_apiheader
         self.recipient_type = recipient_type
@@ -112,12 +127,46 @@ class WhatsAppCampaignOperator(BaseOperator):
         return PepipostHook(self.pepipost_conn_id, pool_size=self.max_workers)
 
     def message_defaults(self, hook: PepipostHook) -> Any:
-        """The operator-wide values a row's own values override."""
+        """The operator-wide values of this kind that a row's own values override."""
         raise NotImplementedError
 
-    def build_row(self, item: Any, defaults: Any, row: int) -> tuple[Any, list[RowProblem]]:
+    def build_message(self, item: Any, defaults: Any, row: int) -> tuple[OutgoingMessage | None, list[RowProblem]]:
         """One row as a message of this operator's kind, or the row's problems."""
         raise NotImplementedError
+
+    def row_defaults(self, hook: PepipostHook) -> RowDefaults:
+        """The kind's defaults, and the fallback template's when ``fallback_template`` is set."""
+        kind = self.message_defaults(hook)
+        if not self.fallback_template:
+            return RowDefaults(kind)
+        if not self.session_kind:
+            raise PepipostConfigError(
+                f"fallback_template is for session messages, which WhatsApp's 24-hour window can close; "
+                f"{type(self).__name__} sends messages that reach a closed window themselves"
+            )
+        if not isinstance(self.fallback_template, dict):
+            raise PepipostConfigError("fallback_template must be a dict of SendWhatsAppTemplateOperator parameters")
+        unknown = set(self.fallback_template) - set(TEMPLATE_OPTIONS)
+        if unknown:
+            raise PepipostConfigError(
+                f"fallback_template: unknown keys {sorted(unknown)}; it takes {list(TEMPLATE_OPTIONS)}"
+            )
+        source = self.source or hook.settings.source
+        return RowDefaults(
+            kind, TemplateDefaults(source=source, recipient_type=self.recipient_type, **self.fallback_template)
+        )
+
+    def build_row(self, item: Any, defaults: RowDefaults, row: int) -> tuple[OutgoingMessage | None, list[RowProblem]]:
+        """One row as a message with its fallback template, if any; or every problem of both."""
+        message, problems = self.build_message(item, defaults.message, row)
+        if defaults.fallback is None:
+            return message, problems
+        # The fallback is checked with the row too: no send starts while any row's template is bad.
+        template, template_problems = build_template_message(item, defaults.fallback, row)
+        problems += [dataclasses.replace(p, field=f"fallback_template.{p.field}") for p in template_problems]
+        if problems or message is None:
+            return None, problems
+        return message.with_fallback(template), []
 
     def execute(self, context: Context) -> list[Any] | dict[str, Any]:
         for name in ("max_rejected_ratio", "max_unknown_ratio"):
@@ -128,7 +177,7 @@ class WhatsAppCampaignOperator(BaseOperator):
         hook = self.hook
         audience = Audience(self.recipients)
         try:
-            defaults = self.message_defaults(hook)
+            defaults = self.row_defaults(hook)
             self.log.info("Validating recipients from %s", audience.source_description)
             total = validate_rows(audience, defaults, self.build_row)
         except (MessageValidationError, PepipostConfigError) as err:
@@ -169,7 +218,7 @@ class WhatsAppCampaignOperator(BaseOperator):
             ti.xcom_push(key="messages", value=[outcome.to_dict(full_numbers=whole) for outcome in result.outcomes])
         judge_campaign(
             result, total, sender.max_rejected, self.max_unknown_ratio, self.log,
-            max_rejected_ratio=self.max_rejected_ratio, has_fallback=bool(getattr(self, "fallback_template", None)),
+            max_rejected_ratio=self.max_rejected_ratio, has_fallback=bool(self.fallback_template),
         )  # fmt: skip
         self.log.info("Done: %s", summary)
         emit(context, self.campaign_asset, summary)
@@ -254,7 +303,6 @@ class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):
         "attachment_url",
         "attachment_type",
         "caption",
-        "fallback_template",
     )
     template_fields_renderers = {"recipients": "py", "caption": "txt", "fallback_template": "py"}
 
@@ -265,7 +313,6 @@ class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):
         attachment_url: str | None = None,
         attachment_type: str | None = None,
         caption: str | None = None,
-        fallback_template: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -273,12 +320,10 @@ class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):
         self.attachment_url = attachment_url
         self.attachment_type = attachment_type
         self.caption = caption
-        self.fallback_template = fallback_template
 
-    def message_defaults(self, hook: PepipostHook) -> tuple[MessageDefaults, TemplateDefaults | None]:
-        source = self.source or hook.settings.source
-        media = MessageDefaults(
-            source=source,
+    def message_defaults(self, hook: PepipostHook) -> MessageDefaults:
+        return MessageDefaults(
+            source=self.source or hook.settings.source,
             attachment_id=self.attachment_id or None,
             attachment_url=self.attachment_url or None,
             attachment_type=self.attachment_type or None,
@@ -286,28 +331,11 @@ class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):
             recipient_type=self.recipient_type,
             x_apiheader=self.x_apiheader or None,
         )
-        if not self.fallback_template:
-            return media, None
-        if not isinstance(self.fallback_template, dict):
-            raise PepipostConfigError("fallback_template must be a dict of SendWhatsAppTemplateOperator parameters")
-        unknown = set(self.fallback_template) - set(TEMPLATE_OPTIONS)
-        if unknown:
-            raise PepipostConfigError(
-                f"fallback_template: unknown keys {sorted(unknown)}; it takes {list(TEMPLATE_OPTIONS)}"
-            )
-        return media, TemplateDefaults(source=source, recipient_type=self.recipient_type, **self.fallback_template)
 
-    def build_row(self, item: Any, defaults: Any, row: int) -> tuple[Any, list[RowProblem]]:
-        media_defaults, template_defaults = defaults
-        message, problems = build_message(item, media_defaults, row)
-        if template_defaults is None:
-            return message, problems
-        # The fallback is checked with the row too: no send starts while any row's template is bad.
-        template, template_problems = build_template_message(item, template_defaults, row)
-        problems += [dataclasses.replace(p, field=f"fallback_template.{p.field}") for p in template_problems]
-        if problems or message is None:
-            return None, problems
-        return dataclasses.replace(message, fallback=template), []
+    def build_message(
+        self, item: Any, defaults: MessageDefaults, row: int
+    ) -> tuple[OutgoingMessage | None, list[RowProblem]]:
+        return build_message(item, defaults, row)
 
 
 class SendWhatsAppTemplateOperator(WhatsAppCampaignOperator):
@@ -338,6 +366,7 @@ class SendWhatsAppTemplateOperator(WhatsAppCampaignOperator):
     )
     template_fields_renderers = {"recipients": "py", "attributes": "py"}
     ui_color = "#075e54"
+    session_kind = False  # a template reaches a closed window itself: no fallback_template
 
     def __init__(
         self,
@@ -374,7 +403,9 @@ class SendWhatsAppTemplateOperator(WhatsAppCampaignOperator):
             x_apiheader=self.x_apiheader or None,
         )
 
-    def build_row(self, item: Any, defaults: Any, row: int) -> tuple[Any, list[RowProblem]]:
+    def build_message(
+        self, item: Any, defaults: TemplateDefaults, row: int
+    ) -> tuple[OutgoingMessage | None, list[RowProblem]]:
         return build_template_message(item, defaults, row)
 
 

@@ -21,9 +21,12 @@ LEDGER_REF = "pepipost_ledger"
 class SentRow(Protocol):
     """What the contract needs of one row's outcome."""
 
-    message_id: str | None
-    state: str
-    reconciled: bool
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def reconciled(self) -> bool: ...
 
 
 def ledger_ref(task: TaskKey) -> dict[str, Any]:

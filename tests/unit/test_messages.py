@@ -175,7 +175,7 @@ def test_the_error_message_lists_a_bounded_number_of_problems():
 def test_validate_counts_rows_and_iter_messages_keeps_order():
     rows = [f"9198330783{i:02d}" for i in range(12)]
     assert validate_rows(rows, DEFAULTS) == 12
-    assert [m.recipient_whatsapp for _, m in iter_messages(rows, DEFAULTS)] == rows
+    assert [m.recipient_whatsapp for _, m in iter_messages(rows, DEFAULTS, build_message)] == rows
 
 
 def test_idempotency_key_is_stable_and_distinct():
