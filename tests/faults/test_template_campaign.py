@@ -100,6 +100,16 @@ def test_a_bad_fallback_template_is_caught_before_the_first_send(vendor):
     assert isinstance(error, AirflowFailException) and "unknown keys ['template']" in str(error)
 
 
+def test_a_template_campaign_takes_no_fallback_template(vendor):
+    """fallback_template is for session kinds, which the 24-hour window can close; a template
+    reaches a closed window itself, so asking for one is a mistake said before the first send."""
+    error, _ = run_operator(
+        ROWS[:3], None, SendWhatsAppTemplateOperator, **INVOICE, fallback_template={"template_name": "other"}
+    )
+    assert isinstance(error, AirflowFailException) and "fallback_template is for session messages" in str(error)
+    assert vendor.state.requests == 0
+
+
 def test_the_progress_line_counts_every_state_and_the_last_retries_come_before_it(
     sqlite_url, pepipost_conn, capfd, caplog
 ):
