@@ -9,33 +9,16 @@ or ``webhook_allowed_ips`` can be passed with a forged X-Forwarded-For.
 
 from __future__ import annotations
 
-import os
-
 from airflow.plugins_manager import AirflowPlugin
+from fastapi import FastAPI
 
-from airflow_provider_pepipost.webhook.app import STOP_WORDS_ENV, TOKEN_ENV, create_app
-
-
-def _setting(env: str, key: str) -> str | None:
-    if value := os.environ.get(env):
-        return value
-    try:
-        from airflow.configuration import conf
-
-        return conf.get("pepipost", key, fallback=None)
-    except Exception:  # no Airflow config in this process: nothing set there
-        return None
+from airflow_provider_pepipost.webhook.app import build_app
+from airflow_provider_pepipost.webhook.settings import ReceiverSettings
 
 
-def build_receiver_app():  # -> FastAPI
-    allowed = _setting("PEPIPOST_WEBHOOK_ALLOWED_IPS", "webhook_allowed_ips")
-    return create_app(
-        store_url=None,  # the store resolver: [pepipost] status_store_conn_id, env, status_store_url, SQLite
-        token=_setting(TOKEN_ENV, "webhook_token") or "",
-        path_prefix="",
-        allowed_ips=allowed.split(",") if allowed else None,
-        stop_words=_setting(STOP_WORDS_ENV, "stop_words"),
-    )
+def build_receiver_app() -> FastAPI:
+    """The receiver as the API server mounts it: settings from the environment, else airflow.cfg."""
+    return build_app(ReceiverSettings.from_airflow_config())
 
 
 class PepipostWebhookPlugin(AirflowPlugin):

@@ -1,14 +1,15 @@
 """Filing webhook batches: delivery events (each stored once), the current status of each message
-(raised, never lowered), unknown sends reconciled from the reports, dead letters and inbound replies.
+(raised, never lowered), unknown sends reconciled from the reports, dead letters and inbound messages.
 
-Functions of an open connection; ``StatusStore`` runs them in its transactions.
+Functions of an open connection; ``StatusStore`` runs them in its transactions. ``ingest_many``
+files each list of ``status.inbound.WebhookBatch`` through its own step, in ``FILING_STEPS``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +18,9 @@ from sqlalchemy import Connection, case, func, select, update
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.consent import VIA_REPLY, set_opted_out
 from airflow_provider_pepipost.status.engines import chunks, insert_for
+from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
 from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
 from airflow_provider_pepipost.status.model import DeliveryEvent, LedgerState
-
-# One webhook body, parsed: (events, dead letters, inbound message dicts). A dead letter is
-# (reason, raw) or (reason, raw, key): equal keys are stored once.
-DeadLetterItem = tuple[str, str] | tuple[str, str, str]
-WebhookBatch = tuple[Sequence[DeliveryEvent], Sequence[DeadLetterItem], Sequence[Mapping[str, Any]]]
 
 
 @dataclass
@@ -47,64 +44,86 @@ def event_key(message_id: str, status: str, reported_at: float | None) -> str:
 
 
 def ingest_many(conn: Connection, batches: Sequence[WebhookBatch], now: float) -> list[IngestResult]:
-    """Several webhook batches in one transaction; each batch gets its own counts, and an event in
-    two batches counts as accepted in the first."""
-    results = [IngestResult(dead_letters=len(letters), inbound=len(inb)) for _, letters, inb in batches]
-    events = [ev for evs, _, _ in batches for ev in evs]
-    letters = [item for _, dead, _ in batches for item in dead]
-    inbound = [item for _, _, inb in batches for item in inb]
-    if events:
-        keys = [event_key(ev.message_id, ev.status, ev.reported_at) for ev in events]
-        fresh = _insert_new_events(conn, events, keys, now)
-        _raise_statuses(conn, events, now)
-        reconciled = _reconcile(conn, events, now)
-        keyed = iter(zip(keys, events, strict=True))  # the events, batch by batch, in order
-        for result, (evs, _, _) in zip(results, batches, strict=True):
-            for key, ev in itertools.islice(keyed, len(evs)):
-                if key in fresh:
-                    fresh.discard(key)
-                    result.accepted += 1
-                else:
-                    result.duplicates += 1
-                if ev.api_header in reconciled:
-                    reconciled.discard(ev.api_header)
-                    result.reconciled += 1
-    if letters:
-        _insert_dead_letters(conn, letters, now)
-    if inbound:
-        stopped = _insert_inbound(conn, inbound, now)
-        items = iter(inbound)  # the replies, batch by batch, in order: each answer counts its own
-        for result, (_, _, inb) in zip(results, batches, strict=True):
-            senders = {item["sender"] for item in itertools.islice(items, len(inb)) if id(item) in stopped}
-            result.opt_outs += len(senders)
+    """Several webhook batches in one transaction; each batch gets its own counts, and an item in
+    two batches counts in the first."""
+    results = [IngestResult(dead_letters=len(batch.dead_letters), inbound=len(batch.inbound)) for batch in batches]
+    for step in FILING_STEPS:
+        step(conn, batches, results, now)
     return results
 
 
-def _letter_key(letter: DeadLetterItem) -> str:
-    if len(letter) > 2 and letter[2]:
-        return letter[2][:40]
-    return hashlib.sha256(f"{letter[0]}\x1f{letter[1]}".encode("utf-8", "surrogatepass")).hexdigest()[:40]
+def _file_events(conn: Connection, batches: Sequence[WebhookBatch], results: list[IngestResult], now: float) -> None:
+    """Delivery reports: each stored once, statuses raised, unknown sends reconciled."""
+    events = [ev for batch in batches for ev in batch.events]
+    if not events:
+        return
+    keys = [event_key(ev.message_id, ev.status, ev.reported_at) for ev in events]
+    fresh = _insert_new_events(conn, events, keys, now)
+    _raise_statuses(conn, events, now)
+    reconciled = _reconcile(conn, events, now)
+    keyed = iter(zip(keys, events, strict=True))  # the events, batch by batch, in order
+    for result, batch in zip(results, batches, strict=True):
+        for key, ev in itertools.islice(keyed, len(batch.events)):
+            if key in fresh:
+                fresh.discard(key)
+                result.accepted += 1
+            else:
+                result.duplicates += 1
+            if ev.api_header in reconciled:
+                reconciled.discard(ev.api_header)
+                result.reconciled += 1
 
 
-def _insert_dead_letters(conn: Connection, letters: Sequence[DeadLetterItem], now: float) -> None:
-    # Keyed, so that a body sent again adds no dead letters; a pair without a key is keyed by its
+def _file_dead_letters(
+    conn: Connection, batches: Sequence[WebhookBatch], results: list[IngestResult], now: float
+) -> None:
+    letters = [letter for batch in batches for letter in batch.dead_letters]
+    if letters:
+        _insert_dead_letters(conn, letters, now)
+
+
+def _file_inbound(conn: Connection, batches: Sequence[WebhookBatch], results: list[IngestResult], now: float) -> None:
+    """Customer messages: each stored once; the senders of new stop-word replies opted out."""
+    inbound = [item for batch in batches for item in batch.inbound]
+    if not inbound:
+        return
+    stopped = _insert_inbound(conn, inbound, now)
+    items = iter(inbound)  # the messages, batch by batch, in order: each answer counts its own
+    for result, batch in zip(results, batches, strict=True):
+        senders = {item.sender for item in itertools.islice(items, len(batch.inbound)) if id(item) in stopped}
+        result.opt_outs += len(senders)
+
+
+# How each list of a batch is filed, in this order (a reply's STOP after the reports it came with).
+FilingStep = Callable[[Connection, Sequence[WebhookBatch], list[IngestResult], float], None]
+FILING_STEPS: tuple[FilingStep, ...] = (_file_events, _file_dead_letters, _file_inbound)
+
+
+def _letter_key(letter: DeadLetter) -> str:
+    if letter.key:
+        return letter.key[:40]
+    return hashlib.sha256(f"{letter.reason}\x1f{letter.raw}".encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def _insert_dead_letters(conn: Connection, letters: Sequence[DeadLetter], now: float) -> None:
+    # Keyed, so that a body sent again adds no dead letters; a letter without a key is keyed by its
     # content.
     keyed = {_letter_key(letter): letter for letter in letters}
     conn.execute(
         insert_for(conn, schema.dead_letters).on_conflict_do_nothing(index_elements=["letter_key"]),
         [
-            {"received_at": now, "reason": letter[0], "raw": letter[1], "letter_key": key}
+            {"received_at": now, "reason": letter.reason, "raw": letter.raw, "letter_key": key}
             for key, letter in keyed.items()
         ],
     )
 
 
-def _insert_inbound(conn: Connection, inbound: Sequence[Mapping[str, Any]], now: float) -> set[int]:
-    """Store the replies not stored yet; put the senders of new stop-word replies on the
+def _insert_inbound(conn: Connection, inbound: Sequence[InboundMessage], now: float) -> set[int]:
+    """Store the messages not stored yet; put the senders of new stop-word replies on the
     suppression list. Returns the ``id()`` of each of those replies."""
-    rows: dict[str, Mapping[str, Any]] = {}
-    for item in inbound:  # a reply in two bodies counts in the first
-        rows.setdefault(hashlib.sha256(item["raw"].encode()).hexdigest()[:40], item)
+    rows: dict[str, InboundMessage] = {}
+    for item in inbound:  # a message in two bodies counts in the first
+        rows.setdefault(hashlib.sha256(item.raw.encode()).hexdigest()[:40], item)
     table = schema.inbound_messages
     seen: set[str] = set()
     for chunk in chunks(list(rows)):
@@ -117,17 +136,21 @@ def _insert_inbound(conn: Connection, inbound: Sequence[Mapping[str, Any]], now:
         [
             {
                 "inbound_key": key,
-                "sender": item.get("sender"),
-                "context_message_id": item.get("context_message_id"),
+                "sender": item.sender,
+                "context_message_id": item.context_message_id,
                 "received_at": now,
-                "raw": item["raw"],
+                "raw": item.raw,
             }
             for key, item in new.items()
         ],
     )
     # Only a reply stored now counts: the same reply posted again must not undo a later opt-in.
-    stops = [item for item in new.values() if item.get("opt_out") and item.get("sender")]
-    words = {item["sender"]: item["opt_out"] for item in stops}
+    stops: list[InboundMessage] = []
+    words: dict[str, str] = {}  # sender -> the stop word (one opt-out per sender)
+    for item in new.values():
+        if item.opt_out and item.sender:
+            stops.append(item)
+            words[item.sender] = item.opt_out
     for sender, word in words.items():
         set_opted_out(conn, [sender], True, VIA_REPLY, f"replied {word!r}", now)
     return {id(item) for item in stops}

@@ -24,7 +24,8 @@ from airflow_provider_pepipost.numbers import canonical_number
 from airflow_provider_pepipost.status import consent, ingest, ledger, reports, retention, schema, summaries
 from airflow_provider_pepipost.status.consent import Consent, ConsentBatch
 from airflow_provider_pepipost.status.engines import get_engine, insert_for, redact_url, sqlite_write_lock
-from airflow_provider_pepipost.status.ingest import DeadLetterItem, IngestResult, WebhookBatch
+from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
+from airflow_provider_pepipost.status.ingest import IngestResult
 from airflow_provider_pepipost.status.ledger import Claim, ClaimAnswer, LedgerEntry, Outcome, RowRecord, TaskKey
 from airflow_provider_pepipost.status.migrations import migrate
 from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary
@@ -224,16 +225,14 @@ class StatusStore:
     def ingest(
         self,
         events: Sequence[DeliveryEvent],
-        dead_letters: Sequence[DeadLetterItem] = (),
-        inbound: Sequence[Mapping[str, Any]] = (),
+        dead_letters: Sequence[DeadLetter] = (),
+        inbound: Sequence[InboundMessage] = (),
     ) -> IngestResult:
         """Store one webhook batch in one transaction: events, dead letters and inbound messages.
 
-        ``dead_letters`` holds (reason, raw) pairs; ``inbound`` dicts with sender,
-        context_message_id, raw. Returns only after the commit, so the caller may then
-        acknowledge the batch.
+        Returns only after the commit, so the caller may then acknowledge the batch.
         """
-        return self.ingest_many([(events, dead_letters, inbound)])[0]
+        return self.ingest_many([WebhookBatch(list(events), list(dead_letters), list(inbound))])[0]
 
     def ingest_many(self, batches: Sequence[WebhookBatch]) -> list[IngestResult]:
         """Several webhook batches in one transaction (the receiver's group commit)."""
@@ -243,7 +242,7 @@ class StatusStore:
 
     def record_dead_letter(self, reason: str, raw: str, key: str | None = None) -> None:
         """Keep a body the receiver could not read at all, with the reason (once per ``key``)."""
-        self.ingest((), dead_letters=[(reason, raw, key) if key else (reason, raw)])
+        self.ingest((), dead_letters=[DeadLetter(reason, raw, key)])
 
     def count_rows(self, table_name: str) -> int:
         """Rows in one of the store's tables (the receiver's health check counts dead letters)."""

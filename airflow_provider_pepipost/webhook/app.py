@@ -18,36 +18,33 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from airflow_provider_pepipost.consent import stop_word_set
+from airflow_provider_pepipost.status.inbound import WebhookBatch
 from airflow_provider_pepipost.status.store import StatusStore, open_store
-from airflow_provider_pepipost.webhook.batching import (
+from airflow_provider_pepipost.webhook.batching import IngestQueue, QueueFull
+from airflow_provider_pepipost.webhook.logs import RefusalLog, Throttled, capped, describe_error, redact_access_logs
+from airflow_provider_pepipost.webhook.payload import DEFAULT_STOP_SET, MAX_RAW_CHARS, body_key, letter, parse_body
+from airflow_provider_pepipost.webhook.settings import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUED_BODIES,
     DEFAULT_MAX_QUEUED_BYTES,
-    IngestQueue,
-    QueueFull,
-)
-from airflow_provider_pepipost.webhook.logs import RefusalLog, Throttled, capped, describe_error, redact_access_logs
-from airflow_provider_pepipost.webhook.payload import (
-    DEFAULT_STOP_SET,
-    MAX_RAW_CHARS,
-    ParsedBatch,
-    body_key,
-    letter,
-    parse_body,
+    STOP_WORDS_ENV,
+    TOKEN_ENV,
+    ReceiverSettings,
+    parse_networks,
+    stop_words_or_env,
 )
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TOKEN_ENV = "PEPIPOST_WEBHOOK_TOKEN"
-STOP_WORDS_ENV = "PEPIPOST_STOP_WORDS"
+__all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_BODY_BYTES", "STOP_WORDS_ENV", "TOKEN_ENV", "build_app", "create_app"]
+
 TOKEN_HEADER = "X-Pepipost-Token"
-DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
-DEFAULT_BODY_TIMEOUT = 10.0  # seconds to receive a whole body once its headers are in
 RETRY_AFTER_SECONDS = 5
 _JSON_TYPES = ("application/json", "text/plain", "application/octet-stream")
 _PARSE_INLINE_BYTES = 64 * 1024  # larger bodies are parsed in a thread, off the event loop
@@ -69,28 +66,22 @@ async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
     return await asyncio.wait_for(awaitable, seconds)
 
 
-def _parse_networks(allowed_ips: Sequence[str] | None) -> list[Any] | None:
-    if not allowed_ips:
-        return None
-    return [ipaddress.ip_network(item.strip(), strict=False) for item in allowed_ips if item.strip()]
-
-
-def read_body(body: bytes, stop_words: frozenset[str] = DEFAULT_STOP_SET) -> tuple[ParsedBatch, str | None]:
+def read_body(body: bytes, stop_words: frozenset[str] = DEFAULT_STOP_SET) -> tuple[WebhookBatch, str | None]:
     """Decode and sort one body; returns the batch and, when the body is unreadable as a whole, why."""
     key = body_key(body)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         reason = "body is not UTF-8"
-        return ParsedBatch(dead_letters=[letter(reason, body.decode("utf-8", "replace"), key, "body")]), reason
+        return WebhookBatch(dead_letters=[letter(reason, body.decode("utf-8", "replace"), key, "body")]), reason
     try:
         data = json.loads(text, parse_int=_parse_int)
     except (ValueError, RecursionError) as err:
         reason = "JSON nested too deeply" if isinstance(err, RecursionError) else f"invalid JSON: {err}"
-        return ParsedBatch(dead_letters=[letter(reason, text[:MAX_RAW_CHARS], key, "body")]), reason
+        return WebhookBatch(dead_letters=[letter(reason, text[:MAX_RAW_CHARS], key, "body")]), reason
     if not isinstance(data, dict):
         reason = f"body must be a JSON object, not {type(data).__name__}"
-        return ParsedBatch(dead_letters=[letter(reason, text[:MAX_RAW_CHARS], key, "body")]), reason
+        return WebhookBatch(dead_letters=[letter(reason, text[:MAX_RAW_CHARS], key, "body")]), reason
     # An object of an unknown kind is acknowledged and kept aside: the vendor may post other
     # event types to the same URL, and refusing them could make it stop posting reports.
     return parse_body(data, key, stop_words), None
@@ -128,157 +119,197 @@ def create_app(
         comma-separated string); default ``$PEPIPOST_STOP_WORDS``, else STOP, UNSUBSCRIBE, STOP ALL.
         Compared without case, spaces or the punctuation around them.
     """
-    stops = stop_word_set(stop_words if stop_words is not None else os.environ.get(STOP_WORDS_ENV) or None)
-    expected = (token if token is not None else os.environ.get(TOKEN_ENV, "")).encode()
-    networks = _parse_networks(allowed_ips)
+    return build_app(
+        ReceiverSettings(
+            token=token if token is not None else os.environ.get(TOKEN_ENV, ""),
+            store_url=store_url,
+            path_prefix=path_prefix,
+            allowed_networks=parse_networks(allowed_ips),
+            max_body_bytes=max_body_bytes,
+            body_timeout=body_timeout,
+            max_queued_bodies=max_queued_bodies,
+            max_queued_bytes=max_queued_bytes,
+            refusal_log_interval=refusal_log_interval,
+            stop_words=stop_words_or_env(stop_words),
+        )
+    )
+
+
+def build_app(settings: ReceiverSettings) -> FastAPI:
+    """The receiver app for ``settings``: its routes under ``settings.path_prefix``."""
     app = FastAPI(title="Pepipost delivery-report receiver", docs_url=None, redoc_url=None, openapi_url=None)
-    holder: dict[str, StatusStore] = {}
-    refusals = RefusalLog(refusal_log_interval)
-    store_failed, dead_lettered, unhealthy = Throttled(level=logging.ERROR), Throttled(), Throttled()
+    app.include_router(receiver_router(Receiver(settings)), prefix=settings.path_prefix)
     redact_access_logs()
+    return app
 
-    def store() -> StatusStore:
-        # Created, and its URL resolved, on first use: importing the plugin must not touch a database.
-        if "store" not in holder:
-            holder["store"] = open_store(url=store_url)
-        return holder["store"]
 
-    ingest_queue = IngestQueue(store, max_bodies=max_queued_bodies, max_bytes=max_queued_bytes)
+class Receiver:
+    """What the receiver's routes share: its settings, the store, the ingest queue and its logs.
 
-    def token_ok(request: Request) -> bool:
+    Its ``async`` methods that take the request are the routes' dependencies: each lets the
+    request through or refuses it (an ``HTTPException`` with the status and a ``detail``).
+    """
+
+    def __init__(self, settings: ReceiverSettings) -> None:
+        self.settings = settings
+        self.expected_token = settings.token.encode()
+        self.refusals = RefusalLog(settings.refusal_log_interval)
+        self.store_failed = Throttled(level=logging.ERROR)
+        self.dead_lettered, self.unhealthy = Throttled(), Throttled()
+        self._store: StatusStore | None = None
+        self.queue = IngestQueue(self.store, max_bodies=settings.max_queued_bodies, max_bytes=settings.max_queued_bytes)
+
+    def store(self) -> StatusStore:
+        # Opened, and its URL resolved, on first use: importing the plugin must not touch a database.
+        if self._store is None:
+            self._store = open_store(self.settings.store_conn_id, url=self.settings.store_url)
+        return self._store
+
+    def refuse(self, request: Request, status: int, detail: str, **headers: str) -> HTTPException:
+        """A refusal, counted and logged (at most once per interval) with the request's source."""
+        self.refusals.note(status, detail, _source(request))
+        return HTTPException(status, detail, headers=headers or None)
+
+    def token_ok(self, request: Request) -> bool:
         given = request.headers.get(TOKEN_HEADER) or request.query_params.get("token") or ""
         auth = request.headers.get("authorization", "")
         if not given and auth[:7].lower() == "bearer ":
             given = auth[7:]
-        return hmac.compare_digest(given.encode(), expected)
+        return hmac.compare_digest(given.encode(), self.expected_token)
 
-    def source(request: Request) -> str:
-        return request.client.host if request.client else ""
+    # -- dependencies, in the order a report meets them ------------------------------------------
 
-    def client_allowed(request: Request) -> bool:
+    async def configured(self) -> None:
+        if not self.expected_token:
+            raise HTTPException(503, f"the receiver has no token configured: set {TOKEN_ENV}")
+
+    async def allowed_source(self, request: Request) -> None:
+        networks = self.settings.allowed_networks
         if networks is None:
-            return True
+            return
         try:
-            address = ipaddress.ip_address(source(request))
+            address = ipaddress.ip_address(_source(request))
         except ValueError:
-            return False
-        return any(address in network for network in networks)
+            address = None
+        if address is None or not any(address in network for network in networks):
+            raise self.refuse(request, 403, "source address not allowed")
 
-    def refuse(request: Request, status: int, detail: str, **headers: str) -> JSONResponse:
-        refusals.note(status, detail, source(request))
-        return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
+    async def valid_token(self, request: Request) -> None:
+        if not self.token_ok(request):
+            raise self.refuse(request, 401, "missing or wrong token")
 
-    def busy(request: Request) -> JSONResponse:
+    async def json_content(self, request: Request) -> None:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type and content_type not in _JSON_TYPES and not content_type.endswith("+json"):
+            raise self.refuse(request, 415, f"content type {capped(content_type, 60)!r} is not JSON")
+
+    async def body(self, request: Request) -> bytes:
+        """The whole body, within the size and time limits, once the queue has room for it."""
+        if self.queue.full():  # before reading the body: it would only take more memory
+            raise self.busy(request)
+        timeout = self.settings.body_timeout
+        try:
+            body = await _within(timeout, self._read_capped(request))
+        except asyncio.TimeoutError:
+            raise self.refuse(request, 408, f"body not received within {timeout:g} s", Connection="close") from None
+        if body is None:
+            raise self.refuse(request, 413, f"body larger than {self.settings.max_body_bytes} bytes")
+        return body
+
+    async def reader_token(self, request: Request) -> None:
+        """The token, for the routes that read the store's state."""
+        if not self.expected_token or not self.token_ok(request):
+            raise self.refuse(request, 401, "missing or wrong token")
+
+    def busy(self, request: Request) -> HTTPException:
         # The vendor resends: better than a queue that grows with every body (about 20x its size).
-        return refuse(request, 503, "the receiver is busy; send it again", **{"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return self.refuse(
+            request, 503, "the receiver is busy; send it again", **{"Retry-After": str(RETRY_AFTER_SECONDS)}
+        )
 
-    async def read_capped(request: Request) -> bytes | None:
+    async def _read_capped(self, request: Request) -> bytes | None:
+        limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+        if declared and declared.isdigit() and int(declared) > limit:
             return None
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > max_body_bytes:
+            if size > limit:
                 return None
             chunks.append(chunk)
         return b"".join(chunks)
 
-    @app.post(f"{path_prefix}/webhook")
-    async def receive(request: Request) -> JSONResponse:
-        if not expected:
-            return JSONResponse({"detail": f"the receiver has no token configured: set {TOKEN_ENV}"}, status_code=503)
-        if not client_allowed(request):
-            return refuse(request, 403, "source address not allowed")
-        if not token_ok(request):
-            return refuse(request, 401, "missing or wrong token")
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type and content_type not in _JSON_TYPES and not content_type.endswith("+json"):
-            return refuse(request, 415, f"content type {capped(content_type, 60)!r} is not JSON")
-        if ingest_queue.full():  # before reading the body: it would only take more memory
-            return busy(request)
-        try:
-            body = await _within(body_timeout, read_capped(request))
-        except asyncio.TimeoutError:
-            return refuse(request, 408, f"body not received within {body_timeout:g} s", Connection="close")
-        if body is None:
-            return refuse(request, 413, f"body larger than {max_body_bytes} bytes")
-        try:
-            with ingest_queue.admit(len(body)):
-                return await store_body(request, body)
-        except QueueFull:
-            return busy(request)
+    # -- what the routes do once a request is let in ---------------------------------------------
 
-    async def store_body(request: Request, body: bytes) -> JSONResponse:
+    async def file(self, request: Request, body: bytes) -> JSONResponse:
+        """Parse and store one body; answer with its counts once it is committed."""
+        stops = self.settings.stop_words
         if len(body) > _PARSE_INLINE_BYTES:
             batch, unreadable = await run_in_threadpool(read_body, body, stops)
         else:
             batch, unreadable = read_body(body, stops)
         try:
-            result = await ingest_queue.ingest((batch.events, batch.dead_letters, batch.inbound))
+            result = await self.queue.ingest(batch)
         except Exception as err:
             # Not stored, so not acknowledged: the vendor should send it again.
-            store_failed("Pepipost webhook: could not store a body of %d events: %s", len(batch.events),
-                         describe_error(err))  # fmt: skip
+            self.store_failed("Pepipost webhook: could not store a body of %d events: %s", len(batch.events),
+                              describe_error(err))  # fmt: skip
             return JSONResponse({"detail": "could not store the batch; send it again"}, status_code=503)
         if unreadable:
-            return refuse(request, 400, unreadable)
+            raise self.refuse(request, 400, unreadable)
         # Past the per-body cap, many bad items share one dead letter: the answer counts items.
         result.dead_letters += batch.dead_letter_items - len(batch.dead_letters)
         if batch.dead_letters:
-            dead_lettered("Pepipost webhook: %d item(s) kept as dead letters: %s", batch.dead_letter_items,
-                          capped(batch.dead_letters[0][0]))  # fmt: skip
+            self.dead_lettered("Pepipost webhook: %d item(s) kept as dead letters: %s", batch.dead_letter_items,
+                               capped(batch.dead_letters[0].reason))  # fmt: skip
         return JSONResponse(result.to_dict())
 
-    @app.get(f"{path_prefix}/healthz")
+    def facts(self) -> dict[str, Any]:
+        """Is the vendor reaching this receiver? What ``/status`` answers (a blocking read)."""
+        last = self.store().last_report_at()
+        return {
+            "last_report_at": last,
+            "seconds_since_last_report": None if last is None else round(time.time() - last, 1),
+            "dead_letters": self.store().count_rows("pepipost_dead_letters"),
+            "refused_since_start": dict(self.refusals.totals),
+            "queued_bodies": self.queue.held_bodies,
+        }
+
+
+def receiver_router(receiver: Receiver) -> APIRouter:
+    """The receiver's three routes; each request meets the dependencies in the order listed."""
+    router = APIRouter()
+    checks = [Depends(receiver.configured), Depends(receiver.allowed_source), Depends(receiver.valid_token)]
+
+    @router.post("/webhook", dependencies=[*checks, Depends(receiver.json_content)])
+    async def receive(request: Request, body: bytes = Depends(receiver.body)) -> JSONResponse:
+        try:
+            with receiver.queue.admit(len(body)):
+                return await receiver.file(request, body)
+        except QueueFull:
+            raise receiver.busy(request) from None
+
+    @router.get("/healthz")
     async def healthz() -> JSONResponse:
         # No token needed, so nothing else in the answer: not the store's address, not the error.
         try:
-            await run_in_threadpool(lambda: store().ping())
+            await run_in_threadpool(lambda: receiver.store().ping())
         except Exception as err:
-            unhealthy("Pepipost webhook: health check failed: %s", describe_error(err))
+            receiver.unhealthy("Pepipost webhook: health check failed: %s", describe_error(err))
             return JSONResponse({"status": "not ok"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get(f"{path_prefix}/status")
-    async def status(request: Request) -> JSONResponse:
-        """Is the vendor reaching this receiver? Behind the token."""
-        if not expected or not token_ok(request):
-            return refuse(request, 401, "missing or wrong token")
-
-        def read() -> dict[str, Any]:
-            last = store().last_report_at()
-            return {
-                "last_report_at": last,
-                "seconds_since_last_report": None if last is None else round(time.time() - last, 1),
-                "dead_letters": store().count_rows("pepipost_dead_letters"),
-            }
-
+    @router.get("/status", dependencies=[Depends(receiver.reader_token)])
+    async def status() -> JSONResponse:
         try:
-            facts = await run_in_threadpool(read)
+            return JSONResponse(await run_in_threadpool(receiver.facts))
         except Exception as err:
             log.warning("Pepipost webhook: status read failed: %s", capped(type(err).__name__))
             return JSONResponse({"detail": "the store cannot be read"}, status_code=503)
-        facts["refused_since_start"] = dict(refusals.totals)
-        facts["queued_bodies"] = ingest_queue.held_bodies
-        return JSONResponse(facts)
 
-    return app
+    return router
 
 
-def app_from_env() -> FastAPI:
-    """The standalone app, configured from the environment (so that uvicorn workers can build it)."""
-    from airflow_provider_pepipost.webhook.cli import app_from_env as build
-
-    return build()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``pepipost-webhook``: receive Pepipost delivery reports into the status store (see ``webhook.cli``)."""
-    from airflow_provider_pepipost.webhook.cli import main as run
-
-    run(argv)
-
-
-if __name__ == "__main__":
-    main()
+def _source(request: Request) -> str:
+    return request.client.host if request.client else ""

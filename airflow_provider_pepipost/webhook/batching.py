@@ -18,15 +18,14 @@ from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 
 from airflow_provider_pepipost.errors import StatusStoreUnavailable
-from airflow_provider_pepipost.status.ingest import IngestResult, WebhookBatch
+from airflow_provider_pepipost.status.inbound import DeadLetter, WebhookBatch
+from airflow_provider_pepipost.status.ingest import IngestResult
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.logs import describe_error
-from airflow_provider_pepipost.webhook.payload import DeadLetter, letter
+from airflow_provider_pepipost.webhook.payload import letter
+from airflow_provider_pepipost.webhook.settings import DEFAULT_MAX_QUEUED_BODIES, DEFAULT_MAX_QUEUED_BYTES
 
 MAX_BATCHES_PER_COMMIT = 64
-DEFAULT_MAX_QUEUED_BODIES = 1024
-# Bytes of request bodies admitted and not yet answered; a parsed body costs about 20x its size.
-DEFAULT_MAX_QUEUED_BYTES = 16 * 1024 * 1024
 
 
 class QueueFull(Exception):
@@ -55,7 +54,7 @@ class IngestQueue:
         max_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     ) -> None:
         self._store = store
-        self._waiting: list[tuple[WebhookBatch, asyncio.Future]] = []
+        self._waiting: list[tuple[WebhookBatch, asyncio.Future[IngestResult]]] = []
         self._writer: asyncio.Task | None = None
         self.max_bodies, self.max_bytes = max_bodies, max_bytes
         self.held_bodies = self.held_bytes = 0
@@ -81,7 +80,7 @@ class IngestQueue:
 
     async def ingest(self, batch: WebhookBatch) -> IngestResult:
         """Store one body; returns its counts once the transaction holding it has committed."""
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
         self._waiting.append((batch, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_all())
@@ -92,7 +91,9 @@ class IngestQueue:
             taken, self._waiting = self._waiting[:MAX_BATCHES_PER_COMMIT], self._waiting[MAX_BATCHES_PER_COMMIT:]
             batches = [batch for batch, _ in taken]
             try:
-                results: list[Any] = await run_in_threadpool(self._store().ingest_many, batches)
+                results: list[IngestResult | BaseException] = list(
+                    await run_in_threadpool(self._store().ingest_many, batches)
+                )
             except Exception as err:
                 if is_transient(err):  # each waiting request answers 503 and the vendor resends
                     results = [err] * len(taken)
@@ -129,21 +130,20 @@ def store_apart(store: StatusStore, batch: WebhookBatch) -> IngestResult:
     except Exception as err:
         if is_transient(err):
             raise
-    events, letters_in, inbound = batch
     total = IngestResult()
     refused: list[DeadLetter] = []
-    _halve(store, list(events), lambda part: (part, (), ()), total, refused)
-    _halve(store, list(inbound), lambda part: ((), (), part), total, refused)
-    letters = [*letters_in, *refused]
+    _halve(store, list(batch.events), lambda part: WebhookBatch(events=part), total, refused)
+    _halve(store, list(batch.inbound), lambda part: WebhookBatch(inbound=part), total, refused)
+    letters = [*batch.dead_letters, *refused]
     if letters:
-        store.ingest_many([((), letters, ())])
+        store.ingest_many([WebhookBatch(dead_letters=letters)])
     total.dead_letters += len(letters)
     return total
 
 
 def _halve(
     store: StatusStore,
-    items: list[Any],
+    items: list[Any],  # the events, or the inbound messages, of one body
     as_batch: Callable[[list[Any]], WebhookBatch],
     total: IngestResult,
     refused: list[DeadLetter],
@@ -156,9 +156,7 @@ def _halve(
         if is_transient(err):
             raise
         if len(items) == 1:
-            item = items[0]
-            raw = item.get("raw", "") if isinstance(item, dict) else getattr(item, "raw", "")
-            refused.append(letter(f"the store refused this item: {describe_error(err)}", raw))
+            refused.append(letter(f"the store refused this item: {describe_error(err)}", items[0].raw))
             return
         middle = len(items) // 2
         _halve(store, items[:middle], as_batch, total, refused)

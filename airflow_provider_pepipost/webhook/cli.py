@@ -15,47 +15,33 @@ import sys
 
 from fastapi import FastAPI
 
-from airflow_provider_pepipost.status.resolver import STORE_URL_ENV, resolve_store_url, store_source
+from airflow_provider_pepipost.status.resolver import STORE_URL_ENV, store_source
 from airflow_provider_pepipost.status.store import open_store
-from airflow_provider_pepipost.webhook.app import (
+from airflow_provider_pepipost.webhook.app import build_app
+from airflow_provider_pepipost.webhook.server import DEFAULT_HEAD_TIMEOUT, HEAD_TIMEOUT_ENV, GuardedHttpProtocol
+from airflow_provider_pepipost.webhook.settings import (
+    ALLOWED_IPS_ENV,
+    BODY_TIMEOUT_ENV,
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUED_BODIES,
+    MAX_BODY_BYTES_ENV,
+    MAX_QUEUED_BODIES_ENV,
     STOP_WORDS_ENV,
+    STORE_CONN_ENV,
     TOKEN_ENV,
-    create_app,
+    ReceiverSettings,
 )
-from airflow_provider_pepipost.webhook.batching import DEFAULT_MAX_QUEUED_BODIES
-from airflow_provider_pepipost.webhook.server import DEFAULT_HEAD_TIMEOUT, HEAD_TIMEOUT_ENV, GuardedHttpProtocol
 
 log = logging.getLogger("airflow_provider_pepipost.webhook")
 
-STORE_CONN_ENV = "PEPIPOST_WEBHOOK_STORE_CONN_ID"
-_ENV = {  # setting -> the variable that carries it to worker processes
-    "allowed_ips": "PEPIPOST_WEBHOOK_ALLOWED_IPS",
-    "max_body_bytes": "PEPIPOST_WEBHOOK_MAX_BODY_BYTES",
-    "body_timeout": "PEPIPOST_WEBHOOK_BODY_TIMEOUT",
-    "max_queued_bodies": "PEPIPOST_WEBHOOK_MAX_QUEUED_BODIES",
-}
 DEFAULT_LIMIT_CONCURRENCY = 512
 DEFAULT_KEEP_ALIVE = 5.0
 
 
-def store_url(url: str | None = None, conn_id: str | None = None) -> str:
-    """The store: ``--store-url``, else the store resolver (``--store-conn-id``, ``[pepipost]
-    status_store_conn_id``, ``$PEPIPOST_STATUS_STORE_URL``, ``[pepipost] status_store_url``, SQLite)."""
-    return url or resolve_store_url(conn_id)
-
-
 def app_from_env() -> FastAPI:
     """The standalone app, configured from the environment (so that uvicorn workers can build it)."""
-    allowed = os.environ.get(_ENV["allowed_ips"])
-    return create_app(
-        store_url=store_url(os.environ.get(STORE_URL_ENV), os.environ.get(STORE_CONN_ENV)),
-        allowed_ips=allowed.split(",") if allowed else None,
-        max_body_bytes=int(os.environ.get(_ENV["max_body_bytes"]) or DEFAULT_MAX_BODY_BYTES),
-        body_timeout=float(os.environ.get(_ENV["body_timeout"]) or DEFAULT_BODY_TIMEOUT),
-        max_queued_bodies=int(os.environ.get(_ENV["max_queued_bodies"]) or DEFAULT_MAX_QUEUED_BODIES),
-    )
+    return build_app(ReceiverSettings.from_env())
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
@@ -69,8 +55,20 @@ def _store_options(parser: argparse.ArgumentParser) -> None:
 
 def serve(argv: list[str] | None = None) -> None:
     """Receive Pepipost delivery reports into the status store."""
-    import uvicorn
+    parser = _serve_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s webhook %(levelname)s %(message)s")
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        parser.error(f"a token is required: set {TOKEN_ENV} or pass --token")
+    _hand_over(args, token)
+    source = "--store-url" if args.store_url else store_source(args.store_conn_id)
+    log.info("Pepipost webhook receiver on http://%s:%s/pepipost/webhook, store from %s", args.host, args.port,
+             source)  # fmt: skip
+    _run_uvicorn(args)
 
+
+def _serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pepipost-webhook", description=serve.__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8481)
@@ -100,28 +98,30 @@ def serve(argv: list[str] | None = None) -> None:
         help=f"comma-separated replies that opt a sender out; default ${STOP_WORDS_ENV}, else STOP,UNSUBSCRIBE,"
         "STOP ALL",
     )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s webhook %(levelname)s %(message)s")
-    token = args.token or os.environ.get(TOKEN_ENV)
-    if not token:
-        parser.error(f"a token is required: set {TOKEN_ENV} or pass --token")
-    os.environ[TOKEN_ENV] = token  # worker processes read it from here
+    return parser
+
+
+def _hand_over(args: argparse.Namespace, token: str) -> None:
+    """Put the settings where every worker process reads them: the environment (``ReceiverSettings.from_env``)."""
+    os.environ[TOKEN_ENV] = token
     if args.store_url:
         os.environ[STORE_URL_ENV] = args.store_url
     if args.store_conn_id:
         os.environ[STORE_CONN_ENV] = args.store_conn_id
     if args.allow_ip:
-        os.environ[_ENV["allowed_ips"]] = ",".join(args.allow_ip)
-    os.environ[_ENV["max_body_bytes"]] = str(args.max_body_bytes)
-    os.environ[_ENV["body_timeout"]] = str(args.body_timeout)
-    os.environ[_ENV["max_queued_bodies"]] = str(args.max_queued_bodies)
+        os.environ[ALLOWED_IPS_ENV] = ",".join(args.allow_ip)
+    os.environ[MAX_BODY_BYTES_ENV] = str(args.max_body_bytes)
+    os.environ[BODY_TIMEOUT_ENV] = str(args.body_timeout)
+    os.environ[MAX_QUEUED_BODIES_ENV] = str(args.max_queued_bodies)
     if args.stop_words:
-        os.environ[STOP_WORDS_ENV] = args.stop_words  # create_app reads it in every worker
+        os.environ[STOP_WORDS_ENV] = args.stop_words
     os.environ[HEAD_TIMEOUT_ENV] = str(args.head_timeout)  # for worker processes, which import anew
     GuardedHttpProtocol.head_timeout = args.head_timeout  # for this one, which has imported it already
-    source = "--store-url" if args.store_url else store_source(args.store_conn_id)
-    log.info("Pepipost webhook receiver on http://%s:%s/pepipost/webhook, store from %s", args.host, args.port,
-             source)  # fmt: skip
+
+
+def _run_uvicorn(args: argparse.Namespace) -> None:
+    import uvicorn
+
     trusted = [address.strip() for address in args.trusted_proxy or [] if address.strip()]
     uvicorn.run(
         "airflow_provider_pepipost.webhook.cli:app_from_env",

@@ -12,9 +12,10 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from airflow_provider_pepipost.status.inbound import DeadLetter, WebhookBatch
 from airflow_provider_pepipost.status.ingest import IngestResult
 from airflow_provider_pepipost.status.store import StatusStore
-from airflow_provider_pepipost.webhook.payload import ParsedBatch, body_key, letter, parse_body
+from airflow_provider_pepipost.webhook.payload import body_key, letter, parse_body
 
 LINES_PER_TRANSACTION = 500
 
@@ -36,8 +37,8 @@ def import_reports(lines: Iterable[str], store: StatusStore) -> dict[str, int]:
     items: list[Any] = []
     numbers: list[int] = []  # the line of each item
 
-    def flush(batch: ParsedBatch) -> None:
-        result = store.ingest(batch.events, batch.dead_letters, batch.inbound)
+    def flush(batch: WebhookBatch) -> None:
+        result = store.ingest_many([batch])[0]
         for name, value in result.to_dict().items():
             totals[name] += value
         totals["dead_letters"] += batch.dead_letter_items - len(batch.dead_letters)
@@ -47,7 +48,9 @@ def import_reports(lines: Iterable[str], store: StatusStore) -> dict[str, int]:
             key = body_key(json.dumps(items, ensure_ascii=True, default=str))
             batch = parse_body({"delivery_status": items}, key)
             # Name the lines, not the places in this chunk, in the dead letters' reasons.
-            batch.dead_letters = [(_renumber(reason, numbers), raw, k) for reason, raw, k in batch.dead_letters]
+            batch.dead_letters = [
+                DeadLetter(_renumber(dead.reason, numbers), dead.raw, dead.key) for dead in batch.dead_letters
+            ]
             flush(batch)
             items.clear()
             numbers.clear()
@@ -67,7 +70,7 @@ def import_reports(lines: Iterable[str], store: StatusStore) -> dict[str, int]:
         if kind == "body":
             flush(parse_body(value, body_key(line)))
         else:
-            flush(ParsedBatch(dead_letters=[letter(value, line, body_key(line), "line")], dead_letter_items=1))
+            flush(WebhookBatch(dead_letters=[letter(value, line, body_key(line), "line")], dead_letter_items=1))
     flush_items()
     return totals
 

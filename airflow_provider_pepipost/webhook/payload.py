@@ -1,6 +1,8 @@
-"""Read a Pepipost webhook body: delivery reports (v1 and v2), customer replies, and what is malformed.
+"""Read a Pepipost webhook body: delivery reports (v1 and v2), customer messages, and what is malformed.
 
-Pure code: it decides what each item is; the store keeps all three kinds. Every value bound for a
+Pure code: it decides what each item is (``status.inbound``'s types); the store files them. Which
+list of a body holds which kind, and which ``message_type`` of a customer message is which kind,
+are the tables ``BODY_LISTS`` and ``INBOUND_KINDS``. Every value bound for a
 column is checked against ``limits`` first, so an item the database would refuse is a dead letter
 with a reason, never a failed transaction. The work one body can cause is bounded: past
 MAX_ITEM_LETTERS bad items, the rest of a body's bad items are kept together as one dead letter.
@@ -9,33 +11,26 @@ MAX_ITEM_LETTERS bad items, the rest of a body's bad items are kept together as 
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.consent import is_stop_reply, normalize_reply, stop_word_set
 from airflow_provider_pepipost.numbers import phone_or_none
+from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
 from airflow_provider_pepipost.status.model import DeliveryEvent, normalize_status
 
 MAX_RAW_CHARS = limits.RAW_MAX  # of a dead letter: enough to see what went wrong
 MAX_ITEM_LETTERS = 20  # dead letters of their own per body; the rest of its bad items share one
 
-# A dead letter as the store takes it: (reason, raw, key). Equal keys are stored once, so a body
-# sent again adds no dead letters.
-DeadLetter = tuple[str, str, str]
-
 DEFAULT_STOP_SET = stop_word_set()
 
-
-@dataclass
-class ParsedBatch:
-    events: list[DeliveryEvent] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-    inbound: list[dict[str, Any]] = field(default_factory=list)
-    dead_letter_items: int = 0  # items that could not be used; more than len(dead_letters) past the cap
+ParsedBatch = WebhookBatch  # its name here before status.inbound held it
 
 
 def body_key(body: bytes | str) -> str:
@@ -49,7 +44,7 @@ def letter(reason: str, raw: str, key: str | None = None, where: str = "") -> De
     reason = limits.storable(reason, limits.REASON_MAX)
     raw = limits.storable(raw, limits.RAW_MAX)
     seed = f"{key}\x1f{where}" if key else f"{reason}\x1f{raw}"
-    return reason, raw, hashlib.sha256(seed.encode()).hexdigest()[:40]
+    return DeadLetter(reason, raw, hashlib.sha256(seed.encode()).hexdigest()[:40])
 
 
 def _raw(item: Any) -> str:
@@ -157,17 +152,20 @@ def _canonical(number: str | None) -> str | None:
     return (phone_or_none(number) or number) if number else number
 
 
-def _inbound_item(item: dict[str, Any], stop_words: frozenset[str]) -> dict[str, Any]:
-    """One ``incoming_message[]`` item as the store keeps it; ValueError when it cannot be stored.
+def parse_inbound_item(item: Any, stop_words: frozenset[str] = DEFAULT_STOP_SET) -> InboundMessage:
+    """One ``incoming_message[]`` item as its kind's dataclass; ValueError when it cannot be stored.
 
-    ``sender`` is the canonical number (as it came when it is none). ``opt_out`` holds the
-    reply's text when it is one of ``stop_words`` and the sender is a number: the store then puts
-    the sender on the suppression list.
+    The kind comes from ``message_type`` through ``INBOUND_KINDS``; a kind not in the table is
+    kept as a plain ``InboundMessage``, never dropped.
     """
+    if not isinstance(item, dict):
+        raise ValueError("item must be an object")
     raw = _raw(item)
     if problem := limits.text_problem(raw):
         raise ValueError(f"item {problem}")
-    context = item.get("context") if isinstance(item.get("context"), dict) else {}
+    context = item.get("context")
+    if not isinstance(context, dict):
+        context = {}
     sender = str(item.get("from") or "")
     context_id = str(context.get("ncmessage_id") or "")
     for name, text, limit in (
@@ -178,17 +176,35 @@ def _inbound_item(item: dict[str, Any], stop_words: frozenset[str]) -> dict[str,
             raise ValueError(f"'{name}' {problem}")
         if len(text) > limit:
             raise ValueError(f"'{name}' is longer than {limit} characters")
-    text = item.get("text_type", {}).get("text") if isinstance(item.get("text_type"), dict) else None
-    number = phone_or_none(sender) if sender else None
-    opt_out = normalize_reply(text) if number and is_stop_reply(text, stop_words) else None
-    sender = number or sender
-    return {"sender": sender or None, "context_message_id": context_id or None, "raw": raw, "opt_out": opt_out}
+    kind = str(item.get("message_type") or "unknown").strip().lower()[: limits.LEDGER_STATE_MAX] or "unknown"
+    shared = InboundMessage(kind, phone_or_none(sender) or sender or None, context_id or None, raw)
+    return INBOUND_KINDS.get(kind, _as_it_came)(item, shared, stop_words)
+
+
+def _as_it_came(item: dict[str, Any], shared: InboundMessage, stop_words: frozenset[str]) -> InboundMessage:
+    """A kind the table does not name: its shared fields; a stop word in its text still counts."""
+    return _text_reply(item, shared, stop_words)
+
+
+def _text_reply(item: dict[str, Any], shared: InboundMessage, stop_words: frozenset[str]) -> InboundMessage:
+    """A text message (``text_type.text``): a stop word from a number opts that number out."""
+    body = item.get("text_type")
+    text = body.get("text") if isinstance(body, dict) else None
+    number = phone_or_none(shared.sender) if shared.sender else None
+    if number and isinstance(text, str) and is_stop_reply(text, stop_words):
+        return dataclasses.replace(shared, opt_out=normalize_reply(text))
+    return shared
+
+
+# message_type (lower case) -> the function that reads the rest of that kind of customer message.
+InboundParser = Callable[[dict[str, Any], InboundMessage, frozenset[str]], InboundMessage]
+INBOUND_KINDS: dict[str, InboundParser] = {"text": _text_reply}
 
 
 class _DeadLetters:
     """A body's bad items: the first MAX_ITEM_LETTERS each a dead letter, the rest one dead letter."""
 
-    def __init__(self, batch: ParsedBatch, key: str | None) -> None:
+    def __init__(self, batch: WebhookBatch, key: str | None) -> None:
         self.batch, self.key = batch, key
         self.full = False  # past the cap: bad items go to the one shared dead letter
         self.overflow: list[Any] = []  # those items (parse_body appends junk to it directly)
@@ -224,51 +240,58 @@ def _may_be_report(item: Any) -> bool:
     return type(item) is dict and item.get("ncmessage_id") not in (None, "") and item.get("status") not in (None, "")
 
 
-def parse_body(body: Any, key: str | None = None, stop_words: frozenset[str] = DEFAULT_STOP_SET) -> ParsedBatch:
+def parse_body(body: Any, key: str | None = None, stop_words: frozenset[str] = DEFAULT_STOP_SET) -> WebhookBatch:
     """Sort a decoded webhook body into delivery events, inbound messages and dead letters.
 
     :param key: the body's hash (``body_key``): its dead letters are keyed by it and their place
         in the body, so the same body sent twice adds no dead letters.
     :param stop_words: text replies that opt their sender out (``consent.stop_word_set``).
     """
-    batch = ParsedBatch()
+    batch = WebhookBatch()
     if not isinstance(body, dict):
         return _whole(batch, f"body must be a JSON object, not {type(body).__name__}", body, key)
-    reports = body.get("delivery_status")
-    replies = body.get("incoming_message")
-    if reports is None and replies is None:
+    if all(body.get(name) is None for name in BODY_LISTS):
         return _whole(batch, "body has neither delivery_status[] nor incoming_message[]", body, key)
     letters = _DeadLetters(batch, key)
-    if reports is not None:
-        if not isinstance(reports, list):
-            letters.add("delivery_status", None, "must be a list", reports)
-        else:
-            junk = letters.overflow
-            for index, item in enumerate(reports):
-                if letters.full and not _may_be_report(item):  # past the cap, junk costs as little as can be
-                    letters.first_overflow = letters.first_overflow or f"delivery_status[{index}]"
-                    junk.append(item)
-                    continue
-                try:
-                    batch.events.append(parse_delivery_item(item))
-                except (ValueError, TypeError) as err:
-                    letters.add("delivery_status", index, str(err), item)
-    if replies is not None:
-        if not isinstance(replies, list):
-            letters.add("incoming_message", None, "must be a list", replies)
-        else:
-            for index, item in enumerate(replies):
-                try:
-                    if not isinstance(item, dict):
-                        raise ValueError("item must be an object")
-                    batch.inbound.append(_inbound_item(item, stop_words))
-                except ValueError as err:
-                    letters.add("incoming_message", index, str(err), item)
+    for name, kind in BODY_LISTS.items():
+        items = body.get(name)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            letters.add(name, None, "must be a list", items)
+            continue
+        into = getattr(batch, kind.into)
+        for index, item in enumerate(items):
+            if letters.full and kind.plausible is not None and not kind.plausible(item):
+                # Past the cap, junk costs as little as can be.
+                letters.first_overflow = letters.first_overflow or f"{name}[{index}]"
+                letters.overflow.append(item)
+                continue
+            try:
+                into.append(kind.read(item, stop_words))
+            except (ValueError, TypeError) as err:
+                letters.add(name, index, str(err), item)
     letters.close()
     return batch
 
 
-def _whole(batch: ParsedBatch, reason: str, body: Any, key: str | None) -> ParsedBatch:
+@dataclass(frozen=True)
+class BodyList:
+    """How the items of one list of a webhook body are read."""
+
+    read: Callable[[Any, frozenset[str]], Any]  # an item -> its dataclass; ValueError when unusable
+    into: str  # the WebhookBatch list that keeps what it reads
+    plausible: Callable[[Any], bool] | None = None  # a quick test for junk, used past the dead-letter cap
+
+
+# The lists a body may hold -> how their items are read.
+BODY_LISTS: dict[str, BodyList] = {
+    "delivery_status": BodyList(lambda item, _: parse_delivery_item(item), "events", _may_be_report),
+    "incoming_message": BodyList(parse_inbound_item, "inbound"),
+}
+
+
+def _whole(batch: WebhookBatch, reason: str, body: Any, key: str | None) -> WebhookBatch:
     batch.dead_letters.append(letter(reason, _raw(body), key, "body"))
     batch.dead_letter_items = 1
     return batch

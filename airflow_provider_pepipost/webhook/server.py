@@ -16,7 +16,7 @@ from typing import Any
 try:  # uvicorn's fast parser when it is installed (uvicorn[standard]), else its pure-Python one
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _BaseProtocol
 except ImportError:  # pragma: no cover - depends on the installed extras
-    from uvicorn.protocols.http.h11_impl import H11Protocol as _BaseProtocol
+    from uvicorn.protocols.http.h11_impl import H11Protocol as _BaseProtocol  # type: ignore[assignment]
 
 HEAD_TIMEOUT_ENV = "PEPIPOST_WEBHOOK_HEAD_TIMEOUT"
 DEFAULT_HEAD_TIMEOUT = 5.0  # seconds for a request line and headers

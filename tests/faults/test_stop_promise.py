@@ -4,6 +4,7 @@ receiver on loopback and a vendor stand-in on loopback, with the operators as Ai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import uuid
@@ -22,6 +23,7 @@ from werkzeug import Request, Response
 from airflow_provider_pepipost.operators.consent import WhatsAppConsentOperator
 from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppTemplateOperator
 from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.inbound import InboundMessage, WebhookBatch
 from airflow_provider_pepipost.status.store import StatusStore
 from tests.conftest import WEBHOOK_TOKEN
 from tests.helpers import StandInTaskInstance, run_operator
@@ -106,8 +108,8 @@ def test_no_generated_spelling_of_an_opted_out_number_is_ever_sent(request, back
         number = NUMBERS[100 + index]
         stop_as = data.draw(spellings(number), label="the STOP's sender")
         send_as = data.draw(spellings(number), label="the audience row")
-        store.ingest([], inbound=[{"sender": _as_the_receiver_files(stop_as), "context_message_id": None,
-                                   "raw": json.dumps(stop_reply(stop_as)), "opt_out": "STOP"}])  # fmt: skip
+        store.ingest([], inbound=[InboundMessage("text", _as_the_receiver_files(stop_as), None,
+                                                 json.dumps(stop_reply(stop_as)), opt_out="STOP")])  # fmt: skip
         before = sandbox.state.accepted_by_recipient[number]
         _, ti = run_operator([send_as, NUMBERS[250]], StandInTaskInstance(run_id=f"spelling-{next(runs)}"))
         assert ti.xcom["messages"][0]["state"] == "suppressed", (stop_as, send_as)
@@ -120,7 +122,9 @@ def _as_the_receiver_files(sender: str) -> str:
     """What the receiver's parser makes of a reply's sender."""
     from airflow_provider_pepipost.webhook.payload import parse_body
 
-    return parse_body({"incoming_message": [stop_reply(sender)]}).inbound[0]["sender"]
+    sender_as_filed = parse_body({"incoming_message": [stop_reply(sender)]}).inbound[0].sender
+    assert sender_as_filed is not None
+    return sender_as_filed
 
 
 def test_numbers_stored_before_the_migration_are_made_canonical(store_url):
@@ -258,8 +262,9 @@ class SendVendor:
 @pytest.mark.parametrize(
     ("settings_", "stopped_row"),
     [
-        # One worker: at most 3 rows are claimed ahead of the answer the STOP comes in.
-        ({"max_workers": 1}, 5),
+        # One worker: rows 1 and 2 were claimed while row 0 was sent (2 x max_workers ahead, the
+        # README's bound); row 3, the first one claimed after the STOP, is the first it stops.
+        ({"max_workers": 1}, 3),
         # Paced at 1 a second: row 3 was claimed long before its turn, and is checked again then.
         ({"max_workers": 4, "max_rate": 1}, 3),
     ],
@@ -361,8 +366,8 @@ def test_every_spelling_of_a_stop_word_is_a_stop(word: str, data: st.DataObject)
     edge = st.text(st.sampled_from([" ", ".", "!", "\u200b", "\n"]), max_size=3)
     text = data.draw(edge) + "".join(chars) + data.draw(edge)
     batch = parse_body({"incoming_message": [stop_reply("+91 98000 00001", text)]})
-    assert batch.inbound[0]["opt_out"] == word.replace(" ", ""), repr(text)
-    assert batch.inbound[0]["sender"] == "919800000001"
+    assert batch.inbound[0].opt_out == word.replace(" ", ""), repr(text)
+    assert batch.inbound[0].sender == "919800000001"
 
 
 # -- 7. per-body answers under group commit ---------------------------------------------------
@@ -375,8 +380,7 @@ def test_each_body_in_a_group_commit_counts_its_own_opt_outs(store_url):
     bodies = [[stop_reply(n) for n in NUMBERS[:3]], [stop_reply(n) for n in NUMBERS[3:8]] + [stop_reply(NUMBERS[0])]]
     batches = []
     for replies in bodies:
-        parsed = parse_body({"incoming_message": replies})
-        batches.append((parsed.events, parsed.dead_letters, parsed.inbound))
+        batches.append(parse_body({"incoming_message": replies}))
     results = store.ingest_many(batches)
     assert [r.opt_outs for r in results] == [3, 6]  # the second body's STOP from NUMBERS[0] is its own
 
@@ -387,6 +391,8 @@ def test_a_body_stored_apart_after_a_failed_group_commit_still_counts_its_opt_ou
 
     parsed = parse_body({"incoming_message": [stop_reply(n) for n in NUMBERS[:4]]})
     # One reply the database refuses (a NUL cannot be stored on PostgreSQL): it is halved out.
-    poison = {**parsed.inbound[0], "raw": parsed.inbound[0]["raw"] + "\x00" * (store_url.startswith("postgres"))}
-    result = store_apart(StatusStore(store_url), ((), (), [poison, *parsed.inbound[1:]]))
+    poison = dataclasses.replace(
+        parsed.inbound[0], raw=parsed.inbound[0].raw + "\x00" * store_url.startswith("postgres")
+    )
+    result = store_apart(StatusStore(store_url), WebhookBatch(inbound=[poison, *parsed.inbound[1:]]))
     assert result.opt_outs == (3 if store_url.startswith("postgres") else 4)

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from airflow_provider_pepipost.operators.xcom import ledger_ref, parse_message_targets
 from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
 from airflow_provider_pepipost.status.ledger import Claim, Outcome, TaskKey
 from airflow_provider_pepipost.status.model import DeliveryEvent, normalize_status
 from airflow_provider_pepipost.status.store import StatusStore
@@ -242,7 +243,9 @@ def test_summaries_take_ids_with_any_character(store_url):
 
 def test_dead_letters_and_inbound_are_kept_apart(store_url):
     store = StatusStore(store_url)
-    result = store.ingest([], dead_letters=[("bad item", "{}")], inbound=[{"sender": "9199", "raw": '{"a":1}'}])
+    result = store.ingest(
+        [], dead_letters=[DeadLetter("bad item", "{}")], inbound=[InboundMessage("text", "9199", None, '{"a":1}')]
+    )
     assert (result.dead_letters, result.inbound) == (1, 1)
     assert dead_letters(store) == [("bad item", "{}")]
     assert store.count_rows("pepipost_inbound_messages") == 1
@@ -302,6 +305,6 @@ def test_several_batches_in_one_transaction_keep_their_own_counts(store_url):
     sent(store, "k1", None, state="unknown", header="hdr-1")
     first = [event("m1", "sent", 1), event("m2", "read", 1, header="hdr-1")]
     second = [event("m1", "sent", 1), event("m3", "read", 1)]
-    results = store.ingest_many([(first, [], []), (second, [("bad", "{}")], [])])
+    results = store.ingest_many([WebhookBatch(first), WebhookBatch(second, [DeadLetter("bad", "{}")])])
     assert [(r.accepted, r.duplicates, r.reconciled, r.dead_letters) for r in results] == [(2, 0, 1, 0), (1, 1, 0, 1)]
     assert store.count_rows("pepipost_events") == 3

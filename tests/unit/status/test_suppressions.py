@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from airflow_provider_pepipost.status.consent import ConsentBatch
+from airflow_provider_pepipost.status.inbound import InboundMessage
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.store import StatusStore
 
 TASK = TaskKey("consent_dag", "run-1", "opt_in")
 
 
-def reply(sender: str, text: str, opt_out: str | None) -> dict[str, object]:
-    return {
-        "sender": sender,
-        "context_message_id": None,
-        "raw": f'{{"from":"{sender}","text":"{text}"}}',
-        "opt_out": opt_out,
-    }
+def reply(sender: str, text: str, opt_out: str | None) -> InboundMessage:
+    return InboundMessage("text", sender, None, f'{{"from":"{sender}","text":"{text}"}}', opt_out=opt_out)
 
 
 def test_a_stop_reply_suppresses_and_a_later_opt_in_lifts_it(store_url):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
+from airflow_provider_pepipost.status.inbound import WebhookBatch
 from airflow_provider_pepipost.status.model import DeliveryEvent
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.batching import IngestQueue, QueueFull
@@ -38,7 +39,7 @@ def test_a_body_the_store_refuses_costs_no_other_body_its_commit(store_url, pois
     bad = event(poison)
     if "\x00" in poison and store.is_sqlite:
         bad = event("x", recipient="\ud800")  # SQLite stores NUL: refuse it something it cannot encode
-    batches = [([event("a1")], [], []), ([event("b1"), bad, event("b2")], [], []), ([event("c1")], [], [])]
+    batches = [WebhookBatch([event("a1")]), WebhookBatch([event("b1"), bad, event("b2")]), WebhookBatch([event("c1")])]
     results = ingest_together(store, batches)
     assert not any(isinstance(r, BaseException) for r in results), results
     assert [r.accepted for r in results] == [1, 2, 1]
@@ -52,7 +53,7 @@ def test_a_body_the_store_refuses_costs_no_other_body_its_commit(store_url, pois
 
 def test_a_value_longer_than_its_column_is_set_apart_on_postgres(postgres_url):
     store = StatusStore(postgres_url)
-    results = ingest_together(store, [([event("ok")], [], []), ([event("long", recipient="9" * 100)], [], [])])
+    results = ingest_together(store, [WebhookBatch([event("ok")]), WebhookBatch([event("long", recipient="9" * 100)])])
     assert [r.accepted for r in results] == [1, 0] and results[1].dead_letters == 1
     assert "value too long" in dead_letters(store)[0][0] and "9" * 100 not in dead_letters(store)[0][0]
 
@@ -60,7 +61,7 @@ def test_a_value_longer_than_its_column_is_set_apart_on_postgres(postgres_url):
 def test_a_store_that_is_down_fails_every_body_and_sets_nothing_apart():
     """Down is not poison: the bodies are not acknowledged (503), so the vendor sends them again."""
     down = "postgresql+psycopg2://nobody@127.0.0.1:1/none"
-    results = ingest_together(lambda: StatusStore(down), [([event("a")], [], []), ([event("b")], [], [])])
+    results = ingest_together(lambda: StatusStore(down), [WebhookBatch([event("a")]), WebhookBatch([event("b")])])
     assert all(isinstance(r, Exception) for r in results)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from airflow_provider_pepipost.status.store import StatusStore
-from airflow_provider_pepipost.webhook.app import main
+from airflow_provider_pepipost.webhook.cli import main
 from tests.store_reads import current_status, dead_letters
 
 

@@ -60,7 +60,7 @@ def test_malformed_items_are_kept_with_a_reason_and_the_rest_stored():
     }
     batch = parse_body(body)
     assert [e.message_id for e in batch.events] == ["fa9d-5d12"]
-    reasons = [reason for reason, *_ in batch.dead_letters]
+    reasons = [dead.reason for dead in batch.dead_letters]
     assert reasons[0].startswith("delivery_status[1]: item must be an object")
     assert "'ncmessage_id' is missing" in reasons[1]
     assert "'status' must be a string" in reasons[2]
@@ -76,7 +76,7 @@ def test_inbound_messages_are_not_delivery_reports():
     }
     batch = parse_body(body)
     assert batch.events == [] and batch.dead_letters == []
-    assert batch.inbound[0]["context_message_id"] == "m1"
+    assert batch.inbound[0].context_message_id == "m1"
 
 
 @pytest.mark.parametrize("body", [[], "text", 3, {"other": []}, {"delivery_status": {"a": 1}}])
@@ -117,8 +117,8 @@ def _item(**fields):
 def test_values_the_store_cannot_hold_are_dead_letters_with_a_reason(item, reason):
     batch = parse_body({"delivery_status": [_item(ncmessage_id="good"), item]})
     assert [e.message_id for e in batch.events] == ["good"]
-    assert len(batch.dead_letters) == 1 and reason in batch.dead_letters[0][0], batch.dead_letters
-    dead_reason, raw, _ = batch.dead_letters[0]
+    assert len(batch.dead_letters) == 1 and reason in batch.dead_letters[0].reason, batch.dead_letters
+    dead_reason, raw = batch.dead_letters[0].reason, batch.dead_letters[0].raw
     assert limits.text_problem(dead_reason) is None and limits.text_problem(raw) is None  # storable
 
 
@@ -146,8 +146,8 @@ def test_a_body_of_junk_makes_a_bounded_number_of_dead_letters():
     batch = parse_body({"delivery_status": [1] * 200_000 + [_item()]}, key=body_key(b"junk"))
     assert len(batch.events) == 1
     assert len(batch.dead_letters) == MAX_ITEM_LETTERS + 1 and batch.dead_letter_items == 200_000
-    assert "199980 more items could not be read, the first at delivery_status[20]" in batch.dead_letters[-1][0]
-    assert len(batch.dead_letters[-1][1]) <= limits.RAW_MAX
+    assert "199980 more items could not be read, the first at delivery_status[20]" in batch.dead_letters[-1].reason
+    assert len(batch.dead_letters[-1].raw) <= limits.RAW_MAX
 
 
 def test_dead_letter_keys_follow_the_body_so_a_replay_adds_none():
@@ -155,5 +155,5 @@ def test_dead_letter_keys_follow_the_body_so_a_replay_adds_none():
     first = parse_body(body, key=body_key(b"one body")).dead_letters
     again = parse_body(body, key=body_key(b"one body")).dead_letters
     other = parse_body(body, key=body_key(b"another body")).dead_letters
-    assert [k for *_, k in first] == [k for *_, k in again]
-    assert len({k for *_, k in first}) == 2 and not {k for *_, k in first} & {k for *_, k in other}
+    assert [dead.key for dead in first] == [dead.key for dead in again]
+    assert len({dead.key for dead in first}) == 2 and not {dead.key for dead in first} & {dead.key for dead in other}

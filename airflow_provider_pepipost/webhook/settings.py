@@ -1,0 +1,104 @@
+"""The receiver's settings, built once into a frozen object: from arguments, the environment, or Airflow's config.
+
+``pepipost-webhook`` passes its command line to its uvicorn worker processes through the
+environment (``from_env``); the plugin inside Airflow's API server reads the environment, then
+``[pepipost]`` in airflow.cfg (``from_airflow_config``). The app itself reads neither.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from airflow_provider_pepipost.consent import stop_word_set
+from airflow_provider_pepipost.status.resolver import STORE_URL_ENV
+
+TOKEN_ENV = "PEPIPOST_WEBHOOK_TOKEN"
+STOP_WORDS_ENV = "PEPIPOST_STOP_WORDS"
+STORE_CONN_ENV = "PEPIPOST_WEBHOOK_STORE_CONN_ID"
+ALLOWED_IPS_ENV = "PEPIPOST_WEBHOOK_ALLOWED_IPS"
+MAX_BODY_BYTES_ENV = "PEPIPOST_WEBHOOK_MAX_BODY_BYTES"
+BODY_TIMEOUT_ENV = "PEPIPOST_WEBHOOK_BODY_TIMEOUT"
+MAX_QUEUED_BODIES_ENV = "PEPIPOST_WEBHOOK_MAX_QUEUED_BODIES"
+
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT = 10.0  # seconds to receive a whole body once its headers are in
+DEFAULT_MAX_QUEUED_BODIES = 1024
+# Bytes of request bodies admitted and not yet answered; a parsed body costs about 20x its size.
+DEFAULT_MAX_QUEUED_BYTES = 16 * 1024 * 1024
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ReceiverSettings:
+    """Everything the receiver app is configured with. See ``webhook.app.create_app`` for each."""
+
+    token: str = ""
+    store_url: str | None = None  # None: the store resolver, for ``store_conn_id``
+    store_conn_id: str | None = None
+    path_prefix: str = "/pepipost"
+    allowed_networks: tuple[Network, ...] | None = None  # None: every source
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    max_queued_bodies: int = DEFAULT_MAX_QUEUED_BODIES
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
+    refusal_log_interval: float = 60.0
+    stop_words: frozenset[str] = field(default_factory=stop_word_set)
+
+    @classmethod
+    def from_env(cls) -> ReceiverSettings:
+        """What ``pepipost-webhook`` passed to this worker process in the environment."""
+        env = os.environ
+        return cls(
+            token=env.get(TOKEN_ENV, ""),
+            store_url=env.get(STORE_URL_ENV) or None,
+            store_conn_id=env.get(STORE_CONN_ENV) or None,
+            allowed_networks=parse_networks(env.get(ALLOWED_IPS_ENV)),
+            max_body_bytes=int(env.get(MAX_BODY_BYTES_ENV) or DEFAULT_MAX_BODY_BYTES),
+            body_timeout=float(env.get(BODY_TIMEOUT_ENV) or DEFAULT_BODY_TIMEOUT),
+            max_queued_bodies=int(env.get(MAX_QUEUED_BODIES_ENV) or DEFAULT_MAX_QUEUED_BODIES),
+            stop_words=stop_words_or_env(None),
+        )
+
+    @classmethod
+    def from_airflow_config(cls) -> ReceiverSettings:
+        """The plugin's settings: each from the environment, else ``[pepipost]`` in airflow.cfg. The
+        store is the store resolver's answer, as for every other part."""
+        return cls(
+            token=_airflow_setting(TOKEN_ENV, "webhook_token") or "",
+            path_prefix="",  # mounted under /pepipost by the plugin
+            allowed_networks=parse_networks(_airflow_setting(ALLOWED_IPS_ENV, "webhook_allowed_ips")),
+            stop_words=stop_word_set(_airflow_setting(STOP_WORDS_ENV, "stop_words")),
+        )
+
+
+def stop_words_or_env(stop_words: str | Sequence[str] | None) -> frozenset[str]:
+    """The stop words given (a list, or one comma-separated string), else ``$PEPIPOST_STOP_WORDS``,
+    else STOP, UNSUBSCRIBE, STOP ALL."""
+    return stop_word_set(stop_words if stop_words is not None else os.environ.get(STOP_WORDS_ENV) or None)
+
+
+def parse_networks(allowed_ips: Sequence[str] | str | None) -> tuple[Network, ...] | None:
+    """Addresses or networks (``10.0.0.0/8``), as a list or one comma-separated string.
+
+    None (or an empty string) allows every source; a list that names none allows none.
+    """
+    if not allowed_ips:
+        return None
+    if isinstance(allowed_ips, str):
+        allowed_ips = allowed_ips.split(",")
+    return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in allowed_ips if item.strip())
+
+
+def _airflow_setting(env: str, key: str) -> str | None:
+    if value := os.environ.get(env):
+        return value
+    try:
+        from airflow.configuration import conf
+
+        return conf.get("pepipost", key, fallback=None)
+    except Exception:  # no Airflow config in this process: nothing set there
+        return None
