@@ -23,7 +23,7 @@ DEFAULT_HEAD_TIMEOUT = 5.0  # seconds for a request line and headers
 MAX_HEAD_BYTES = 64 * 1024
 
 
-class GuardedHttpProtocol(_BaseProtocol):  # type: ignore[misc,valid-type]
+class GuardedHttpProtocol(_BaseProtocol):
     """Uvicorn's HTTP protocol, closing a connection whose next request head is late or too large."""
 
     # Read from the environment so that worker processes (spawned, not forked) get the same value.
