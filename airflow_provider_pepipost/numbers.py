@@ -78,14 +78,24 @@ def mask_number(number: str | None) -> str:
     return number if len(number) <= 6 else number[:4] + "*" * (len(number) - 6) + number[-2:]
 
 
-# A number inside free text (a vendor's error message, a delivery remark): 10 to 15 digits in a
-# row, or after a '+' with single spaces, dashes or dots between them (not a date and a time).
-_NUMBER_IN_TEXT = re.compile(r"(?<![\d+])(?:\d{10,15}|\+\d(?:[ .\-]?\d){9,14})(?!\d)")
+# A number inside free text (a vendor's error message, a delivery remark): digits, with '+', '00',
+# brackets and single spaces, dashes or dots between them, that make 10 to 15 digits once
+# canonical. Not inside a word or an id (no letter or digit just before), and not a date.
+_NUMBER_IN_TEXT = re.compile(r"(?<![\w+])\+?\(?\d(?:[ .\-()]{0,2}\d){9,16}(?!\d)")
+_DATE = re.compile(r"\(?\d{4}[-./]\d{1,2}[-./]\d{1,2}(?!\d)")
 
 
 def mask_numbers_in(text: str) -> str:
     """Free text with every phone number in it masked, for places every DAG reader can see."""
-    return _NUMBER_IN_TEXT.sub(lambda found: mask_number(canonical_number(found.group())), text)
+    return _NUMBER_IN_TEXT.sub(_mask_found, text)
+
+
+def _mask_found(found: re.Match[str]) -> str:
+    candidate = found.group()
+    number = canonical_number(candidate)
+    if not MIN_PHONE_DIGITS <= len(number) <= MAX_PHONE_DIGITS or _DATE.match(candidate.lstrip("+")):
+        return candidate
+    return mask_number(number)
 
 
 ERASED_PREFIX = "h:"

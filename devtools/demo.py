@@ -60,7 +60,8 @@ def store_funnel(store_url: str, dag_id: str) -> dict[str, int]:
     summary = store.summarize(store.task_keys(dag_id))
     funnel = sandbox_funnel(summary.counts)
     funnel["total"] += summary.pending + summary.unknown
-    funnel["pending"] = summary.pending + summary.unknown
+    funnel["pending"] = summary.pending  # the words of status.model.DELIVERY_STATUSES: no report yet
+    funnel["unknown"] = summary.unknown  # the send's own outcome unknown, no report matched it yet
     return funnel
 
 
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage in ("total", "sent", "delivered", "read", "failed"):
             print(f"  {stage:<10}{got[stage]:>8}{expected[stage]:>9}")
         print(f"  {'pending':<10}{got['pending']:>8}")
+        print(f"  {'unknown':<10}{got['unknown']:>8}")
         by_type = stats.get("accepted_by_type", {})
         print(
             f"  sent as session (media) messages: {by_type.get('media', 0)}; as the approved template, where "

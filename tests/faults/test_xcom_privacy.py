@@ -3,9 +3,9 @@ and consent operators run against vendors on loopback that quote the number in t
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
-import uuid
 
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
@@ -18,6 +18,10 @@ NUMBERS = [f"9198{i:08d}" for i in range(10)]
 WHOLE_NUMBER = re.compile(r"(?<!\d)\d{10,15}(?!\d)")
 
 
+# Message ids hold no run of digits a number could be mistaken for (a uuid4 sometimes does).
+_IDS = (f"msg-{letter}{n}" for n in itertools.count() for letter in "abcdefgh")
+
+
 def quoting_vendor(request: Request) -> Response:
     """Accepts even numbers, refuses odd ones with a text that quotes the number."""
     body = request.get_json()
@@ -27,7 +31,7 @@ def quoting_vendor(request: Request) -> Response:
         return Response(json.dumps(failure), 400, content_type="application/json")
     if "message" not in body:
         return Response(json.dumps({"status": "success", "message": "Optin successfully added."}), 200)
-    answer = {"status": "success", "message": "Request received successfully.", "data": {"id": str(uuid.uuid4())}}
+    answer = {"status": "success", "message": "Request received successfully.", "data": {"id": next(_IDS)}}
     return Response(json.dumps(answer), 200, content_type="application/json")
 
 
