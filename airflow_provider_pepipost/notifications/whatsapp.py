@@ -19,6 +19,7 @@ from airflow_provider_pepipost.errors import MessageValidationError, PepipostErr
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import build_all, mask_value, request_body
 from airflow_provider_pepipost.numbers import mask_numbers_in
+from airflow_provider_pepipost.status.store import open_store
 from airflow_provider_pepipost.template_messages import TemplateDefaults, TemplateMessage, build_template_message
 
 if TYPE_CHECKING:
@@ -47,7 +48,8 @@ class WhatsAppTemplateNotifier(BaseNotifier):
     ``ti``, ``run_id``, ``ti.log_url``...). A failure to notify (a refusal, a missing connection, a
     number that is not one) is logged as an error naming the cause and the masked number; with
     ``raise_on_failure=True`` it is raised as well. A whole notification takes at most
-    ``timeout`` seconds, however the vendor throttles.
+    ``timeout`` seconds, however the vendor throttles. A number on the status store's suppression
+    list (it replied STOP, or was opted out) is never messaged, as for campaigns.
 
     :param recipients: phone numbers (with country code), or one. (templated)
     :param template_name: the approved template. (templated)
@@ -61,6 +63,9 @@ class WhatsAppTemplateNotifier(BaseNotifier):
     :param raise_on_failure: raise when a message could not be sent (the callback then fails).
     :param timeout: seconds the whole notification may take, every number, retry and Retry-After
         wait included; what is not sent by then is reported as not sent.
+    :param respect_opt_outs: skip numbers on the suppression list (logged as a warning). When the
+        list cannot be read, nothing is sent and that is reported: a STOP is never risked.
+    :param status_store_conn_id: the status store's connection, as for the send operators.
     """
 
     template_fields: Sequence[str] = ("recipients", "template_name", "attributes", "language", "media_url")
@@ -79,6 +84,8 @@ class WhatsAppTemplateNotifier(BaseNotifier):
         pepipost_conn_id: str = DEFAULT_CONN_ID,
         raise_on_failure: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
+        respect_opt_outs: bool = True,
+        status_store_conn_id: str | None = None,
     ) -> None:
         super().__init__()
         self.recipients = recipients
@@ -92,6 +99,8 @@ class WhatsAppTemplateNotifier(BaseNotifier):
         self.pepipost_conn_id = pepipost_conn_id
         self.raise_on_failure = raise_on_failure
         self.timeout = timeout
+        self.respect_opt_outs = respect_opt_outs
+        self.status_store_conn_id = status_store_conn_id
 
     def messages(self, hook: PepipostHook) -> list[TemplateMessage]:
         """The messages to send, one per number, validated as the template operator validates rows."""
@@ -126,7 +135,7 @@ class WhatsAppTemplateNotifier(BaseNotifier):
         hook: PepipostHook | None = None
         try:
             hook = PepipostHook(self.pepipost_conn_id)
-            for message in self.messages(hook):
+            for message in self._not_opted_out(self.messages(hook)):
                 shown = mask_value("recipient_whatsapp", message.recipient)
                 if time.monotonic() >= deadline:
                     failures.append(f"{shown}: not sent, the notification's {self.timeout:g} s were up")
@@ -148,6 +157,18 @@ class WhatsAppTemplateNotifier(BaseNotifier):
             self.log.error(text)
             if self.raise_on_failure:
                 raise PepipostError(text)
+
+    def _not_opted_out(self, messages: list[TemplateMessage]) -> list[TemplateMessage]:
+        """The messages whose number is not on the suppression list; a store that cannot be read
+        raises (the caller reports it), so that no STOP is risked."""
+        if not self.respect_opt_outs:
+            return messages
+        stopped = open_store(self.status_store_conn_id).suppressed([m.recipient for m in messages])
+        for message in messages:
+            if message.recipient in stopped:
+                shown = mask_value("recipient_whatsapp", message.recipient)
+                self.log.warning("WhatsApp alert '%s' not sent to %s: the number opted out", self.template_name, shown)
+        return [message for message in messages if message.recipient not in stopped]
 
     async def async_notify(self, context: Context) -> None:
         """The same send on the notifier's own threads: the event loop never waits on the network,

@@ -99,11 +99,18 @@ def _cost(cost: Cost) -> str:
         name = escape(category)
         parts.append(f"<tr data-category='{name}'><td>{name}</td><td class='n'>{count:,}</td></tr>")
     parts.append("</table>")
-    if cost.estimated is not None:
+    if cost.currency is not None and cost.estimated is None:  # a rate card, and no pricing reported at all
+        parts.append(
+            "<p id='estimated-cost'>Estimated cost: <b>not reported</b> (no report of these messages carried "
+            "pricing: webhook v1, or no report yet)</p>"
+        )
+    elif cost.estimated is not None:
         unpriced = ", ".join(f"{c} ({n:,})" for c, n in sorted(cost.unpriced.items()))
+        notes = [f"no rate for {escape(unpriced)}"] if unpriced else []
+        notes += [f"{cost.not_reported:,} message(s) not reported"] if cost.not_reported else []
         parts.append(
             f"<p id='estimated-cost'>Estimated cost: <b>{cost.estimated:,.2f} {escape(cost.currency or '')}</b> "
-            "(billable messages by the rate card" + (f"; no rate for {escape(unpriced)}" if unpriced else "") + ")</p>"
+            "(billable messages by the rate card" + "".join(f"; {note}" for note in notes) + ")</p>"
         )
     else:
         parts.append(

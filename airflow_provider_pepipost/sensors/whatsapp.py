@@ -95,6 +95,8 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
             raise ValueError(f"unknown_policy must be one of {UNKNOWN_POLICIES}, not {unknown_policy!r}")
         if not 0.0 <= min_success_ratio <= 1.0:
             raise ValueError(f"min_success_ratio must be between 0 and 1, not {min_success_ratio!r}")
+        if rate_card:  # a bad card fails the DAG's parse, not the sensor once the wait is done
+            check_rate_card(rate_card)
 
     def _check_target(self) -> None:
         if self.target_status not in TARGET_STATUSES:
@@ -154,7 +156,13 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         if not self.rate_card:
             return summary
         card = check_rate_card(self.rate_card)
-        return {**summary, "estimated_cost": price(summary.get("billable", {}), card)}
+        estimate = price(
+            summary.get("billable", {}),
+            card,
+            not_billable=summary.get("not_billable", 0),
+            not_reported=summary.get("pricing_not_reported", 0),
+        )
+        return {**summary, "estimated_cost": estimate}
 
     def execute(self, context: Context) -> Any:
         if not self.deferrable:

@@ -62,7 +62,9 @@ class Cost:
     not_billable: int = 0
     not_reported: int = 0  # no report with pricing (yet, or v1)
     currency: str | None = None  # of the rate card, when one was given
-    estimated: float | None = None  # billable messages priced by the rate card
+    # Billable messages priced by the rate card; None with a rate card when no report of these
+    # messages carried pricing at all: "not reported", never 0.
+    estimated: float | None = None
     unpriced: dict[str, int] = field(default_factory=dict)  # billable categories the rate card lacks
 
 
@@ -187,7 +189,7 @@ def _add_delivery_and_cost(
     report.messages = sum(statuses.values())
     report.failures = sorted(failures.items(), key=lambda x: (-x[1], x[0]))
     if rate_card:
-        estimate = price(cost.billable, rate_card)
+        estimate = price(cost.billable, rate_card, not_billable=cost.not_billable, not_reported=cost.not_reported)
         cost.currency, cost.estimated, cost.unpriced = estimate["currency"], estimate["amount"], estimate["unpriced"]
     report.cost = cost
 
@@ -255,14 +257,21 @@ def _list_failed(report: CampaignReport, row: Any, kind: str, reason: str) -> No
     )
 
 
-def price(billable: Mapping[str, int], rate_card: Mapping[str, Any]) -> dict[str, Any]:
+def price(
+    billable: Mapping[str, int], rate_card: Mapping[str, Any], *, not_billable: int = 0, not_reported: int = 0
+) -> dict[str, Any]:
     """Billable messages by category, priced by a rate card (see ``check_rate_card``): the amount,
-    its currency, and the billable messages of categories the card has no price for."""
+    its currency, the billable messages of categories the card has no price for, and the messages
+    whose reports carried no pricing. The amount is None, "not reported", when no message's reports
+    carried pricing (webhook v1, or no report yet): an estimate of 0 would say they were free."""
     prices = {k: float(v) for k, v in rate_card.items() if k != "currency"}
+    reported = sum(billable.values()) + not_billable
+    amount = round(sum(n * prices[c] for c, n in billable.items() if c in prices), 6)
     return {
         "currency": str(rate_card.get("currency") or ""),
-        "amount": round(sum(n * prices[c] for c, n in billable.items() if c in prices), 6),
+        "amount": amount if reported or not not_reported else None,
         "unpriced": {c: n for c, n in billable.items() if c not in prices},
+        "not_reported": not_reported,
     }
 
 

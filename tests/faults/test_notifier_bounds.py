@@ -99,3 +99,21 @@ def test_waiting_alerts_never_delay_a_delivered_sensor(httpserver: HTTPServer, p
 
     fired_after = asyncio.run(both())
     assert fired_after < 3.0, f"the trigger waited {fired_after:.1f}s behind the alerts"
+
+
+def test_a_number_that_said_stop_gets_no_alert(httpserver: HTTPServer, store_url, pepipost_conn, capfd):
+    accepted = {"status": "success", "message": "Request received successfully.", "data": {"id": "alert-1"}}
+    httpserver.expect_request("/api/v2/message/").respond_with_json(accepted)
+    pepipost_conn(httpserver.url_for(""), store_url)
+    StatusStore(store_url).record_opt_outs(["+91 98000-00001"], via="reply", detail="replied 'STOP'")
+    notifier(raise_on_failure=True).notify({})
+    sent_to = [json.loads(request.data)["message"][0]["recipient_whatsapp"] for request, _ in httpserver.log]
+    assert sent_to == [NUMBERS[1]]
+    assert "not sent to '9198******01': the number opted out" in "".join(capfd.readouterr())
+
+
+def test_a_suppression_list_that_cannot_be_read_sends_nothing(httpserver: HTTPServer, pepipost_conn, capfd):
+    httpserver.expect_request("/api/v2/message/").respond_with_json({"status": "success", "data": {"id": "x"}})
+    pepipost_conn(httpserver.url_for(""), "postgresql+psycopg2://nobody@127.0.0.1:1/none")
+    notifier().notify({})
+    assert httpserver.log == [] and "was NOT sent" in "".join(capfd.readouterr())

@@ -103,7 +103,18 @@ def test_the_page_shows_what_it_cost_by_category(client):
     assert "data-category='marketing'><td>marketing</td><td class='n'>12<" in page
     assert "data-category='utility'><td>utility</td><td class='n'>3<" in page
     assert "data-category='not reported'><td>not reported</td><td class='n'>5<" in page
-    assert "Estimated cost: <b>9.90 INR</b>" in page  # 12 x 0.8 + 3 x 0.1
+    assert "Estimated cost: <b>9.90 INR</b> (billable messages by the rate card; 5 message(s) not reported)" in page
+
+
+def test_with_a_rate_card_a_campaign_whose_reports_carry_no_pricing_costs_not_reported(store_url):
+    store = StatusStore(store_url)
+    store.write_ledger(SEND, [Claim("k1", "k1", number(1), 0)], attempt="a")
+    store.write_ledger(None, outcomes=[Outcome("k1", "accepted", message_id="m1")])
+    store.write_ledger(SEND, rows=[RowRecord(0, number(1), "accepted", "k1", "m1")], attempt="a")
+    store.ingest([ev("m1", "delivered", T0)])  # webhook v1: no pricing
+    app = create_campaign_app(store_url, auth=(allow, lambda *_: False), rate_card=lambda: RATE_CARD)
+    page = TestClient(app).get("/dags/campaign/runs/run-1", headers={"x-user": "ana"}).text
+    assert "Estimated cost: <b>not reported</b>" in page and "0.00 INR" not in page
 
 
 def test_a_viewer_sees_no_whole_number_not_even_in_the_vendors_text(client):

@@ -25,10 +25,13 @@ def test_v2_pricing_is_kept_and_v1_reports_say_nothing(receiver, store_url):
     assert post(receiver.webhook_url, body).status_code == 200
     # The pricing came after a higher status: it is recorded all the same.
     assert post(receiver.webhook_url, {"delivery_status": [report("m5", "sent", 1, pricing=PRICED)]}).ok
+    # A later report priced otherwise changes nothing: the first pricing stays.
+    later = report("m1", "read", 3, pricing={"billable": True, "category": "utility"})
+    assert post(receiver.webhook_url, {"delivery_status": [later]}).ok
     summary = StatusStore(store_url).summarize(["m1", "m2", "m3", "m4", "m5", "m6"])
     assert summary.billable == {"marketing": 2} and summary.not_billable == 1
     assert summary.pricing_not_reported == 3  # m2 (v1), m4 (unreadable), m6 (no report yet)
-    assert summary.counts == {"delivered": 3, "read": 2}
+    assert summary.counts == {"delivered": 2, "read": 3}
 
 
 def test_the_sensor_prices_billable_messages_by_its_rate_card(store_url, use_store):
@@ -44,14 +47,29 @@ def test_the_sensor_prices_billable_messages_by_its_rate_card(store_url, use_sto
     )  # fmt: skip
     done = sensor.poke({})
     assert done.is_done and done.xcom_value["billable"] == {"utility": 1}
-    assert done.xcom_value["estimated_cost"] == {"currency": "INR", "amount": 0.115, "unpriced": {}}
+    assert done.xcom_value["estimated_cost"] == {"currency": "INR", "amount": 0.115, "unpriced": {}, "not_reported": 0}
+
+
+def test_a_campaign_whose_reports_carry_no_pricing_costs_not_reported_never_zero(store_url, use_store):
+    store = StatusStore(store_url)
+    task = TaskKey("d", "r", "t")
+    claims = [Claim(f"k{i}", f"k{i}", f"91980000000{i}", i) for i in range(2)]
+    store.write_ledger(task, claims, [Outcome(f"k{i}", "accepted", f"m{i}") for i in range(2)], attempt="a")
+    from airflow_provider_pepipost.status.model import DeliveryEvent
+
+    store.ingest([DeliveryEvent(f"m{i}", "delivered", "delivered", 1.0e9, raw="{}") for i in range(2)])  # webhook v1
+    sensor = WhatsAppMessageStatusSensor(
+        task_id="wait", message_ids=["m0", "m1"], status_store_conn_id=use_store(store_url),
+        rate_card={"currency": "INR", "utility": 0.115},
+    )  # fmt: skip
+    estimate = sensor.poke({}).xcom_value["estimated_cost"]
+    assert estimate == {"currency": "INR", "amount": None, "unpriced": {}, "not_reported": 2}
 
 
 @pytest.mark.parametrize(
     ("card", "reason"),
     [({"marketing": 1.0}, "currency"), ({"currency": "INR", "marketing": -1}, "marketing"), ([1], "mapping")],
 )
-def test_a_rate_card_that_cannot_work_names_the_entry(card, reason):
-    sensor = WhatsAppMessageStatusSensor(task_id="wait", message_ids=["m1"], rate_card=card)
-    with pytest.raises(ValueError, match=reason):
-        sensor._priced({"billable": {}})
+def test_a_rate_card_that_cannot_work_names_the_entry_when_the_dag_is_parsed(card, reason):
+    with pytest.raises(ValueError, match=reason):  # not hours later, once the wait is done
+        WhatsAppMessageStatusSensor(task_id="wait", message_ids=["m1"], rate_card=card)
