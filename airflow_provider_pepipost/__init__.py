@@ -55,6 +55,7 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "extra-links": ["airflow_provider_pepipost.operators.links.WhatsAppCampaignLink"],
         "notifications": ["airflow_provider_pepipost.notifications.whatsapp.WhatsAppTemplateNotifier"],
+        "config": {"pepipost": _config_section()},
         "plugins": [
             {
                 "name": "pepipost_webhook",
@@ -65,4 +66,46 @@ def get_provider_info() -> dict[str, Any]:
                 "plugin-class": "airflow_provider_pepipost.plugins.campaign_page.PepipostCampaignPagePlugin",
             },
         ],
+    }
+
+
+def _option(description: str, *, sensitive: bool = False, example: str | None = None) -> dict[str, Any]:
+    option: dict[str, Any] = {
+        "description": description,
+        "version_added": None,
+        "type": "string",
+        "example": example,
+        "default": None,
+    }
+    if sensitive:  # hidden by Airflow's config views, and readable from _CMD and _SECRET variants
+        option["sensitive"] = True
+    return option
+
+
+def _config_section() -> dict[str, Any]:
+    """``[pepipost]`` in airflow.cfg (or ``AIRFLOW__PEPIPOST__*``): what the provider reads there."""
+    return {
+        "description": "The Pepipost WhatsApp provider: its status store, webhook receiver and erasure key.",
+        "options": {
+            "status_store_conn_id": _option(
+                "Airflow connection (postgres or sqlite) of the status store every part uses.", example="pepipost_store"
+            ),
+            "status_store_url": _option(
+                "SQLAlchemy URL of the status store, when no connection is named; prefer status_store_conn_id.",
+                sensitive=True,
+            ),
+            "webhook_token": _option(
+                "The shared token every delivery report posted to the plugin's receiver must carry.", sensitive=True
+            ),
+            "webhook_allowed_ips": _option(
+                "Comma-separated source addresses or networks the plugin's receiver takes reports from.",
+                example="203.0.113.0/24",
+            ),
+            "stop_words": _option("Comma-separated replies that opt their sender out.", example="STOP,UNSUBSCRIBE"),
+            "erasure_key": _option(
+                "The key erased numbers are kept under on the suppression list (pepipost-store erase). Set it "
+                "for every component, and never change it: the store refuses to send or erase with another.",
+                sensitive=True,
+            ),
+        },
     }

@@ -107,3 +107,13 @@ def number_hash(number: str, key: str) -> str:
     to find it again; with it, the send path still recognises the number and never messages it."""
     digest = hmac.new(key.encode(), canonical_number(number).encode(), hashlib.sha256).hexdigest()
     return ERASED_PREFIX + digest[:32]
+
+
+def keyed_hash(value: str, key: str, prefix: str = "e-") -> str:
+    """A keyed one-way hash of any value (an erased row's idempotency key): ``prefix`` and 32 hex digits."""
+    return prefix + hmac.new(key.encode(), value.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def key_fingerprint(key: str) -> str:
+    """What the store keeps to tell the erasure key from another, without the key itself."""
+    return keyed_hash("pepipost erasure key fingerprint", key, prefix="fp-")

@@ -22,11 +22,13 @@ from pathlib import Path
 import requests
 from sqlalchemy import insert
 
-from airflow_provider_pepipost.status import schema
-from airflow_provider_pepipost.status.store import StatusStore
-from bench.common import free_port
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run alone as a script, the bench package is beside it
+
+from airflow_provider_pepipost.status import schema  # noqa: E402
+from airflow_provider_pepipost.status.store import StatusStore  # noqa: E402
+from bench.common import free_port  # noqa: E402
+
 TOKEN = "bench-store-size-token"
 AGE = 400 * 86_400.0  # the filled messages are this old: all of them are purged
 CHUNK = 20_000
@@ -180,7 +182,6 @@ def _drop_database(server_url: str, url: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--postgres", default=None, help="a PostgreSQL server URL (a database is made on it)")

@@ -208,6 +208,8 @@ class WhatsAppCampaignOperator(BaseOperator):
         )
         try:
             result = sender.run(iter_messages(audience, defaults, self.build_row))
+        except PepipostConfigError as err:  # the same setting fails every try the same way
+            raise AirflowFailException(str(err)) from err
         finally:
             hook.close()
 

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, select, update
 
 from airflow_provider_pepipost import limits
-from airflow_provider_pepipost.numbers import canonical_number, number_hash
+from airflow_provider_pepipost.errors import PepipostConfigError
+from airflow_provider_pepipost.numbers import canonical_number, key_fingerprint, number_hash
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.engines import chunks, insert_for
 from airflow_provider_pepipost.status.ledger import TaskKey
-from airflow_provider_pepipost.status.resolver import erasure_key
+from airflow_provider_pepipost.status.migrations import ERASURE_FINGERPRINT, UNKNOWN_FINGERPRINT
+from airflow_provider_pepipost.status.resolver import ERASURE_KEY_ENV, erasure_key
 
 # How a number came to be on (or off) the suppression list.
 VIA_REPLY = "reply"  # an inbound reply that was a stop word (the receiver)
@@ -94,19 +96,54 @@ def opt_in_if_unchanged(conn: Connection, expected: dict[str, Consent | None], d
 
 
 def consents(conn: Connection, recipients: Iterable[str]) -> dict[str, Consent]:
-    """What the suppression list holds for these numbers (canonical), by number; absent: no row."""
+    """What the suppression list holds for these numbers (canonical), by number; absent: no row.
+
+    An erased number's opt-out, kept under its keyed hash, counts as the number's own: a consent
+    call must not opt in at the vendor someone whose STOP survived their erasure."""
+    key = usable_erasure_key(conn)
     sup = schema.suppressions
     found: dict[str, Consent] = {}
-    for chunk in chunks(list(dict.fromkeys(map(canonical_number, recipients)))):
+    numbers = list(dict.fromkeys(map(canonical_number, recipients)))
+    hashed = {number_hash(number, key): number for number in numbers} if key else {}
+    for chunk in chunks([*numbers, *hashed]):
         query = select(sup.c.recipient, sup.c.opted_out, sup.c.revision).where(sup.c.recipient.in_(chunk))
-        found.update({number: Consent(bool(out), revision) for number, out, revision in conn.execute(query)})
+        for recipient, out, revision in conn.execute(query):
+            if recipient in hashed and out:
+                found[hashed[recipient]] = Consent(True, revision)
+            elif recipient not in hashed:
+                found.setdefault(recipient, Consent(bool(out), revision))
     return found
+
+
+def usable_erasure_key(conn: Connection) -> str | None:
+    """The erasure key, when this store holds erased numbers; raises when they cannot be recognised.
+
+    Without the key (or with another one) the send path would not find an erased number's hash,
+    and would message someone whose STOP survived their erasure: so nothing is sent instead.
+    """
+    key = erasure_key()
+    settings = schema.store_settings
+    held = conn.execute(select(settings.c.value).where(settings.c.name == ERASURE_FINGERPRINT)).scalar()
+    if held is None:
+        return key
+    if key is None:
+        raise PepipostConfigError(
+            "this status store holds numbers erased on request, kept suppressed under a keyed hash; without the "
+            f"erasure key (${ERASURE_KEY_ENV} or [pepipost] erasure_key) they cannot be recognised, so nothing is "
+            "sent. Set the key the numbers were erased with for every Airflow component"
+        )
+    if held not in (UNKNOWN_FINGERPRINT, key_fingerprint(key)):
+        raise PepipostConfigError(
+            f"the erasure key set (${ERASURE_KEY_ENV} or [pepipost] erasure_key) is not the one this status store's "
+            "erased numbers were kept with, so they cannot be recognised and nothing is sent; set the original key"
+        )
+    return key
 
 
 def suppressed(conn: Connection, recipients: Iterable[str]) -> set[str]:
     """Which of these numbers have opted out, as the caller spelled them; an erased number is
-    found by its keyed hash (``numbers.number_hash``) when the deployment has the erasure key."""
-    key = erasure_key()
+    found by its keyed hash (``numbers.number_hash``); a store that holds any needs the right key."""
+    key = usable_erasure_key(conn)
     spelled: dict[str, list[str]] = {}
     for recipient in recipients:
         number = canonical_number(recipient)

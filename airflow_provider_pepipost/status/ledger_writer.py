@@ -11,6 +11,7 @@ import threading
 import uuid
 from concurrent.futures import Future
 
+from airflow_provider_pepipost.errors import PepipostConfigError
 from airflow_provider_pepipost.status.ledger import Claim, ClaimAnswer, Outcome, RowRecord, TaskKey
 from airflow_provider_pepipost.status.store import StatusStore
 
@@ -86,6 +87,8 @@ class LedgerWriter:
             self.store.prune_rows(self.task, self.attempt)
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self._error, PepipostConfigError):  # a setting to mend: said as it is
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"the status store could not be written: {self._error}") from self._error
 

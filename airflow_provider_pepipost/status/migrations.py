@@ -141,6 +141,20 @@ def _v8_campaign_rows_and_pricing(conn: Connection) -> None:
     )
 
 
+def _v9_store_settings(conn: Connection) -> None:
+    """v9: the store's settings (a new table, which ``create_all`` made); a store that erased
+    numbers before v9 records that it did, with a fingerprint it cannot know: from now on the send
+    path needs the erasure key to recognise them."""
+    sup, settings = schema.suppressions, schema.store_settings
+    erased = conn.execute(select(sup.c.recipient).where(sup.c.recipient.like("h:%")).limit(1)).first()
+    known = conn.execute(select(settings.c.name).where(settings.c.name == ERASURE_FINGERPRINT)).first()
+    if erased and not known:
+        conn.execute(insert(settings).values(name=ERASURE_FINGERPRINT, value=UNKNOWN_FINGERPRINT, updated_at=0.0))
+
+
+ERASURE_FINGERPRINT = "erasure_key_fingerprint"
+UNKNOWN_FINGERPRINT = "unknown"
+
 # version -> the step that makes it from the version before
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     2: _v2_ledger_attempt,
@@ -150,6 +164,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     6: _v6_first_delivered_and_read,
     7: _v7_canonical_numbers,
     8: _v8_campaign_rows_and_pricing,
+    9: _v9_store_settings,
 }
 
 

@@ -50,7 +50,8 @@ ERASURE_KEY_ENV = "PEPIPOST_ERASURE_KEY"
 def erasure_key() -> str | None:
     """The deployment's erasure key (``$PEPIPOST_ERASURE_KEY``, else ``[pepipost] erasure_key``), or
     None when none is set: then no number can be erased, and only plain numbers are suppressed."""
-    return os.environ.get(ERASURE_KEY_ENV) or airflow_setting("erasure_key")
+    key = os.environ.get(ERASURE_KEY_ENV) or airflow_setting("erasure_key")
+    return key.strip() or None if key else None  # a _CMD's output ends with a newline
 
 
 def default_sqlite_url() -> str:

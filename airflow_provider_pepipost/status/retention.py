@@ -20,10 +20,19 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, or_, select, text, tuple_, update
 
-from airflow_provider_pepipost.numbers import canonical_number, mask_numbers_in, normalize_phone, number_hash
+from airflow_provider_pepipost.errors import PepipostConfigError
+from airflow_provider_pepipost.numbers import (
+    canonical_number,
+    key_fingerprint,
+    keyed_hash,
+    mask_numbers_in,
+    normalize_phone,
+    number_hash,
+)
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.engines import chunks
 from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
+from airflow_provider_pepipost.status.migrations import ERASURE_FINGERPRINT, UNKNOWN_FINGERPRINT
 from airflow_provider_pepipost.status.resolver import erasure_key
 
 __all__ = ["Erased", "TableStats", "erase", "erasure_key", "purge", "stats"]
@@ -94,6 +103,7 @@ class Erased:
     statuses: int = 0
     inbound: int = 0
     dead_letters: int = 0
+    consent_batches: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -101,24 +111,19 @@ class Erased:
 
 def erase(writing: Writing, number: str, key: str) -> Erased:
     """Remove or anonymise every row that holds ``number`` (in any spelling), in one transaction;
-    keep it suppressed under its keyed hash, so that a STOP survives and it is never messaged."""
+    keep it suppressed under its keyed hash, so that a STOP survives and it is never messaged.
+
+    The ledger's idempotency keys are hashes of the number too (unkeyed, so a list of numbers
+    would find it): they become keyed hashes of themselves."""
     phone = normalize_phone(number)
     hashed = number_hash(phone, key)
     found = Erased()
     with writing() as conn:
+        _record_key(conn, key)
         _keep_suppressed(conn, phone, hashed)
         found.suppression_kept = True
-        led, rows, st, ev = schema.ledger, schema.campaign_rows, schema.message_status, schema.events
-        message_ids = list(
-            conn.execute(select(led.c.message_id).where(led.c.recipient == phone, led.c.message_id.is_not(None)))
-            .scalars()
-        )  # fmt: skip
-        found.ledger_rows = conn.execute(
-            update(led).where(led.c.recipient == phone).values(recipient=hashed, api_header=hashed, error_message=None)
-        ).rowcount
-        found.campaign_rows = conn.execute(
-            update(rows).where(rows.c.recipient == phone).values(recipient=hashed, error_message=None)
-        ).rowcount
+        message_ids = _anonymise_ledger(conn, phone, hashed, key, found)
+        ev, st = schema.events, schema.message_status
         for chunk in chunks(message_ids):
             found.events += conn.execute(delete(ev).where(ev.c.message_id.in_(chunk))).rowcount
             found.statuses += conn.execute(update(st).where(st.c.message_id.in_(chunk)).values(remark="")).rowcount
@@ -130,9 +135,46 @@ def erase(writing: Writing, number: str, key: str) -> Erased:
         found.events += _delete_mentions(conn, ev, "id", ("raw", "remark"), phone)
         found.dead_letters = _delete_mentions(conn, schema.dead_letters, "id", ("raw", "reason"), phone)
         _scrub_mentions(conn, st, "message_id", "remark", phone)
-        _scrub_mentions(conn, led, "idempotency_key", "error_message", phone)
-        _scrub_mentions(conn, rows, None, "error_message", phone)
+        _scrub_mentions(conn, schema.ledger, "idempotency_key", "error_message", phone)
+        _scrub_mentions(conn, schema.campaign_rows, None, "error_message", phone)
+        found.consent_batches = _scrub_mentions(conn, schema.consent_batches, "batch_key", "error_message", phone)
     return found
+
+
+def _record_key(conn: Connection, key: str) -> None:
+    """Keep the erasure key's fingerprint; refuse another key than the one earlier erasures used."""
+    settings = schema.store_settings
+    held = conn.execute(select(settings.c.value).where(settings.c.name == ERASURE_FINGERPRINT)).scalar()
+    fingerprint = key_fingerprint(key)
+    if held not in (None, UNKNOWN_FINGERPRINT, fingerprint):
+        raise PepipostConfigError(
+            "this erasure key is not the one this store's erased numbers were kept with: erasing with it would "
+            "leave them unrecognised; set the original key"
+        )
+    if held is None:
+        conn.execute(settings.insert().values(name=ERASURE_FINGERPRINT, value=fingerprint, updated_at=time.time()))
+    elif held != fingerprint:  # erased before v9 kept fingerprints: this key is theirs from now on
+        known = update(settings).where(settings.c.name == ERASURE_FINGERPRINT)
+        conn.execute(known.values(value=fingerprint, updated_at=time.time()))
+
+
+def _anonymise_ledger(conn: Connection, phone: str, hashed: str, key: str, found: Erased) -> list[str]:
+    """The number's ledger and page rows under its hash, their idempotency keys keyed; returns the
+    ids of its messages."""
+    led, rows = schema.ledger, schema.campaign_rows
+    held = conn.execute(select(led.c.idempotency_key, led.c.message_id).where(led.c.recipient == phone)).all()
+    for old_key, _ in held:
+        new_key = keyed_hash(old_key, key)
+        found.ledger_rows += conn.execute(
+            update(led)
+            .where(led.c.idempotency_key == old_key)
+            .values(idempotency_key=new_key, recipient=hashed, api_header=hashed, error_message=None)
+        ).rowcount
+        conn.execute(update(rows).where(rows.c.ledger_key == old_key).values(ledger_key=new_key))
+    found.campaign_rows = conn.execute(
+        update(rows).where(rows.c.recipient == phone).values(recipient=hashed, error_message=None)
+    ).rowcount
+    return [message_id for _, message_id in held if message_id is not None]
 
 
 def _keep_suppressed(conn: Connection, phone: str, hashed: str) -> None:
@@ -153,21 +195,38 @@ def _keep_suppressed(conn: Connection, phone: str, hashed: str) -> None:
 
 
 def _mentioning(conn: Connection, table: Any, columns: tuple[str, ...], phone: str) -> Iterator[Any]:
-    """Rows whose text columns spell ``phone`` in any way (a prefilter on its last digits, then
-    every digit run in the text made canonical and compared)."""
-    tail = phone[-4:]
-    like = or_(*(table.c[column].like(f"%{tail}%") for column in columns))
+    """Rows whose text columns spell ``phone`` in any way: a prefilter in the database on its last
+    eight digits with separators taken out, then every digit run in the text compared."""
+    tail = phone[-8:]
+    like = or_(*(_without_separators(table.c[column]).like(f"%{tail}%") for column in columns))
     for row in conn.execute(select(table).where(like)).mappings():
         if any(_spells(row[column] or "", phone) for column in columns):
             yield row
 
 
+def _without_separators(column: Any) -> Any:
+    for separator in _SEPARATORS:
+        column = func.replace(column, separator, "")
+    return column
+
+
+_SEPARATORS = (" ", "-", ".", "(", ")", "/", "\u00a0")
 # Digits as people and gateways write a number: separated by spaces, dashes, dots or brackets.
-_DIGIT_RUNS = re.compile(r"\+?\(?\d[\d\s().\-]{8,24}\d")
+_DIGIT_RUNS = re.compile(r"\+?\(?\d[\d\s().\-/]{6,30}\d")
+_MAX_COUNTRY_CODE = 3
 
 
 def _spells(text_value: str, phone: str) -> bool:
-    return phone in text_value or any(canonical_number(run) == phone for run in _DIGIT_RUNS.findall(text_value))
+    """True when the text holds the number: whole, or without its country code (a national form,
+    a leading trunk 0 included), in any of the spellings of ``_DIGIT_RUNS``."""
+    if phone in text_value:
+        return True
+    for run in _DIGIT_RUNS.findall(text_value):
+        digits = canonical_number(run)
+        national = digits.lstrip("0")
+        if digits == phone or (len(national) >= len(phone) - _MAX_COUNTRY_CODE and phone.endswith(national)):
+            return True
+    return False
 
 
 def _delete_mentions(conn: Connection, table: Any, key: str, columns: tuple[str, ...], phone: str) -> int:
@@ -177,11 +236,13 @@ def _delete_mentions(conn: Connection, table: Any, key: str, columns: tuple[str,
     return len(doomed)
 
 
-def _scrub_mentions(conn: Connection, table: Any, key: str | None, column: str, phone: str) -> None:
+def _scrub_mentions(conn: Connection, table: Any, key: str | None, column: str, phone: str) -> int:
     columns = [table.c[key]] if key else list(table.primary_key.columns)
-    for row in list(_mentioning(conn, table, (column,), phone)):
+    mentions = list(_mentioning(conn, table, (column,), phone))
+    for row in mentions:
         where = [c == row[c.name] for c in columns]
         conn.execute(update(table).where(*where).values({column: "(erased)"}))
+    return len(mentions)
 
 
 @dataclass(frozen=True)
@@ -204,6 +265,7 @@ _AGE_COLUMNS = {
     "pepipost_message_status": "updated_at",
     "pepipost_consent_batches": "updated_at",
     "pepipost_suppressions": "changed_at",
+    "pepipost_store_settings": "updated_at",
     "pepipost_schema_version": "applied_at",
 }
 

@@ -21,7 +21,7 @@ from sqlalchemy import (
 
 from airflow_provider_pepipost import limits
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 metadata = MetaData()
 
@@ -192,6 +192,16 @@ suppressions = Table(
 
 # v5: the consent calls each task instance made, by the hash of the batch: a retried consent task
 # skips the ones the vendor confirmed.
+# v9: facts about the store itself, one row each: the fingerprint of the erasure key its erased
+# numbers were hashed with (``erasure_key_fingerprint``; "unknown" for erasures before v9).
+store_settings = Table(
+    "pepipost_store_settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(200), nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
 consent_batches = Table(
     "pepipost_consent_batches",
     metadata,

@@ -21,6 +21,7 @@ EXAMPLES = {
     "whatsapp_template_campaign",
     "whatsapp_opt_in_then_campaign",
     "whatsapp_campaign_delivered_report",
+    "pepipost_store_maintenance",
 }
 
 
@@ -37,6 +38,29 @@ def sandbox_with_reports(airflow_db, sqlite_receiver, pepipost_conn):
     with SandboxServer(scenario, webhook_url=sqlite_receiver.webhook_url, webhook_headers=headers) as sandbox:
         pepipost_conn(sandbox.url, sqlite_receiver.store_url)
         yield sandbox
+
+
+def test_store_maintenance_example_purges_what_is_older_than_90_days(airflow_db, sqlite_url, pepipost_conn):
+    import time
+
+    from sqlalchemy import insert
+
+    from airflow_provider_pepipost.status import schema
+    from airflow_provider_pepipost.status.store import StatusStore
+
+    pepipost_conn("http://127.0.0.1:9", sqlite_url)  # the store is what it needs; no vendor
+    store = StatusStore(sqlite_url)
+    with store.engine.begin() as conn:
+        conn.execute(insert(schema.events), [
+            {"event_key": f"e{i}", "message_id": f"m{i}", "status": "read", "raw_status": "read", "remark": "",
+             "received_at": time.time() - days * 86_400.0, "raw": "{}"}
+            for i, days in enumerate([100, 100, 100, 10])
+        ])  # fmt: skip
+    store.record_opt_outs(["919800000001"], via="reply", detail="replied 'STOP'")
+    result = run_dag("pepipost_store_maintenance")
+    assert result.state == "success", result.tasks
+    assert result.value("purge_older_than_90_days")["pepipost_events"] == 3
+    assert store.count_rows("pepipost_events") == 1 and store.suppressed(["919800000001"])
 
 
 def test_mapped_example(sandbox_with_reports):

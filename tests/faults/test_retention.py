@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 import sqlalchemy
+from airflow.sdk.exceptions import AirflowFailException
 from sqlalchemy import insert, select
 
 from airflow_provider_pepipost.errors import PepipostConfigError
@@ -92,6 +93,98 @@ def test_an_erased_number_is_nowhere_but_its_hash_and_is_never_messaged_again(
         assert vendor.state.accepted_by_recipient[PERSON] == 0
 
 
+def seed_mentions(store: StatusStore, number: str) -> list[str]:
+    """Rows that name ``number`` the ways vendors, gateways and people write it, in every table that
+    keeps free text; returns the ledger's idempotency keys of the number (hashes of it)."""
+    national, tag = number[2:], number[-4:]
+    pairs = " ".join(national[i : i + 2] for i in range(0, len(national), 2))
+    now = time.time()
+    keys = [f"af-{tag}{i:028x}" for i in range(2)]
+    ledger_row = {"api_header": "h", "recipient": number, "dag_id": "d", "run_id": "r", "task_id": "t",
+                  "map_index": -1, "row_index": 0, "sent_at": now, "updated_at": now}  # fmt: skip
+    with store.engine.begin() as conn:
+        conn.execute(insert(schema.ledger).values(
+            **ledger_row, idempotency_key=keys[0], message_id=f"pm-{tag}", state="accepted"
+        ))  # fmt: skip
+        conn.execute(insert(schema.ledger).values(
+            **ledger_row, idempotency_key=keys[1], state="rejected", error_message=f"0{national} is not on WhatsApp"
+        ))  # fmt: skip
+        conn.execute(insert(schema.campaign_rows).values(
+            dag_id="d", run_id="r", task_id="t", map_index=-1, row_index=int(tag), state="accepted", recipient=number,
+            ledger_key=keys[0], message_id=f"pm-{tag}", updated_at=now,
+        ))  # fmt: skip
+        conn.execute(insert(schema.message_status).values(
+            message_id=f"other-{tag}", status="failed", rank=9, remark=f"Phone {national[:5]} {national[5:]} blocked",
+            updated_at=now,
+        ))  # fmt: skip
+        conn.execute(insert(schema.dead_letters).values(
+            received_at=now, reason="bad item", raw=f'{{"recipient": "+{number[:2]} {pairs}"}}', letter_key=f"dl-{tag}"
+        ))  # fmt: skip
+        conn.execute(insert(schema.consent_batches).values(
+            batch_key=f"cb-{tag}", dag_id="d", run_id="r", task_id="c", map_index=-1, kind="optin", rows=1,
+            state="refused", error_code="8006", error_message=f"invalid +{number[:2]} {national}", updated_at=now,
+        ))  # fmt: skip
+    return keys
+
+
+def test_erasure_finds_the_number_however_it_is_written_and_its_hashes_too(store_url, monkeypatch):
+    """National forms (a trunk 0 too), digits in pairs, a consent call's error, a status remark of
+    another message, and the ledger's idempotency keys, which an unkeyed hash of the number would
+    let anyone with a list of numbers find again."""
+    monkeypatch.setenv("PEPIPOST_ERASURE_KEY", KEY)
+    store = StatusStore(store_url)
+    keys = seed_mentions(store, PERSON)
+    seed_mentions(store, NUMBERS[3])  # somebody else, who stays
+    before = dump(store)
+    assert len(spellings_of(PERSON, before)) >= 5 and all(key in before for key in keys)
+    erased = store.erase(PERSON)
+    assert (erased.ledger_rows, erased.campaign_rows, erased.consent_batches) == (2, 1, 1)
+    whole = dump(store)
+    assert spellings_of(PERSON, whole) == [], spellings_of(PERSON, whole)
+    assert not any(key in whole for key in keys)  # the keys are keyed hashes of themselves now
+    assert len(spellings_of(NUMBERS[3], whole)) >= 5
+
+
+def test_a_store_with_erased_numbers_sends_nothing_without_the_key_it_erased_them_with(
+    store_url, pepipost_conn, monkeypatch
+):
+    monkeypatch.setenv("PEPIPOST_ERASURE_KEY", KEY)
+    store = StatusStore(store_url)
+    store.record_opt_outs([PERSON], via="reply", detail="replied 'STOP'")
+    store.erase(PERSON)
+    with SandboxServer(Scenario()) as vendor:
+        pepipost_conn(vendor.url, store_url)
+        for key, run in ((None, "no-key"), ("another-key", "other-key")):
+            if key is None:
+                monkeypatch.delenv("PEPIPOST_ERASURE_KEY")
+            else:
+                monkeypatch.setenv("PEPIPOST_ERASURE_KEY", key)
+            error, _ = run_operator([PERSON, NUMBERS[12]], StandInTaskInstance(run_id=run))
+            assert isinstance(error, AirflowFailException) and "erasure key" in str(error), error
+            assert vendor.state.requests == 0  # not the erased person, and nobody else either
+        with pytest.raises(PepipostConfigError, match="not the one"):
+            store.erase(NUMBERS[4])  # another key would leave the numbers erased before unrecognised
+        monkeypatch.setenv("PEPIPOST_ERASURE_KEY", KEY)
+        _, ti = run_operator([PERSON, NUMBERS[12]], StandInTaskInstance(run_id="the-key"))
+        assert [m["state"] for m in ti.xcom["messages"]] == ["suppressed", "accepted"]
+
+
+def test_a_consent_task_does_not_opt_an_erased_number_back_in_at_the_vendor(store_url, pepipost_conn, monkeypatch):
+    from airflow_provider_pepipost.operators.consent import WhatsAppConsentOperator
+
+    monkeypatch.setenv("PEPIPOST_ERASURE_KEY", KEY)
+    store = StatusStore(store_url)
+    store.record_opt_outs([PERSON], via="reply", detail="replied 'STOP'")
+    store.erase(PERSON)
+    with SandboxServer(Scenario()) as vendor:
+        pepipost_conn(vendor.url, store_url)
+        operator = WhatsAppConsentOperator(task_id="opt_in", recipients=[PERSON, NUMBERS[12]], source="WEB")
+        result = operator.execute({"ti": StandInTaskInstance(task_id="opt_in")})
+        assert (result["skipped_opted_out"], result["confirmed"]) == (1, 1)
+        assert [call["recipients"] for call in vendor.state.consent_calls] == [[NUMBERS[12]]]
+    assert PERSON not in dump(store)
+
+
 def test_erasing_needs_the_deployments_key(store_url, monkeypatch):
     monkeypatch.delenv("PEPIPOST_ERASURE_KEY", raising=False)
     with pytest.raises(PepipostConfigError, match="PEPIPOST_ERASURE_KEY"):
@@ -146,6 +239,40 @@ def test_a_purge_under_ingest_load_refuses_nothing_and_loses_nothing_newer(recei
         )
     assert kept == set(posted)  # every acknowledged report newer than the cut-off is there
     assert store.suppressed([PERSON]) == {PERSON}
+
+
+def test_a_purge_deletes_in_short_batches_every_kind_of_old_row_but_rows_in_flight(store_url):
+    store = StatusStore(store_url)
+    old = time.time() - 40 * DAY
+    old_events(store, 25, age_days=40)
+    led = {"api_header": "h", "recipient": NUMBERS[1], "dag_id": "d", "run_id": "r", "task_id": "t", "map_index": -1,
+           "row_index": 0, "sent_at": old, "updated_at": old}  # fmt: skip
+    with store.engine.begin() as conn:
+        conn.execute(insert(schema.inbound_messages), [
+            {"inbound_key": f"in-{i}", "sender": NUMBERS[2], "received_at": old, "raw": "{}"} for i in range(7)
+        ])  # fmt: skip
+        conn.execute(insert(schema.dead_letters), [
+            {"received_at": old, "reason": "bad", "raw": "{}", "letter_key": f"dl-{i}"} for i in range(5)
+        ])  # fmt: skip
+        for i, state in enumerate(["accepted", "rejected", "suppressed", "sending", "unknown"]):
+            conn.execute(insert(schema.ledger).values(**led, idempotency_key=f"k{i}", state=state))
+    deletes: list[str] = []  # the DELETE statements, each in a transaction of its own
+
+    def note(_conn, _cursor, statement: str, *_args) -> None:
+        if statement.lstrip().upper().startswith("DELETE"):
+            deletes.append(statement.split()[2])  # the table
+
+    sqlalchemy.event.listen(store.engine, "before_cursor_execute", note)
+    deleted = store.purge(30, batch_size=10)
+    assert (deleted["pepipost_events"], deleted["pepipost_inbound_messages"], deleted["pepipost_dead_letters"]) == (
+        25, 7, 5
+    )  # fmt: skip
+    assert deleted["pepipost_ledger"] == 3  # a row in flight (sending, unknown) may be a try's to come back to
+    with store.engine.connect() as conn:
+        kept = set(conn.execute(select(schema.ledger.c.state)).scalars())
+    assert kept == {"sending", "unknown"}
+    # 25 events 10 at a time are three deletes, never one: a receiver waits for one batch at most.
+    assert deletes.count("pepipost_events") == 3, deletes
 
 
 def test_a_dry_run_counts_what_a_purge_deletes(store_url):

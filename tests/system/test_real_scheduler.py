@@ -31,6 +31,7 @@ EXAMPLES = [
     "whatsapp_media_by_url",
     "whatsapp_template_campaign",
     "whatsapp_opt_in_then_campaign",
+    "pepipost_store_maintenance",
 ]
 # Scheduled on the assets of the template campaign; also triggered by hand, before and after one.
 DOWNSTREAM = "whatsapp_campaign_delivered_report"
