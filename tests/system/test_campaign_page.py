@@ -31,7 +31,7 @@ from tests.helpers import free_port, http_ok, run_dag, wait_until
 pytestmark = pytest.mark.system
 ARTIFACTS = REPO / "test-artifacts"
 DAG = "whatsapp_template_campaign"
-PASSWORDS = {"admin": "admin-pw-7d1", "outsider": "outsider-pw-3c9"}
+PASSWORDS = {"admin": "admin-pw-7d1", "outsider": "outsider-pw-3c9", "reader": "reader-pw-5e2"}
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def api_server(finished_campaign, tmp_path):
         **os.environ,
         "PYTHONPATH": str(REPO),
         "AIRFLOW__CORE__AUTH_MANAGER": "tests.system.restricted_auth.OneDagHiddenAuthManager",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,outsider:viewer",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,outsider:viewer,reader:viewer",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
     }
@@ -106,6 +106,13 @@ def test_the_page_shows_the_stores_numbers_to_a_signed_in_user_only(api_server, 
     assert exported.status_code == 200 and len(rows) == expected.rows  # one row per input row
     assert all(re.fullmatch(r"91\d{10}", row["recipient"]) for row in rows)
     assert sorted(row["state"] for row in rows) == sorted(s for s, n in expected.states.items() for _ in range(n))
+    # A viewer of the DAG (Airflow's viewer role: it may read the DAG, not edit it) gets the page and
+    # a CSV of the same rows, with masked numbers only, free text included.
+    reader = {"Authorization": f"Bearer {token(base, 'reader')}"}
+    assert requests.get(page_url, headers=reader, timeout=10).status_code == 200
+    viewed = requests.get(page_url + "/export.csv", headers=reader, timeout=30)
+    assert viewed.status_code == 200 and len(list(csv.DictReader(io.StringIO(viewed.text)))) == expected.rows
+    assert not re.search(r"91\d{10}", viewed.text) and re.search(r"91\d\d\*{6}\d\d", viewed.text), viewed.text[:500]
 
     browser_paths = find_browser()
     if browser_paths is None:

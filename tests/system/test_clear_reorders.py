@@ -25,6 +25,7 @@ from tests.system.stack import AirflowStack, Sandbox, StackFailure, start_receiv
 pytestmark = pytest.mark.system
 
 DAG = "pepipost_clear_reorders"
+DOWNSTREAM = "pepipost_after_mapped_send"  # scheduled on the mapped send's campaign asset
 TOKEN = "system-test-webhook-token"
 NUMBERS = [f"9198{segment}{i:07d}" for segment in range(3) for i in range(10)]
 
@@ -32,7 +33,8 @@ NUMBERS = [f"9198{segment}{i:07d}" for segment in range(3) for i in range(10)]
 def test_a_clear_of_a_mapped_run_whose_upstream_reorders_sends_nothing_twice(tmp_path, fresh_database):
     dags = tmp_path / "dags"
     dags.mkdir()
-    shutil.copy(Path(__file__).parent / "dag_files" / f"{DAG}.py", dags)
+    for dag_id in (DAG, DOWNSTREAM):
+        shutil.copy(Path(__file__).parent / "dag_files" / f"{dag_id}.py", dags)
     store_url = fresh_database()
     sandbox = Sandbox()
     env = {
@@ -44,7 +46,7 @@ def test_a_clear_of_a_mapped_run_whose_upstream_reorders_sends_nothing_twice(tmp
     stack = AirflowStack(tmp_path, fresh_database(), env, dags_folder=dags)
     try:
         sandbox.start(stack.procs, start_receiver(stack.procs, "receiver", free_port()), {"latency": 0.01})
-        stack.start([DAG])
+        stack.start([DAG, DOWNSTREAM])
         run_id = stack.trigger(DAG, "manual-clear-1")
         stack.wait_for_runs([DAG], 1)
         first = {index: recipients(stack, run_id, index) for index in range(3)}
@@ -54,6 +56,12 @@ def test_a_clear_of_a_mapped_run_whose_upstream_reorders_sends_nothing_twice(tmp
         assert sorted(event["map_index"] for event in events) == [0, 1, 2], events
         assert all(event["accepted"] == 10 and event["run_id"] == run_id for event in events), events
         assert "inactive assets" not in stack.procs.log("api-server")
+        # ...and a DAG scheduled on it runs, its triggering events carrying the campaign's counts.
+        stack.wait_for_runs([DOWNSTREAM], 1)
+        runs = stack.run_states([DOWNSTREAM])[DOWNSTREAM]
+        downstream_run = next(run for run, state, _ in runs if state == "success")
+        accepted = xcom(stack, DOWNSTREAM, downstream_run, "accepted_by_the_campaign", "return_value")
+        assert accepted in (10, 20, 30), accepted  # one map index's events or more, each with its 10
 
         answer = requests.post(
             f"{stack.api_url}/api/v2/dags/{DAG}/clearTaskInstances",
