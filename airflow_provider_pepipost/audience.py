@@ -94,10 +94,13 @@ class Audience:
                         continue
                     self.line = line_number
                     try:
-                        yield json.loads(line)
+                        row = json.loads(line)
                     except ValueError as err:
                         problem = RowProblem(index, "line", repr(line[:40]), f"is not JSON: {err}", line=line_number)
                         raise MessageValidationError([problem]) from None
+                    if index == 0 and isinstance(row, dict):
+                        self._check_keys(row, line_number)
+                    yield row
                     index += 1
         self.line = None
 
@@ -125,6 +128,18 @@ class Audience:
             f"{hint}; its columns are {columns[:20]}"
         )
 
+    def _check_keys(self, row: dict[str, Any], line_number: int) -> None:
+        """One error for a JSON Lines file whose first row has no number key, not one per row."""
+        if any(name in row for name in self.number_columns):
+            return
+        keys = [str(key) for key in list(row)[:20]]
+        near = [key for key in keys if key.strip().lower() in self.number_columns]
+        hint = f" ({near[0]!r} is close: keys are case- and space-sensitive)" if near else ""
+        raise PepipostConfigError(
+            f"recipients: the first row of the JSON Lines file {self._path} (line {line_number}) has no "
+            f"{' or '.join(map(repr, self.number_columns))} key{hint}; its keys are {keys}"
+        )
+
 
 def _parse_list_literal(text: str) -> list[Any]:
     """A list rendered to text, as Jinja does without native rendering: JSON or a Python literal."""
@@ -147,13 +162,17 @@ def _is_object_storage_path(value: Any) -> bool:
     return type(value).__name__ == "ObjectStoragePath"
 
 
+# UTF-8, with or without the byte-order mark spreadsheets write ("CSV UTF-8" in Excel).
+_ENCODING = "utf-8-sig"
+
+
 def _open(path: Any) -> IO[str]:
     if _is_object_storage_path(path):
-        return path.open("r", encoding="utf-8", newline="")
+        return path.open("r", encoding=_ENCODING, newline="")
     text = str(path)
     if "://" in text and not text.startswith("file://"):
         from airflow.sdk import ObjectStoragePath
 
-        return ObjectStoragePath(text).open("r", encoding="utf-8", newline="")
+        return ObjectStoragePath(text).open("r", encoding=_ENCODING, newline="")
     text = text.removeprefix("file://")
-    return open(text, encoding="utf-8", newline="")
+    return open(text, encoding=_ENCODING, newline="")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from contextlib import contextmanager
 
@@ -10,7 +11,8 @@ import sqlalchemy
 
 @contextmanager
 def scratch_database(server_url: str):
-    name = f"pepipost_bench_{uuid.uuid4().hex[:10]}"
+    # Named like the tests' databases: PEPIPOST_TEST_DB_PREFIX (default pepipost_) then bench_.
+    name = f"{os.environ.get('PEPIPOST_TEST_DB_PREFIX', 'pepipost_')}bench_{uuid.uuid4().hex[:10]}"
     admin = sqlalchemy.create_engine(server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))  # run alone as a script, the bench package is bes
 from airflow_provider_pepipost.status import schema  # noqa: E402
 from airflow_provider_pepipost.status.store import StatusStore  # noqa: E402
 from bench.common import free_port  # noqa: E402
+from bench.pg import scratch_database  # noqa: E402
 
 TOKEN = "bench-store-size-token"
 AGE = 400 * 86_400.0  # the filled messages are this old: all of them are purged
@@ -125,15 +126,10 @@ def purge_under_ingest(url: str, store: StatusStore) -> dict:
 def run(count: int = 1_000_000, postgres_url: str | None = None) -> dict:
     results: dict = {"messages": count}
     with tempfile.TemporaryDirectory(prefix="pepipost-bench-size-") as tmp:
-        targets = [("sqlite", f"sqlite:///{Path(tmp) / 'size.db'}")]
-        if postgres_url:
-            targets.append(("postgresql", _fresh_database(postgres_url)))
-        for name, url in targets:
-            try:
-                results[name] = _measure(url, count)
-            finally:
-                if name == "postgresql":
-                    _drop_database(postgres_url, url)
+        results["sqlite"] = _measure(f"sqlite:///{Path(tmp) / 'size.db'}", count)
+    if postgres_url:
+        with scratch_database(postgres_url) as url:
+            results["postgresql"] = _measure(url, count)
     return results
 
 
@@ -153,32 +149,6 @@ def _measure(url: str, count: int) -> dict:
         "bytes_per_message_by_table": per_message,
         **purge_under_ingest(url, store),
     }
-
-
-def _fresh_database(server_url: str) -> str:
-    import uuid
-
-    import sqlalchemy
-
-    name = f"pepipost_bench_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return sqlalchemy.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False)
-
-
-def _drop_database(server_url: str, url: str) -> None:
-    import sqlalchemy
-
-    from airflow_provider_pepipost.status.engines import dispose_engine
-
-    dispose_engine(url)
-    name = sqlalchemy.engine.make_url(url).database
-    admin = sqlalchemy.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 if __name__ == "__main__":

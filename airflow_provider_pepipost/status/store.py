@@ -29,7 +29,7 @@ from airflow_provider_pepipost.status.ingest import IngestResult
 from airflow_provider_pepipost.status.ledger import Claim, ClaimAnswer, LedgerEntry, Outcome, RowRecord, TaskKey
 from airflow_provider_pepipost.status.migrations import migrate
 from airflow_provider_pepipost.status.model import DeliveryEvent, DeliverySummary
-from airflow_provider_pepipost.status.resolver import ERASURE_KEY_ENV, erasure_key, resolve_store_url
+from airflow_provider_pepipost.status.resolver import ERASURE_KEY_ENV, erasure_key, resolve_store_url, store_source
 
 __all__ = ["StatusStore", "TaskKey", "open_store"]
 
@@ -38,15 +38,29 @@ _SCHEMA_READY: set[str] = set()
 
 def open_store(conn_id: str | None = None, *, url: str | None = None) -> StatusStore:
     """The one way every part opens the status store: ``url`` when given (a command line's),
-    else the store resolver's answer for ``conn_id`` (see ``status.resolver``)."""
-    return StatusStore(url or resolve_store_url(conn_id))
+    else the store resolver's answer for ``conn_id`` (see ``status.resolver``). Errors name where
+    the store came from: the connection, the variable or the setting to check."""
+    if url:
+        return StatusStore(url, source="the URL given")
+    source = store_source(conn_id)
+    try:
+        resolved = resolve_store_url(conn_id)
+    except PepipostConfigError:
+        raise
+    except Exception as err:  # the connection is not defined, or a secrets backend failed
+        raise StatusStoreUnavailable(
+            f"The status store's {source} could not be read: {type(err).__name__}: {str(err)[:200]}. Define that "
+            "connection (type postgres or sqlite) in Airflow, or name another with status_store_conn_id"
+        ) from err
+    return StatusStore(resolved, source=source)
 
 
 class StatusStore:
     """The ledger of sent messages and the delivery events reported for them."""
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(self, url: str | None = None, *, source: str | None = None) -> None:
         self.url = url or resolve_store_url()
+        self.source = source  # where the URL came from, in words: what an error asks to check
         try:
             self.engine = get_engine(self.url)
         except OSError as err:  # the SQLite file's folder cannot be made
@@ -73,11 +87,16 @@ class StatusStore:
         _SCHEMA_READY.add(self.url)
 
     def _unavailable(self, cause: str) -> StatusStoreUnavailable:
+        where = f" (from {self.source})" if self.source else ""
+        check = (
+            f"{self.source}'s host, port, database, login and password"
+            if self.source and self.source.startswith("Airflow connection")
+            else "the store's Airflow connection (host, port, database, login, password): status_store_conn_id, "
+            "[pepipost] status_store_conn_id or PEPIPOST_STATUS_STORE_URL"
+        )
         return StatusStoreUnavailable(
-            f"The status store {redact_url(self.url)} could not be opened: {cause}. Check that the database is "
-            "running and reachable from this machine, and the store's Airflow connection (host, port, "
-            "database, login, password): status_store_conn_id, [pepipost] status_store_conn_id or "
-            "PEPIPOST_STATUS_STORE_URL"
+            f"The status store {redact_url(self.url)}{where} could not be opened: {cause}. Check that the "
+            f"database is running and reachable from this machine, and {check}"
         )
 
     def _create_or_migrate(self) -> None:

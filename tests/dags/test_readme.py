@@ -15,9 +15,12 @@ from tests.helpers import DagResult
 
 pytestmark = pytest.mark.dag
 README = REPO / "README.md"
-# Sections whose block is still a fragment (an operator, no DAG): it must import and build, no more.
-# "Consent and opt-outs" is edited elsewhere for now (see the report of issue 20).
-FRAGMENT_SECTIONS = {"Consent and opt-outs"}
+# Timetables that start a run only when someone triggers it, or its assets are updated.
+UNSCHEDULED = {"NullTimetable", "AssetTriggeredTimetable"}
+# Upstream tasks that return an audience: their return value (whole numbers) stays out of the log.
+AUDIENCE_TASKS = {"build_audience"}
+# A whole number as the README's audiences write them: '+91 98330 78369', '919833078369'.
+WHOLE_NUMBER = re.compile(r"\+91 \d{5} \d{5}|(?<!\d)91\d{10}(?!\d)")
 # The blocks that send, run with dag.test() against the sandbox: (DAG id, the task that must succeed).
 RUN = {"invoices": "wait", "invoice_reminders": "remind", "invoices_session_first": "send_invoices"}
 
@@ -52,12 +55,19 @@ def readme_dags(airflow_db) -> dict[str, tuple[str, list]]:
 
 def test_every_python_block_of_the_readme_loads_and_defines_its_dag(readme_dags):
     assert len(readme_dags) >= 6
-    for name, (section, dags) in readme_dags.items():
-        if section in FRAGMENT_SECTIONS:
-            continue
+    for name, (_section, dags) in readme_dags.items():
         assert dags, f"README block {name} defines no DAG (is the @dag function called?)"
         for dag in dags:
             assert dag.task_ids, f"README block {name}: DAG {dag.dag_id} has no task"
+            # A copied DAG runs when someone triggers it (or its assets do), never on unpausing.
+            assert type(dag.timetable).__name__ in UNSCHEDULED, (
+                f"README block {name}: DAG {dag.dag_id} has a time schedule"
+            )
+            for task in dag.tasks:
+                if task.task_type == "WhatsAppMessageStatusSensor":  # waits as long as it needs, no longer
+                    assert task.poke_interval <= 30 and task.timeout <= 24 * 3600, (name, task.task_id)
+                if task.task_type == "_PythonDecoratedOperator" and task.task_id in AUDIENCE_TASKS:
+                    assert task.show_return_value_in_logs is False, (name, task.task_id)
     dag_ids = {dag.dag_id for _, dags in readme_dags.values() for dag in dags}
     assert set(RUN) <= dag_ids
 
@@ -72,9 +82,11 @@ def sandbox_for_readme(sqlite_receiver, pepipost_conn):
 
 
 @pytest.mark.parametrize("dag_id", sorted(RUN))
-def test_the_readmes_sending_dags_run_against_the_sandbox(readme_dags, sandbox_for_readme, dag_id):
+def test_the_readmes_sending_dags_run_against_the_sandbox(readme_dags, sandbox_for_readme, dag_id, capfd):
     (dag,) = [dag for _, dags in readme_dags.values() for dag in dags if dag.dag_id == dag_id]
     result = DagResult(dag.test())
+    logged = "".join(capfd.readouterr())
+    assert not WHOLE_NUMBER.search(logged), WHOLE_NUMBER.search(logged)  # the task logs show masked numbers
     assert result.state == "success", result.tasks
     assert result.task_state(RUN[dag_id]) == "success"
     assert sandbox_for_readme.state.accepted_count == 1

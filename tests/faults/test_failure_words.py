@@ -93,3 +93,41 @@ def test_an_unreachable_store_is_named_with_what_to_check(store, sandbox, pepipo
     text = str(error)
     assert "could not be opened" in text and "status_store_conn_id" in text
     assert "s3cret-pw" not in text and sandbox.state.requests == 0
+
+
+def test_a_store_connection_is_named_when_it_is_missing_or_unreachable(sandbox, pepipost_conn, use_store, monkeypatch):
+    pepipost_conn(sandbox.url)
+    error, _ = run_operator(NUMBERS[:1], status_store_conn_id="no_such_store")
+    assert isinstance(error, StatusStoreUnavailable), error
+    assert "Airflow connection 'no_such_store' could not be read" in str(error) and "Define that connection" in str(
+        error
+    )
+    conn_id = use_store("postgresql+psycopg2://pepipost:s3cret-pw@127.0.0.1:1/store")
+    error, _ = run_operator(NUMBERS[:1], status_store_conn_id=conn_id)
+    assert isinstance(error, StatusStoreUnavailable), error
+    text = str(error)
+    assert f"(from Airflow connection '{conn_id}') could not be opened" in text
+    assert f"Airflow connection '{conn_id}''s host, port" in text and "s3cret-pw" not in text
+    assert sandbox.state.requests == 0
+
+
+def test_a_csv_saved_by_a_spreadsheet_with_a_byte_order_mark_is_read(tmp_path, sandbox, sqlite_url, pepipost_conn):
+    pepipost_conn(sandbox.url, sqlite_url)
+    audience = tmp_path / "audience.csv"
+    audience.write_bytes(("recipient_whatsapp,name\r\n" + f"{NUMBERS[0]},Asha\r\n").encode("utf-8-sig"))
+    ids, _ = run_operator(str(audience))
+    assert not isinstance(ids, Exception), ids
+    assert sandbox.state.accepted_count == 1
+
+
+def test_a_json_lines_file_without_a_number_key_says_so_once(tmp_path, sandbox, sqlite_url, pepipost_conn):
+    pepipost_conn(sandbox.url, sqlite_url)
+    audience = tmp_path / "audience.jsonl"
+    audience.write_text("".join(json.dumps({"phone": n, "name": "Asha"}) + "\n" for n in NUMBERS[:50]))
+    error, _ = run_operator(str(audience))
+    assert isinstance(error, AirflowFailException)
+    text = str(error)
+    assert (
+        "first row of the JSON Lines file" in text and "(line 1)" in text and "its keys are ['phone', 'name']" in text
+    )
+    assert text.count("recipient_whatsapp") == 1 and sandbox.state.requests == 0
