@@ -32,7 +32,9 @@ class InboundMessage:
     """One ``incoming_message[]`` item: a customer wrote to the business (never a delivery status).
 
     ``kind`` is the vendor's ``message_type`` in lower case (``text``...; ``unknown`` without one):
-    a kind the provider does not know yet is kept, not dropped.
+    a kind the provider does not know yet is kept, not dropped. The kinds the parser reads have a
+    dataclass of their own below, whose ``columns()`` are what the store keeps of them beyond the
+    shared fields.
     """
 
     kind: str
@@ -42,6 +44,54 @@ class InboundMessage:
     # The stop word, when the message's text is one and the sender a number: the store then puts
     # the sender on the suppression list.
     opt_out: str | None = None
+    message_id: str | None = None  # the vendor's id of this inbound message
+
+    def columns(self) -> dict[str, object]:
+        """The kind's own columns of ``pepipost_inbound_messages`` (none for a kind not read)."""
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class TextReply(InboundMessage):
+    """A text message: ``text_type.text``."""
+
+    text: str | None = None
+
+    def columns(self) -> dict[str, object]:
+        return {"text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class ButtonReply(InboundMessage):
+    """A tap on a template's quick-reply button: the payload the button was approved with, and its text."""
+
+    payload: str | None = None
+    text: str | None = None
+
+    def columns(self) -> dict[str, object]:
+        return {"button_payload": self.payload, "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class MediaReply(InboundMessage):
+    """An image, audio, video, document or sticker a customer sent: its media id and caption."""
+
+    media_id: str | None = None
+    caption: str | None = None
+
+    def columns(self) -> dict[str, object]:
+        return {"media_id": self.media_id, "text": self.caption}
+
+
+@dataclass(frozen=True, slots=True)
+class LocationReply(InboundMessage):
+    """A location a customer shared."""
+
+    latitude: float | None = None
+    longitude: float | None = None
+
+    def columns(self) -> dict[str, object]:
+        return {"latitude": self.latitude, "longitude": self.longitude}
 
 
 @dataclass

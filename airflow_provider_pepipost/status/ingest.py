@@ -94,6 +94,9 @@ def _file_inbound(conn: Connection, batches: Sequence[WebhookBatch], results: li
         result.opt_outs += len(senders)
 
 
+# The columns only some kinds fill: every row names them all (one multi-row INSERT).
+_NO_KIND_COLUMNS = dict.fromkeys(("text", "button_payload", "media_id", "latitude", "longitude"))
+
 # How each list of a batch is filed, in this order (a reply's STOP after the reports it came with).
 FilingStep = Callable[[Connection, Sequence[WebhookBatch], list[IngestResult], float], None]
 FILING_STEPS: tuple[FilingStep, ...] = (_file_events, _file_dead_letters, _file_inbound)
@@ -140,6 +143,10 @@ def _insert_inbound(conn: Connection, inbound: Sequence[InboundMessage], now: fl
                 "context_message_id": item.context_message_id,
                 "received_at": now,
                 "raw": item.raw,
+                "kind": item.kind,
+                "message_id": item.message_id,
+                **_NO_KIND_COLUMNS,
+                **item.columns(),  # each kind's own: the one handler a new kind may need
             }
             for key, item in new.items()
         ],

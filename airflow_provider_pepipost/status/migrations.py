@@ -152,6 +152,22 @@ def _v9_store_settings(conn: Connection) -> None:
         conn.execute(insert(settings).values(name=ERASURE_FINGERPRINT, value=UNKNOWN_FINGERPRINT, updated_at=0.0))
 
 
+def _v10_inbound_kinds(conn: Connection) -> None:
+    """v10: what each kind of inbound message carries, in columns; replies found by what they answer."""
+    table = schema.inbound_messages.name
+    for column, ddl_type in (
+        ("kind", "VARCHAR(32)"),
+        ("message_id", "VARCHAR(128)"),
+        ("text", "TEXT"),
+        ("button_payload", "VARCHAR(256)"),
+        ("media_id", "VARCHAR(256)"),
+        ("latitude", "FLOAT"),
+        ("longitude", "FLOAT"),
+    ):
+        _add_column(conn, table, column, ddl_type)
+    conn.execute(text(f"CREATE INDEX IF NOT EXISTS ix_pepipost_inbound_context ON {table} (context_message_id)"))
+
+
 ERASURE_FINGERPRINT = "erasure_key_fingerprint"
 UNKNOWN_FINGERPRINT = "unknown"
 
@@ -165,6 +181,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     7: _v7_canonical_numbers,
     8: _v8_campaign_rows_and_pricing,
     9: _v9_store_settings,
+    10: _v10_inbound_kinds,
 }
 
 

@@ -21,7 +21,7 @@ from sqlalchemy import (
 
 from airflow_provider_pepipost import limits
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 metadata = MetaData()
 
@@ -168,7 +168,18 @@ inbound_messages = Table(
     Column("context_message_id", String(limits.MESSAGE_ID_MAX), nullable=True),
     Column("received_at", Float, nullable=False),
     Column("raw", Text, nullable=False),
+    # v10: what each kind carries (status.inbound): its kind, the vendor's id of the message, the
+    # text (of a text reply or a button; a media's caption), a button's payload, a media's id, a
+    # location. NULL in rows stored before v10, whose raw holds it all.
+    Column("kind", String(limits.INBOUND_KIND_MAX), nullable=True),
+    Column("message_id", String(limits.MESSAGE_ID_MAX), nullable=True),
+    Column("text", Text, nullable=True),
+    Column("button_payload", String(limits.BUTTON_PAYLOAD_MAX), nullable=True),
+    Column("media_id", String(limits.MEDIA_ID_MAX), nullable=True),
+    Column("latitude", Float, nullable=True),
+    Column("longitude", Float, nullable=True),
     Index("ux_pepipost_inbound_key", "inbound_key", unique=True),
+    Index("ix_pepipost_inbound_context", "context_message_id"),
 )
 
 # v5: the suppression list, by canonical number (``numbers.canonical_number``). One row per number

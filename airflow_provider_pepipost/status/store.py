@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 
 from airflow_provider_pepipost.errors import PepipostConfigError, StatusStoreUnavailable
 from airflow_provider_pepipost.numbers import canonical_number
-from airflow_provider_pepipost.status import consent, ingest, ledger, reports, retention, schema, summaries
+from airflow_provider_pepipost.status import consent, ingest, ledger, replies, reports, retention, schema, summaries
 from airflow_provider_pepipost.status.consent import Consent, ConsentBatch
 from airflow_provider_pepipost.status.engines import get_engine, insert_for, redact_url, sqlite_write_lock
 from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
@@ -258,6 +258,12 @@ class StatusStore:
         now = time.time()
         with self._writing() as conn:
             return ingest.ingest_many(conn, batches, now)
+
+    def reply(self, inbound_id: int) -> replies.Reply | None:
+        """A customer message the receiver filed, by its id: the whole number, its words or button,
+        and the send task row it answers (``status.replies``)."""
+        with self.engine.connect() as conn:
+            return replies.reply(conn, inbound_id)
 
     def record_dead_letter(self, reason: str, raw: str, key: str | None = None) -> None:
         """Keep a body the receiver could not read at all, with the reason (once per ``key``)."""

@@ -22,7 +22,15 @@ from typing import Any
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.consent import is_stop_reply, normalize_reply, stop_word_set
 from airflow_provider_pepipost.numbers import phone_or_none
-from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
+from airflow_provider_pepipost.status.inbound import (
+    ButtonReply,
+    DeadLetter,
+    InboundMessage,
+    LocationReply,
+    MediaReply,
+    TextReply,
+    WebhookBatch,
+)
 from airflow_provider_pepipost.status.model import DeliveryEvent, normalize_status
 
 MAX_RAW_CHARS = limits.RAW_MAX  # of a dead letter: enough to see what went wrong
@@ -176,29 +184,95 @@ def parse_inbound_item(item: Any, stop_words: frozenset[str] = DEFAULT_STOP_SET)
             raise ValueError(f"'{name}' {problem}")
         if len(text) > limit:
             raise ValueError(f"'{name}' is longer than {limit} characters")
-    kind = str(item.get("message_type") or "unknown").strip().lower()[: limits.LEDGER_STATE_MAX] or "unknown"
-    shared = InboundMessage(kind, phone_or_none(sender) or sender or None, context_id or None, raw)
+    kind = str(item.get("message_type") or "unknown").strip().lower()[: limits.INBOUND_KIND_MAX] or "unknown"
+    message_id = _short_text(item.get("message_id"), limits.MESSAGE_ID_MAX)
+    shared = InboundMessage(kind, phone_or_none(sender) or sender or None, context_id or None, raw, None, message_id)
     return INBOUND_KINDS.get(kind, _as_it_came)(item, shared, stop_words)
 
 
 def _as_it_came(item: dict[str, Any], shared: InboundMessage, stop_words: frozenset[str]) -> InboundMessage:
-    """A kind the table does not name: its shared fields; a stop word in its text still counts."""
-    return _text_reply(item, shared, stop_words)
+    """A kind the table does not name: its shared fields; a stop word in a text it holds still counts."""
+    text = _short_text(_kind_object(item, "text").get("text"), limits.REMARK_MAX)
+    return dataclasses.replace(shared, opt_out=_stop_word(shared, stop_words, text))
 
 
 def _text_reply(item: dict[str, Any], shared: InboundMessage, stop_words: frozenset[str]) -> InboundMessage:
     """A text message (``text_type.text``): a stop word from a number opts that number out."""
-    body = item.get("text_type")
-    text = body.get("text") if isinstance(body, dict) else None
-    number = phone_or_none(shared.sender) if shared.sender else None
-    if number and isinstance(text, str) and is_stop_reply(text, stop_words):
-        return dataclasses.replace(shared, opt_out=normalize_reply(text))
-    return shared
+    text = _short_text(_kind_object(item, "text").get("text"), limits.REMARK_MAX)
+    return TextReply(**_fields(shared), opt_out=_stop_word(shared, stop_words, text), text=text)
+
+
+def _button_reply(item: dict[str, Any], shared: InboundMessage, stop_words: frozenset[str]) -> InboundMessage:
+    """A quick-reply button tap (since 2024-09-10: ``message_type`` button, ``text_type.payload``
+    and its text). A button whose text or payload is a stop word opts its sender out too."""
+    body = _kind_object(item, "button", "text")
+    payload = _short_text(body.get("payload"), limits.BUTTON_PAYLOAD_MAX)
+    text = _short_text(body.get("text"), limits.REMARK_MAX)
+    opt_out = _stop_word(shared, stop_words, text) or _stop_word(shared, stop_words, payload)
+    return ButtonReply(**_fields(shared), opt_out=opt_out, payload=payload, text=text)
+
+
+def _media_reply(item: dict[str, Any], shared: InboundMessage, stop_words: frozenset[str]) -> InboundMessage:
+    """An image, audio, video, document or sticker: its media id and caption (``<kind>_type``)."""
+    body = _kind_object(item, shared.kind, "media")
+    media_id = _short_text(body.get("id") or body.get("media_id"), limits.MEDIA_ID_MAX)
+    caption = _short_text(body.get("caption"), limits.REMARK_MAX)
+    return MediaReply(**_fields(shared), media_id=media_id, caption=caption)
+
+
+def _location_reply(item: dict[str, Any], shared: InboundMessage, stop_words: frozenset[str]) -> InboundMessage:
+    """A shared location (``location_type``): its latitude and longitude, when they are coordinates."""
+    body = _kind_object(item, "location")
+    latitude, longitude = _coordinate(body.get("latitude"), 90), _coordinate(body.get("longitude"), 180)
+    return LocationReply(**_fields(shared), latitude=latitude, longitude=longitude)
+
+
+def _fields(shared: InboundMessage) -> dict[str, Any]:
+    return {name: getattr(shared, name) for name in ("kind", "sender", "context_message_id", "raw", "message_id")}
+
+
+def _kind_object(item: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The object a kind keeps its fields in: ``<name>_type`` (the vendor's spelling for text) or
+    ``<name>``, for the first name that has one; {} for none."""
+    for name in names:
+        for key in (f"{name}_type", name):
+            value = item.get(key)
+            if isinstance(value, dict):
+                return value
+    return {}
+
+
+def _short_text(value: Any, limit: int) -> str | None:
+    """A text a column can hold: a string (or number) without NUL or lone surrogates, capped."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    text = str(value).strip()
+    return text[:limit] if text and not limits.text_problem(text) else None
+
+
+def _coordinate(value: Any, bound: float) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if -bound <= number <= bound else None  # NaN is no coordinate either
+
+
+def _stop_word(shared: InboundMessage, stop_words: frozenset[str], text: str | None) -> str | None:
+    """The stop word ``text`` is, when it is one and the sender is a number; else None."""
+    if text is None or not shared.sender or phone_or_none(shared.sender) is None:
+        return None
+    return normalize_reply(text) if is_stop_reply(text, stop_words) else None
 
 
 # message_type (lower case) -> the function that reads the rest of that kind of customer message.
 InboundParser = Callable[[dict[str, Any], InboundMessage, frozenset[str]], InboundMessage]
-INBOUND_KINDS: dict[str, InboundParser] = {"text": _text_reply}
+INBOUND_KINDS: dict[str, InboundParser] = {
+    "text": _text_reply,
+    "button": _button_reply,
+    "location": _location_reply,
+    **dict.fromkeys(("image", "audio", "video", "document", "sticker", "voice"), _media_reply),
+}
 
 
 class _DeadLetters:
