@@ -102,12 +102,19 @@ def test_no_generated_spelling_of_an_opted_out_number_is_ever_sent(request, back
     store = StatusStore(store_url)
     runs = iter(range(10_000))
 
+    def forget_the_stops() -> None:
+        """Each example starts from an empty suppression list, so that each can fail on its own:
+        a STOP row left by one example (in whatever spelling) must not protect the next."""
+        with store.engine.begin() as conn:
+            conn.execute(schema.suppressions.delete())
+
     @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(index=st.integers(0, 99), data=st.data())
     def check(index: int, data: st.DataObject) -> None:
         number = NUMBERS[100 + index]
         stop_as = data.draw(spellings(number), label="the STOP's sender")
         send_as = data.draw(spellings(number), label="the audience row")
+        forget_the_stops()
         store.ingest([], inbound=[InboundMessage("text", _as_the_receiver_files(stop_as), None,
                                                  json.dumps(stop_reply(stop_as)), opt_out="STOP")])  # fmt: skip
         before = sandbox.state.accepted_by_recipient[number]
@@ -130,7 +137,7 @@ def _as_the_receiver_files(sender: str) -> str:
 def test_numbers_stored_before_the_migration_are_made_canonical(store_url):
     """A store of schema 6 held senders as written: the migration rewrites them, merging spellings."""
     store = StatusStore(store_url)
-    sup, inbound, led = schema.suppressions, schema.inbound_messages, schema.ledger
+    sup, inbound, led, events = schema.suppressions, schema.inbound_messages, schema.ledger, schema.events
     with store.engine.begin() as conn:
         conn.execute(insert(sup), [
             {"recipient": "+91 98000 00001", "opted_out": True, "changed_at": 10.0, "via": "reply", "revision": 1},
@@ -146,6 +153,11 @@ def test_numbers_stored_before_the_migration_are_made_canonical(store_url):
             idempotency_key="i2", api_header="h2", recipient="919800000004-1581234567", dag_id="d", run_id="r",
             task_id="t", map_index=-1, row_index=1, state="accepted", sent_at=1.0, updated_at=1.0,
         ))  # a group id: not a number, left as it is  # fmt: skip
+        conn.execute(insert(events), [
+            {"event_key": f"e{i}", "message_id": f"m{i}", "status": "delivered", "raw_status": "delivered",
+             "remark": "", "received_at": 1.0, "recipient": recipient, "raw": "{}"}
+            for i, recipient in enumerate(["+91 98000-00005", "919800000006", "group-1581234567"])
+        ])  # fmt: skip
         conn.execute(schema.schema_version.delete())
         conn.execute(insert(schema.schema_version).values(version=6, applied_at=1.0))
     _forget_schema(store_url)
@@ -155,9 +167,11 @@ def test_numbers_stored_before_the_migration_are_made_canonical(store_url):
         rows = {r.recipient: (r.opted_out, r.via) for r in conn.execute(sup.select())}
         senders = list(conn.execute(inbound.select().with_only_columns(inbound.c.sender)).scalars())
         ledger_numbers = sorted(conn.execute(led.select().with_only_columns(led.c.recipient)).scalars())
+        event_numbers = sorted(conn.execute(events.select().with_only_columns(events.c.recipient)).scalars())
     assert rows == {"919800000001": (True, "reply"), "919800000002": (True, "reply")}  # the latest change won
     assert senders == ["919800000001"]
     assert ledger_numbers == ["919800000003", "919800000004-1581234567"]
+    assert event_numbers == ["919800000005", "919800000006", "group-1581234567"]
 
 
 def _forget_schema(store_url: str) -> None:
@@ -222,6 +236,34 @@ def test_a_stop_that_arrives_while_the_opt_in_is_with_the_vendor_stays_and_reach
     assert store.reply_opt_outs() == []  # ...and is marked passed on
     pepipost_conn(sandbox.url, store_url)
     _, ti = run_operator(NUMBERS[:20])
+    assert sandbox.state.accepted_by_recipient[NUMBERS[3]] == 0 and ti.xcom["send_summary"]["suppressed"] == 1
+
+
+def test_a_stop_from_a_number_opted_in_earlier_wins_over_a_new_opt_in_that_is_with_the_vendor(
+    httpserver: HTTPServer, receiver, store_url, pepipost_conn, sandbox
+):
+    """The everyday case: the number has a row (opted in by an earlier campaign) when the new
+    batch is read, and says STOP while that batch is with the vendor."""
+    pepipost_conn(sandbox.url, store_url)
+    earlier = run_consent(StandInTaskInstance(run_id="sign-up-1", task_id="opt_in"), recipients=NUMBERS[:10])
+    assert not isinstance(earlier, Exception), earlier
+    store = StatusStore(store_url)
+    assert store.consents([NUMBERS[3]])[NUMBERS[3]].opted_out is False  # a row, opted in
+
+    def stop_now(numbers: list[str]) -> None:
+        if NUMBERS[3] in numbers:
+            assert post_replies(receiver, [stop_reply("+91 98000 00003")])["opt_outs"] == 1
+
+    vendor = ConsentVendor(stop_now)
+    httpserver.expect_request("/api/v2/consent/manage/").respond_with_handler(vendor.handle)
+    pepipost_conn(httpserver.url_for(""), store_url)
+    result = run_consent(StandInTaskInstance(run_id="sign-up-2", task_id="opt_in"), recipients=NUMBERS[:10])
+    assert not isinstance(result, Exception), result
+    assert (result["confirmed"], result["opted_out_during_call"], result["skipped_opted_out"]) == (9, 1, 0)
+    assert store.suppressed(NUMBERS[:10]) == {NUMBERS[3]}  # the STOP won
+    assert vendor.numbers("optout") == Counter({NUMBERS[3]: 1}) and store.reply_opt_outs() == []
+    pepipost_conn(sandbox.url, store_url)
+    _, ti = run_operator(NUMBERS[:10])
     assert sandbox.state.accepted_by_recipient[NUMBERS[3]] == 0 and ti.xcom["send_summary"]["suppressed"] == 1
 
 

@@ -83,6 +83,20 @@ def test_a_stop_that_arrives_while_the_opt_in_is_with_the_vendor_is_never_undone
     assert store.reply_opt_outs() == ["919800000001"]  # still to be passed on to the vendor
 
 
+def test_a_stop_from_a_number_opted_in_earlier_wins_over_a_new_opt_in_that_is_with_the_vendor(store_url):
+    store = StatusStore(store_url)
+    numbers = ["919800000001", "919800000002"]
+    store.record_consent_batch(TASK, ConsentBatch("cb-0", "optin", 2, "confirmed"), numbers, store.consents(numbers))
+    held = store.consents(numbers)  # a new opt-in batch is read: both rows exist, opted in
+    assert {number: consent.opted_out for number, consent in held.items()} == dict.fromkeys(numbers, False)
+    store.ingest([], inbound=[reply("+91 98000 00001", "STOP", "STOP")])  # ...a STOP comes while it is away
+    assert store.consents(numbers)["919800000001"].opted_out is True
+    changed = store.record_consent_batch(TASK, ConsentBatch("cb-1", "optin", 2, "confirmed"), numbers, held)
+    assert changed == {"919800000001"}  # the row changed since the read: the opt-in is not recorded
+    assert store.suppressed(numbers) == {"919800000001"}
+    assert store.reply_opt_outs() == ["919800000001"]  # still to be passed on to the vendor
+
+
 def test_numbers_are_compared_and_stored_in_one_spelling(store_url):
     store = StatusStore(store_url)
     store.ingest([], inbound=[reply("+91 98000-00001", "STOP", "STOP")])  # a sender as some gateways write it
