@@ -19,7 +19,7 @@ from airflow_provider_pepipost.consent import CONSENT_KINDS, ConsentDefaults, bu
 from airflow_provider_pepipost.errors import CampaignError, MessageValidationError, PepipostConfigError
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import iter_messages, validate_rows
-from airflow_provider_pepipost.numbers import mask_number
+from airflow_provider_pepipost.numbers import mask_number, mask_numbers_in
 from airflow_provider_pepipost.operators.consent_engine import ConsentEngine, ConsentTally, OptOutPass
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.resolver import store_source
@@ -68,8 +68,10 @@ class WhatsAppConsentOperator(BaseOperator):
     Returns (XCom ``return_value``) the counts: ``kind``, ``total``, ``confirmed``, ``refused``,
     ``not_confirmed``, ``skipped_opted_out``, ``opted_out_during_call``, ``batches``,
     ``batches_reused``, ``reply_opt_outs_synced``, ``reply_opt_outs_refused``,
-    ``reply_opt_outs_invalid``, ``reply_opt_outs_not_confirmed``, and ``failed_rows`` (the first
-    100 rows the vendor refused: row, masked recipient, error_code, error_message).
+    ``reply_opt_outs_invalid``, ``reply_opt_outs_not_confirmed``, ``reply_opt_outs_refused_calls``
+    (the opt-out calls the vendor refused while isolating the numbers it refuses), and
+    ``failed_rows`` (the first 100 rows the vendor refused: row, masked recipient, error_code,
+    error_message).
     """
 
     template_fields: Sequence[str] = ("recipients", "kind", "source", "user_agent", "ip")
@@ -176,6 +178,7 @@ class WhatsAppConsentOperator(BaseOperator):
             "reply_opt_outs_refused": len(passed.refused),
             "reply_opt_outs_invalid": len(passed.invalid),
             "reply_opt_outs_not_confirmed": passed.not_confirmed,
+            "reply_opt_outs_refused_calls": passed.refused_calls,
             "failed_rows": tally.failed_rows,
         }
         counts = {k: v for k, v in result.items() if k != "failed_rows"}
@@ -193,20 +196,8 @@ class WhatsAppConsentOperator(BaseOperator):
                 f"{tally.not_confirmed} row(s) were not confirmed by the vendor ({tally.transient}); the confirmed "
                 f"batches are recorded, and the next try calls only the others. Counts: {counts}"
             )
-        if passed.refused or passed.invalid:
-            named = [f"{mask_number(number)} ({reason})" for number, reason in passed.refused[:5]]
-            named += [f"{mask_number(number)} (not a number of 10 to 15 digits)" for number in passed.invalid[:5]]
-            raise AirflowFailException(
-                f"{len(passed.refused) + len(passed.invalid)} opt-out(s) could not be passed on to the vendor: "
-                f"{', '.join(named)}. They stay on the status store's suppression list and are never messaged; "
-                f"every run that passes opt-outs on tries them again. The other {len(passed.synced)} were passed "
-                f"on. Counts: {counts}"
-            )
-        if passed.not_confirmed:
-            raise CampaignError(
-                f"{passed.not_confirmed} opt-out(s) were not confirmed by the vendor ({passed.error}); they stay on "
-                f"the suppression list, and the next try passes them on. Counts: {counts}"
-            )
+        if passed.unsynced:
+            raise _unsynced_error(passed, counts) from None  # its traceback is in the log, masked
         if tally.skipped_opted_out:
             self.log.warning(
                 "%d number(s) opted out earlier (a stop word, or an opt-out) and were not opted in again. If they "
@@ -215,3 +206,33 @@ class WhatsAppConsentOperator(BaseOperator):
             )
         self.log.info("Done: %s", counts)
         return result
+
+
+def _unsynced_error(passed: OptOutPass, counts: dict[str, Any]) -> Exception:
+    """The failure for opt-outs that stayed off the vendor: retryable while a try may pass some on."""
+    named = [f"{mask_number(number)} ({reason})" for number, reason in passed.refused[:5]]
+    named += [f"{mask_number(number)} (not a number of 10 to 15 digits)" for number in passed.invalid[:5]]
+    named += [f"{mask_number(number)} (not confirmed)" for number in passed.left[:5]]
+    summary = (
+        f"{passed.unsynced} opt-out(s) could not be passed on to the vendor and stay unsynced: "
+        f"{len(passed.refused)} refused (in {passed.refused_calls} refused call(s)), "
+        f"{len(passed.invalid)} not valid numbers, {passed.not_confirmed} not confirmed. First: {', '.join(named)}. "
+        f"They stay on the status store's suppression list and are never messaged. The other "
+        f"{len(passed.synced)} were passed on"
+    )
+    if passed.unexpected is not None:
+        err = passed.unexpected
+        cause = f"{type(err).__name__}: {mask_numbers_in(str(err))}"
+        return CampaignError(
+            f"Passing opt-outs on to the vendor failed unexpectedly ({cause}). {summary}; the next try passes "
+            f"on those not confirmed. Counts: {counts}"
+        )
+    if passed.not_confirmed:
+        return CampaignError(
+            f"{summary}. The vendor did not confirm {passed.not_confirmed} ({passed.error}); the next try passes "
+            f"them on. Counts: {counts}"
+        )
+    return AirflowFailException(
+        f"{summary}. A retry would meet the same refusals; every run that passes opt-outs on tries them again. "
+        f"Counts: {counts}"
+    )

@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -179,27 +180,51 @@ class ConsentTally:
 
 @dataclass
 class OptOutPass:
-    """Opt-outs passed on to the vendor: those taken from replies, and the STOPs that raced an opt-in."""
+    """Opt-outs passed on to the vendor: those taken from replies, and the STOPs that raced an opt-in.
+
+    Every valid number ends in exactly one of ``synced``, ``refused`` and ``left``.
+    """
 
     synced: list[str] = field(default_factory=list)
     invalid: list[str] = field(default_factory=list)  # not a number the vendor can take
     refused: list[tuple[str, str]] = field(default_factory=list)  # (number, the vendor's reason), one by one
-    refused_calls: int = 0
-    not_confirmed: int = 0
+    refused_calls: int = 0  # calls the vendor refused, the halves of split batches included
+    left: list[str] = field(default_factory=list)  # not confirmed: a later try passes them on
     error: PepipostError | None = None
     stop: PepipostError | None = None  # an error every further call would meet (a refused key)
+    unexpected: Exception | None = None  # what a call raised that is no vendor answer (a bug, a crash)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
+    def not_confirmed(self) -> int:
+        return len(self.left)
+
+    @property
     def unsynced(self) -> int:
-        return len(self.invalid) + len(self.refused) + self.not_confirmed
+        return len(self.invalid) + len(self.refused) + len(self.left)
 
     def count_failed(self, numbers: Sequence[str], err: PepipostError, failure: CallFailure) -> None:
         with self.lock:
-            self.not_confirmed += len(numbers)
+            self.left += numbers
             self.error = self.error or err
             if failure is CallFailure.STOP:
                 self.stop = self.stop or err
+
+    def count_unexpected(self, numbers: Sequence[str], err: Exception) -> None:
+        """A call of ``numbers`` raised ``err``: those of them not yet accounted for are left."""
+        with self.lock:
+            accounted = {*self.synced, *self.left, *(number for number, _ in self.refused)}
+            self.left += [number for number in numbers if number not in accounted]
+            self.unexpected = self.unexpected or err
+
+    def check(self, valid: Sequence[str]) -> None:
+        """Every valid number was passed on, refused or left, once: the counts add up."""
+        refused = [number for number, _ in self.refused]
+        if sorted([*self.synced, *refused, *self.left]) != sorted(valid):
+            raise RuntimeError(
+                f"The opt-out pass lost count: {len(self.synced)} synced + {len(refused)} refused + "
+                f"{len(self.left)} left != {len(valid)} valid opt-outs"
+            )
 
 
 class ConsentEngine:
@@ -319,18 +344,26 @@ class ConsentEngine:
         for number in numbers:  # checked first: one bad number must not cost its batch
             (valid if phone_or_none(number) == number else passed.invalid).append(number)
         if self.tally.stop is not None:
-            passed.not_confirmed += len(valid)
+            passed.left += valid
             return passed
         self.log.info("Passing on %d opt-out(s) to the vendor", len(valid))
         with ThreadPoolExecutor(self.max_workers, thread_name_prefix="pepipost-opt-out") as pool:
-            for start in range(0, len(valid), self.batch_size):
-                pool.submit(self._opt_out_isolating, valid[start : start + self.batch_size], passed)
-        self.store.mark_reply_opt_outs_synced(passed.synced)
+            chunks = [valid[start : start + self.batch_size] for start in range(0, len(valid), self.batch_size)]
+            calls = [(pool.submit(self._opt_out_isolating, chunk, passed), chunk) for chunk in chunks]
+        for call, chunk in calls:  # every call is read: what one raised is never lost
+            if (err := call.exception()) is not None:
+                if not isinstance(err, Exception):
+                    raise err
+                passed.count_unexpected(chunk, err)
+                trace = "".join(traceback.format_exception(err))
+                self.log.warning("An opt-out call raised an unexpected error: %s", mask_numbers_in(trace))
+        self.store.mark_reply_opt_outs_synced(passed.synced)  # those confirmed, whatever the others met
+        passed.check(valid)
         if passed.unsynced:
             self.log.warning(
-                "%d opt-out(s) were not passed on to the vendor (%d refused, %d not valid numbers, %d not "
-                "confirmed); they stay on the suppression list, and the next run tries them again",
-                passed.unsynced, len(passed.refused), len(passed.invalid), passed.not_confirmed,
+                "%d opt-out(s) were not passed on to the vendor (%d refused in %d refused call(s), %d not valid "
+                "numbers, %d not confirmed); they stay on the suppression list, and the next run tries them again",
+                passed.unsynced, len(passed.refused), passed.refused_calls, len(passed.invalid), passed.not_confirmed,
             )  # fmt: skip
         return passed
 
@@ -339,7 +372,7 @@ class ConsentEngine:
         stand alone, so that one bad number never keeps the others from the vendor."""
         if passed.stop is not None:
             with passed.lock:
-                passed.not_confirmed += len(numbers)
+                passed.left += numbers
             return
         try:
             self.hook.manage_consent("optout", [ConsentRow(number, self.reply_opt_out_source) for number in numbers])

@@ -136,3 +136,30 @@ def test_settings_that_cannot_work_fail_naming_them(sandbox, sqlite_url, pepipos
     pepipost_conn(sandbox.url, sqlite_url)
     error, _ = run_consent(recipients=NUMBERS[:2], **{name: value})
     assert isinstance(error, AirflowFailException) and name in str(error)
+
+
+def test_an_unexpected_error_while_passing_opt_outs_on_fails_the_task_for_a_retry(sqlite_url, pepipost_conn,
+                                                                                  monkeypatch):  # fmt: skip
+    from airflow_provider_pepipost.hooks.pepipost import PepipostHook
+
+    store = StatusStore(sqlite_url)
+    store.record_opt_outs(NUMBERS[:30], via="reply", detail="replied 'STOP'")
+    real = PepipostHook.manage_consent
+
+    def crash_on_one_batch(self, kind, recipients):
+        if any(row.recipient == NUMBERS[25] for row in recipients):
+            raise RuntimeError(f"a bug, near {NUMBERS[25]}")
+        return real(self, kind, recipients)
+
+    monkeypatch.setattr(PepipostHook, "manage_consent", crash_on_one_batch)
+    with SandboxServer(Scenario()) as vendor:
+        pepipost_conn(vendor.url, sqlite_url)
+        error, _ = run_consent(recipients=None, sync_reply_opt_outs=True, batch_size=10)
+    assert isinstance(error, CampaignError), error  # retryable: the next try passes them on
+    assert not isinstance(error, AirflowFailException)
+    message = str(error)
+    assert "RuntimeError" in message and "10 opt-out(s) could not be passed on" in message
+    assert "'reply_opt_outs_synced': 20" in message and "'reply_opt_outs_not_confirmed': 10" in message
+    assert NUMBERS[25] not in message and "9198******25" in message
+    assert sorted(store.reply_opt_outs()) == NUMBERS[20:30]  # the 20 confirmed are marked passed on
+    assert vendor.state.opted_out == set(NUMBERS[:20])

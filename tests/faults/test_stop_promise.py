@@ -348,11 +348,33 @@ def test_one_bad_number_among_the_reply_opt_outs_costs_nobody_else_and_keeps_the
     assert isinstance(error, AirflowFailException)
     assert "2 opt-out(s) could not be passed on" in str(error) and NUMBERS[7] not in str(error)
     assert "9198******07 (8006: blocked.)" in str(error) and "(not a number of 10 to 15 digits)" in str(error)
+    # Isolating the refused number took 4 refused calls: rows 0-9, 5-9, 7-9, then 7 alone.
+    assert "1 refused (in 4 refused call(s))" in str(error) and "'reply_opt_outs_refused_calls': 4" in str(error)
     assert set(vendor.numbers("optout")) == set(NUMBERS[:20])  # 19 confirmed, the refused one isolated
     assert "98000" not in vendor.numbers("optout")  # checked before any call
     assert sorted(store.reply_opt_outs()) == sorted(["98000", NUMBERS[7]])  # tried again next run
     again = run_consent(StandInTaskInstance(run_id="r2", task_id="opt_in"), recipients=None, sync_reply_opt_outs=True)
     assert isinstance(again, AirflowFailException)  # not green while they stay unsynced
+
+
+def test_the_failure_says_how_many_opt_outs_stayed_unsynced_beyond_the_five_it_names(
+    httpserver: HTTPServer, store_url, pepipost_conn
+):
+    store = StatusStore(store_url)
+    store.record_opt_outs(NUMBERS[:12], via="reply", detail="replied 'STOP'")
+    vendor = ConsentVendor(refuse=set(NUMBERS[:7]))
+    httpserver.expect_request("/api/v2/consent/manage/").respond_with_handler(vendor.handle)
+    pepipost_conn(httpserver.url_for(""), store_url)
+    error = run_consent(recipients=None, sync_reply_opt_outs=True, batch_size=10)
+    assert isinstance(error, AirflowFailException)
+    message = str(error)
+    assert "7 opt-out(s) could not be passed on to the vendor and stay unsynced: 7 refused (in 14 refused call(s))" in (
+        message
+    )
+    assert "'reply_opt_outs_refused_calls': 14" in message and "The other 5 were passed on" in message
+    assert sum(f"9198******{i:02d} (8006: blocked.)" in message for i in range(7)) == 5  # the first five, masked
+    assert not any(number in message for number in NUMBERS[:12])
+    assert sorted(store.reply_opt_outs()) == NUMBERS[:7]
 
 
 # -- 5. a consent batch is called once, whatever happens between tries -------------------------

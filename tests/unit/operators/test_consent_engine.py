@@ -115,16 +115,23 @@ def test_a_batch_is_named_by_its_task_kind_and_rows():
 
 
 class FakeVendor:
-    """The consent API: refuses a call that holds a number of ``refuses`` (with ``error``)."""
+    """The consent API: refuses a call of one of ``kinds`` that holds a number of ``refuses``
+    (raising ``error``)."""
 
-    def __init__(self, refuses: Iterable[str] = (), error: PepipostError | None = None) -> None:
+    def __init__(
+        self,
+        refuses: Iterable[str] = (),
+        error: Exception | None = None,
+        kinds: Iterable[str] = ("optin", "optout"),
+    ) -> None:
         self.refuses, self.error = set(refuses), error or PepipostApiError("8006", "invalid recipient")
+        self.kinds = set(kinds)
         self.calls: list[tuple[str, list[str]]] = []
 
     def manage_consent(self, kind: str, recipients: Sequence[ConsentRow]) -> object:
         numbers = [row.recipient for row in recipients]
         self.calls.append((kind, numbers))
-        if self.refuses & set(numbers):
+        if kind in self.kinds and self.refuses & set(numbers):
             raise self.error
         return {"status": "success"}
 
@@ -222,3 +229,33 @@ def test_the_opt_outs_passed_on_isolate_the_number_the_vendor_refuses():
     assert [number for number, _ in passed.refused] == [C]
     assert sorted(passed.synced) == sorted(store.synced) == [A, B, D]
     assert passed.unsynced == 2
+
+
+def test_an_unexpected_error_in_the_opt_out_pass_is_read_and_its_numbers_stay_unsynced():
+    replies = [f"91980000{i:04d}" for i in range(7)]
+    vendor, store = (
+        FakeVendor(refuses=replies[2:4], error=RuntimeError("bug near 919800000002")),
+        FakeStore(replies=replies),
+    )
+    _, passed = engine(vendor, store, kind="optout").run(iter([]), 0, sync_reply_opt_outs=True)
+    assert isinstance(passed.unexpected, RuntimeError)
+    assert passed.synced == store.synced == [*replies[:2], *replies[4:]]  # the others are marked passed on
+    assert passed.left == replies[2:4] and passed.not_confirmed == 2
+    assert len(passed.synced) + len(passed.refused) + passed.not_confirmed == len(replies)
+
+
+def test_a_number_refused_after_a_split_is_not_counted_twice_when_its_half_raises():
+    class SplitThenCrash(FakeVendor):
+        def manage_consent(self, kind: str, recipients: Sequence[ConsentRow]) -> object:
+            numbers = [row.recipient for row in recipients]
+            self.calls.append((kind, numbers))
+            if numbers == [A, B]:
+                raise PepipostApiError("8006", "invalid recipient")
+            if numbers == [A]:
+                raise PepipostApiError("8006", "blocked")
+            raise RuntimeError("crash")
+
+    store = FakeStore(replies=[A, B])
+    _, passed = engine(SplitThenCrash(), store, kind="optout").run(iter([]), 0, sync_reply_opt_outs=True)
+    assert ([n for n, _ in passed.refused], passed.left, passed.refused_calls) == ([A], [B], 2)
+    assert passed.unsynced == 2 and isinstance(passed.unexpected, RuntimeError)
