@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.audience import Audience
 from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
-from airflow_provider_pepipost.consent import CONSENT_KINDS, ConsentDefaults, build_consent_row
+from airflow_provider_pepipost.consent import CONSENT_KINDS, SOURCE_MAX, ConsentDefaults, build_consent_row
 from airflow_provider_pepipost.errors import CampaignError, MessageValidationError, PepipostConfigError
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import iter_messages, validate_rows
@@ -56,7 +57,9 @@ class WhatsAppConsentOperator(BaseOperator):
         out by replying a stop word (recorded by the webhook receiver, which never calls the
         vendor itself). Each is passed on once. A batch the vendor refuses is split until the
         numbers it refuses stand alone; the task fails while any of them is not passed on.
-    :param reply_opt_out_source: the ``source`` of those opt-outs.
+    :param reply_opt_out_source: the ``source`` of those opt-outs, and of the opt-outs of numbers
+        that said STOP while their opt-in was with the vendor (the vendor requires it, at most 25
+        characters; checked before any call).
     :param lift_opt_outs: for ``optin``: also opt in numbers on the suppression list, taking them
         off it. Off by default: a sign-up list processed again must not undo a later "STOP".
         Set it only for rows that record a new consent given after the opt-out. Only opt-outs
@@ -127,6 +130,10 @@ class WhatsAppConsentOperator(BaseOperator):
             raise AirflowFailException(f"max_rejected_ratio must be between 0 and 1, not {self.max_rejected_ratio!r}")
         if self.recipients is None and not self.sync_reply_opt_outs:
             raise AirflowFailException("recipients: is required (unless the task only syncs reply opt-outs)")
+        if problem := _source_problem(self.reply_opt_out_source):
+            # The vendor would refuse every opt-out call for it, and each refused batch is halved
+            # down to single numbers: about two calls per opt-out, all refused.
+            raise AirflowFailException(f"reply_opt_out_source: {problem}; no opt-out was passed on")
 
     def execute(self, context: Context) -> dict[str, Any]:
         self._check_settings()
@@ -140,7 +147,7 @@ class WhatsAppConsentOperator(BaseOperator):
         engine = ConsentEngine(
             hook, store, task, kind=self.kind, batch_size=self.batch_size,
             max_workers=self.max_workers, lift_opt_outs=self.lift_opt_outs,
-            reply_opt_out_source=self.reply_opt_out_source, log=self.log,
+            reply_opt_out_source=self.reply_opt_out_source.strip(), log=self.log,
         )  # fmt: skip
         try:
             rows = iter_messages(audience, defaults, build_consent_row)
@@ -206,6 +213,15 @@ class WhatsAppConsentOperator(BaseOperator):
             )
         self.log.info("Done: %s", counts)
         return result
+
+
+def _source_problem(source: object) -> str | None:
+    """Why the vendor cannot take ``source`` as a consent's source (the rule of the rows' own)."""
+    if not isinstance(source, str) or not source.strip():
+        return "is required by the vendor: where the opt-outs came from (e.g. 'WHATSAPP_REPLY')"
+    if len(source.strip()) > SOURCE_MAX:
+        return f"is {len(source.strip())} characters; the vendor takes at most {SOURCE_MAX}"
+    return limits.text_problem(source)
 
 
 def _unsynced_error(passed: OptOutPass, counts: dict[str, Any]) -> Exception:

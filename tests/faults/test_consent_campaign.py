@@ -163,3 +163,23 @@ def test_an_unexpected_error_while_passing_opt_outs_on_fails_the_task_for_a_retr
     assert NUMBERS[25] not in message and "9198******25" in message
     assert sorted(store.reply_opt_outs()) == NUMBERS[20:30]  # the 20 confirmed are marked passed on
     assert vendor.state.opted_out == set(NUMBERS[:20])
+
+
+@pytest.mark.parametrize("source", ["S" * 27, "", "   ", "WEB\x00"])
+def test_a_reply_opt_out_source_the_vendor_cannot_take_fails_before_any_call(sandbox, sqlite_url, pepipost_conn,
+                                                                             source):  # fmt: skip
+    StatusStore(sqlite_url).record_opt_outs(NUMBERS[:40], via="reply", detail="replied 'STOP'")
+    pepipost_conn(sandbox.url, sqlite_url)
+    error, _ = run_consent(recipients=None, sync_reply_opt_outs=True, reply_opt_out_source=source)
+    assert isinstance(error, AirflowFailException) and "reply_opt_out_source" in str(error)
+    assert sandbox.state.requests == 0
+    assert len(StatusStore(sqlite_url).reply_opt_outs()) == 40
+
+
+def test_a_reply_opt_out_source_of_25_characters_is_taken(sandbox, sqlite_url, pepipost_conn):
+    StatusStore(sqlite_url).record_opt_outs(NUMBERS[:3], via="reply", detail="replied 'STOP'")
+    pepipost_conn(sandbox.url, sqlite_url)
+    result, _ = run_consent(recipients=None, sync_reply_opt_outs=True, reply_opt_out_source=" " + "S" * 25)
+    assert not isinstance(result, Exception), result
+    # Taken as the rows' sources are, without the space around it (the vendor refuses 26 characters).
+    assert result["reply_opt_outs_synced"] == 3 and result["reply_opt_outs_refused_calls"] == 0
