@@ -4,6 +4,11 @@ each outcome in the status store, and passes opt-outs on to the vendor.
 Kept apart from the operator so that the operator is Airflow glue and this is the engine. The
 rule for one batch is ``decide_batch``, and the rule for a failed call is ``failure_of``: pure
 functions of what the store and the hook answered, tested as tables.
+
+A number that says STOP while its opt-in is with the vendor stays opted out (the store's
+compare-and-set), and its opt-out is passed on to the vendor after the opt-in. Such a number is
+recorded beside its batch (``raced_key``), so that a retry that reuses the confirmed batch still
+counts it as opted out and passes its opt-out on, should the first pass have failed.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from airflow_provider_pepipost.status.ledger import TaskKey
 FAILED_ROWS_LISTED = 100  # rows of refused batches named in the XCom; the counts hold them all
 REPLY_SYNC_LIMIT = 100_000  # reply opt-outs passed on to the vendor per run
 PROGRESS_INTERVAL = 10.0  # seconds between progress lines in the task log
+# The state of the record of a number of a confirmed opt-in batch that said STOP while the call
+# was with the vendor (kept under ``raced_key``, beside the batch's own record).
+RACED = "raced"
 
 Batch = Sequence[tuple[int, ConsentRow]]  # input rows of one call: (row index, checked row)
 
@@ -87,6 +95,8 @@ class BatchDecision:
     skipped_opted_out: int = 0  # opt-in rows left out: their number is on the suppression list
     not_confirmed: int = 0  # rows not called because the calls stopped
     held: Mapping[str, Consent] = field(default_factory=dict)  # the list's rows when read (opt-in)
+    # Numbers of a reused opt-in batch that said STOP while its call was with the vendor.
+    opted_out_during_call: Sequence[str] = ()
 
 
 def decide_batch(
@@ -97,17 +107,24 @@ def decide_batch(
     kind: str,
     lift_opt_outs: bool,
     stopped: bool,
+    raced: Sequence[str] = (),
 ) -> BatchDecision:
     """The per-batch rule, from what the store holds.
 
     ``known`` is what an earlier try of the task recorded for this batch (None: nothing).
     ``held`` reads what the suppression list holds for the batch's numbers; it is asked only for
     an opt-in that is called, since the opt-in is recorded only where the list still holds that
-    after the call.
+    after the call. ``raced``: the numbers of the batch that the earlier try found had said STOP
+    while the call was with the vendor; they count as opted out, not confirmed.
     """
     if known is not None and known.state == "confirmed":
         # The earlier try left out the rows that had opted out; they stay left out.
-        return BatchDecision(BatchAction.REUSE, confirmed=known.rows, skipped_opted_out=len(batch) - known.rows)
+        return BatchDecision(
+            BatchAction.REUSE,
+            confirmed=known.rows - len(raced),
+            skipped_opted_out=len(batch) - known.rows,
+            opted_out_during_call=raced,
+        )
     if stopped:
         return BatchDecision(BatchAction.NOT_CONFIRMED, not_confirmed=len(batch))
     if kind != "optin":
@@ -161,6 +178,7 @@ class ConsentTally:
             self.confirmed += decision.confirmed
             self.skipped_opted_out += decision.skipped_opted_out
             self.not_confirmed += decision.not_confirmed
+            self.opted_out_during_call += decision.opted_out_during_call
 
     def count_failed(self, rows: int, err: PepipostError, failure: CallFailure) -> None:
         """Rows of a call that failed for a reason a later try may not meet."""
@@ -258,14 +276,18 @@ class ConsentEngine:
         """Every row's call, then the opt-outs passed on: reply opt-outs (``sync_reply_opt_outs``)
         and the STOPs that came while their opt-in was with the vendor."""
         earlier = self.store.consent_batches(self.task)
-        if earlier:
-            confirmed = sum(1 for b in earlier.values() if b.state == "confirmed")
+        if calls := [b for b in earlier.values() if b.state != RACED]:
+            confirmed = sum(1 for b in calls if b.state == "confirmed")
             self.log.info(
-                "An earlier try recorded %d consent call(s), %d confirmed: not called again", len(earlier), confirmed
+                "An earlier try recorded %d consent call(s), %d confirmed: not called again", len(calls), confirmed
             )
         self.call_all(batches(rows, self.batch_size), earlier, total)
         numbers = self.store.reply_opt_outs(REPLY_SYNC_LIMIT) if sync_reply_opt_outs else []
-        numbers = list(dict.fromkeys([*self.tally.opted_out_during_call, *numbers]))
+        raced = self.tally.opted_out_during_call
+        if raced:  # a raced number opted in again since (lift_opt_outs) is not opted out at the vendor
+            still_out = self.store.suppressed(raced)
+            raced = [number for number in raced if number in still_out]
+        numbers = list(dict.fromkeys([*raced, *numbers]))
         passed = self.pass_on_opt_outs(numbers) if numbers else OptOutPass()
         if sync_reply_opt_outs and not numbers:
             self.log.info("No opt-out from a reply is waiting to be passed on to the vendor")
@@ -281,7 +303,10 @@ class ConsentEngine:
                 # re-cut the batches, or the second try would call again for confirmed ones.
                 key = batch_key(self.task, self.kind, [row for _, row in batch])
                 self.tally.batches += 1
-                in_flight.add(pool.submit(self.handle_batch, key, batch, earlier.get(key)))
+                raced = (
+                    [row.recipient for _, row in batch if raced_key(key, row.recipient) in earlier] if earlier else []
+                )
+                in_flight.add(pool.submit(self.handle_batch, key, batch, earlier.get(key), raced))
                 if len(in_flight) >= 2 * self.max_workers:
                     in_flight = _collect(in_flight, FIRST_COMPLETED)
                 if time.monotonic() - last_log >= PROGRESS_INTERVAL:
@@ -290,11 +315,11 @@ class ConsentEngine:
             _collect(in_flight)
         self._log_progress(total, started)
 
-    def handle_batch(self, key: str, batch: Batch, known: ConsentBatch | None) -> None:
+    def handle_batch(self, key: str, batch: Batch, known: ConsentBatch | None, raced: Sequence[str] = ()) -> None:
         """Decide one batch and carry the decision out."""
         decision = decide_batch(
             batch, known, lambda: self.store.consents(row.recipient for _, row in batch), kind=self.kind,
-            lift_opt_outs=self.lift_opt_outs, stopped=self.tally.stop is not None,
+            lift_opt_outs=self.lift_opt_outs, stopped=self.tally.stop is not None, raced=raced,
         )  # fmt: skip
         self.tally.count(decision)
         if decision.action is BatchAction.CALL:
@@ -317,6 +342,8 @@ class ConsentEngine:
         confirmed = ConsentBatch(key, self.kind, len(rows), "confirmed")
         changed = self.store.record_consent_batch(self.task, confirmed, numbers, decision.held)
         raced = sorted(self.store.suppressed(changed)) if changed else []
+        for number in raced:  # kept beside the batch: a retry that reuses it passes the opt-out on too
+            self.store.record_consent_batch(self.task, ConsentBatch(raced_key(key, number), self.kind, 1, RACED))
         with self.tally.lock:
             self.tally.confirmed += len(batch) - len(raced)
             self.tally.opted_out_during_call += raced
@@ -409,6 +436,12 @@ def batch_key(task: TaskKey, kind: str, rows: Sequence[ConsentRow]) -> str:
     """The identity of one consent call of one task instance: the same rows give the same key."""
     content = json.dumps([kind, *task.instance, [row.to_payload() for row in rows]], separators=(",", ":"))
     return "cb-" + hashlib.sha256(content.encode()).hexdigest()[:40]
+
+
+def raced_key(key: str, number: str) -> str:
+    """The record of a number of the confirmed batch ``key`` that said STOP while the call was
+    with the vendor: a retry that reuses the batch finds it by the batch's rows."""
+    return "cr-" + hashlib.sha256(f"{key}:{number}".encode()).hexdigest()[:40]
 
 
 def batches(rows: Iterator[tuple[int, ConsentRow]], size: int) -> Iterator[list[tuple[int, ConsentRow]]]:

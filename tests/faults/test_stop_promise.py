@@ -20,6 +20,7 @@ from pytest_httpserver import HTTPServer
 from sqlalchemy import insert
 from werkzeug import Request, Response
 
+from airflow_provider_pepipost.errors import CampaignError
 from airflow_provider_pepipost.operators.consent import WhatsAppConsentOperator
 from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppTemplateOperator
 from airflow_provider_pepipost.status import schema
@@ -186,8 +187,14 @@ def _forget_schema(store_url: str) -> None:
 class ConsentVendor:
     """The vendor's consent API on loopback; ``during_optin`` runs while an opt-in call is held."""
 
-    def __init__(self, during_optin: Callable[[list[str]], None] | None = None, refuse: set[str] = frozenset()):
+    def __init__(
+        self,
+        during_optin: Callable[[list[str]], None] | None = None,
+        refuse: set[str] = frozenset(),
+        optout_outages: int = 0,
+    ):
         self.during_optin, self.refuse = during_optin, refuse
+        self.optout_outages = optout_outages  # opt-out calls answered 500 (the outcome unknown) first
         self.calls: list[tuple[str, list[str]]] = []
         self.lock = threading.Lock()
 
@@ -197,6 +204,10 @@ class ConsentVendor:
         bad = [n for n in numbers if n in self.refuse or not n.isdigit()]
         with self.lock:
             self.calls.append((body["type"], numbers))
+            outage = body["type"] == "optout" and self.optout_outages > 0
+            self.optout_outages -= outage
+        if outage:
+            return Response("Internal Server Error", 500)
         if bad:
             message = "Invalid recipient. Only numeric values allowed." if not bad[0].isdigit() else "blocked."
             return Response(json.dumps({"status": "failure", "error": {"code": "8006", "message": message}}), 400)
@@ -237,6 +248,30 @@ def test_a_stop_that_arrives_while_the_opt_in_is_with_the_vendor_stays_and_reach
     pepipost_conn(sandbox.url, store_url)
     _, ti = run_operator(NUMBERS[:20])
     assert sandbox.state.accepted_by_recipient[NUMBERS[3]] == 0 and ti.xcom["send_summary"]["suppressed"] == 1
+
+
+def test_a_stop_that_raced_an_opt_in_reaches_the_vendor_on_the_retry_when_the_first_pass_failed(
+    httpserver: HTTPServer, receiver, store_url, pepipost_conn
+):
+    def stop_now(numbers: list[str]) -> None:
+        if NUMBERS[3] in numbers:
+            assert post_replies(receiver, [stop_reply(NUMBERS[3])])["opt_outs"] == 1
+
+    vendor = ConsentVendor(stop_now, optout_outages=1)  # passing the raced STOP on meets a 500 once
+    httpserver.expect_request("/api/v2/consent/manage/").respond_with_handler(vendor.handle)
+    pepipost_conn(httpserver.url_for(""), store_url)
+    first = run_consent(recipients=NUMBERS[:10], batch_size=10)
+    assert isinstance(first, CampaignError) and "the next try passes them on" in str(first)
+    assert NUMBERS[3] not in str(first)
+    store = StatusStore(store_url)
+    assert store.reply_opt_outs() == [NUMBERS[3]]
+    second = run_consent(recipients=NUMBERS[:10], batch_size=10)  # the same task instance, tried again
+    assert not isinstance(second, Exception), second
+    assert vendor.numbers("optin") == Counter({n: 1 for n in NUMBERS[:10]})  # the batch is not called again
+    assert (second["batches_reused"], second["confirmed"], second["opted_out_during_call"]) == (1, 9, 1)
+    assert second["reply_opt_outs_synced"] == 1
+    assert vendor.calls[-1] == ("optout", [NUMBERS[3]])  # the STOP reached the vendor after the opt-in
+    assert store.reply_opt_outs() == [] and store.suppressed(NUMBERS[:10]) == {NUMBERS[3]}
 
 
 def test_a_stop_from_a_number_opted_in_earlier_wins_over_a_new_opt_in_that_is_with_the_vendor(

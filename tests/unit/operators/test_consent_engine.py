@@ -17,12 +17,14 @@ from airflow_provider_pepipost.errors import (
     PepipostOutcomeUnknownError,
 )
 from airflow_provider_pepipost.operators.consent_engine import (
+    RACED,
     BatchAction,
     CallFailure,
     ConsentEngine,
     batch_key,
     decide_batch,
     failure_of,
+    raced_key,
 )
 from airflow_provider_pepipost.status.consent import Consent, ConsentBatch
 from airflow_provider_pepipost.status.ledger import TaskKey
@@ -78,6 +80,12 @@ def test_what_the_store_holds_decides_the_batch(known, held, kind, lift, stopped
     reads_list = kind == "optin" and action in (BatchAction.CALL, BatchAction.SKIP)
     assert bool(asked) == reads_list
     assert decision.held == (held if reads_list else {})
+
+
+def test_a_reused_batch_counts_the_numbers_that_raced_its_call_as_opted_out():
+    decision = decide_batch(BATCH, confirmed(3), dict, kind="optin", lift_opt_outs=False, stopped=False, raced=[B])
+    assert decision.action is BatchAction.REUSE
+    assert (decision.confirmed, decision.skipped_opted_out, list(decision.opted_out_during_call)) == (2, 0, [B])
 
 
 @pytest.mark.parametrize(
@@ -229,6 +237,32 @@ def test_the_opt_outs_passed_on_isolate_the_number_the_vendor_refuses():
     assert [number for number, _ in passed.refused] == [C]
     assert sorted(passed.synced) == sorted(store.synced) == [A, B, D]
     assert passed.unsynced == 2
+
+
+def test_a_retry_that_reuses_the_batch_passes_on_the_stop_that_raced_it():
+    store = FakeStore(stops=[B])  # B says STOP while the opt-in of A and B is with the vendor
+    first_vendor = FakeVendor(refuses=[B], error=PepipostOutcomeUnknownError("502"), kinds=["optout"])
+    tally, passed = engine(first_vendor, store).run(iter(rows(A, B)), 2)
+    assert (tally.confirmed, tally.opted_out_during_call, passed.left) == (1, [B], [B])
+    (key,) = [key for key, batch in store.batches.items() if batch.state == "confirmed"]
+    assert store.batches[raced_key(key, B)].state == RACED  # kept beside the batch
+    vendor = FakeVendor()
+    tally, passed = engine(vendor, store).run(iter(rows(A, B)), 2)
+    assert vendor.calls == [("optout", [B])]  # the batch is reused; the raced STOP is passed on
+    assert (tally.batches_reused, tally.confirmed, tally.opted_out_during_call) == (1, 1, [B])
+    assert passed.synced == [B]
+
+
+def test_a_raced_number_opted_in_again_since_is_counted_but_not_opted_out_at_the_vendor():
+    store = FakeStore(stops=[B])
+    engine(FakeVendor(refuses=[B], error=PepipostOutcomeUnknownError("502"), kinds=["optout"]), store).run(
+        iter(rows(A, B)), 2
+    )
+    store.list[B] = IN  # a new consent, lifted elsewhere
+    vendor = FakeVendor()
+    tally, passed = engine(vendor, store).run(iter(rows(A, B)), 2)
+    assert vendor.calls == [] and (tally.confirmed, tally.opted_out_during_call) == (1, [B])
+    assert passed.synced == []
 
 
 def test_an_unexpected_error_in_the_opt_out_pass_is_read_and_its_numbers_stay_unsynced():
