@@ -29,15 +29,12 @@ from typing import Any, Protocol
 from airflow_provider_pepipost.consent import ConsentRow
 from airflow_provider_pepipost.errors import FailureKind, PepipostApiError, PepipostError
 from airflow_provider_pepipost.numbers import mask_number, mask_numbers_in, phone_or_none
-from airflow_provider_pepipost.status.consent import Consent, ConsentBatch
+from airflow_provider_pepipost.status.consent import RACED, Consent, ConsentBatch, raced_key
 from airflow_provider_pepipost.status.ledger import TaskKey
 
 FAILED_ROWS_LISTED = 100  # rows of refused batches named in the XCom; the counts hold them all
 REPLY_SYNC_LIMIT = 100_000  # reply opt-outs passed on to the vendor per run
 PROGRESS_INTERVAL = 10.0  # seconds between progress lines in the task log
-# The state of the record of a number of a confirmed opt-in batch that said STOP while the call
-# was with the vendor (kept under ``raced_key``, beside the batch's own record).
-RACED = "raced"
 
 Batch = Sequence[tuple[int, ConsentRow]]  # input rows of one call: (row index, checked row)
 
@@ -341,9 +338,8 @@ class ConsentEngine:
         numbers = [row.recipient for row in rows]
         confirmed = ConsentBatch(key, self.kind, len(rows), "confirmed")
         changed = self.store.record_consent_batch(self.task, confirmed, numbers, decision.held)
+        # Those the store kept beside the batch (raced_key): a retry that reuses it passes them on too.
         raced = sorted(self.store.suppressed(changed)) if changed else []
-        for number in raced:  # kept beside the batch: a retry that reuses it passes the opt-out on too
-            self.store.record_consent_batch(self.task, ConsentBatch(raced_key(key, number), self.kind, 1, RACED))
         with self.tally.lock:
             self.tally.confirmed += len(batch) - len(raced)
             self.tally.opted_out_during_call += raced
@@ -436,12 +432,6 @@ def batch_key(task: TaskKey, kind: str, rows: Sequence[ConsentRow]) -> str:
     """The identity of one consent call of one task instance: the same rows give the same key."""
     content = json.dumps([kind, *task.instance, [row.to_payload() for row in rows]], separators=(",", ":"))
     return "cb-" + hashlib.sha256(content.encode()).hexdigest()[:40]
-
-
-def raced_key(key: str, number: str) -> str:
-    """The record of a number of the confirmed batch ``key`` that said STOP while the call was
-    with the vendor: a retry that reuses the batch finds it by the batch's rows."""
-    return "cr-" + hashlib.sha256(f"{key}:{number}".encode()).hexdigest()[:40]
 
 
 def batches(rows: Iterator[tuple[int, ConsentRow]], size: int) -> Iterator[list[tuple[int, ConsentRow]]]:

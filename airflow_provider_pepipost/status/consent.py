@@ -11,6 +11,7 @@ database's.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,10 @@ from airflow_provider_pepipost.status.engines import chunks, insert_for
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.migrations import ERASURE_FINGERPRINT, UNKNOWN_FINGERPRINT
 from airflow_provider_pepipost.status.resolver import ERASURE_KEY_ENV, erasure_key
+
+# The state of the record of a number of a confirmed opt-in batch that said STOP while the call
+# was with the vendor (kept under ``raced_key``, beside the batch's own record).
+RACED = "raced"
 
 # How a number came to be on (or off) the suppression list.
 VIA_REPLY = "reply"  # an inbound reply that was a stop word (the receiver)
@@ -93,6 +98,12 @@ def opt_in_if_unchanged(conn: Connection, expected: dict[str, Consent | None], d
         if not done:
             changed.add(number)
     return changed
+
+
+def raced_key(batch_key: str, number: str) -> str:
+    """The record of a number of the confirmed batch ``batch_key`` that said STOP while the call was
+    with the vendor: a retry that reuses the batch finds it by the batch's rows."""
+    return "cr-" + hashlib.sha256(f"{batch_key}:{number}".encode()).hexdigest()[:40]
 
 
 def consents(conn: Connection, recipients: Iterable[str]) -> dict[str, Consent]:

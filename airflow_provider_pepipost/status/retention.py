@@ -30,6 +30,7 @@ from airflow_provider_pepipost.numbers import (
     number_hash,
 )
 from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.consent import RACED, raced_key
 from airflow_provider_pepipost.status.engines import chunks
 from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
 from airflow_provider_pepipost.status.migrations import ERASURE_FINGERPRINT, UNKNOWN_FINGERPRINT
@@ -138,7 +139,18 @@ def erase(writing: Writing, number: str, key: str) -> Erased:
         _scrub_mentions(conn, schema.ledger, "idempotency_key", "error_message", phone)
         _scrub_mentions(conn, schema.campaign_rows, None, "error_message", phone)
         found.consent_batches = _scrub_mentions(conn, schema.consent_batches, "batch_key", "error_message", phone)
+        found.consent_batches += _forget_raced(conn, phone)
     return found
+
+
+def _forget_raced(conn: Connection, phone: str) -> int:
+    """Delete the records of the number's STOPs that raced an opt-in: their keys hash the number."""
+    table = schema.consent_batches
+    batch_keys = conn.execute(select(table.c.batch_key).where(table.c.state != RACED)).scalars()
+    deleted = 0
+    for chunk in chunks([raced_key(batch_key, phone) for batch_key in batch_keys]):
+        deleted += conn.execute(delete(table).where(table.c.batch_key.in_(chunk))).rowcount
+    return deleted
 
 
 def _record_key(conn: Connection, key: str) -> None:

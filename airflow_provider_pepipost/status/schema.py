@@ -220,7 +220,8 @@ consent_batches = Table(
     *_task_instance_columns(),
     Column("kind", String(limits.LEDGER_STATE_MAX), nullable=False),  # optin | optout
     Column("rows", Integer, nullable=False),
-    Column("state", String(limits.LEDGER_STATE_MAX), nullable=False),  # confirmed | refused
+    # confirmed | refused; raced: a number of a confirmed opt-in that said STOP meanwhile (its own row)
+    Column("state", String(limits.LEDGER_STATE_MAX), nullable=False),
     Column("error_code", String(limits.ERROR_CODE_MAX), nullable=True),
     Column("error_message", Text, nullable=True),
     Column("updated_at", Float, nullable=False),

@@ -323,7 +323,13 @@ class StatusStore:
                 return set()
             read = held or {}
             expected = {number: read.get(canonical_number(number)) for number in recipients}
-            return consent.opt_in_if_unchanged(conn, expected, detail, now)
+            changed = consent.opt_in_if_unchanged(conn, expected, detail, now)
+            # The numbers that said STOP while the call was with the vendor are kept beside the
+            # batch, in its transaction: a retry that reuses the batch passes their opt-out on too.
+            for number in consent.suppressed(conn, changed) if changed else ():
+                raced = ConsentBatch(consent.raced_key(batch.batch_key, number), batch.kind, 1, consent.RACED)
+                consent.record_batch(conn, task, raced, now)
+            return changed
 
     def reply_opt_outs(self, limit: int = 100_000) -> list[str]:
         """Numbers that opted out by a reply, not yet passed on to the vendor."""

@@ -23,6 +23,7 @@ from airflow_provider_pepipost.numbers import canonical_number, number_hash
 from airflow_provider_pepipost.operators.maintenance import PurgeStatusStoreOperator
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
 from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.consent import raced_key
 from airflow_provider_pepipost.status.model import DeliveryEvent
 from airflow_provider_pepipost.status.store import StatusStore
 from tests.conftest import WEBHOOK_TOKEN
@@ -124,7 +125,12 @@ def seed_mentions(store: StatusStore, number: str) -> list[str]:
             batch_key=f"cb-{tag}", dag_id="d", run_id="r", task_id="c", map_index=-1, kind="optin", rows=1,
             state="refused", error_code="8006", error_message=f"invalid +{number[:2]} {national}", updated_at=now,
         ))  # fmt: skip
-    return keys
+        # A STOP of the number that raced a confirmed opt-in, kept beside its batch (its key hashes the number).
+        conn.execute(insert(schema.consent_batches).values(
+            batch_key=raced_key(f"cb-{tag}", number), dag_id="d", run_id="r", task_id="c", map_index=-1,
+            kind="optin", rows=1, state="raced", updated_at=now,
+        ))  # fmt: skip
+    return [*keys, raced_key(f"cb-{tag}", number)]
 
 
 def test_erasure_finds_the_number_however_it_is_written_and_its_hashes_too(store_url, monkeypatch):
@@ -138,7 +144,7 @@ def test_erasure_finds_the_number_however_it_is_written_and_its_hashes_too(store
     before = dump(store)
     assert len(spellings_of(PERSON, before)) >= 5 and all(key in before for key in keys)
     erased = store.erase(PERSON)
-    assert (erased.ledger_rows, erased.campaign_rows, erased.consent_batches) == (2, 1, 1)
+    assert (erased.ledger_rows, erased.campaign_rows, erased.consent_batches) == (2, 1, 2)
     whole = dump(store)
     assert spellings_of(PERSON, whole) == [], spellings_of(PERSON, whole)
     assert not any(key in whole for key in keys)  # the keys are keyed hashes of themselves now

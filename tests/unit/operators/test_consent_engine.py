@@ -169,8 +169,11 @@ class FakeStore:
     ) -> set[str]:
         self.batches[batch.batch_key] = batch
         raced = self.stops & set(recipients) if batch.state == "confirmed" and batch.kind == "optin" else set()
-        for number in raced:
+        for number in raced:  # as the real store does, in the batch's transaction
             self.list[number] = OUT
+            self.batches[raced_key(batch.batch_key, number)] = ConsentBatch(
+                raced_key(batch.batch_key, number), batch.kind, 1, RACED
+            )
         return raced
 
     def suppressed(self, recipients: Iterable[str]) -> set[str]:
