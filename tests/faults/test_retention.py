@@ -151,13 +151,20 @@ def test_erasure_finds_the_number_however_it_is_written_and_its_hashes_too(store
     assert len(spellings_of(NUMBERS[3], whole)) >= 5
 
 
-def test_a_store_with_erased_numbers_sends_nothing_without_the_key_it_erased_them_with(
-    store_url, pepipost_conn, monkeypatch
-):
+@pytest.fixture
+def erased(store_url, monkeypatch) -> StatusStore:
+    """The store after PERSON said STOP and was then erased, the erasure key set."""
     monkeypatch.setenv("PEPIPOST_ERASURE_KEY", KEY)
     store = StatusStore(store_url)
     store.record_opt_outs([PERSON], via="reply", detail="replied 'STOP'")
     store.erase(PERSON)
+    return store
+
+
+def test_a_store_with_erased_numbers_sends_nothing_without_the_key_it_erased_them_with(
+    erased, store_url, pepipost_conn, monkeypatch
+):
+    store = erased
     with SandboxServer(Scenario()) as vendor:
         pepipost_conn(vendor.url, store_url)
         for key, run in ((None, "no-key"), ("another-key", "other-key")):
@@ -175,13 +182,10 @@ def test_a_store_with_erased_numbers_sends_nothing_without_the_key_it_erased_the
         assert [m["state"] for m in ti.xcom["messages"]] == ["suppressed", "accepted"]
 
 
-def test_a_consent_task_does_not_opt_an_erased_number_back_in_at_the_vendor(store_url, pepipost_conn, monkeypatch):
+def test_a_consent_task_does_not_opt_an_erased_number_back_in_at_the_vendor(erased, store_url, pepipost_conn):
     from airflow_provider_pepipost.operators.consent import WhatsAppConsentOperator
 
-    monkeypatch.setenv("PEPIPOST_ERASURE_KEY", KEY)
-    store = StatusStore(store_url)
-    store.record_opt_outs([PERSON], via="reply", detail="replied 'STOP'")
-    store.erase(PERSON)
+    store = erased
     with SandboxServer(Scenario()) as vendor:
         pepipost_conn(vendor.url, store_url)
         operator = WhatsAppConsentOperator(task_id="opt_in", recipients=[PERSON, NUMBERS[12]], source="WEB")
