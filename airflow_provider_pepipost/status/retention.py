@@ -18,7 +18,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, or_, select, text, tuple_, update
+from sqlalchemy import Connection, Engine, delete, func, literal_column, or_, select, text, update
+from sqlalchemy.sql.expression import ColumnClause
 
 from airflow_provider_pepipost.errors import PepipostConfigError
 from airflow_provider_pepipost.numbers import (
@@ -78,19 +79,33 @@ def purge(
 
 def _delete_in_batches(writing: Writing, table: Any, key: str | None, old: Any, batch_size: int) -> Iterator[int]:
     """Delete matching rows ``batch_size`` at a time, each batch in its own short transaction."""
-    columns = [table.c[key]] if key else list(table.primary_key.columns)
     while True:
         with writing() as conn:
-            found = conn.execute(select(*columns).where(old).limit(batch_size)).all()
-            if not found:
-                return
             if key:
-                conn.execute(delete(table).where(table.c[key].in_([row[0] for row in found])))
-            else:  # a composite key: row values, which SQLite and PostgreSQL both take
-                conn.execute(delete(table).where(tuple_(*columns).in_([tuple(row) for row in found])))
-        yield len(found)
-        if len(found) < batch_size:
+                found = conn.execute(select(table.c[key]).where(old).limit(batch_size)).scalars().all()
+                if found:
+                    conn.execute(delete(table).where(table.c[key].in_(found)))
+                deleted = len(found)
+            else:
+                deleted = _delete_by_row_id(conn, table, old, batch_size)
+        if deleted:
+            yield deleted
+        if deleted < batch_size:
             return
+
+
+def _delete_by_row_id(conn: Connection, table: Any, old: Any, batch_size: int) -> int:
+    """One batch of a table with a composite key, by the database's own row id (PostgreSQL's ctid,
+    SQLite's rowid): a list of composite keys in the DELETE made PostgreSQL scan the whole table
+    once per batch (18 s a batch at a million rows)."""
+    row_id: ColumnClause[Any] = literal_column("ctid" if conn.dialect.name == "postgresql" else "rowid")
+    found = select(row_id).select_from(table).where(old).limit(batch_size).scalar_subquery()
+    if conn.dialect.name == "postgresql":
+        # = ANY(ARRAY(...)) is what PostgreSQL answers with a TID scan; ctid IN (...) is a join.
+        statement = delete(table).where(row_id == func.any(func.array(found)))
+    else:
+        statement = delete(table).where(row_id.in_(found))
+    return int(conn.execute(statement).rowcount or 0)
 
 
 @dataclass
