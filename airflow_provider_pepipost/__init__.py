@@ -44,6 +44,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_provider_pepipost.operators.whatsapp",
                     "airflow_provider_pepipost.operators.consent",
                     "airflow_provider_pepipost.operators.maintenance",
+                    "airflow_provider_pepipost.operators.replies",
                 ],
             }
         ],
@@ -51,7 +52,13 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": integration, "python-modules": ["airflow_provider_pepipost.sensors.whatsapp"]}
         ],
         "triggers": [
-            {"integration-name": integration, "python-modules": ["airflow_provider_pepipost.triggers.status"]}
+            {
+                "integration-name": integration,
+                "python-modules": [
+                    "airflow_provider_pepipost.triggers.status",
+                    "airflow_provider_pepipost.triggers.replies",
+                ],
+            }
         ],
         "extra-links": ["airflow_provider_pepipost.operators.links.WhatsAppCampaignLink"],
         "notifications": ["airflow_provider_pepipost.notifications.whatsapp.WhatsAppTemplateNotifier"],

@@ -28,6 +28,7 @@ SENDER_MAX = 64  # the sender of an inbound reply (a phone number)
 INBOUND_KIND_MAX = 32  # an inbound message's kind: text, button, image, location, or the vendor's own word
 BUTTON_PAYLOAD_MAX = 256  # what a quick-reply button was approved to send back
 MEDIA_ID_MAX = 256  # the id of a media a customer sent
+REPLY_FEED_NAME_MAX = 200  # a reply feed's or a reply consumer's name
 
 # -- lengths of Text columns: not limited by the database, capped so one item stays small -----
 REMARK_MAX = 2000  # status_remark: the vendor's failure reason

@@ -23,7 +23,7 @@ from airflow_provider_pepipost.operators.xcom import ledger_ref, message_targets
 from airflow_provider_pepipost.outgoing import OutgoingMessage
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.resolver import store_source
-from airflow_provider_pepipost.status.store import open_store
+from airflow_provider_pepipost.status.store import StatusStore, open_store
 from airflow_provider_pepipost.template_messages import TEMPLATE_OPTIONS, TemplateDefaults, build_template_message
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 # Above this many rows the ids are not listed in XCom (it lives in Airflow's metadata database):
 # return_value becomes a ledger reference that WhatsAppMessageStatusSensor reads instead.
 DEFAULT_XCOM_IDS_LIMIT = 10_000
+NUMBER_FIELD = "recipient_whatsapp"  # a row's phone number, in every kind
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,9 @@ class WhatsAppCampaignOperator(BaseOperator):
 
     def build_row(self, item: Any, defaults: RowDefaults, row: int) -> tuple[OutgoingMessage | None, list[RowProblem]]:
         """One row as a message with its fallback template, if any; or every problem of both."""
+        item, answering = self._answering(item, row)
+        if answering:
+            return None, answering
         message, problems = self.build_message(item, defaults.message, row)
         if defaults.fallback is None:
             return message, problems
@@ -167,6 +171,24 @@ class WhatsAppCampaignOperator(BaseOperator):
         if problems or message is None:
             return None, problems
         return message.with_fallback(template), []
+
+    def _answering(self, item: Any, row: int) -> tuple[Any, list[RowProblem]]:
+        """A row that gives ``inbound_id`` and no number answers that customer message: the number
+        is read from the status store, so that it never passes through XCom."""
+        if not isinstance(item, dict) or "inbound_id" not in item or item.get(NUMBER_FIELD):
+            return item, []
+        given = item["inbound_id"]
+        if isinstance(given, bool) or not isinstance(given, (int, str)) or not str(given).isdigit():
+            return item, [RowProblem(row, "inbound_id", repr(given), "is not a customer message's id (a whole number)")]
+        found = self._store_for_replies.reply(int(given))
+        if found is None or not found.sender:
+            reason = "no customer message with this id is in the status store (purged, or erased?)"
+            return item, [RowProblem(row, "inbound_id", str(given), reason)]
+        return {**item, NUMBER_FIELD: found.sender}, []
+
+    @cached_property
+    def _store_for_replies(self) -> StatusStore:
+        return open_store(self.status_store_conn_id)
 
     def execute(self, context: Context) -> list[Any] | dict[str, Any]:
         for name in ("max_rejected_ratio", "max_unknown_ratio"):
@@ -239,7 +261,9 @@ class SendWhatsAppMediaOperator(WhatsAppCampaignOperator):
     :param recipients: phone numbers, or row dicts (``recipient_whatsapp``, ``attachment_id`` or
         ``attachment_url``/``attachment_type``, ``caption``, ``recipient_type``, ``x-apiheader`` and
         any fields the caption's ``{placeholders}`` name), or a path to a CSV / JSON Lines file.
-        Usually an upstream task's XCom. (templated)
+        Usually an upstream task's XCom. A row with ``inbound_id`` (a customer message's id, as
+        ``WhatsAppReplyTrigger`` gives it) and no number goes to the number that wrote that
+        message, read from the status store: no whole number passes through XCom. (templated)
     :param attachment_id: media id for rows that give none. (templated)
     :param attachment_url: media URL for rows that give none, with ``attachment_type``. (templated)
     :param attachment_type: image, video, audio, document or sticker. (templated)

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from airflow_provider_pepipost.sandbox.consent import add_consent_routes
+from airflow_provider_pepipost.sandbox.replies import add_reply_routes
 from airflow_provider_pepipost.sandbox.reports import AcceptedMessage
 from airflow_provider_pepipost.sandbox.scenario import RECIPIENT_ERRORS, Scenario
 from airflow_provider_pepipost.sandbox.state import SandboxState, failure
@@ -247,29 +248,26 @@ class SandboxApi:
         state = self.state
         message_id = str(uuid.uuid4())
         recipient, kind, header = item["recipient_whatsapp"], item["message_type"], item.get("x-apiheader")
-        accepted = AcceptedMessage(message_id, recipient, item["source"], header, time.time(), draw_key, kind=kind)
+        template = item["type_template"][0]["name"] if kind == "template" else None
+        accepted = AcceptedMessage(
+            message_id, recipient, item["source"], header, time.time(), draw_key, kind=kind, template=template
+        )
+        number = subscriber(recipient)
         with state.lock:
             state.responses["accepted"] += 1
             state.accepted_count += 1
             state.accepted_by_header[header] += 1
             state.accepted_by_type[kind] += 1
-            state.accepted_by_recipient[subscriber(recipient)] += 1
+            state.accepted_by_recipient[number] += 1
+            state.last_accepted[number] = message_id
+            if state.scenario.buttons(template):
+                state.last_with_buttons[number] = (message_id, str(template))
             state.final_by_id[message_id] = state.scenario.final_status(draw_key)
             if state.record_bodies:
                 state.accepted.append({"message_id": message_id, "body": body})
         if state.reports:
             state.reports.schedule(accepted)
         return message_id
-
-    async def reply(self, request: Request) -> JSONResponse:
-        """Make a recipient reply a text (``{"from", "text", "context_message_id"}``), posted at once."""
-        body = await request.json()
-        if not isinstance(body, dict) or not body.get("from") or not isinstance(body.get("text"), str):
-            return JSONResponse({"detail": "give 'from' (a number) and 'text'"}, status_code=400)
-        if not self.state.reports:
-            return JSONResponse({"detail": "the sandbox has no --webhook-url to post the reply to"}, status_code=409)
-        self.state.reports.reply(str(body["from"]), body["text"], body.get("context_message_id"))
-        return JSONResponse({"queued": 1})
 
     async def recipient_state(self, number: str) -> dict[str, Any]:
         """What the sandbox holds for one number: messages accepted, opt-in."""
@@ -288,6 +286,7 @@ class SandboxApi:
                 "funnel": dict(Counter(state.final_by_id.values())),
                 "consent_calls": len(state.consent_calls),
                 "opted_out": len(state.opted_out),
+                "taps_posted": state.reports.taps_queued if state.reports else 0,
             }
         if state.reports:
             data["reports"] = {
@@ -304,7 +303,7 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
     app.add_api_route("/api/v2/message/", api.send_message, methods=["POST"])
     app.add_api_route("/api/v2/message/nc", api.send_message, methods=["POST"])
     add_consent_routes(app, state, api.refused)
-    app.add_api_route("/_sandbox/reply", api.reply, methods=["POST"])
+    add_reply_routes(app, state)
     app.add_api_route("/_sandbox/recipients/{number}", api.recipient_state, methods=["GET"])
     app.add_api_route("/_sandbox/stats", api.stats, methods=["GET"])
     return app

@@ -33,6 +33,7 @@ class AcceptedMessage:
     accepted_at: float
     draw_key: str  # Scenario.draw_key: the statuses it reaches follow from it
     kind: str = "media"  # media (a session message) or template
+    template: str | None = None  # a template message's name: its quick-reply buttons follow from it
 
 
 class ReportSender:
@@ -52,6 +53,7 @@ class ReportSender:
         self.batches_posted = 0
         self.batches_failed = 0
         self.events_lost = 0
+        self.taps_queued = 0  # button items queued: the scenario's taps and those made by hand
 
     def start(self) -> None:
         if self.webhook_url and self._thread is None:
@@ -90,15 +92,26 @@ class ReportSender:
             items.append((due, "delivery_status", self._delivery_item(message, status, due)))
             if sc.draw("dup", identity, status) < sc.duplicate_ratio:
                 items.append((due + sc.status_delay, "delivery_status", self._delivery_item(message, status, due)))
-        if sc.draw("stop", identity) < sc.stop_reply_ratio:
-            text = sc.stop_reply_text
-            items.append((times[-1], "incoming_message", self._inbound_item(message, times[-1], text)))
-        elif sc.draw("inbound", identity) < sc.inbound_ratio:
-            items.append((times[-1], "incoming_message", self._inbound_item(message, times[-1])))
+        last = max(times)  # out of order, 'delivered' is the last one posted
+        if (answer := self._customer_answer(message, last)) is not None:
+            items.append((last, "incoming_message", answer))
         with self._cond:
             for due, kind, item in items:
                 heapq.heappush(self._queue, (due, next(self._seq), kind, item))
+            self.taps_queued += sum(1 for _, _, item in items if item.get("message_type") == "button")
             self._cond.notify()
+
+    def _customer_answer(self, message: AcceptedMessage, when: float) -> dict[str, Any] | None:
+        """What the recipient sends back after the last status, if anything: a STOP reply first,
+        else a tap on one of the template's quick-reply buttons, else a text reply."""
+        sc, identity, reply_id = self.scenario, message.draw_key, f"in-{message.message_id}"
+        if sc.draw("stop", identity) < sc.stop_reply_ratio:
+            return reply_item(reply_id, message.recipient, sc.stop_reply_text, when, message.message_id)
+        if (button := sc.button_tap(identity, message.template)) is not None:
+            return button_item(reply_id, message.recipient, button, when, message.message_id)
+        if sc.draw("inbound", identity) < sc.inbound_ratio:
+            return reply_item(reply_id, message.recipient, "Thanks!", when, message.message_id)
+        return None
 
     def _delivery_item(self, message: AcceptedMessage, status: str, when: float) -> dict[str, Any]:
         remark = ""
@@ -124,17 +137,24 @@ class ReportSender:
             item["pricing"] = {"billable": paid, "category": category, "pricing_model": "CBP", "type": "regular"}
         return item
 
-    @staticmethod
-    def _inbound_item(message: AcceptedMessage, when: float, text: str = "Thanks!") -> dict[str, Any]:
-        return reply_item(f"in-{message.message_id}", message.recipient, text, when, message.message_id)
-
-    def reply(self, recipient: str, text: str, context_message_id: str | None = None) -> None:
-        """Queue a text reply from ``recipient``, posted at once (``POST /_sandbox/reply``)."""
+    def reply(self, recipient: str, text: str, context_message_id: str | None = None) -> dict[str, Any]:
+        """Queue a text reply from ``recipient``, posted at once (``POST /_sandbox/reply``). Returns the item."""
         now = time.time()
+        return self._queue_now(reply_item(f"in-{uuid.uuid4().hex[:16]}", recipient, text, now, context_message_id))
+
+    def tap(self, recipient: str, button: dict[str, str], context_message_id: str | None = None) -> dict[str, Any]:
+        """Queue a tap on a quick-reply button ``{"payload", "text"}`` from ``recipient``, posted at
+        once (``POST /_sandbox/reply`` and ``/_sandbox/tap``). Returns the item."""
+        now = time.time()
+        return self._queue_now(button_item(f"in-{uuid.uuid4().hex[:16]}", recipient, button, now, context_message_id))
+
+    def _queue_now(self, item: dict[str, Any]) -> dict[str, Any]:
         with self._cond:
-            item = reply_item(f"in-{uuid.uuid4().hex[:16]}", recipient, text, now, context_message_id)
-            heapq.heappush(self._queue, (now, next(self._seq), "incoming_message", item))
+            heapq.heappush(self._queue, (time.time(), next(self._seq), "incoming_message", item))
+            if item["message_type"] == "button":
+                self.taps_queued += 1
             self._cond.notify()
+        return item
 
     def _take_due(self) -> list[tuple[str, dict[str, Any]]] | None:
         with self._cond:
@@ -180,11 +200,27 @@ def reply_item(
     reply_id: str, recipient: str, text: str, when: float, context_message_id: str | None = None
 ) -> dict[str, Any]:
     """An ``incoming_message[]`` item as the vendor's "Incoming message - text" page shows it."""
+    return _incoming(reply_id, recipient, when, context_message_id, "text", {"text": text})
+
+
+def button_item(
+    reply_id: str, recipient: str, button: dict[str, str], when: float, context_message_id: str | None = None
+) -> dict[str, Any]:
+    """A tap on a quick-reply button, as the vendor posts it since 2024-09-10 (docs/pepipost/api-notes.md,
+    "Inbound messages beyond text"): ``message_type`` button, the button's payload and text in ``text_type``."""
+    body = {"payload": button["payload"], "text": button["text"]}
+    return _incoming(reply_id, recipient, when, context_message_id, "button", body)
+
+
+def _incoming(
+    reply_id: str, recipient: str, when: float, context_message_id: str | None, message_type: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """The envelope every ``incoming_message[]`` item shares; ``context`` as the text page shows it."""
     return {
         "message_id": reply_id,
         "from": recipient,
         "received_at": str(int(when)),
-        "message_type": "text",
-        "text_type": {"text": text},
+        "message_type": message_type,
+        "text_type": body,
         "context": {"ncmessage_id": context_message_id, "message_id": None},
     }

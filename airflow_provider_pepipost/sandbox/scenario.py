@@ -50,13 +50,25 @@ class Scenario:
     optin_required_ratio: float = 0.0
     stop_reply_ratio: float = 0.0  # accepted messages whose recipient replies stop_reply_text
     stop_reply_text: str = "STOP"
-    # Approved templates: name -> {"locale", "attributes" (how many), "header" (None or a type)}.
+    # Template messages with quick-reply buttons whose recipient taps one (equal shares); a STOP
+    # reply comes first, and a recipient who does not tap may still reply text (inbound_ratio).
+    button_tap_ratio: float = 0.0
+    # Approved templates: name -> {"locale", "attributes" (how many), "header" (None or a type),
+    # optionally "buttons": [{"text", "payload"}, ...] (static quick replies, approved with it)}.
     templates: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
             "invoice_ready": {"locale": "en", "attributes": 2, "header": "document"},
             "spring_offer": {"locale": "en", "attributes": 1, "header": None},
             # The notifier's suggested alert: task, DAG, run, try, log URL.
             "airflow_task_alert": {"locale": "en", "attributes": 5, "header": None},
+            "slot_offer": {
+                "locale": "en",
+                "attributes": 1,
+                "header": None,
+                "buttons": [{"text": "Yes, book it", "payload": "YES_BOOK"}, {"text": "Not now", "payload": "NOT_NOW"}],
+            },
+            # The confirmation whatsapp_reply_router sends to those who tapped "Yes, book it".
+            "slot_booked": {"locale": "en", "attributes": 0, "header": None},
         }
     )
     # Faults, as shares of requests (each try of a message is drawn again).
@@ -81,6 +93,15 @@ class Scenario:
     webhook_version: int = 2
     batch_size: int = 50
     batch_interval: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name, template in self.templates.items():
+            for button in template.get("buttons") or []:
+                if not (isinstance(button, dict) and _text(button.get("text")) and _text(button.get("payload"))):
+                    raise ValueError(
+                        f"templates.{name}.buttons: each button must be "
+                        f'{{"text": "...", "payload": "..."}} with non-empty strings, not {button!r}'
+                    )
 
     @classmethod
     def from_json(cls, text: str) -> Scenario:
@@ -133,6 +154,19 @@ class Scenario:
         """True for the recipients who start without an opt-in."""
         return self.draw("optin", recipient) < self.optin_required_ratio
 
+    def buttons(self, template: str | None) -> list[dict[str, str]]:
+        """The quick-reply buttons of an approved template ([] for none, or for no template)."""
+        if template is None:
+            return []
+        return list(self.templates.get(template, {}).get("buttons") or [])
+
+    def button_tap(self, identity: str, template: str | None) -> dict[str, str] | None:
+        """The button the recipient of this template message taps, or None (no buttons, no tap)."""
+        buttons = self.buttons(template)
+        if not buttons or self.draw("tap", identity) >= self.button_tap_ratio:
+            return None
+        return buttons[int(self.draw("tap-button", identity) * len(buttons))]
+
     @staticmethod
     def draw_key(recipient: str, message_type: str) -> str:
         """What a message's draws are keyed on: the same for the same audience in every run."""
@@ -154,3 +188,7 @@ class Scenario:
         if final == "failed":
             return ["sent", "failed"]
         return ["sent", "delivered", "read"][: ["sent", "delivered", "read"].index(final) + 1]
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)

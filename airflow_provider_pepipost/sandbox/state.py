@@ -37,6 +37,10 @@ class SandboxState:
     final_by_id: dict[str, str] = field(default_factory=dict)  # message id -> final status it will reach
     attempts: Counter[str] = field(default_factory=Counter)
     accepted_by_recipient: Counter[str] = field(default_factory=Counter)
+    # By subscriber: the id of the last message accepted for it, and of the last template with
+    # quick-reply buttons (with the template's name): what a reply or tap made by hand answers.
+    last_accepted: dict[str, str] = field(default_factory=dict)
+    last_with_buttons: dict[str, tuple[str, str]] = field(default_factory=dict)
     # Consent: numbers opted in through the API (with what the call said), and opted out.
     opted_in: dict[str, dict[str, Any]] = field(default_factory=dict)
     opted_out: set[str] = field(default_factory=set)

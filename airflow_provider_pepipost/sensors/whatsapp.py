@@ -15,6 +15,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 from airflow_provider_pepipost.errors import WhatsAppDeliveryFailed
 from airflow_provider_pepipost.operators.assets import emit, resolve_asset
 from airflow_provider_pepipost.operators.xcom import parse_message_targets
+from airflow_provider_pepipost.sensors.replies import WhatsAppReplySensor
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.model import (
     FAIL_ON_POLICIES,
@@ -29,6 +30,8 @@ from airflow_provider_pepipost.triggers.status import WhatsAppMessageStatusTrigg
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+__all__ = ["WhatsAppMessageStatusSensor", "WhatsAppReplySensor"]
 
 
 class WhatsAppMessageStatusSensor(BaseSensorOperator):

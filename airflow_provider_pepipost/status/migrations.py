@@ -168,6 +168,25 @@ def _v10_inbound_kinds(conn: Connection) -> None:
     conn.execute(text(f"CREATE INDEX IF NOT EXISTS ix_pepipost_inbound_context ON {table} (context_message_id)"))
 
 
+def _v11_reply_feeds(conn: Connection) -> None:
+    """v11: the reply feeds' cursors and the replies' claims (new tables, which ``create_all``
+    made); on SQLite, customer messages rebuilt with AUTOINCREMENT, so that the id of an erased or
+    purged message is never given to the next one, which a cursor or a claim would take for it."""
+    if conn.dialect.name != "sqlite":
+        return
+    table = schema.inbound_messages
+    ddl = text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :name")
+    if "AUTOINCREMENT" in (conn.execute(ddl, {"name": table.name}).scalar() or "").upper():
+        return
+    conn.execute(text(f"ALTER TABLE {table.name} RENAME TO {table.name}_v10"))
+    for index in table.indexes:  # they moved with the old table; the new one makes them again
+        conn.execute(text(f"DROP INDEX IF EXISTS {index.name}"))
+    table.create(conn)
+    columns = ", ".join(column.name for column in table.columns)
+    conn.execute(text(f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {table.name}_v10"))
+    conn.execute(text(f"DROP TABLE {table.name}_v10"))
+
+
 ERASURE_FINGERPRINT = "erasure_key_fingerprint"
 UNKNOWN_FINGERPRINT = "unknown"
 
@@ -182,6 +201,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     8: _v8_campaign_rows_and_pricing,
     9: _v9_store_settings,
     10: _v10_inbound_kinds,
+    11: _v11_reply_feeds,
 }
 
 

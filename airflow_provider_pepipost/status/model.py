@@ -191,7 +191,7 @@ def evaluate(
         return Verdict(True, True, f"{unknown} message(s) have an unknown send outcome (timed out)")
     if unknown_policy == "ignore":
         total -= unknown
-    needed = _needed(total, min_success_ratio)
+    needed = share_of(total, min_success_ratio)
     reached = summary.reached(target_status)
     failed = summary.failed_total
     if fail_on == "any" and failed:
@@ -209,8 +209,8 @@ def evaluate(
     return Verdict(False)
 
 
-def _needed(total: int, ratio: float) -> int:
-    # Round up, with a small tolerance so that 0.9 * 10 is 9, not 10.
+def share_of(total: int, ratio: float) -> int:
+    """``ratio`` of ``total``, rounded up, with a small tolerance so that 0.9 * 10 is 9, not 10."""
     exact = total * ratio
     whole = int(exact)
     return whole if exact - whole < 1e-9 else whole + 1

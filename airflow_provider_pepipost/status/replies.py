@@ -9,12 +9,14 @@ Airflow's metadata database (XCom, asset events).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import ColumnElement, Connection, select
 
 from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status.engines import chunks
 
 
 @dataclass(frozen=True)
@@ -49,30 +51,70 @@ class Reply:
         return asdict(self)
 
 
+_LEDGER_LINK = (
+    schema.ledger.c.message_id,
+    schema.ledger.c.dag_id,
+    schema.ledger.c.run_id,
+    schema.ledger.c.task_id,
+    schema.ledger.c.map_index,
+    schema.ledger.c.row_index,
+)
+
+
+# What a Reply is read from: not the item as received (``raw``, up to 64 KiB a row).
+_REPLY_COLUMNS = (
+    "id", "kind", "sender", "received_at", "text", "button_payload", "media_id", "latitude", "longitude", "message_id",
+)  # fmt: skip
+
+
+def replies_where(conn: Connection, *where: ColumnElement[bool], limit: int | None = None) -> list[Reply]:
+    """Customer messages matching ``where``, in id order, each with the ledger row it answers."""
+    inbound, led = schema.inbound_messages, schema.ledger
+    query = (
+        select(*(inbound.c[name] for name in _REPLY_COLUMNS), *(c.label(f"led_{c.name}") for c in _LEDGER_LINK))
+        .select_from(inbound.outerjoin(led, led.c.message_id == inbound.c.context_message_id))
+        .where(*where)
+        .order_by(inbound.c.id)
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    found = []
+    for row in conn.execute(query).mappings():
+        answered = None
+        if row["led_message_id"] is not None:
+            answered = AnsweredMessage(*(row[f"led_{column.name}"] for column in _LEDGER_LINK))
+        found.append(
+            Reply(
+                inbound_id=row["id"],
+                kind=row["kind"] or "unknown",
+                sender=row["sender"],
+                received_at=row["received_at"],
+                text=row["text"],
+                button_payload=row["button_payload"],
+                media_id=row["media_id"],
+                latitude=row["latitude"],
+                longitude=row["longitude"],
+                message_id=row["message_id"],
+                in_reply_to=answered,
+            )
+        )
+    return found
+
+
+def replies_after(conn: Connection, after_id: int, limit: int) -> list[Reply]:
+    """Up to ``limit`` customer messages with an id above ``after_id``, oldest first."""
+    return replies_where(conn, schema.inbound_messages.c.id > after_id, limit=limit)
+
+
+def replies_to(conn: Connection, message_ids: Sequence[str]) -> list[Reply]:
+    """The customer messages that answer any of these messages of the provider, oldest first."""
+    found: list[Reply] = []
+    for chunk in chunks(list(message_ids)):
+        found.extend(replies_where(conn, schema.inbound_messages.c.context_message_id.in_(chunk)))
+    return sorted(found, key=lambda reply: reply.inbound_id)
+
+
 def reply(conn: Connection, inbound_id: int) -> Reply | None:
     """The customer message of this id, linked to the ledger row it answers; None when none."""
-    inbound, led = schema.inbound_messages, schema.ledger
-    row = conn.execute(select(inbound).where(inbound.c.id == inbound_id)).mappings().first()
-    if row is None:
-        return None
-    answered = None
-    if row["context_message_id"]:
-        sent = conn.execute(
-            select(led.c.message_id, led.c.dag_id, led.c.run_id, led.c.task_id, led.c.map_index, led.c.row_index)
-            .where(led.c.message_id == row["context_message_id"])
-            .limit(1)
-        ).first()
-        answered = AnsweredMessage(*sent) if sent is not None else None
-    return Reply(
-        inbound_id=row["id"],
-        kind=row["kind"] or "unknown",
-        sender=row["sender"],
-        received_at=row["received_at"],
-        text=row["text"],
-        button_payload=row["button_payload"],
-        media_id=row["media_id"],
-        latitude=row["latitude"],
-        longitude=row["longitude"],
-        message_id=row["message_id"],
-        in_reply_to=answered,
-    )
+    found = replies_where(conn, schema.inbound_messages.c.id == inbound_id)
+    return found[0] if found else None

@@ -55,6 +55,7 @@ _PURGED = (
     (schema.campaign_rows, None, "updated_at", None),
     (schema.message_status, "message_id", "updated_at", None),
     (schema.consent_batches, "batch_key", "updated_at", None),
+    (schema.reply_claims, None, "claimed_at", None),
 )
 
 
@@ -291,6 +292,8 @@ _AGE_COLUMNS = {
     "pepipost_campaign_rows": "updated_at",
     "pepipost_message_status": "updated_at",
     "pepipost_consent_batches": "updated_at",
+    "pepipost_reply_claims": "claimed_at",
+    "pepipost_reply_cursors": "updated_at",
     "pepipost_suppressions": "changed_at",
     "pepipost_store_settings": "updated_at",
     "pepipost_schema_version": "applied_at",

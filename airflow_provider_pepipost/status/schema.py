@@ -21,7 +21,7 @@ from sqlalchemy import (
 
 from airflow_provider_pepipost import limits
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 metadata = MetaData()
 
@@ -180,6 +180,9 @@ inbound_messages = Table(
     Column("longitude", Float, nullable=True),
     Index("ux_pepipost_inbound_key", "inbound_key", unique=True),
     Index("ix_pepipost_inbound_context", "context_message_id"),
+    # v11: on SQLite an id is never given again once its row is erased or purged (a reply feed's
+    # cursor and the replies' claims name messages by id). PostgreSQL's sequence never gives one again.
+    sqlite_autoincrement=True,
 )
 
 # v5: the suppression list, by canonical number (``numbers.canonical_number``). One row per number
@@ -226,4 +229,30 @@ consent_batches = Table(
     Column("error_message", Text, nullable=True),
     Column("updated_at", Float, nullable=False),
     Index("ix_pepipost_consent_batches_task", "dag_id", "run_id", "task_id", "map_index"),
+)
+
+
+# v11: where each reply feed (``WhatsAppReplyTrigger``'s stream) has got to: the last inbound
+# message id whose events Airflow has stored. A feed starts at the newest message when it is made.
+reply_cursors = Table(
+    "pepipost_reply_cursors",
+    metadata,
+    Column("name", String(limits.REPLY_FEED_NAME_MAX), primary_key=True),
+    Column("last_inbound_id", BigInteger, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    # Where the feed started: a sweep for replies whose events Airflow left unconsumed looks no further back.
+    Column("first_inbound_id", BigInteger, nullable=False),
+)
+
+# v11: which DAG run took each reply for a consumer (``StatusStore.claim_replies``): the same reply
+# delivered to several runs (a triggerer restart redelivers) is handled by the first one only.
+reply_claims = Table(
+    "pepipost_reply_claims",
+    metadata,
+    Column("consumer", String(limits.REPLY_FEED_NAME_MAX), nullable=False),
+    Column("inbound_id", BigInteger, nullable=False),
+    Column("dag_id", String(limits.AIRFLOW_ID_MAX), nullable=False),
+    Column("run_id", String(limits.AIRFLOW_ID_MAX), nullable=False),
+    Column("claimed_at", Float, nullable=False),
+    PrimaryKeyConstraint("consumer", "inbound_id"),
 )

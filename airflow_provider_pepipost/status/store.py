@@ -21,7 +21,17 @@ from sqlalchemy import exc as sa_exc
 
 from airflow_provider_pepipost.errors import PepipostConfigError, StatusStoreUnavailable
 from airflow_provider_pepipost.numbers import canonical_number
-from airflow_provider_pepipost.status import consent, ingest, ledger, replies, reports, retention, schema, summaries
+from airflow_provider_pepipost.status import (
+    consent,
+    ingest,
+    ledger,
+    replies,
+    reply_feed,
+    reports,
+    retention,
+    schema,
+    summaries,
+)
 from airflow_provider_pepipost.status.consent import Consent, ConsentBatch
 from airflow_provider_pepipost.status.engines import get_engine, insert_for, redact_url, sqlite_write_lock
 from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
@@ -264,6 +274,49 @@ class StatusStore:
         and the send task row it answers (``status.replies``)."""
         with self.engine.connect() as conn:
             return replies.reply(conn, inbound_id)
+
+    # -- replies as a feed ----------------------------------------------------------------------
+
+    def replies_after(self, after_id: int, limit: int = 500) -> list[replies.Reply]:
+        """Up to ``limit`` customer messages filed after ``after_id``, oldest first."""
+        with self.engine.connect() as conn:
+            return replies.replies_after(conn, after_id, limit)
+
+    def replies_to(self, message_ids: Sequence[str]) -> list[replies.Reply]:
+        """The customer messages answering any of these messages of the provider, oldest first."""
+        with self.engine.connect() as conn:
+            return replies.replies_to(conn, message_ids)
+
+    def open_reply_cursor(self, name: str, start: int | None = None) -> int:
+        """Where the reply feed ``name`` has got to; a new feed starts at ``start``, by default
+        after the newest message."""
+        with self._writing() as conn:
+            return reply_feed.open_cursor(conn, name, time.time(), start)
+
+    def advance_reply_cursor(self, name: str, inbound_id: int) -> None:
+        """Move the feed's cursor forward to ``inbound_id`` (never back)."""
+        with self._writing() as conn:
+            reply_feed.advance_cursor(conn, name, inbound_id, time.time())
+
+    def reply_feed_start(self, name: str) -> int | None:
+        """The newest message's id when the reply feed ``name`` was made; None when it never was."""
+        with self.engine.connect() as conn:
+            return reply_feed.feed_start(conn, name)
+
+    def unclaimed_replies(
+        self, consumer: str, after_id: int, received_since: float, limit: int = 1000, **only: Any
+    ) -> list[replies.Reply]:
+        """Customer messages after ``after_id`` and received since ``received_since`` (epoch
+        seconds) that no run of ``consumer`` claimed, oldest first; ``only``: ``kinds``,
+        ``button_payloads``, ``dag_id``, ``task_id`` (``reply_feed.unclaimed``)."""
+        with self.engine.connect() as conn:
+            return reply_feed.unclaimed(conn, consumer, after_id, received_since, limit, **only)
+
+    def claim_replies(self, consumer: str, inbound_ids: Iterable[int], dag_id: str, run_id: str) -> list[int]:
+        """Claim customer messages for ``consumer`` as this DAG run: the ids this run holds, each
+        held by one run only (a retry of the same run gets its own claims back)."""
+        with self._writing() as conn:
+            return reply_feed.claim(conn, consumer, inbound_ids, dag_id, run_id, time.time())
 
     def record_dead_letter(self, reason: str, raw: str, key: str | None = None) -> None:
         """Keep a body the receiver could not read at all, with the reason (once per ``key``)."""

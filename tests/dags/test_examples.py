@@ -22,6 +22,8 @@ EXAMPLES = {
     "whatsapp_opt_in_then_campaign",
     "whatsapp_campaign_delivered_report",
     "pepipost_store_maintenance",
+    "whatsapp_offer_with_buttons",
+    "whatsapp_reply_router",
 }
 
 
@@ -119,6 +121,48 @@ def test_template_example_sends_the_template_where_the_window_is_closed(airflow_
         "total": 60,
         "counts": delivered["counts"],
     }
+
+
+def test_the_offer_waits_for_taps_and_the_router_confirms_each_yes_once(airflow_db, sqlite_receiver, pepipost_conn):
+    """The offer example with the sandbox tapping a button for half the recipients; then the router
+    run by hand, as its half-hourly sweep: each "Yes, book it" tapper gets one confirmation, once,
+    however often it runs, and nobody else gets one."""
+    from airflow_provider_pepipost.status.store import StatusStore
+    from airflow_provider_pepipost.triggers.replies import WhatsAppReplyTrigger
+
+    store = StatusStore(sqlite_receiver.store_url)
+    router_watcher = WhatsAppReplyTrigger(button_payloads=["YES_BOOK"], dag_id="whatsapp_offer_with_buttons")
+    store.open_reply_cursor(router_watcher.feed_name())  # the router's watcher, as the triggerer starts it
+    scenario = Scenario(final_mix={"read": 1.0}, status_delay=0.05, button_tap_ratio=0.5, seed=5)
+    headers = {"X-Pepipost-Token": WEBHOOK_TOKEN}
+    with SandboxServer(scenario, webhook_url=sqlite_receiver.webhook_url, webhook_headers=headers) as sandbox:
+        pepipost_conn(sandbox.url, sqlite_receiver.store_url)
+        offer = run_dag("whatsapp_offer_with_buttons", audience_size=40)
+        assert offer.state == "success", offer.tasks
+        answered = offer.value("wait_for_answers")
+        assert answered["recipients"] == 40 and answered["repliers"] >= 10
+        sandbox.state.reports.stop(drain_seconds=10)  # every tap is in the store
+        replies = store.replies_after(0, 1000)
+        assert len(replies) == sandbox.state.reports.taps_queued  # every tap the sandbox made, filed
+        yes = {reply.sender for reply in replies if reply.button_payload == "YES_BOOK"}
+        assert 5 <= len(yes) <= 35, len(yes)
+
+        router = run_dag("whatsapp_reply_router")
+        assert router.state == "success", router.tasks
+        claimed = router.value("claim_taps")
+        assert {row["button_payload"] for row in claimed} == {"YES_BOOK"} and len(claimed) == len(yes)
+        assert sorted(confirmed_numbers(sandbox)) == sorted(yes)
+
+        again = run_dag("whatsapp_reply_router")  # nothing new: it skips, and sends nothing
+        assert again.task_state("claim_taps") == "skipped"
+        assert again.task_state("send_booking_confirmation") == "skipped"
+        assert len(confirmed_numbers(sandbox)) == len(yes)
+
+
+def confirmed_numbers(sandbox: SandboxServer) -> list[str]:
+    """The numbers the sandbox accepted a ``slot_booked`` confirmation for, once per message."""
+    messages = [accepted["body"]["message"][0] for accepted in sandbox.state.accepted]
+    return [m["recipient_whatsapp"] for m in messages if m.get("type_template", [{}])[0].get("name") == "slot_booked"]
 
 
 def asset_event_extra(uri: str, run_id: str) -> dict:

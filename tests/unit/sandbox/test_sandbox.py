@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,262 @@ def test_the_command_says_when_its_port_is_taken():
     assert run.returncode != 0
     assert f"port {port} on 127.0.0.1 is taken" in run.stderr and "--port" in run.stderr
     assert "Pepipost sandbox on" not in run.stdout + run.stderr and "Traceback" not in run.stderr
+
+
+# -- quick-reply buttons and answers made by hand --------------------------------------------------
+
+SLOT_BUTTONS = [{"text": "Yes, book it", "payload": "YES_BOOK"}, {"text": "Not now", "payload": "NOT_NOW"}]
+NUMBER = "919833078369"
+
+
+class Hook:
+    """A webhook receiver on a real loopback port that keeps every body the sandbox posts."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+        self._lock = threading.Lock()
+        app = FastAPI()
+
+        @app.post("/hook")
+        async def hook(request: Request):
+            body = await request.json()
+            with self._lock:
+                self.bodies.append(body)
+            return {"ok": True}
+
+        self._served = ServedApp(app)
+        self.url = f"{self._served.url}/hook"
+
+    def __enter__(self) -> Hook:
+        self._served.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._served.__exit__(*exc)
+
+    def incoming(self) -> list[dict]:
+        with self._lock:
+            return [item for body in self.bodies for item in body.get("incoming_message", [])]
+
+    def taps(self) -> list[dict]:
+        return [item for item in self.incoming() if item["message_type"] == "button"]
+
+
+@pytest.fixture
+def hook():
+    with Hook() as receiver:
+        yield receiver
+
+
+def posting(hook: Hook, **scenario) -> SandboxServer:
+    """A sandbox posting to ``hook``: every message read, fast."""
+    settings = {"final_mix": {"read": 1.0}, "status_delay": 0.01, "batch_interval": 0.01, **scenario}
+    return SandboxServer(Scenario(**settings), webhook_url=hook.url)
+
+
+def slot_offer(recipient: str = NUMBER, header: str = "s1") -> dict:
+    """A send of the default template with quick-reply buttons: nothing in the body says so."""
+    item = template(**tt(name="slot_offer", attributes=("Asha",)), type_media_template=None)
+    return {"message": [{**item, "recipient_whatsapp": recipient, "x-apiheader": header}]}
+
+
+def message_id_of(answer: requests.Response) -> str:
+    assert answer.status_code == 200, answer.text
+    return answer.json()["data"]["id"]
+
+
+def by_hand(sandbox: SandboxServer, route: str, body) -> requests.Response:
+    return requests.post(f"{sandbox.url}/_sandbox/{route}", json=body, timeout=10)
+
+
+def test_the_default_scenario_has_a_template_with_quick_reply_buttons(sandbox):
+    assert Scenario().templates["slot_offer"] == {
+        "locale": "en",
+        "attributes": 1,
+        "header": None,
+        "buttons": SLOT_BUTTONS,
+    }
+    assert send(sandbox, slot_offer()).json()["status"] == "success"
+    assert Scenario().button_tap_ratio == 0.0
+    with pytest.raises(ValueError, match=r"templates\.x\.buttons"):
+        Scenario(templates={"x": {"locale": "en", "attributes": 0, "header": None, "buttons": [{"text": "A"}]}})
+
+
+def test_seeded_taps_are_the_same_in_every_run_and_follow_the_ratio(hook):
+    scenario = {"seed": 11, "button_tap_ratio": 0.3}
+    sc = Scenario(**scenario)
+    recipients = [f"91983307{i:04d}" for i in range(200)]
+    # What the scenario's own draws say: the tap, and which button, keyed on recipient and kind only.
+    expected = {
+        r: SLOT_BUTTONS[int(sc.draw("tap-button", sc.draw_key(r, "template")) * 2)]["payload"]
+        for r in recipients
+        if sc.draw("tap", sc.draw_key(r, "template")) < 0.3
+    }
+    runs = []
+    for run in ("manual__2026-01-01", "scheduled__2026-07-09"):
+        hook.bodies.clear()
+        with posting(hook, **scenario) as sandbox:
+            ids = {r: message_id_of(send(sandbox, slot_offer(r, f"{run}-{r}"))) for r in recipients}
+            assert sandbox.wait_for_reports(20)
+            assert wait_until(lambda: len(hook.taps()) >= len(expected))
+            taps_posted = requests.get(f"{sandbox.url}/_sandbox/stats", timeout=10).json()["taps_posted"]
+        taps = hook.taps()
+        assert {t["context"]["ncmessage_id"] for t in taps} == {ids[t["from"]] for t in taps}
+        runs.append(({t["from"]: t["text_type"]["payload"] for t in taps}, len(taps), taps_posted))
+    assert runs[0] == runs[1] == (expected, len(expected), len(expected))
+    assert 40 <= len(expected) <= 80  # 30 % of 200, give or take the draw
+    assert set(expected.values()) == {"YES_BOOK", "NOT_NOW"}
+
+
+def test_a_tap_is_posted_after_the_last_status_in_the_vendors_shape(hook):
+    with posting(hook, button_tap_ratio=1.0, out_of_order_ratio=1.0) as sandbox:
+        before = int(time.time())
+        message_id = message_id_of(send(sandbox, slot_offer()))
+        assert sandbox.wait_for_reports(10)
+        assert wait_until(lambda: hook.taps())
+    [tap] = hook.taps()
+    button = next(b for b in SLOT_BUTTONS if b["payload"] == tap["text_type"]["payload"])
+    assert tap == {
+        "message_id": f"in-{message_id}",
+        "from": NUMBER,
+        "received_at": tap["received_at"],
+        "message_type": "button",
+        "text_type": {"payload": button["payload"], "text": button["text"]},
+        "context": {"ncmessage_id": message_id, "message_id": None},
+    }
+    assert tap["received_at"].isdigit() and int(tap["received_at"]) >= before
+    # Every status of the message was posted in the tap's body or before it.
+    order = [kind for body in hook.bodies for kind in ("delivery_status", "incoming_message") if kind in body]
+    assert order.index("incoming_message") >= max(i for i, kind in enumerate(order) if kind == "delivery_status")
+
+
+@pytest.mark.parametrize(
+    ("scenario", "answer"),
+    [
+        ({"button_tap_ratio": 1.0, "stop_reply_ratio": 1.0, "inbound_ratio": 1.0}, ("text", "STOP")),
+        ({"button_tap_ratio": 1.0, "inbound_ratio": 1.0}, ("button", None)),
+        ({"button_tap_ratio": 0.0, "inbound_ratio": 1.0}, ("text", "Thanks!")),
+    ],
+)
+def test_a_stop_reply_comes_before_a_tap_and_a_tap_before_a_text_reply(hook, scenario, answer):
+    with posting(hook, **scenario) as sandbox:
+        message_id_of(send(sandbox, slot_offer()))
+        assert sandbox.wait_for_reports(10)
+        assert wait_until(lambda: hook.incoming())
+    [item] = hook.incoming()
+    assert (item["message_type"], item["text_type"].get("text") if answer[1] else None) == answer
+
+
+def test_a_media_or_buttonless_template_recipient_never_taps(hook):
+    with posting(hook, button_tap_ratio=1.0) as sandbox:
+        for i in range(20):
+            message_id_of(send(sandbox, {"message": [media(recipient_whatsapp=f"91983307{i:04d}")]}))
+            offer = template(**tt(name="spring_offer", attributes=("Asha",)), type_media_template=None)
+            message_id_of(send(sandbox, {"message": [{**offer, "recipient_whatsapp": f"91983307{i:04d}"}]}))
+        tapped = message_id_of(send(sandbox, slot_offer("919800000001")))  # the one that can tap
+        assert sandbox.wait_for_reports(10)
+        assert wait_until(lambda: hook.taps())
+        time.sleep(0.1)
+        assert requests.get(f"{sandbox.url}/_sandbox/stats", timeout=10).json()["taps_posted"] == 1
+    assert [t["context"]["ncmessage_id"] for t in hook.taps()] == [tapped]
+    assert hook.incoming() == hook.taps()
+
+
+def test_a_reply_by_hand_taps_a_button_in_reply_to_the_last_message(hook):
+    with posting(hook) as sandbox:
+        message_id_of(send(sandbox, {"message": [media()]}))
+        last = message_id_of(send(sandbox, slot_offer(header="s2")))
+        body = {"from": "+91 98330 78369", "button": {"payload": "YES_BOOK", "text": "Yes"}, "in_reply_to_last": True}
+        answer = by_hand(sandbox, "reply", body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"queued": 1, "message_id": answer.json()["message_id"], "context_message_id": last}
+        text = by_hand(
+            sandbox, "reply", {"from": NUMBER, "text": "hi", "context_message_id": "x-1", "in_reply_to_last": True}
+        )
+        assert text.json()["context_message_id"] == "x-1"  # an explicit id wins
+        plain = by_hand(sandbox, "reply", {"from": NUMBER, "text": "hi"})
+        assert plain.json()["context_message_id"] is None
+        assert wait_until(lambda: len(hook.incoming()) == 3)
+        assert requests.get(f"{sandbox.url}/_sandbox/stats", timeout=10).json()["taps_posted"] == 1
+    items = {item["message_id"]: item for item in hook.incoming()}
+    tap = items[answer.json()["message_id"]]
+    assert (tap["from"], tap["message_type"], tap["text_type"]) == (
+        "+91 98330 78369",
+        "button",
+        {"payload": "YES_BOOK", "text": "Yes"},
+    )
+    assert tap["context"] == {"ncmessage_id": last, "message_id": None}
+    assert items[text.json()["message_id"]]["text_type"] == {"text": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"text": "hi"}, "'from'"),
+        ({"from": True, "text": "hi"}, "'from'"),
+        ({"from": NUMBER}, "'text'"),
+        ({"from": NUMBER, "text": "hi", "button": {"payload": "P", "text": "T"}}, "'button'"),
+        ({"from": NUMBER, "text": 5}, "'text'"),
+        ({"from": NUMBER, "button": "YES_BOOK"}, "'button'"),
+        ({"from": NUMBER, "button": {"text": "Yes"}}, "'button.payload'"),
+        ({"from": NUMBER, "button": {"payload": "YES_BOOK"}}, "'button.text'"),
+        ({"from": NUMBER, "text": "hi", "context_message_id": 5}, "'context_message_id'"),
+        ({"from": NUMBER, "text": "hi", "in_reply_to_last": "yes"}, "'in_reply_to_last'"),
+        (["not", "an", "object"], "JSON object"),
+    ],
+)
+def test_a_bad_reply_body_is_refused_naming_the_field(hook, body, says):
+    with posting(hook) as sandbox:
+        answer = by_hand(sandbox, "reply", body)
+    assert answer.status_code == 400 and says in answer.json()["detail"], answer.text
+
+
+def test_in_reply_to_last_without_a_message_for_that_number_is_404(hook):
+    with posting(hook) as sandbox:
+        message_id_of(send(sandbox, {"message": [media()]}))
+        answer = by_hand(sandbox, "reply", {"from": "919800000009", "text": "hi", "in_reply_to_last": True})
+    assert answer.status_code == 404 and "919800000009" in answer.json()["detail"]
+    assert hook.incoming() == []
+
+
+def test_a_tap_by_hand_answers_the_last_template_with_buttons(hook):
+    with posting(hook) as sandbox:
+        offer = message_id_of(send(sandbox, slot_offer()))
+        message_id_of(send(sandbox, {"message": [media()]}))  # the last message, but it has no buttons
+        answer = by_hand(sandbox, "tap", {"from": "0091 98330 78369", "payload": "NOT_NOW"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"queued": 1, "message_id": answer.json()["message_id"], "context_message_id": offer}
+        assert wait_until(lambda: hook.taps())
+        assert requests.get(f"{sandbox.url}/_sandbox/stats", timeout=10).json()["taps_posted"] == 1
+    [tap] = hook.taps()
+    assert tap["message_id"] == answer.json()["message_id"]
+    assert (tap["text_type"], tap["context"]["ncmessage_id"]) == ({"payload": "NOT_NOW", "text": "Not now"}, offer)
+
+
+def test_a_tap_by_hand_on_no_such_button_or_template_is_refused(hook):
+    with posting(hook) as sandbox:
+        message_id_of(send(sandbox, slot_offer()))
+        offer = template(**tt(name="spring_offer", attributes=("Asha",)), type_media_template=None)
+        message_id_of(send(sandbox, {"message": [{**offer, "recipient_whatsapp": "919800000002"}]}))
+        unknown = by_hand(sandbox, "tap", {"from": NUMBER, "payload": "MAYBE"})
+        no_template = by_hand(sandbox, "tap", {"from": "919800000002", "payload": "YES_BOOK"})
+        no_payload = by_hand(sandbox, "tap", {"from": NUMBER})
+        stats = requests.get(f"{sandbox.url}/_sandbox/stats", timeout=10).json()
+    assert unknown.status_code == 400 and "'MAYBE'" in unknown.json()["detail"]
+    assert "YES_BOOK" in unknown.json()["detail"] and "slot_offer" in unknown.json()["detail"]
+    assert no_template.status_code == 404 and "919800000002" in no_template.json()["detail"]
+    assert no_payload.status_code == 400 and "'payload'" in no_payload.json()["detail"]
+    assert stats["taps_posted"] == 0 and hook.taps() == []
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("reply", {"from": NUMBER, "button": {"payload": "YES_BOOK", "text": "Yes"}}),
+        ("tap", {"from": NUMBER, "payload": "YES_BOOK"}),
+    ],
+)
+def test_answers_by_hand_need_a_webhook(sandbox, route, body):
+    send(sandbox, slot_offer())
+    answer = by_hand(sandbox, route, body)
+    assert answer.status_code == 409 and "--webhook-url" in answer.json()["detail"]

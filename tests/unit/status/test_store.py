@@ -308,3 +308,42 @@ def test_several_batches_in_one_transaction_keep_their_own_counts(store_url):
     results = store.ingest_many([WebhookBatch(first), WebhookBatch(second, [DeadLetter("bad", "{}")])])
     assert [(r.accepted, r.duplicates, r.reconciled, r.dead_letters) for r in results] == [(2, 0, 1, 0), (1, 1, 0, 1)]
     assert store.count_rows("pepipost_events") == 3
+
+
+def test_an_erased_replys_id_is_never_given_again_also_after_the_v11_upgrade(sqlite_url):
+    """SQLite reused the id of the newest row once it was deleted (erasure, a purge): a reply feed's
+    cursor would skip the next reply, and a claim on the old id would send to the new sender."""
+    import json
+
+    import sqlalchemy
+
+    from airflow_provider_pepipost.status import store as store_module
+    from airflow_provider_pepipost.status.inbound import TextReply
+
+    def reply(n: int) -> TextReply:
+        return TextReply("text", f"9198000000{n:02d}", None, json.dumps({"n": n}), text="hi")
+
+    store = StatusStore(sqlite_url)
+    with store.engine.begin() as conn:  # the table as v10 made it: ids reused
+        ddl = conn.execute(sqlalchemy.text("SELECT sql FROM sqlite_master WHERE name = 'pepipost_inbound_messages'"))
+        old_ddl = ddl.scalar().replace("AUTOINCREMENT", "")
+        conn.execute(sqlalchemy.text("DROP TABLE pepipost_inbound_messages"))
+        conn.execute(sqlalchemy.text(old_ddl))
+        for index in schema.inbound_messages.indexes:
+            index.create(conn)
+        conn.execute(sqlalchemy.text("DELETE FROM pepipost_schema_version"))
+        conn.execute(sqlalchemy.text("INSERT INTO pepipost_schema_version VALUES (10, 0)"))
+    store.ingest([], inbound=[reply(1), reply(2)])
+    with store.engine.begin() as conn:
+        conn.execute(sqlalchemy.text("DELETE FROM pepipost_inbound_messages WHERE id = 2"))
+    store_module._SCHEMA_READY.discard(sqlite_url)
+
+    upgraded = StatusStore(sqlite_url)  # migrates to v11
+    assert upgraded.schema_version() == schema.SCHEMA_VERSION
+    assert [r.inbound_id for r in upgraded.replies_after(0, 10)] == [1]  # the rows kept, with their ids
+    # Id 2, deleted before the upgrade, may come again: no cursor or claim could name it (v11 made them).
+    upgraded.ingest([], inbound=[reply(3)])
+    newest = max(r.inbound_id for r in upgraded.replies_after(0, 10))
+    upgraded.erase("919800000003", key="test-erasure-key")  # the newest row goes
+    upgraded.ingest([], inbound=[reply(4)])
+    assert [r.inbound_id for r in upgraded.replies_after(0, 10)] == [1, newest + 1]
