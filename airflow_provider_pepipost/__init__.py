@@ -61,7 +61,10 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "extra-links": ["airflow_provider_pepipost.operators.links.WhatsAppCampaignLink"],
-        "notifications": ["airflow_provider_pepipost.notifications.whatsapp.WhatsAppTemplateNotifier"],
+        "notifications": [
+            "airflow_provider_pepipost.notifications.whatsapp.WhatsAppTemplateNotifier",
+            "airflow_provider_pepipost.notifications.whatsapp.WhatsAppHITLNotifier",
+        ],
         "config": {"pepipost": _config_section()},
         "plugins": [
             {
@@ -100,6 +103,11 @@ def _config_section() -> dict[str, Any]:
             "status_store_url": _option(
                 "SQLAlchemy URL of the status store, when no connection is named; prefer status_store_conn_id.",
                 sensitive=True,
+            ),
+            "airflow_api_conn_id": _option(
+                "Airflow connection (the api-server's URL, a user allowed to answer human-in-the-loop tasks) "
+                "through which the plugin's receiver answers approvals tapped on WhatsApp.",
+                example="pepipost_airflow_api",
             ),
             "webhook_token": _option(
                 "The shared token every delivery report posted to the plugin's receiver must carry.", sensitive=True

@@ -1,4 +1,5 @@
-"""WhatsAppTemplateNotifier: an approved template to on-call phones from an Airflow callback.
+"""WhatsAppTemplateNotifier: an approved template to on-call phones from an Airflow callback; and
+WhatsAppHITLNotifier: Airflow's human-in-the-loop request on the approvers' phones, answered by a tap.
 
 A template, not a session message: on-call phones have rarely written to the business in the last
 24 hours, and WhatsApp delivers only templates to them.
@@ -8,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.bases.notifier import BaseNotifier
 
+from airflow_provider_pepipost.approvals import Confirmation, approver_numbers, option_payloads
 from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
-from airflow_provider_pepipost.errors import MessageValidationError, PepipostError
+from airflow_provider_pepipost.errors import MessageValidationError, PepipostConfigError, PepipostError
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import build_all, mask_value, request_body
 from airflow_provider_pepipost.numbers import mask_numbers_in
@@ -174,6 +176,117 @@ class WhatsAppTemplateNotifier(BaseNotifier):
         """The same send on the notifier's own threads: the event loop never waits on the network,
         and a slow alert never holds the threads other triggers need."""
         await asyncio.get_running_loop().run_in_executor(_NOTIFY_THREADS, self.notify, context)
+
+
+# The variables of a suggested request template "airflow_approval_request": "{{1}}: {{2}}. Open
+# in Airflow: {{3}}", approved with one quick-reply button per option (payloads: the options).
+DEFAULT_APPROVAL_ATTRIBUTES = ("{{ task.subject }}", "{{ task.body or task.subject }}", "{{ ti.log_url }}")
+
+
+class WhatsAppHITLNotifier(WhatsAppTemplateNotifier):
+    """Ask for a human-in-the-loop decision on WhatsApp; an approver's tap on a button answers the task.
+
+    For the ``notifiers=[...]`` of ``HITLOperator``, ``ApprovalOperator`` and
+    ``HITLBranchOperator``. Sends an approved template whose quick-reply buttons stand for the
+    task's options (``option_payloads``: option -> the button's payload, by default the option's
+    own text) to each approver, and records in the status store which message asks for which try
+    of which task instance, with which buttons, of whom. When an approver taps a button, the
+    webhook receiver (standalone or the plugin) answers the task through Airflow's REST API (see
+    ``webhook.airflow_api``); a tap by anyone else, on a button the request did not have, or on
+    an earlier try's request, changes nothing. A number on the suppression list is not asked.
+
+    :param recipients: the approvers' numbers. Keep them out of what a run's conf can change
+        (params): whoever triggers the DAG could name themselves. (templated)
+    :param template_name: the approved template with one quick-reply button per option. (templated)
+    :param attributes: its variables: by default the task's subject, body and the link to the
+        task's log in the UI. (templated)
+    :param option_payloads: option -> the payload its button was approved with.
+    :param confirmation_template: an approved template with one variable (the option taken) that
+        tells the approver their answer was taken; None sends none.
+    :param confirmation_language: its locale.
+    :param raise_on_failure: default True: an approval nobody was asked for fails the task, rather
+        than wait for an answer that cannot come.
+    Other parameters: as ``WhatsAppTemplateNotifier``'s.
+    """
+
+    def __init__(
+        self,
+        *,
+        recipients: str | Sequence[str],
+        template_name: str,
+        attributes: Sequence[str] = DEFAULT_APPROVAL_ATTRIBUTES,
+        option_payloads: Mapping[str, str] | None = None,
+        confirmation_template: str | None = None,
+        confirmation_language: str = "en",
+        raise_on_failure: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            recipients=recipients,
+            template_name=template_name,
+            attributes=attributes,
+            raise_on_failure=raise_on_failure,
+            timeout=timeout,
+            **kwargs,
+        )
+        self.option_payloads = dict(option_payloads or {})
+        self.confirmation = (
+            Confirmation(confirmation_template, confirmation_language, self.pepipost_conn_id)
+            if confirmation_template
+            else None
+        )
+
+    def notify(self, context: Context) -> None:
+        task, ti = context["task"], context["ti"]
+        options = list(getattr(task, "options", None) or [])
+        if not options:
+            raise PepipostConfigError(
+                f"WhatsAppHITLNotifier is for human-in-the-loop tasks (HITLOperator, ApprovalOperator...); "
+                f"task {task.task_id!r} has no options"
+            )
+        payloads = option_payloads(options, self.option_payloads)
+        approvers = approver_numbers(self.recipients)
+        map_index = ti.map_index if ti.map_index is not None else -1
+        asked = (ti.dag_id, ti.run_id, ti.task_id, map_index, int(ti.try_number or 1))
+        store = open_store(self.status_store_conn_id)
+        by_payload = {payload: option for option, payload in payloads.items()}
+
+        def record(message_id: str) -> None:  # right after each send: a tap may come at once
+            store.record_approval_request(message_id, asked, by_payload, approvers, self.confirmation)
+
+        sent, failures = self._ask(approvers, record)
+        if failures or not sent:
+            text = mask_numbers_in(
+                f"WhatsApp approval request '{self.template_name}' was NOT sent to "
+                f"{len(failures) or len(approvers)} approver(s): " + ("; ".join(failures) or "every one opted out")
+            )
+            self.log.error(text)
+            if self.raise_on_failure and not sent:
+                raise PepipostError(text)
+
+    def _ask(self, approvers: frozenset[str], record: Callable[[str], None]) -> tuple[list[str], list[str]]:
+        """Send the request to each approver not opted out, recording each; the ids, and what failed."""
+        deadline = time.monotonic() + self.timeout
+        sent: list[str] = []
+        failures: list[str] = []
+        hook = PepipostHook(self.pepipost_conn_id)
+        try:
+            self.recipients = sorted(approvers)
+            for message in self._not_opted_out(self.messages(hook)):
+                shown = mask_value("recipient_whatsapp", message.recipient)
+                try:
+                    message_id = hook.post_message_body(request_body(message), deadline=deadline)
+                except PepipostError as err:
+                    failures.append(f"{shown}: {err}")
+                    continue
+                record(message_id)
+                sent.append(message_id)
+                self.log.info("WhatsApp approval request '%s' sent to %s (id %s)", self.template_name, shown,
+                              message_id)  # fmt: skip
+        finally:
+            hook.close()
+        return sent, failures
 
 
 def send_whatsapp_template_notification(**kwargs: Any) -> WhatsAppTemplateNotifier:

@@ -67,6 +67,15 @@ class Scenario:
                 "header": None,
                 "buttons": [{"text": "Yes, book it", "payload": "YES_BOOK"}, {"text": "Not now", "payload": "NOT_NOW"}],
             },
+            # WhatsAppHITLNotifier's suggested request: subject, body, link; a button per option.
+            "airflow_approval_request": {
+                "locale": "en",
+                "attributes": 3,
+                "header": None,
+                "buttons": [{"text": "Approve", "payload": "Approve"}, {"text": "Reject", "payload": "Reject"}],
+            },
+            # WhatsAppHITLNotifier's suggested confirmation: "Your answer {{1}} was recorded."
+            "airflow_approval_recorded": {"locale": "en", "attributes": 1, "header": None},
             # The confirmation whatsapp_reply_router sends to those who tapped "Yes, book it".
             "slot_booked": {"locale": "en", "attributes": 0, "header": None},
         }

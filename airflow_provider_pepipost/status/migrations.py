@@ -187,6 +187,11 @@ def _v11_reply_feeds(conn: Connection) -> None:
     conn.execute(text(f"DROP TABLE {table.name}_v10"))
 
 
+def _v12_approvals(conn: Connection) -> None:
+    """v12: approval requests sent on WhatsApp and the taps that answered them: new tables, which
+    ``create_all`` made."""
+
+
 ERASURE_FINGERPRINT = "erasure_key_fingerprint"
 UNKNOWN_FINGERPRINT = "unknown"
 
@@ -202,6 +207,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     9: _v9_store_settings,
     10: _v10_inbound_kinds,
     11: _v11_reply_feeds,
+    12: _v12_approvals,
 }
 
 

@@ -30,7 +30,7 @@ from airflow_provider_pepipost.numbers import (
     normalize_phone,
     number_hash,
 )
-from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.status import approvals, schema
 from airflow_provider_pepipost.status.consent import RACED, raced_key
 from airflow_provider_pepipost.status.engines import chunks
 from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
@@ -56,6 +56,8 @@ _PURGED = (
     (schema.message_status, "message_id", "updated_at", None),
     (schema.consent_batches, "batch_key", "updated_at", None),
     (schema.reply_claims, None, "claimed_at", None),
+    (schema.approval_answers, "inbound_id", "decided_at", None),
+    (schema.approval_requests, "message_id", "created_at", None),
 )
 
 
@@ -121,6 +123,7 @@ class Erased:
     inbound: int = 0
     dead_letters: int = 0
     consent_batches: int = 0
+    approval_requests: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -156,6 +159,7 @@ def erase(writing: Writing, number: str, key: str) -> Erased:
         _scrub_mentions(conn, schema.campaign_rows, None, "error_message", phone)
         found.consent_batches = _scrub_mentions(conn, schema.consent_batches, "batch_key", "error_message", phone)
         found.consent_batches += _forget_raced(conn, phone)
+        found.approval_requests = approvals.forget_approver(conn, phone)
     return found
 
 
@@ -294,6 +298,8 @@ _AGE_COLUMNS = {
     "pepipost_consent_batches": "updated_at",
     "pepipost_reply_claims": "claimed_at",
     "pepipost_reply_cursors": "updated_at",
+    "pepipost_approval_requests": "created_at",
+    "pepipost_approval_answers": "decided_at",
     "pepipost_suppressions": "changed_at",
     "pepipost_store_settings": "updated_at",
     "pepipost_schema_version": "applied_at",

@@ -21,7 +21,7 @@ from sqlalchemy import (
 
 from airflow_provider_pepipost import limits
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 metadata = MetaData()
 
@@ -255,4 +255,40 @@ reply_claims = Table(
     Column("run_id", String(limits.AIRFLOW_ID_MAX), nullable=False),
     Column("claimed_at", Float, nullable=False),
     PrimaryKeyConstraint("consumer", "inbound_id"),
+)
+
+
+# v12: approval requests sent on WhatsApp (``WhatsAppHITLNotifier``), one row per message: the
+# human-in-the-loop task instance it asks for, its buttons (payload -> option, JSON) and who may
+# answer (canonical numbers, JSON).
+approval_requests = Table(
+    "pepipost_approval_requests",
+    metadata,
+    Column("message_id", String(limits.MESSAGE_ID_MAX), primary_key=True),
+    *_task_instance_columns(),
+    Column("try_number", Integer, nullable=False),
+    Column("options", Text, nullable=False),
+    Column("approvers", Text, nullable=False),
+    # The confirmation for the approver, JSON (template_name, language, pepipost_conn_id), or NULL.
+    Column("confirmation", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+)
+
+# v12: what became of each tap on an approval request: the verdict (answer, not_an_approver,
+# unknown_payload), the option, what Airflow said (answered, already_answered, refused) and who
+# tapped (masked). A tap without a row here is still to be handled; a row whose outcome is
+# "submitting" was claimed by a receiver that is asking Airflow now (or died doing so: taken over
+# once it is stale).
+approval_answers = Table(
+    "pepipost_approval_answers",
+    metadata,
+    Column("inbound_id", BigInteger, primary_key=True),
+    Column("message_id", String(limits.MESSAGE_ID_MAX), nullable=False),
+    Column("verdict", String(limits.LEDGER_STATE_MAX), nullable=False),
+    Column("option", Text, nullable=True),
+    Column("outcome", String(limits.LEDGER_STATE_MAX), nullable=True),
+    Column("answered_by", String(limits.RECIPIENT_MAX), nullable=True),  # masked
+    Column("detail", Text, nullable=True),
+    Column("decided_at", Float, nullable=False),
+    Index("ix_pepipost_approval_answers_message", "message_id"),
 )

@@ -16,12 +16,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, func, select, text, update
 from sqlalchemy import exc as sa_exc
 
+from airflow_provider_pepipost.approvals import Confirmation
 from airflow_provider_pepipost.errors import PepipostConfigError, StatusStoreUnavailable
 from airflow_provider_pepipost.numbers import canonical_number
 from airflow_provider_pepipost.status import (
+    approvals,
     consent,
     ingest,
     ledger,
@@ -63,6 +65,10 @@ def open_store(conn_id: str | None = None, *, url: str | None = None) -> StatusS
             "connection (type postgres or sqlite) in Airflow, or name another with status_store_conn_id"
         ) from err
     return StatusStore(resolved, source=source)
+
+
+# pg_advisory_xact_lock's key for creating and migrating the schema ("pepS" in ASCII).
+SCHEMA_LOCK = 0x70657053
 
 
 class StatusStore:
@@ -111,6 +117,10 @@ class StatusStore:
 
     def _create_or_migrate(self) -> None:
         with self._writing() as conn:
+            if conn.dialect.name == "postgresql":
+                # Two processes opening a new store at once (receivers starting together) take turns:
+                # the second finds the tables the first made.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
             schema.metadata.create_all(conn, checkfirst=True)
             found = conn.execute(select(func.max(schema.schema_version.c.version))).scalar()
             if found is None or found < schema.SCHEMA_VERSION:
@@ -317,6 +327,53 @@ class StatusStore:
         held by one run only (a retry of the same run gets its own claims back)."""
         with self._writing() as conn:
             return reply_feed.claim(conn, consumer, inbound_ids, dag_id, run_id, time.time())
+
+    # -- approvals on WhatsApp -------------------------------------------------------------------
+
+    def record_approval_request(
+        self,
+        message_id: str,
+        task: tuple[str, str, str, int, int],
+        options_by_payload: Mapping[str, str],
+        approvers: Iterable[str],
+        confirmation: Confirmation | None = None,
+    ) -> None:
+        """A request message ``WhatsAppHITLNotifier`` sent for a task instance (dag, run, task, map
+        index, try): its buttons (payload -> option) and who may answer (canonical numbers)."""
+        with self._writing() as conn:
+            approvals.record_request(conn, message_id, task, options_by_payload, approvers, time.time(), confirmation)
+
+    def pending_approval_taps(self, limit: int = 100, stale_after: float = 300.0) -> list[approvals.Tap]:
+        """Replies to request messages not handled yet, and claims older than ``stale_after`` seconds."""
+        with self.engine.connect() as conn:
+            return approvals.pending_taps(conn, limit, time.time() - stale_after)
+
+    def claim_approval_tap(self, tap: approvals.Tap, answered_by: str, stale_after: float = 300.0) -> bool:
+        """Take a tap to answer Airflow with; False when another receiver holds it."""
+        with self._writing() as conn:
+            now = time.time()
+            return approvals.claim(conn, tap.inbound_id, tap.request.message_id, answered_by, now, now - stale_after)
+
+    def finish_approval_tap(self, answer: approvals.Answer) -> None:
+        """What Airflow said to a claimed tap's answer."""
+        with self._writing() as conn:
+            approvals.finish(conn, answer)
+
+    def release_approval_tap(self, inbound_id: int) -> None:
+        """Give a claimed tap back: Airflow could not take it yet."""
+        with self._writing() as conn:
+            approvals.release(conn, inbound_id)
+
+    def record_approval_answer(self, answer: approvals.Answer) -> None:
+        """A tap decided without asking Airflow (once: a tap recorded stays as it was)."""
+        with self._writing() as conn:
+            approvals.record_answer(conn, answer)
+
+    def approval_answers(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> list[approvals.Answer]:
+        """The taps on this task instance's requests and what became of each (masked numbers only):
+        what the task (or a later one) reads to say who answered."""
+        with self.engine.connect() as conn:
+            return approvals.answers_for_task(conn, dag_id, run_id, task_id, map_index)
 
     def record_dead_letter(self, reason: str, raw: str, key: str | None = None) -> None:
         """Keep a body the receiver could not read at all, with the reason (once per ``key``)."""

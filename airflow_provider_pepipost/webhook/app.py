@@ -15,7 +15,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -24,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from airflow_provider_pepipost.status.inbound import WebhookBatch
 from airflow_provider_pepipost.status.store import StatusStore, open_store
+from airflow_provider_pepipost.webhook.approvals import ApprovalResponder
 from airflow_provider_pepipost.webhook.batching import IngestQueue, QueueFull
 from airflow_provider_pepipost.webhook.logs import RefusalLog, Throttled, capped, describe_error, redact_access_logs
 from airflow_provider_pepipost.webhook.payload import DEFAULT_STOP_SET, MAX_RAW_CHARS, body_key, letter, parse_body
@@ -137,8 +139,19 @@ def create_app(
 
 def build_app(settings: ReceiverSettings) -> FastAPI:
     """The receiver app for ``settings``: its routes under ``settings.path_prefix``."""
-    app = FastAPI(title="Pepipost delivery-report receiver", docs_url=None, redoc_url=None, openapi_url=None)
-    app.include_router(receiver_router(Receiver(settings)), prefix=settings.path_prefix)
+    receiver = Receiver(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Taps left pending by a restart are answered at once. (Mounted in the api-server by the
+        # plugin, an app's lifespan does not run: there the first request starts the responder.)
+        receiver.approvals.wake()
+        yield
+
+    app = FastAPI(
+        title="Pepipost delivery-report receiver", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
+    app.include_router(receiver_router(receiver), prefix=settings.path_prefix)
     redact_access_logs()
     return app
 
@@ -158,6 +171,7 @@ class Receiver:
         self.dead_lettered, self.unhealthy = Throttled(), Throttled()
         self._store: StatusStore | None = None
         self.queue = IngestQueue(self.store, max_bodies=settings.max_queued_bodies, max_bytes=settings.max_queued_bytes)
+        self.approvals = ApprovalResponder(self.store, settings.airflow_api_conn_id)
 
     def store(self) -> StatusStore:
         # Opened, and its URL resolved, on first use: importing the plugin must not touch a database.
@@ -266,6 +280,10 @@ class Receiver:
             self.store_failed("Pepipost webhook: could not store a body of %d events: %s", len(batch.events),
                               describe_error(err))  # fmt: skip
             return JSONResponse({"detail": "could not store the batch; send it again"}, status_code=503)
+        if any(message.context_message_id for message in batch.inbound):
+            self.approvals.wake()  # a reply may answer an approval request
+        else:
+            self.approvals.start()  # in the plugin, the first body starts it: taps a restart left are answered
         if unreadable:
             raise self.refuse(request, 400, unreadable)
         # Past the per-body cap, many bad items share one dead letter: the answer counts items.

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from airflow_provider_pepipost.consent import stop_word_set
 from airflow_provider_pepipost.status.resolver import STORE_URL_ENV
+from airflow_provider_pepipost.webhook.airflow_api import DEFAULT_AIRFLOW_API_CONN_ID
 
 TOKEN_ENV = "PEPIPOST_WEBHOOK_TOKEN"
 STOP_WORDS_ENV = "PEPIPOST_STOP_WORDS"
@@ -22,6 +23,7 @@ ALLOWED_IPS_ENV = "PEPIPOST_WEBHOOK_ALLOWED_IPS"
 MAX_BODY_BYTES_ENV = "PEPIPOST_WEBHOOK_MAX_BODY_BYTES"
 BODY_TIMEOUT_ENV = "PEPIPOST_WEBHOOK_BODY_TIMEOUT"
 MAX_QUEUED_BODIES_ENV = "PEPIPOST_WEBHOOK_MAX_QUEUED_BODIES"
+AIRFLOW_API_CONN_ENV = "PEPIPOST_AIRFLOW_API_CONN_ID"
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT = 10.0  # seconds to receive a whole body once its headers are in
@@ -47,6 +49,8 @@ class ReceiverSettings:
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
     refusal_log_interval: float = 60.0
     stop_words: frozenset[str] = field(default_factory=stop_word_set)
+    # The Airflow connection (api-server URL, a user allowed to answer) that approval taps answer through.
+    airflow_api_conn_id: str = DEFAULT_AIRFLOW_API_CONN_ID
 
     @classmethod
     def from_env(cls) -> ReceiverSettings:
@@ -61,6 +65,7 @@ class ReceiverSettings:
             body_timeout=float(env.get(BODY_TIMEOUT_ENV) or DEFAULT_BODY_TIMEOUT),
             max_queued_bodies=int(env.get(MAX_QUEUED_BODIES_ENV) or DEFAULT_MAX_QUEUED_BODIES),
             stop_words=stop_words_or_env(None),
+            airflow_api_conn_id=env.get(AIRFLOW_API_CONN_ENV) or DEFAULT_AIRFLOW_API_CONN_ID,
         )
 
     @classmethod
@@ -72,6 +77,8 @@ class ReceiverSettings:
             path_prefix="",  # mounted under /pepipost by the plugin
             allowed_networks=parse_networks(_airflow_setting(ALLOWED_IPS_ENV, "webhook_allowed_ips")),
             stop_words=stop_word_set(_airflow_setting(STOP_WORDS_ENV, "stop_words")),
+            airflow_api_conn_id=_airflow_setting(AIRFLOW_API_CONN_ENV, "airflow_api_conn_id")
+            or DEFAULT_AIRFLOW_API_CONN_ID,
         )
 
 

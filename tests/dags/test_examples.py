@@ -24,6 +24,7 @@ EXAMPLES = {
     "pepipost_store_maintenance",
     "whatsapp_offer_with_buttons",
     "whatsapp_reply_router",
+    "whatsapp_campaign_approval",
 }
 
 

@@ -347,3 +347,45 @@ def test_an_erased_replys_id_is_never_given_again_also_after_the_v11_upgrade(sql
     upgraded.erase("919800000003", key="test-erasure-key")  # the newest row goes
     upgraded.ingest([], inbound=[reply(4)])
     assert [r.inbound_id for r in upgraded.replies_after(0, 10)] == [1, newest + 1]
+
+
+def test_erasure_takes_the_number_out_of_every_approval_request(store_url):
+    store = StatusStore(store_url)
+    options = {"Approve": "Approve", "Reject": "Reject"}
+    store.record_approval_request("req-1", ("d", "r", "approve", -1, 1), options, {"919900000001", "919900000002"})
+    assert store.erase("+91 99000 00001", key="test-erasure-key").approval_requests == 1
+    with store.engine.connect() as conn:
+        (approvers,) = conn.execute(schema.approval_requests.select().with_only_columns(
+            schema.approval_requests.c.approvers)).scalars().all()  # fmt: skip
+    assert approvers == '["919900000002"]'
+
+
+def test_processes_opening_a_new_postgresql_store_at_once_take_turns(postgres_url):
+    """Receivers starting together on a new database: without the schema lock, the second
+    CREATE TABLE failed on PostgreSQL's catalogue (a duplicate type)."""
+    import threading
+
+    from airflow_provider_pepipost.status import store as store_module
+
+    errors: list[BaseException] = []
+    for _ in range(5):
+        with StatusStore(postgres_url).engine.begin() as conn:  # a new, empty database again
+            schema.metadata.drop_all(conn)
+        store_module._SCHEMA_READY.discard(postgres_url)
+        start = threading.Barrier(4)
+
+        def open_store(start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                StatusStore(postgres_url)
+            except BaseException as err:
+                errors.append(err)
+
+        threads = [threading.Thread(target=open_store) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        store_module._SCHEMA_READY.discard(postgres_url)
+    assert errors == []
+    assert StatusStore(postgres_url).schema_version() == schema.SCHEMA_VERSION
