@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow_provider_pepipost.version_compat import AIRFLOW_VERSION  # noqa: F401 - fails on an Airflow not supported
+
 __version__ = "0.1.0"
 
 

@@ -36,13 +36,11 @@ from airflow_provider_pepipost.status.replies import Reply
 from airflow_provider_pepipost.status.resolver import store_source
 from airflow_provider_pepipost.status.store import StatusStore, open_store
 from airflow_provider_pepipost.triggers.feed_window import FeedWindow
+from airflow_provider_pepipost.version_compat import HAS_SHARED_STREAMS
 
-try:  # Airflow 3.3+
+if HAS_SHARED_STREAMS:  # Airflow 3.3+
     from airflow.triggers.shared_stream import AdvanceItem, SharedStreamProducer
-
-    HAS_SHARED_STREAMS = True
-except ImportError:  # pragma: no cover - Airflow 3.1 and 3.2
-    HAS_SHARED_STREAMS = False
+else:  # pragma: no cover - Airflow 3.1 and 3.2
     SharedStreamProducer = object  # type: ignore[assignment,misc]
     AdvanceItem = Any  # type: ignore[assignment,misc]
 
