@@ -148,16 +148,7 @@ def release(conn: Connection, inbound_id: int) -> None:
 
 def record_answer(conn: Connection, answer: Answer) -> None:
     """A tap decided without asking Airflow (not an approver's, an unknown button, expired)."""
-    values = {
-        "inbound_id": answer.inbound_id,
-        "message_id": answer.message_id,
-        "verdict": answer.verdict,
-        "option": answer.option,
-        "outcome": answer.outcome,
-        "answered_by": answer.answered_by,
-        "decided_at": answer.decided_at,
-    }
-    conn.execute(insert_for(conn, schema.approval_answers).values(values).on_conflict_do_nothing())
+    conn.execute(insert_for(conn, schema.approval_answers).values(asdict(answer)).on_conflict_do_nothing())
 
 
 def answers_for_task(conn: Connection, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> list[Answer]:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
 # Bound parameters per IN (...) chunk: well under SQLite's 32766 and fast on PostgreSQL.
+T = TypeVar("T")
 ID_CHUNK = 5000
 
 _ENGINES: dict[str, Engine] = {}
@@ -83,9 +84,16 @@ def insert_for(conn: Connection, table: Any) -> Any:
     raise NotImplementedError(f"the status store supports SQLite and PostgreSQL, not {name}")
 
 
-def chunks(items: Sequence[str], size: int = ID_CHUNK) -> Iterator[Sequence[str]]:
+def chunks(items: Sequence[T], size: int = ID_CHUNK) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def transaction_lock(conn: Connection, key: int) -> None:
+    """On PostgreSQL, hold the advisory lock ``key`` until the transaction ends (other holders of it
+    wait); nothing on SQLite, where one writer at a time holds the whole database."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
 def dispose_engine(url: str) -> None:

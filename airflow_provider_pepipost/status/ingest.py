@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, case, func, select, text, update
+from sqlalchemy import Connection, case, func, select, update
 
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.consent import VIA_REPLY, set_opted_out
-from airflow_provider_pepipost.status.engines import chunks, insert_for
+from airflow_provider_pepipost.status.engines import chunks, insert_for, transaction_lock
 from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
 from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
 from airflow_provider_pepipost.status.model import DeliveryEvent, LedgerState
@@ -43,15 +43,19 @@ def event_key(message_id: str, status: str, reported_at: float | None) -> str:
     return hashlib.sha256(f"{message_id}\x1f{status}\x1f{reported_at}".encode()).hexdigest()[:40]
 
 
+# transaction_lock's key for the order of customer messages ("pepi" in ASCII).
+INBOUND_ORDER_LOCK = 0x70657069
+
+
 def ingest_many(conn: Connection, batches: Sequence[WebhookBatch], now: float) -> list[IngestResult]:
     """Several webhook batches in one transaction; each batch gets its own counts, and an item in
     two batches counts in the first."""
     results = [IngestResult(dead_letters=len(batch.dead_letters), inbound=len(batch.inbound)) for batch in batches]
-    if conn.dialect.name == "postgresql" and any(batch.inbound for batch in batches):
+    if any(batch.inbound for batch in batches):
         # Customer messages take their ids and commit in one order, so that a reader of the reply
         # feed never sees a message before one with a lower id that is still being written.
         # Taken first, before any other lock of the transaction: two of these never wait on each other.
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": INBOUND_ORDER_LOCK})
+        transaction_lock(conn, INBOUND_ORDER_LOCK)
     for step in FILING_STEPS:
         step(conn, batches, results, now)
     return results
@@ -100,8 +104,6 @@ def _file_inbound(conn: Connection, batches: Sequence[WebhookBatch], results: li
 
 
 # The columns only some kinds fill: every row names them all (one multi-row INSERT).
-# pg_advisory_xact_lock's key for the order of customer messages ("pepi" in ASCII).
-INBOUND_ORDER_LOCK = 0x70657069
 _NO_KIND_COLUMNS = dict.fromkeys(("text", "button_payload", "media_id", "latitude", "longitude"))
 
 # How each list of a batch is filed, in this order (a reply's STOP after the reports it came with).

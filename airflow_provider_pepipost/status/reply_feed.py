@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select, update
 
 from airflow_provider_pepipost.status import schema
-from airflow_provider_pepipost.status.engines import insert_for
+from airflow_provider_pepipost.status.engines import chunks, insert_for
 from airflow_provider_pepipost.status.replies import Reply, replies_where
 
 CLAIM_CHUNK = 1000  # rows an INSERT carries: SQLite caps the parameters of one statement
@@ -96,8 +96,7 @@ def claim(
         for inbound_id in wanted
     ]
     held: list[int] = []
-    for start in range(0, len(rows), CLAIM_CHUNK):
-        chunk = rows[start : start + CLAIM_CHUNK]
+    for chunk in chunks(rows, CLAIM_CHUNK):
         insert = insert_for(conn, claims).values(chunk)
         conn.execute(insert.on_conflict_do_nothing(index_elements=["consumer", "inbound_id"]))
         mine = select(claims.c.inbound_id).where(

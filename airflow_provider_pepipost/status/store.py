@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, func, select, text, update
+from sqlalchemy import Connection, func, select, update
 from sqlalchemy import exc as sa_exc
 
 from airflow_provider_pepipost.approvals import Confirmation
@@ -35,7 +35,13 @@ from airflow_provider_pepipost.status import (
     summaries,
 )
 from airflow_provider_pepipost.status.consent import Consent, ConsentBatch
-from airflow_provider_pepipost.status.engines import get_engine, insert_for, redact_url, sqlite_write_lock
+from airflow_provider_pepipost.status.engines import (
+    get_engine,
+    insert_for,
+    redact_url,
+    sqlite_write_lock,
+    transaction_lock,
+)
 from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
 from airflow_provider_pepipost.status.ingest import IngestResult
 from airflow_provider_pepipost.status.ledger import Claim, ClaimAnswer, LedgerEntry, Outcome, RowRecord, TaskKey
@@ -67,7 +73,7 @@ def open_store(conn_id: str | None = None, *, url: str | None = None) -> StatusS
     return StatusStore(resolved, source=source)
 
 
-# pg_advisory_xact_lock's key for creating and migrating the schema ("pepS" in ASCII).
+# transaction_lock's key for creating and migrating the schema ("pepS" in ASCII).
 SCHEMA_LOCK = 0x70657053
 
 
@@ -117,10 +123,9 @@ class StatusStore:
 
     def _create_or_migrate(self) -> None:
         with self._writing() as conn:
-            if conn.dialect.name == "postgresql":
-                # Two processes opening a new store at once (receivers starting together) take turns:
-                # the second finds the tables the first made.
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+            # Two processes opening a new store at once (receivers starting together) take turns on
+            # PostgreSQL: the second finds the tables the first made.
+            transaction_lock(conn, SCHEMA_LOCK)
             schema.metadata.create_all(conn, checkfirst=True)
             found = conn.execute(select(func.max(schema.schema_version.c.version))).scalar()
             if found is None or found < schema.SCHEMA_VERSION:

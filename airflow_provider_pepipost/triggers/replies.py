@@ -224,7 +224,8 @@ class ReplyFeed:
             fresh = set(window.take([reply.inbound_id for reply in found], time.monotonic()))
             for reply in found:
                 if reply.inbound_id in fresh:
-                    self._delivered.append((time.monotonic(), reply.inbound_id))
+                    if self.settle_after is not None:
+                        self._delivered.append((time.monotonic(), reply.inbound_id))
                     yield reply
             await self._settle()
             if len(found) < FEED_BATCH or not fresh:
@@ -234,11 +235,9 @@ class ReplyFeed:
         """With ``settle_after``: ids delivered that long ago are done. Gaps may expire too."""
         now = time.monotonic()
         settled = []
-        if self.settle_after is not None:
+        if self.settle_after is not None:  # in ack mode Airflow says what is done (finish)
             settled = [inbound_id for when, inbound_id in self._delivered if now - when >= self.settle_after]
             self._delivered = [(when, i) for when, i in self._delivered if now - when < self.settle_after]
-        else:
-            self._delivered.clear()  # ack mode: Airflow says what is done (finish)
         await self.finish(settled)
 
     async def finish(self, inbound_ids: Sequence[int]) -> None:
