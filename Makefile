@@ -9,7 +9,11 @@ PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_
 CONSTRAINTS_FILE := constraints/airflow-$(AIRFLOW_VERSION)-python-$(PYTHON_VERSION).txt
 CONSTRAINTS ?= $(wildcard $(CONSTRAINTS_FILE))
 
-.PHONY: install demo test lint bench clean constraints
+# The older Airflow lines the provider claims, at their latest patches: `make test-lines` runs the
+# unit, DAG and fault tiers on each, in its own virtualenv (.venv-<version>), installed as above.
+AIRFLOW_LINES ?= 3.1.8 3.2.2
+
+.PHONY: install demo test test-lines test-tiers lint bench clean constraints docs
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +29,16 @@ demo: install
 test: install
 	$(PY) -m pytest
 
+test-lines:
+	@for version in $(AIRFLOW_LINES); do \
+	  echo "== Airflow $$version: unit, DAG and fault tests (.venv-$$version)"; \
+	  $(MAKE) --no-print-directory test-tiers VENV=.venv-$$version AIRFLOW_VERSION=$$version || exit 1; \
+	done
+
+# Every test but the system tests (which run on the main line only), in $(VENV).
+test-tiers: install
+	$(PY) -m pytest -m "not system"
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -33,12 +47,17 @@ lint: install
 bench: install
 	$(PY) bench/run.py
 
+# The documentation site, docs/_build/html/index.html: warnings are errors, references are checked
+# (tests/unit/test_docs.py runs this recipe's options, and breaks the docs on purpose).
+docs: install
+	$(PY) -m sphinx -W --keep-going -n -b html docs docs/_build/html
+
 # Pin what .venv holds now as the constraints of this Airflow and Python (after changing a dependency).
 constraints: install
 	mkdir -p constraints
 	{ echo "# The versions this repository's tests ran with: apache-airflow $(AIRFLOW_VERSION) on Python $(PYTHON_VERSION), every extra of"; \
 	  echo "# airflow-provider-pepipost installed (make install). A pip constraints file: it pins what gets"; \
-	  echo "# installed and installs nothing by itself; see README \"Install\". Regenerate with make constraints."; \
+	  echo "# installed and installs nothing by itself; see docs/install.md. Regenerate with make constraints."; \
 	  $(PY) -m pip freeze --exclude-editable; } > $(CONSTRAINTS_FILE).new
 	mv $(CONSTRAINTS_FILE).new $(CONSTRAINTS_FILE)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from airflow.sdk.exceptions import AirflowFailException
+from airflow_provider_pepipost.version_compat import AirflowFailException
 
 
 class PepipostError(Exception):

@@ -2,12 +2,15 @@
 
 Importing the provider on an Airflow outside the range fails at once with a message naming the
 range (``check_airflow``), rather than somewhere deep in a DAG's run. Features that need a newer
-Airflow than the oldest supported ask here (``HAS_SHARED_STREAMS``) and degrade, never break.
+Airflow than the oldest supported ask here (``HAS_SHARED_STREAMS``) and degrade, never break; names that
+moved between the lines (the task exceptions) are imported from here.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
@@ -40,6 +43,36 @@ def check_airflow(found: Version | None = None) -> Version:
 
 
 AIRFLOW_VERSION = check_airflow()
+AIRFLOW_V_3_2_PLUS = Version("3.2.0") <= AIRFLOW_VERSION
 AIRFLOW_V_3_3_PLUS = Version("3.3.0") <= AIRFLOW_VERSION
 # Shared streams and ack mode for event triggers (WhatsAppReplyTrigger's shared feed): 3.3 and later.
 HAS_SHARED_STREAMS = AIRFLOW_V_3_3_PLUS
+
+# The task exceptions moved to the Task SDK in 3.2 (airflow.exceptions keeps deprecated aliases of
+# them); 3.1's task runner catches the ones in airflow.exceptions, and airflow.sdk.exceptions lacks
+# them there. Imported on first use, not here: the package imports this module before it defines
+# get_provider_info, and importing Airflow 3.2+ loads that entry point (a circular import).
+_MOVED_TO_THE_TASK_SDK = {"AirflowFailException", "AirflowSensorTimeout", "AirflowSkipException", "TaskDeferred"}
+
+if TYPE_CHECKING:
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout, AirflowSkipException, TaskDeferred
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED_TO_THE_TASK_SDK:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module("airflow.sdk.exceptions" if AIRFLOW_V_3_2_PLUS else "airflow.exceptions"), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "AIRFLOW_VERSION",
+    "AIRFLOW_V_3_2_PLUS",
+    "AIRFLOW_V_3_3_PLUS",
+    "HAS_SHARED_STREAMS",
+    "AirflowFailException",
+    "AirflowSensorTimeout",
+    "AirflowSkipException",
+    "TaskDeferred",
+]

@@ -7,6 +7,8 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -75,3 +77,17 @@ def current_rss_mb() -> float:
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0
+
+
+def on_each_store(measure: Callable[..., Any], postgres_url: str | None, *args: Any) -> dict[str, Any]:
+    """``measure(store_url, *args)`` on a new SQLite file, then on a scratch PostgreSQL database
+    when there is a server: {"sqlite": ..., "postgresql": ...}."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="pepipost-bench-") as tmp:
+        results["sqlite"] = measure(f"sqlite:///{Path(tmp) / 'bench.db'}", *args)
+    if postgres_url:
+        from bench.pg import scratch_database
+
+        with scratch_database(postgres_url) as url:
+            results["postgresql"] = measure(url, *args)
+    return results

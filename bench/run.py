@@ -36,6 +36,11 @@ def table(rows: list[tuple[str, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def spread_ms(timing: dict[str, float]) -> str:
+    """A median with the spread of the runs it came from: '73 ms (70-81)'."""
+    return f"{timing['median']} ms ({timing['min']}-{timing['max']})"
+
+
 def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
@@ -102,19 +107,15 @@ def main() -> int:
         print("[bench] 4/7 sensor poke over 100k ids ...", flush=True)
         poke = results["poke"] = sensor_poke.run(100_000, pg)
         for store, r in poke.items():
+            by_ids, by_ledger = r["poke_ms_ids_one_parameter"], r["poke_ms_ledger_reference"]
             add(
                 f"sensor poke, {store}, 100k ids / {r['events']} events",
-                f"{r['poke_ms_ids_one_parameter']} ms",
-                "< 200 ms",
-                r["poke_ms_ids_one_parameter"] < 200,
+                spread_ms(by_ids),
+                "< 500 ms",
+                by_ids["max"] < 500,
             )
             add(f"  before (chunked IN lists), {store}", f"{r['poke_ms_ids_chunked_before']} ms")
-            add(
-                f"  by ledger reference, {store}",
-                f"{r['poke_ms_ledger_reference']} ms",
-                "< 200 ms",
-                r["poke_ms_ledger_reference"] < 200,
-            )
+            add(f"  by ledger reference, {store}", spread_ms(by_ledger), "< 500 ms", by_ledger["max"] < 500)
     if "celery" in only:
         print("[bench] 5/7 mapped campaign across Celery workers, one then two (sandbox latency 50 ms) ...", flush=True)
         if reason := celery_scale.unavailable(pg, celery_scale.redis_url()):
@@ -129,16 +130,13 @@ def main() -> int:
                 )
             add("  ratio, 2 workers / 1 worker", f"{scale['ratio']}x")
     if "page" in only:
-        print("[bench] 6/7 the campaign page over 100k messages, SQLite ...", flush=True)
-        page = results["page"] = campaign_page.run(100_000)
-        add(
-            "campaign page, 100k messages, SQLite: the page",
-            f"{page['page_ms']} ms",
-            "< 1000 ms",
-            page["page_ms"] < 1000,
-        )
-        add("  its figures (StatusStore.campaign_report)", f"{page['report_ms']} ms")
-        add("  the CSV of every recipient", f"{page['csv_seconds']} s")
+        print("[bench] 6/7 the campaign page over 100k messages ...", flush=True)
+        pages = results["page"] = campaign_page.run(100_000, pg)
+        for store, page in pages.items():
+            add(f"campaign page, 100k messages, {store}: the page", spread_ms(page["page_ms"]), "< 500 ms",
+                page["page_ms"]["max"] < 500)  # fmt: skip
+            add("  its figures (StatusStore.campaign_report)", f"{page['report_ms']} ms")
+            add("  the CSV of every recipient", f"{page['csv_seconds']} s")
 
     if "size" in only:
         print(

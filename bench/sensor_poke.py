@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.model import DeliveryEvent
 from airflow_provider_pepipost.status.store import StatusStore
+from bench.common import on_each_store
 
 STATUSES = ("sent", "delivered", "read")
 
@@ -70,13 +69,18 @@ def fill(store: StatusStore, count: int) -> tuple[list[str], TaskKey]:
 
 def timed(fn, repeat: int = 5) -> float:
     """Median milliseconds of ``repeat`` calls, after one warm-up."""
+    return timings(fn, repeat)["median"]
+
+
+def timings(fn, repeat: int = 3) -> dict[str, float]:
+    """Milliseconds of ``repeat`` calls after one warm-up: their median and spread (min, max)."""
     fn()
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
         fn()
         times.append((time.perf_counter() - started) * 1000)
-    return round(statistics.median(times), 1)
+    return {"median": round(statistics.median(times), 1), "min": round(min(times), 1), "max": round(max(times), 1)}
 
 
 def run_one(url: str, count: int) -> dict:
@@ -94,23 +98,15 @@ def run_one(url: str, count: int) -> dict:
         "message_ids": count,
         "events": store.count_rows("pepipost_events"),
         "fill_seconds": round(fill_seconds, 1),
-        "poke_ms_ids_one_parameter": timed(lambda: store.summarize_ids(ids)),
+        "poke_ms_ids_one_parameter": timings(lambda: store.summarize_ids(ids)),
         "poke_ms_ids_chunked_before": timed(lambda: store.summarize_ids(ids, chunked=True)),
-        "poke_ms_ledger_reference": timed(lambda: store.summarize_task(task)),
+        "poke_ms_ledger_reference": timings(lambda: store.summarize_task(task)),
         "counts": expected.counts,
     }
 
 
 def run(count: int = 100_000, postgres_url: str | None = None) -> dict:
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="pepipost-bench-") as tmp:
-        results["sqlite"] = run_one(f"sqlite:///{Path(tmp) / 'poke.db'}", count)
-    if postgres_url:
-        from bench.pg import scratch_database
-
-        with scratch_database(postgres_url) as url:
-            results["postgresql"] = run_one(url, count)
-    return results
+    return on_each_store(run_one, postgres_url, count)
 
 
 if __name__ == "__main__":

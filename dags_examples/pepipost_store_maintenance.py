@@ -2,7 +2,7 @@
 
 Delivery events, replies, dead letters and finished ledger rows older than the cut-off go, in short
 batches, while the receiver keeps writing; the suppression list stays, so a STOP is never
-forgotten. Erasing one person on request is `pepipost-store erase NUMBER` (README, "Retention and
+forgotten. Erasing one person on request is `pepipost-store erase NUMBER` (docs/status-store.md, "Retention and
 erasure").
 """
 
@@ -14,6 +14,7 @@ from airflow.sdk import dag
 from airflow_provider_pepipost.operators.maintenance import PurgeStatusStoreOperator
 
 
+# [START howto_operator_purge_status_store]
 @dag(
     schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
@@ -23,6 +24,7 @@ from airflow_provider_pepipost.operators.maintenance import PurgeStatusStoreOper
 )
 def pepipost_store_maintenance():
     PurgeStatusStoreOperator(task_id="purge_older_than_90_days", older_than_days=90)
+    # [END howto_operator_purge_status_store]
 
 
 pepipost_store_maintenance()

@@ -4,7 +4,7 @@
 the question to the approver's WhatsApp as the approved template `airflow_approval_request`, with
 one quick-reply button per option ("Approve", "Reject"). The tap comes back to the webhook
 receiver, which checks that it is the approver's, and answers the task through Airflow's REST API
-with the service identity of the connection `pepipost_airflow_api` (see README, "Approvals on
+with the service identity of the connection `pepipost_airflow_api` (see docs/approvals.md, "Approvals on
 WhatsApp"), and tells the approver it was recorded. Approved: the campaign is sent. Rejected, or
 no answer within the hour (the operator's default, "Reject"): the campaign is skipped. The
 approvers are the Variable `campaign_approvers`. Runs as-is against the local sandbox, whose
@@ -40,6 +40,7 @@ def whatsapp_campaign_approval():
         ]
 
     audience = build_audience()
+    # [START howto_notifier_whatsapp_hitl]
     approval = ApprovalOperator(
         task_id="approve_campaign",
         subject="Send tonight's spring offer?",
@@ -56,6 +57,7 @@ def whatsapp_campaign_approval():
             )
         ],
     )
+    # [END howto_notifier_whatsapp_hitl]
     send = SendWhatsAppTemplateOperator(
         task_id="send_campaign",
         recipients=audience,

@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Asset, dag, task
-from airflow.sdk.exceptions import AirflowSkipException
+
+from airflow_provider_pepipost.version_compat import AIRFLOW_V_3_2_PLUS, AirflowSkipException
 
 CAMPAIGN_SENT = Asset("pepipost://campaign/whatsapp_template_campaign/send_invoices")
 CAMPAIGN_DELIVERED = Asset("pepipost://delivery/whatsapp_template_campaign/wait_for_delivery")
 # How many of the latest send events a run triggered by hand looks through for its campaign's.
 SENT_EVENTS_LOOKED_AT = 20
+
+
+def latest(events, count: int) -> list:
+    """The latest ``count`` events of an inlet, oldest first. Airflow 3.2+ reads only those; 3.1's
+    ``inlet_events[asset]`` is every event of the asset, oldest first (no ``ascending``/``limit``)."""
+    if AIRFLOW_V_3_2_PLUS:
+        return list(events.ascending(False).limit(count))[::-1]
+    return list(events)[-count:]
 
 
 @dag(
@@ -29,14 +38,15 @@ SENT_EVENTS_LOOKED_AT = 20
     tags=["pepipost", "whatsapp", "example", "assets"],
 )
 def whatsapp_campaign_delivered_report():
+    # [START howto_asset_latest_delivered_campaign]
     @task(inlets=[CAMPAIGN_SENT, CAMPAIGN_DELIVERED])
     def delivery_figures(triggering_asset_events=None, inlet_events=None) -> dict:
         """The send and delivery counts of the campaign, e.g. for a dashboard or a CRM."""
         delivered_events = list(triggering_asset_events[CAMPAIGN_DELIVERED]) if triggering_asset_events else []
         sent_events = list(triggering_asset_events[CAMPAIGN_SENT]) if triggering_asset_events else []
         if not delivered_events:  # triggered by hand: the latest campaign that was delivered
-            delivered_events = list(inlet_events[CAMPAIGN_DELIVERED].ascending(False).limit(1))
-            sent_events = list(inlet_events[CAMPAIGN_SENT].ascending(False).limit(SENT_EVENTS_LOOKED_AT))[::-1]
+            delivered_events = latest(inlet_events[CAMPAIGN_DELIVERED], 1)
+            sent_events = latest(inlet_events[CAMPAIGN_SENT], SENT_EVENTS_LOOKED_AT)
             if not delivered_events:
                 raise AirflowSkipException(
                     "Nothing to report: no campaign of whatsapp_template_campaign has been delivered yet "
@@ -59,6 +69,7 @@ def whatsapp_campaign_delivered_report():
             "total": delivered["total"],
             "counts": delivered["counts"],
         }
+        # [END howto_asset_latest_delivered_campaign]
 
     delivery_figures()
 

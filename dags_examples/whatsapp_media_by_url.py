@@ -45,6 +45,7 @@ def whatsapp_media_by_url():
                 handle.write(json.dumps({"recipient_whatsapp": f"4479{index:08d}", "first_name": f"Ann{index}"}) + "\n")
         return str(path)
 
+    # [START howto_operator_whatsapp_media_by_url]
     audience = export_audience()
     send = SendWhatsAppMediaOperator(
         task_id="send_video",
@@ -54,6 +55,7 @@ def whatsapp_media_by_url():
         caption="{first_name}, see what is new this spring",
         max_rejected_ratio=0.1,  # a real audience holds a few numbers that are not on WhatsApp
     )
+    # [END howto_operator_whatsapp_media_by_url]
 
     @task(trigger_rule="all_done")  # also when the send failed: the file holds phone numbers
     def remove_audience(path: str) -> None:
@@ -71,7 +73,7 @@ def whatsapp_media_by_url():
         message_ids=send.output,
         target_status="read",
         min_success_ratio=0.5,
-        poke_interval=15,  # under ~15 s a busy scheduler can trip apache/airflow#66374 (see README)
+        poke_interval=15,  # under ~15 s a busy scheduler can trip apache/airflow#66374 (docs/guarantees.md, "Limits")
         timeout=15 * 60,
     )
 

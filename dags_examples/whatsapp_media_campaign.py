@@ -39,6 +39,7 @@ def whatsapp_media_campaign():
             for index in range(int(params["audience_size"]))
         ]
 
+    # [START howto_operator_whatsapp_media]
     send = SendWhatsAppMediaOperator(
         task_id="send_invoices",
         recipients=build_audience(),
@@ -48,17 +49,21 @@ def whatsapp_media_campaign():
         max_rejected_ratio=0.05,
         retries=2,
     )
+    # [END howto_operator_whatsapp_media]
 
+    # [START howto_sensor_whatsapp_status_deferrable]
     wait = WhatsAppMessageStatusSensor(
         task_id="wait_for_delivery",
         message_ids=send.output,
         target_status="delivered",
         min_success_ratio=0.75,
         deferrable=True,
-        poke_interval=15,  # under ~15 s a busy scheduler can trip apache/airflow#66374 (see README)
+        poke_interval=15,  # under ~15 s a busy scheduler can trip apache/airflow#66374 (docs/guarantees.md, "Limits")
         timeout=15 * 60,
     )
+    # [END howto_sensor_whatsapp_status_deferrable]
 
+    # [START howto_xcom_parse_message_targets]
     @task
     def report(message_ids: list, sensor_summary: dict, params=None) -> dict:
         """Print the delivery funnel, once late reports have settled."""
@@ -82,6 +87,7 @@ def whatsapp_media_campaign():
         for failed in summary.failed[:10]:
             print(f"  failed {failed['message_id']}: {failed['remark']}")
         return funnel
+        # [END howto_xcom_parse_message_targets]
 
     report(send.output, wait.output)
 

@@ -27,6 +27,7 @@ def whatsapp_media_campaign_mapped():
             for segment in range(int(params["segments"]))
         ]
 
+    # [START howto_operator_whatsapp_media_mapped]
     send = SendWhatsAppMediaOperator.partial(
         task_id="send_segment",
         attachment_id="demo-brochure-pdf",
@@ -34,16 +35,19 @@ def whatsapp_media_campaign_mapped():
         max_workers=4,
         max_rejected_ratio=0.1,  # a real audience holds a few numbers that are not on WhatsApp
     ).expand(recipients=build_segments())
+    # [END howto_operator_whatsapp_media_mapped]
 
+    # [START howto_sensor_whatsapp_status_reschedule]
     WhatsAppMessageStatusSensor(
         task_id="wait_for_delivery",
         message_ids=send.output,  # a list per mapped instance; the sensor flattens them
         target_status="sent",
         min_success_ratio=0.8,
         mode="reschedule",
-        poke_interval=15,  # under ~15 s a busy scheduler can trip apache/airflow#66374 (see README)
+        poke_interval=15,  # under ~15 s a busy scheduler can trip apache/airflow#66374 (docs/guarantees.md, "Limits")
         timeout=15 * 60,
     )
+    # [END howto_sensor_whatsapp_status_reschedule]
 
 
 whatsapp_media_campaign_mapped()

@@ -33,6 +33,7 @@ def whatsapp_offer_with_buttons():
             for index in range(int(params["audience_size"]))
         ]
 
+    # [START howto_sensor_whatsapp_reply]
     offer = SendWhatsAppTemplateOperator(
         task_id="send_offer",
         recipients=build_audience(),
@@ -52,6 +53,7 @@ def whatsapp_offer_with_buttons():
         poke_interval=15,
         timeout=60 * 60,
     )
+    # [END howto_sensor_whatsapp_reply]
 
 
 whatsapp_offer_with_buttons()

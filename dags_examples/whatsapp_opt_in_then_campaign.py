@@ -33,6 +33,7 @@ SIGNUPS = str(Path(__file__).parent / "data" / "signups.csv")
     params={"signups_file": SIGNUPS, "simulate_stop_reply": True},
 )
 def whatsapp_opt_in_then_campaign():
+    # [START howto_operator_whatsapp_consent]
     opt_in = WhatsAppConsentOperator(
         task_id="opt_in_signups",
         recipients="{{ params.signups_file }}",  # CSV: recipient_whatsapp, name, consent_source, ip
@@ -50,6 +51,7 @@ def whatsapp_opt_in_then_campaign():
         max_rejected_ratio=0.1,
         retries=2,
     )  # respect_opt_outs=True (the default): numbers that said STOP are skipped, state 'suppressed'
+    # [END howto_operator_whatsapp_consent]
 
     wait = WhatsAppMessageStatusSensor(
         task_id="wait_for_delivery",
@@ -57,7 +59,7 @@ def whatsapp_opt_in_then_campaign():
         target_status="delivered",
         min_success_ratio=0.75,
         deferrable=True,
-        poke_interval=15,  # under ~15 s a busy scheduler can trip apache/airflow#66374 (see README)
+        poke_interval=15,  # under ~15 s a busy scheduler can trip apache/airflow#66374 (docs/guarantees.md, "Limits")
         timeout=15 * 60,
     )
 

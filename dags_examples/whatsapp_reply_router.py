@@ -23,6 +23,7 @@ from airflow_provider_pepipost.operators.replies import ClaimWhatsAppRepliesOper
 from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppTemplateOperator
 from airflow_provider_pepipost.triggers.replies import WhatsAppReplyTrigger
 
+# [START howto_trigger_whatsapp_reply]
 YES_TAPS = Asset(
     "pepipost://replies/whatsapp_offer_with_buttons/yes",
     watchers=[
@@ -53,6 +54,7 @@ def whatsapp_reply_router():
         language="en",
         retries=2,
     )
+    # [END howto_trigger_whatsapp_reply]
 
 
 whatsapp_reply_router()

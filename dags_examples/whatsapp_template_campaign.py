@@ -31,6 +31,7 @@ def whatsapp_template_campaign():
             for index in range(int(params["audience_size"]))
         ]
 
+    # [START howto_operator_whatsapp_media_fallback_template]
     send = SendWhatsAppMediaOperator(
         task_id="send_invoices",
         recipients=build_audience(),
@@ -46,6 +47,7 @@ def whatsapp_template_campaign():
         max_rejected_ratio=0.1,  # a real audience holds a few numbers that are not on WhatsApp
         retries=2,
     )
+    # [END howto_operator_whatsapp_media_fallback_template]
 
     wait = WhatsAppMessageStatusSensor(
         task_id="wait_for_delivery",
@@ -53,7 +55,7 @@ def whatsapp_template_campaign():
         target_status="delivered",
         min_success_ratio=0.75,
         deferrable=True,
-        poke_interval=15,  # under ~15 s a busy scheduler can trip apache/airflow#66374 (see README)
+        poke_interval=15,  # under ~15 s a busy scheduler can trip apache/airflow#66374 (docs/guarantees.md, "Limits")
         timeout=15 * 60,
     )
 

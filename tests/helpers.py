@@ -88,11 +88,21 @@ class DagResult:
         return self.xcom.get((task_id, map_index, key))
 
 
+def dag_bag_class() -> Any:
+    """Airflow's DagBag: in airflow.dag_processing.dagbag from 3.2 (a deprecated alias stays in
+    airflow.models.dagbag), in airflow.models.dagbag before."""
+    from airflow_provider_pepipost.version_compat import AIRFLOW_V_3_2_PLUS
+
+    if AIRFLOW_V_3_2_PLUS:
+        from airflow.dag_processing.dagbag import DagBag
+    else:
+        from airflow.models.dagbag import DagBag
+    return DagBag
+
+
 @functools.cache
 def _dag_bag() -> Any:
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(safe_mode=False)
+    bag = dag_bag_class()(safe_mode=False)
     assert not bag.import_errors, bag.import_errors
     return bag
 
@@ -147,3 +157,69 @@ def run_operator(
         return operator.execute({"ti": ti, "dag_run": SimpleNamespace(clear_number=clear_number)}), ti
     except Exception as err:  # the caller asserts on it
         return err, ti
+
+
+class StatsdListener:
+    """A StatsD server on a loopback UDP port: keeps every metric line it is sent, as Airflow sends them."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self.lines: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                packet = self._sock.recv(65536)
+            except OSError:  # the timeout: look at the stop flag again
+                continue
+            self.lines.extend(packet.decode("utf-8", "replace").splitlines())
+
+    def env(self) -> dict[str, str]:
+        """Airflow's [metrics] settings that send here, tags in InfluxDB's form (name,tag=value:1|c)."""
+        return {
+            "AIRFLOW__METRICS__STATSD_ON": "True",
+            "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+            "AIRFLOW__METRICS__STATSD_PORT": str(self.port),
+            "AIRFLOW__METRICS__STATSD_INFLUXDB_ENABLED": "True",
+        }
+
+    def metric(self, name: str, **tags: str) -> list[tuple[float, str]]:
+        """(value, type) of each line for ``name`` whose tags include ``tags``."""
+        found = []
+        for line in list(self.lines):
+            head, _, rest = line.partition(":")
+            metric, *pairs = head.split(",")
+            given = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+            if metric == name and all(given.get(key) == value for key, value in tags.items()):
+                value, _, kind = rest.partition("|")
+                found.append((float(value), kind.split("|")[0]))
+        return found
+
+    def total(self, name: str, **tags: str) -> float:
+        return sum(value for value, kind in self.metric(name, **tags) if kind == "c")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+
+def scrape_metrics(url: str, token: str, **headers: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a receiver's /metrics, read with its token: (name, sorted labels) -> value."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = requests.get(url, headers={"X-Pepipost-Token": token, **headers}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }

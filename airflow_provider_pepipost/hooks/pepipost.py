@@ -318,7 +318,7 @@ class PepipostHook(BaseHook):
         The one request path of every endpoint: auth, retries, error mapping, masking, size and
         time limits. Only what the vendor cannot have processed is retried, with exponential
         backoff and jitter, honouring Retry-After: a failure before the request left, a failure
-        body, 429, 503 with Retry-After. The README's "Which answers are retried" table says why.
+        body, 429, 503 with Retry-After. The table "Which answers are retried" in docs/sending.md says why.
 
         ``deadline`` (``time.monotonic()`` seconds): by then the call is over, retries and waits
         included, whatever Retry-After asks (a notifier's bound on a whole notification).

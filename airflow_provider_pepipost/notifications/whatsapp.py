@@ -206,6 +206,7 @@ class WhatsAppHITLNotifier(WhatsAppTemplateNotifier):
     :param confirmation_language: its locale.
     :param raise_on_failure: default True: an approval nobody was asked for fails the task, rather
         than wait for an answer that cannot come.
+
     Other parameters: as ``WhatsAppTemplateNotifier``'s.
     """
 

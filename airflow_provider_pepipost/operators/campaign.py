@@ -91,6 +91,7 @@ class RowOutcome:
 class CampaignResult:
     total: int
     counts: Counter = field(default_factory=Counter)  # state -> rows
+    settled_now: Counter = field(default_factory=Counter)  # state -> rows this try settled (not reused)
     reused: int = 0  # accepted by an earlier try, not sent again
     error_codes: Counter = field(default_factory=Counter)
     outcomes: list[RowOutcome] | None = None  # in input order, when kept
@@ -154,6 +155,7 @@ class CampaignSender:
         keep_outcomes: bool = True,
         progress_interval: float = 10.0,
         log: logging.Logger | Any = None,
+        on_progress: Callable[[Counter], None] | None = None,
     ) -> None:
         self.hook = hook
         self.store = store
@@ -173,6 +175,8 @@ class CampaignSender:
         self.keep_outcomes = keep_outcomes
         self.progress_interval = progress_interval
         self.log = log or logging.getLogger(__name__)
+        # Given the rows this try settled, by state, with each progress line and at the end.
+        self.on_progress = on_progress
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._last_log = 0.0
@@ -196,6 +200,8 @@ class CampaignSender:
         finally:
             # Every outcome is in the ledger before the task moves on.
             self.ledger.close(whole_audience=whole)
+            if self.on_progress is not None:  # also when the campaign raised: what it did, it did
+                self.on_progress(self.result.settled_now)
 
     def _run(self, messages: Iterable[tuple[int, OutgoingMessage]]) -> CampaignResult:
         earlier = self.store.open_ledger(self.task)
@@ -371,6 +377,8 @@ class CampaignSender:
     def _record(self, outcome: RowOutcome, reused: bool = False) -> None:
         result = self.result
         result.counts[outcome.state] += 1
+        if not reused:
+            result.settled_now[outcome.state] += 1
         if reused and outcome.state in ("accepted", "fallback"):
             result.reused += 1  # accepted by an earlier try (its unknown rows count as unknown)
         if outcome.state == "rejected":
@@ -432,6 +440,8 @@ class CampaignSender:
             "Processed %d of %d rows (%.0f%%), %.1f rows/s: %s",
             done, self.total, 100.0 * done / max(self.total, 1), done / elapsed, states,
         )  # fmt: skip
+        if self.on_progress is not None:
+            self.on_progress(self.result.settled_now)
 
 
 MAX_REASONS = 100  # distinct refusal texts kept: the vendor's texts vary, memory must not

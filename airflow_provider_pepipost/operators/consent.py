@@ -11,7 +11,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.audience import Audience
@@ -25,6 +24,7 @@ from airflow_provider_pepipost.operators.consent_engine import ConsentEngine, Co
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.resolver import store_source
 from airflow_provider_pepipost.status.store import open_store
+from airflow_provider_pepipost.version_compat import AirflowFailException
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.errors import PepipostConfigError
 from airflow_provider_pepipost.status.resolver import store_source
 from airflow_provider_pepipost.status.retention import DEFAULT_PURGE_BATCH
 from airflow_provider_pepipost.status.store import open_store
+from airflow_provider_pepipost.version_compat import AirflowFailException
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Asset, BaseOperator
-from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_provider_pepipost.reply_filters import ReplyFilter
 from airflow_provider_pepipost.status.store import StatusStore, open_store
 from airflow_provider_pepipost.triggers.replies import WhatsAppReplyTrigger
+from airflow_provider_pepipost.version_compat import AirflowSkipException
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

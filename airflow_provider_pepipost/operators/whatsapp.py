@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import Asset, BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.audience import Audience
 from airflow_provider_pepipost.connection_form import DEFAULT_CONN_ID
 from airflow_provider_pepipost.errors import CampaignError, MessageValidationError, PepipostConfigError, RowProblem
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import MessageDefaults, build_message, iter_messages, validate_rows
+from airflow_provider_pepipost.metrics import SendCounters, send_duration, task_tags
 from airflow_provider_pepipost.operators.assets import emit, resolve_asset
 from airflow_provider_pepipost.operators.campaign import CampaignResult, CampaignSender
 from airflow_provider_pepipost.operators.links import WhatsAppCampaignLink
@@ -25,6 +26,7 @@ from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.resolver import store_source
 from airflow_provider_pepipost.status.store import StatusStore, open_store
 from airflow_provider_pepipost.template_messages import TEMPLATE_OPTIONS, TemplateDefaults, build_template_message
+from airflow_provider_pepipost.version_compat import AirflowFailException
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -211,6 +213,7 @@ class WhatsAppCampaignOperator(BaseOperator):
         self.log.info("Status store: %s", store_source(self.status_store_conn_id))
         store = open_store(self.status_store_conn_id)
         keep = total <= self.xcom_ids_limit
+        tags = task_tags(ti.dag_id, ti.task_id)
         sender = CampaignSender(
             hook,
             store,
@@ -227,13 +230,16 @@ class WhatsAppCampaignOperator(BaseOperator):
             keep_outcomes=keep,
             progress_interval=self.progress_interval,
             log=self.log,
+            on_progress=SendCounters(tags).report,
         )
+        started = time.monotonic()
         try:
             result = sender.run(iter_messages(audience, defaults, self.build_row))
         except PepipostConfigError as err:  # the same setting fails every try the same way
             raise AirflowFailException(str(err)) from err
         finally:
             hook.close()
+            send_duration(time.monotonic() - started, tags)
 
         summary = result.summary()
         ti.xcom_push(key="send_summary", value=summary)

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.configuration import conf
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
-from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
 from airflow_provider_pepipost.operators.xcom import parse_message_targets
 from airflow_provider_pepipost.reply_filters import ReplyFilter, ReplyTally, needed_repliers, tally
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.store import open_store
 from airflow_provider_pepipost.triggers.replies import WhatsAppReplySensorTrigger, replies_to_targets
+from airflow_provider_pepipost.version_compat import AirflowFailException, AirflowSensorTimeout
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.configuration import conf
 from airflow.sdk import Asset, BaseSensorOperator, PokeReturnValue
-from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
 from airflow_provider_pepipost.errors import WhatsAppDeliveryFailed
+from airflow_provider_pepipost.metrics import delivery_verdict, task_tags
 from airflow_provider_pepipost.operators.assets import emit, resolve_asset
 from airflow_provider_pepipost.operators.xcom import parse_message_targets
 from airflow_provider_pepipost.sensors.replies import WhatsAppReplySensor
@@ -27,6 +27,7 @@ from airflow_provider_pepipost.status.model import (
 from airflow_provider_pepipost.status.reports import check_rate_card, price
 from airflow_provider_pepipost.status.store import open_store
 from airflow_provider_pepipost.triggers.status import WhatsAppMessageStatusTrigger
+from airflow_provider_pepipost.version_compat import AirflowFailException, AirflowSensorTimeout
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -168,15 +169,26 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
         return {**summary, "estimated_cost": estimate}
 
     def execute(self, context: Context) -> Any:
+        since = self._waiting_since(context)
         if not self.deferrable:
             try:
                 summary = super().execute(context)
             except AirflowSensorTimeout as err:
+                self._verdict(reached=False)
                 raise AirflowSensorTimeout(self.timeout_message()) from err
+            except WhatsAppDeliveryFailed:
+                self._verdict(reached=False)
+                raise
+            self._verdict(reached=True, since=since)
             self._emit(context, summary)
             return summary
-        first = self.poke(context)
+        try:
+            first = self.poke(context)
+        except WhatsAppDeliveryFailed:
+            self._verdict(reached=False)
+            raise
         if first.is_done:
+            self._verdict(reached=True, since=since)
             self._emit(context, first.xcom_value)
             return first.xcom_value
         targets = self._targets()
@@ -193,8 +205,21 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
                 deadline=time.time() + self.timeout,
             ),
             method_name="execute_complete",
+            kwargs={"waiting_since": since},
             timeout=timedelta(seconds=self.timeout),
         )
+
+    def _waiting_since(self, context: Context) -> float:
+        """When the wait began (epoch seconds): in reschedule mode, the first poke of this try."""
+        if self.reschedule:
+            first = context["ti"].get_first_reschedule_date(context)
+            if first is not None:
+                return first.timestamp()
+        return time.time()
+
+    def _verdict(self, *, reached: bool, since: float | None = None) -> None:
+        waited = None if since is None else max(time.time() - since, 0.0)
+        delivery_verdict(self.target_status, reached, waited, task_tags(self.dag_id, self.task_id))
 
     def _emit(self, context: Context, summary: dict[str, Any] | None) -> None:
         """The delivery asset's event: the counts, not the failed ids."""
@@ -203,15 +228,20 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
             counts: dict[str, Any] = {k: summary[k] for k in kept if k in summary}
             emit(context, self.delivery_asset, {"target_status": self.target_status, **counts})
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+    def execute_complete(
+        self, context: Context, event: dict[str, Any], waiting_since: float | None = None
+    ) -> dict[str, Any]:
         if event.get("status") == "success":
             self.log.info("Done: %s", event["reason"])
+            self._verdict(reached=True, since=waiting_since)
             summary = self._priced(event["summary"])
             self._emit(context, summary)
             return summary
         if event.get("status") == "failure":
+            self._verdict(reached=False)
             raise WhatsAppDeliveryFailed(event["reason"])
         if event.get("status") == "timeout":
+            self._verdict(reached=False)
             raise AirflowSensorTimeout(self.timeout_message(event["summary"]))
         raise RuntimeError(f"the status trigger stopped: {event.get('reason')}")
 

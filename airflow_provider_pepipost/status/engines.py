@@ -84,6 +84,20 @@ def insert_for(conn: Connection, table: Any) -> Any:
     raise NotImplementedError(f"the status store supports SQLite and PostgreSQL, not {name}")
 
 
+_PREBUILT: dict[tuple[str, str], Any] = {}
+
+
+def prebuilt(conn: Connection, name: str, build: Any) -> Any:
+    """The statement ``build(conn)`` makes, built once per dialect and kept: a statement object used
+    again keeps its SQLAlchemy cache key, so running it skips building and keying it anew. For
+    statements whose text depends on nothing but the dialect (values go in bound parameters)."""
+    key = (conn.dialect.name, name)
+    stmt = _PREBUILT.get(key)
+    if stmt is None:
+        stmt = _PREBUILT[key] = build(conn)
+    return stmt
+
+
 def chunks(items: Sequence[T], size: int = ID_CHUNK) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]

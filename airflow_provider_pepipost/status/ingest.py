@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, case, func, select, update
+from sqlalchemy import Connection, bindparam, case, func, select, update
 
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.consent import VIA_REPLY, set_opted_out
-from airflow_provider_pepipost.status.engines import chunks, insert_for, transaction_lock
+from airflow_provider_pepipost.status.engines import chunks, insert_for, prebuilt, transaction_lock
 from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
 from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
 from airflow_provider_pepipost.status.model import DeliveryEvent, LedgerState
@@ -122,7 +122,7 @@ def _insert_dead_letters(conn: Connection, letters: Sequence[DeadLetter], now: f
     # content.
     keyed = {_letter_key(letter): letter for letter in letters}
     conn.execute(
-        insert_for(conn, schema.dead_letters).on_conflict_do_nothing(index_elements=["letter_key"]),
+        prebuilt(conn, "dead_letters", _dead_letters_insert),
         [
             {"received_at": now, "reason": letter.reason, "raw": letter.raw, "letter_key": key}
             for key, letter in keyed.items()
@@ -191,17 +191,16 @@ def _insert_new_events(conn: Connection, events: Sequence[DeliveryEvent], keys: 
                 "raw": ev.raw,
             },
         )
-    insert_stmt = insert_for(conn, schema.events).on_conflict_do_nothing(index_elements=["event_key"])
+    insert_stmt = prebuilt(conn, "events", _events_insert)
     if conn.dialect.name == "postgresql":
         # Only with RETURNING does SQLAlchemy send an upsert as one multi-row INSERT (without,
         # psycopg2 makes a round trip per row), and it names exactly the rows added, even when
         # another receiver adds the same ones at the same time. SQLite's executemany is faster.
-        return set(conn.execute(insert_stmt.returning(schema.events.c.event_key), list(rows.values())).scalars())
+        return set(conn.execute(insert_stmt, list(rows.values())).scalars())
     seen: set[str] = set()
+    lookup = prebuilt(conn, "events_seen", _events_seen)
     for chunk in chunks(list(rows)):
-        seen.update(
-            conn.execute(select(schema.events.c.event_key).where(schema.events.c.event_key.in_(chunk))).scalars()
-        )
+        seen.update(conn.execute(lookup, {"keys": list(chunk)}).scalars())
     new_rows = [row for key, row in rows.items() if key not in seen]
     if new_rows:
         conn.execute(insert_stmt, new_rows)
@@ -226,31 +225,7 @@ def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: floa
             times[0] = when if times[0] is None else min(times[0], when)
             if ev.status == "read":
                 times[1] = when if times[1] is None else min(times[1], when)
-    ms = schema.message_status
-    stmt = insert_for(conn, ms)
-    new = stmt.excluded
-    # Only a higher status is written (the one statement's WHERE, as cheap as before v6), or the
-    # first pricing; the first times and the first pricing it brings are kept. A 'delivered' that
-    # comes after 'read' changes nothing: the delivered time is then when the read report came.
-    higher = ms.c.rank < new.rank
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[ms.c.message_id],
-        set_={
-            "status": case((higher, new.status), else_=ms.c.status),
-            "rank": case((higher, new.rank), else_=ms.c.rank),
-            "remark": case((higher, new.remark), else_=ms.c.remark),
-            "reported_at": case((higher, new.reported_at), else_=ms.c.reported_at),
-            "updated_at": new.updated_at,
-            "delivered_at": func.coalesce(ms.c.delivered_at, new.delivered_at),
-            "read_at": func.coalesce(ms.c.read_at, new.read_at),
-            "billable": func.coalesce(ms.c.billable, new.billable),
-            "category": func.coalesce(ms.c.category, new.category),
-            "pricing_model": func.coalesce(ms.c.pricing_model, new.pricing_model),
-        },
-        where=higher | (ms.c.billable.is_(None) & new.billable.is_not(None)),
-    )
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.returning(ms.c.message_id)  # one multi-row INSERT (see above)
+    stmt = prebuilt(conn, "status_upsert", _status_upsert)
     conn.execute(
         stmt,
         [
@@ -286,12 +261,9 @@ def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) ->
         return set()
     led = schema.ledger
     waiting: dict[str, list[str]] = {}
+    lookup = prebuilt(conn, "waiting_sends", _waiting_sends)
     for chunk in chunks(list(by_header)):
-        for key, header in conn.execute(
-            select(led.c.idempotency_key, led.c.api_header).where(
-                led.c.api_header.in_(chunk), led.c.message_id.is_(None), led.c.state.in_(IN_FLIGHT_STATES)
-            )
-        ):
+        for key, header in conn.execute(lookup, {"headers": list(chunk)}):
             waiting.setdefault(header, []).append(key)
     reconciled: set[str] = set()
     for header, keys in waiting.items():
@@ -307,3 +279,56 @@ def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) ->
         )
         reconciled.add(header)
     return reconciled
+
+
+# The statements of every commit, built once per dialect (``engines.prebuilt``): for small commits
+# building them (and SQLAlchemy's cache key of each new statement) cost more than running them.
+def _dead_letters_insert(conn: Connection) -> Any:
+    return insert_for(conn, schema.dead_letters).on_conflict_do_nothing(index_elements=["letter_key"])
+
+
+def _events_insert(conn: Connection) -> Any:
+    stmt = insert_for(conn, schema.events).on_conflict_do_nothing(index_elements=["event_key"])
+    return stmt.returning(schema.events.c.event_key) if conn.dialect.name == "postgresql" else stmt
+
+
+def _events_seen(conn: Connection) -> Any:
+    return select(schema.events.c.event_key).where(schema.events.c.event_key.in_(bindparam("keys", expanding=True)))
+
+
+def _status_upsert(conn: Connection) -> Any:
+    ms = schema.message_status
+    stmt = insert_for(conn, ms)
+    new = stmt.excluded
+    # Only a higher status is written (the one statement's WHERE, as cheap as before v6), or the
+    # first pricing; the first times and the first pricing it brings are kept. A 'delivered' that
+    # comes after 'read' changes nothing: the delivered time is then when the read report came.
+    higher = ms.c.rank < new.rank
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[ms.c.message_id],
+        set_={
+            "status": case((higher, new.status), else_=ms.c.status),
+            "rank": case((higher, new.rank), else_=ms.c.rank),
+            "remark": case((higher, new.remark), else_=ms.c.remark),
+            "reported_at": case((higher, new.reported_at), else_=ms.c.reported_at),
+            "updated_at": new.updated_at,
+            "delivered_at": func.coalesce(ms.c.delivered_at, new.delivered_at),
+            "read_at": func.coalesce(ms.c.read_at, new.read_at),
+            "billable": func.coalesce(ms.c.billable, new.billable),
+            "category": func.coalesce(ms.c.category, new.category),
+            "pricing_model": func.coalesce(ms.c.pricing_model, new.pricing_model),
+        },
+        where=higher | (ms.c.billable.is_(None) & new.billable.is_not(None)),
+    )
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.returning(ms.c.message_id)  # one multi-row INSERT (see _insert_new_events)
+    return stmt
+
+
+def _waiting_sends(conn: Connection) -> Any:
+    led = schema.ledger
+    return select(led.c.idempotency_key, led.c.api_header).where(
+        led.c.api_header.in_(bindparam("headers", expanding=True)),
+        led.c.message_id.is_(None),
+        led.c.state.in_(IN_FLIGHT_STATES),
+    )

@@ -17,7 +17,7 @@ TARGET_STATUSES = ("sent", "delivered", "read")
 # The vendor does not document the spelling of the failed value; these all mean it.
 _FAILED_SPELLINGS = frozenset({"failed", "fail", "failure", "undelivered", "rejected", "error"})
 
-# The words the XCom, the page, its CSV and the README use, each defined once. What the send task
+# The words the XCom, the page, its CSV and docs/campaign-page.md use, each defined once. What the send task
 # did with an input row (XCom ``messages`` ``state``; ``send_summary`` counts them):
 TASK_STATE_MEANINGS: dict[str, str] = {
     "accepted": "the vendor took the message and gave it an id",

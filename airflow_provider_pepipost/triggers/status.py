@@ -32,6 +32,7 @@ class WhatsAppMessageStatusTrigger(BaseTrigger):
         (``airflow_provider_pepipost.status.resolver``). Only the id is serialized, never a URL.
     :param deadline: epoch seconds after which it fires a timeout event. Airflow enforces the
         deferral timeout too; this one also holds where nothing else does (``dag.test()``).
+
     Other parameters: see ``WhatsAppMessageStatusSensor``.
     """
 

@@ -34,7 +34,7 @@ INTERVAL = 30.0  # seconds between two looks for pending taps when no body wakes
 SOON = 1.0  # seconds before looking again at a tap whose task is about to wait for its answer
 # Seconds a task must have been seen waiting before it is answered: Airflow 3.3.2 fails a task
 # resumed before the scheduler took in the end of the try that parked it (a loaded 2-core
-# scheduler lagged 5.6 s; see README "Limits").
+# scheduler lagged 5.6 s; see docs/guarantees.md, "Limits").
 SETTLE = 10.0
 BATCH = 100  # taps handled a pass
 CLAIM_STALE = 300.0  # a claim older than this was left by a receiver that died: taken over

@@ -11,13 +11,16 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 from fastapi import FastAPI
 
 from airflow_provider_pepipost.status.resolver import STORE_URL_ENV, store_source
 from airflow_provider_pepipost.status.store import open_store
 from airflow_provider_pepipost.webhook.app import build_app
+from airflow_provider_pepipost.webhook.metrics import MULTIPROC_DIR_ENV
 from airflow_provider_pepipost.webhook.server import DEFAULT_HEAD_TIMEOUT, HEAD_TIMEOUT_ENV, GuardedHttpProtocol
 from airflow_provider_pepipost.webhook.settings import (
     ALLOWED_IPS_ENV,
@@ -120,9 +123,22 @@ def _hand_over(args: argparse.Namespace, token: str) -> None:
 
 
 def _run_uvicorn(args: argparse.Namespace) -> None:
+    trusted = [address.strip() for address in args.trusted_proxy or [] if address.strip()]
+    # Each worker process counts apart, and a scrape reaches one of them: their counts go to a
+    # folder every worker reads (unless the user named one), removed when the receiver stops.
+    metrics_dir = None
+    if args.workers > 1 and not os.environ.get(MULTIPROC_DIR_ENV):
+        metrics_dir = os.environ[MULTIPROC_DIR_ENV] = tempfile.mkdtemp(prefix="pepipost-webhook-metrics-")
+    try:
+        _uvicorn_run(args, trusted)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _uvicorn_run(args: argparse.Namespace, trusted: list[str]) -> None:
     import uvicorn
 
-    trusted = [address.strip() for address in args.trusted_proxy or [] if address.strip()]
     uvicorn.run(
         "airflow_provider_pepipost.webhook.cli:app_from_env",
         factory=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from airflow.sdk.exceptions import AirflowFailException
 from pytest_httpserver import HTTPServer
 from sqlalchemy import select
 from werkzeug import Request, Response
@@ -13,6 +12,7 @@ from airflow_provider_pepipost.operators.consent import WhatsAppConsentOperator
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.version_compat import AirflowFailException
 from tests.helpers import StandInTaskInstance, run_operator
 
 NUMBERS = [f"9198{i:08d}" for i in range(250)]

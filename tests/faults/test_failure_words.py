@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from airflow.sdk.exceptions import AirflowFailException
 from pytest_httpserver import HTTPServer
 
 from airflow_provider_pepipost.errors import StatusStoreUnavailable
 from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppTemplateOperator
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
+from airflow_provider_pepipost.version_compat import AirflowFailException
 from tests.helpers import run_operator
 
 NUMBERS = [f"9198{i:08d}" for i in range(60)]

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.errors import CampaignError
 from airflow_provider_pepipost.operators.xcom import parse_message_targets
@@ -26,6 +25,7 @@ from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
 from airflow_provider_pepipost.status import store as store_module
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.version_compat import AirflowFailException
 from tests.helpers import StandInTaskInstance, free_port, http_ok, run_operator, wait_until
 
 COUNT = 300

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import requests
 import sqlalchemy
-from airflow.sdk.exceptions import AirflowFailException
 from sqlalchemy import insert, select
 
 from airflow_provider_pepipost.errors import PepipostConfigError
@@ -26,6 +25,7 @@ from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.consent import raced_key
 from airflow_provider_pepipost.status.model import DeliveryEvent
 from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.version_compat import AirflowFailException
 from tests.conftest import WEBHOOK_TOKEN
 from tests.helpers import StandInTaskInstance, run_operator, wait_until
 

@@ -7,7 +7,6 @@ is fixed, so the sandbox's seeded faults fall on the same messages every run.
 from __future__ import annotations
 
 import pytest
-from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.errors import CampaignError
 from airflow_provider_pepipost.operators.xcom import parse_message_targets, task_from_ref
@@ -15,6 +14,7 @@ from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.model import evaluate
 from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.version_compat import AirflowFailException
 from tests.conftest import WEBHOOK_TOKEN
 from tests.helpers import StandInTaskInstance, run_operator
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import pytest
 import requests
-from airflow.sdk.exceptions import AirflowFailException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pytest_httpserver import HTTPServer
@@ -26,6 +25,7 @@ from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppTemplateOpe
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.inbound import InboundMessage, WebhookBatch
 from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.version_compat import AirflowFailException
 from tests.conftest import WEBHOOK_TOKEN
 from tests.helpers import StandInTaskInstance, run_operator
 

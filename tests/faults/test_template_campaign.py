@@ -6,12 +6,12 @@ import re
 from datetime import datetime
 
 import pytest
-from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppTemplateOperator
 from airflow_provider_pepipost.operators.xcom import parse_message_targets
 from airflow_provider_pepipost.sandbox import SandboxServer, Scenario
 from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.version_compat import AirflowFailException
 from tests.helpers import StandInTaskInstance, run_operator
 
 COUNT = 300

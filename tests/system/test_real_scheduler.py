@@ -9,6 +9,10 @@ template campaign's assets, runs on them and is also triggered by hand, before a
 (nothing to report: it says so and skips) and after one (the latest campaign's figures). Delivery
 reports go first to the standalone `pepipost-webhook`, then to the receiver the plugin mounts in
 the api-server.
+
+Metrics, end to end: Airflow sends its StatsD metrics to a listener here, and the send task's and
+the sensor's counters must match the campaign's own summary; each receiver's `/metrics` scrape
+must count what the store holds from it.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Any
 import pytest
 import sqlalchemy
 
+from airflow_provider_pepipost.status.store import StatusStore
 from tests.conftest import connection_json, store_env
-from tests.helpers import free_port
+from tests.helpers import StatsdListener, free_port, scrape_metrics, wait_until
 from tests.system.stack import EXAMPLES_SCENARIO, AirflowStack, Sandbox, start_receiver
 
 pytestmark = pytest.mark.system
@@ -41,8 +46,9 @@ TOKEN = "system-test-webhook-token"
 def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(tmp_path, fresh_database):
     store_url = fresh_database()
     sandbox = Sandbox()
+    statsd = StatsdListener()
     env = {"AIRFLOW_CONN_PEPIPOST_DEFAULT": connection_json(sandbox.url), "PEPIPOST_WEBHOOK_TOKEN": TOKEN}
-    stack = AirflowStack(tmp_path, fresh_database(), {**env, **store_env(store_url)})
+    stack = AirflowStack(tmp_path, fresh_database(), {**env, **store_env(store_url), **statsd.env()})
     try:
         receiver_url = start_receiver(stack.procs, "receiver", free_port())
         sandbox.start(stack.procs, receiver_url, EXAMPLES_SCENARIO)
@@ -81,6 +87,17 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
         summary = xcom(stack, "whatsapp_template_campaign", first_run, "send_invoices", "send_summary")
         expected = {"run_id": first_run, "accepted": summary["accepted"], "fallback": summary["fallback"]}
         assert figures == {**expected, "total": waited["total"], "counts": waited["counts"]}
+        # Airflow's StatsD metrics from the send task and the sensor say what their XComs say.
+        send = {"dag_id": "whatsapp_template_campaign", "task_id": "send_invoices"}
+        for state in ("accepted", "fallback", "rejected", "unknown", "suppressed"):
+            name = f"airflow.pepipost.send.{state}"
+            counted = wait_until(lambda name=name, state=state: statsd.total(name, **send) == summary[state], 10)
+            assert counted, (state, summary, statsd.metric(name, **send))
+        assert [kind for _, kind in statsd.metric("airflow.pepipost.send.duration", **send)] == ["ms"]
+        sensor = {"dag_id": "whatsapp_template_campaign", "task_id": "wait_for_delivery"}
+        assert statsd.total("airflow.pepipost.delivery.reached", **sensor) == 1
+        ((waited_ms, kind),) = statsd.metric("airflow.pepipost.delivery.time_to_delivered", **sensor)
+        assert kind == "ms" and waited_ms > 0
         # By hand now: it reports on the latest delivered campaign, the same figures.
         stack.trigger(DOWNSTREAM, "manual-1-report")
         stack.wait_for_runs([DOWNSTREAM], 3)
@@ -92,6 +109,13 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
         # falls back to its template; reports to the receiver the plugin mounts in the api-server.
         sandbox.drain()  # the STOP reply of round 1 reaches the store before its sandbox stops
         sandbox.stop()
+        # The standalone receiver's scrape counts every report event the store holds, and the STOP.
+        store = StatusStore(store_url)
+        round_1_events = store.count_rows("pepipost_events")
+        standalone = scrape_metrics(receiver_url.removesuffix("/webhook") + "/metrics", TOKEN)
+        assert standalone["pepipost_receiver_reports_total", (("result", "accepted"),)] == round_1_events > 0
+        assert standalone["pepipost_receiver_opt_outs_total", ()] == 1
+        assert standalone["pepipost_receiver_store_errors_total", ()] == 0
         cold = {**EXAMPLES_SCENARIO, "closed_window_ratio": 0.4}
         sandbox.start(stack.procs, f"{stack.api_url}/pepipost/webhook", cold)
         stack.trigger("whatsapp_template_campaign", "manual-2-whatsapp_template_campaign")
@@ -104,8 +128,12 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
         opt_in = xcom(stack, "whatsapp_opt_in_then_campaign", second, "opt_in_signups")
         assert (opt_in["skipped_opted_out"], opt_in["reply_opt_outs_synced"]) == (1, 1)
 
-        stats = sandbox.stats()
+        stats = sandbox.drain()
         assert stats["reports"]["events_lost"] == 0, stats
+        # The receiver the plugin mounts in the api-server counts round 2's events: the rest of the store.
+        mounted = scrape_metrics(f"{stack.api_url}/pepipost/metrics", TOKEN)
+        round_2_events = store.count_rows("pepipost_events") - round_1_events
+        assert mounted["pepipost_receiver_reports_total", (("result", "accepted"),)] == round_2_events > 0
         assert stats["accepted_by_type"]["template"] > 0 and stats["responses"]["8007"] > 0, stats
         # The deferrable sensor waited in the triggerer: its trigger's log sits beside the task log.
         trigger_logs = list((stack.home / "logs").rglob("task_id=wait_for_delivery/*.trigger.*.log"))
@@ -113,6 +141,7 @@ def test_every_example_succeeds_when_triggered_by_hand_under_the_real_scheduler(
         stack.procs.alive()
     finally:
         stack.stop()
+        statsd.close()
 
 
 def task_state(stack: AirflowStack, dag_id: str, run_id: str, task_id: str) -> str:

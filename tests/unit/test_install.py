@@ -12,7 +12,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[2]
-AIRFLOW_VERSION = "3.3.2"  # the Makefile's and the README's
+AIRFLOW_VERSION = version("apache-airflow")  # the installed one: each Airflow line has its own file
 CONSTRAINTS = REPO / "constraints" / f"airflow-{AIRFLOW_VERSION}-python-{sys.version_info[0]}.{sys.version_info[1]}.txt"
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from airflow_provider_pepipost import get_provider_info
 from airflow_provider_pepipost.connection_form import EXTRA_FIELDS
+from airflow_provider_pepipost.version_compat import AIRFLOW_V_3_2_PLUS
 
 
 def test_the_entry_point_points_at_get_provider_info():
@@ -42,14 +43,29 @@ def test_provider_info_matches_airflows_schema_and_every_class_imports():
     assert conn["ui-field-behaviour"]["relabeling"] == {"host": "Base URL", "password": "API key"}
 
 
-def test_airflow_lists_the_provider_and_its_connection_form():
+def test_airflow_lists_the_provider_and_finds_its_hook():
     from airflow.providers_manager import ProvidersManager
-    from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
 
     manager = ProvidersManager()
     assert "airflow-provider-pepipost" in manager.providers
-    hook = ProvidersManagerTaskRuntime().hooks["pepipost"]  # where tasks look hooks up in Airflow 3.3
+    if AIRFLOW_V_3_2_PLUS:  # where tasks look hooks up (Connection.get_hook): the Task SDK's own manager
+        from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
+
+        hook = ProvidersManagerTaskRuntime().hooks["pepipost"]
+    else:  # Airflow 3.1: the ProvidersManager
+        hook = manager.hooks["pepipost"]
     assert hook.hook_class_name == "airflow_provider_pepipost.hooks.pepipost.PepipostHook"
+
+
+@pytest.mark.skipif(
+    not AIRFLOW_V_3_2_PLUS,
+    reason="Airflow 3.1 reads the form from the hook's methods, and only in the api-server (which mocks FAB): "
+    "tests/dags/test_connection_ui.py checks it there",
+)
+def test_airflow_reads_the_connection_form_from_the_provider_info():
+    from airflow.providers_manager import ProvidersManager
+
+    manager = ProvidersManager()
     assert "extra__pepipost__source" in manager.connection_form_widgets
     assert manager.field_behaviours["pepipost"]["hidden_fields"] == ["schema", "login", "extra"]  # the port shows
 

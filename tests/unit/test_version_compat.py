@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from packaging.version import Version
 
@@ -17,3 +20,17 @@ def test_the_lines_it_claims_are_taken(found):
 def test_an_airflow_outside_the_range_fails_naming_the_range(found):
     with pytest.raises(ImportError, match=f"supports {SUPPORTED_RANGE}; this is Apache Airflow {found}"):
         check_airflow(Version(found))
+
+
+def test_the_provider_imports_before_airflow_and_gives_the_task_exceptions_of_this_line():
+    """Importing Airflow loads the provider's entry point (get_provider_info, in the package's
+    __init__): version_compat imports nothing of Airflow until a moved name is asked for."""
+    code = (
+        "import airflow_provider_pepipost, sys; assert 'airflow' not in sys.modules\n"
+        "from airflow_provider_pepipost.version_compat import AIRFLOW_V_3_2_PLUS, AirflowFailException\n"
+        "from airflow.providers_manager import ProvidersManager\n"
+        "assert 'airflow-provider-pepipost' in ProvidersManager().providers\n"
+        "print(AirflowFailException.__module__, AIRFLOW_V_3_2_PLUS)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-2:] in (["airflow.sdk.exceptions", "True"], ["airflow.exceptions", "False"])

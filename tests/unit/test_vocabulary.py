@@ -1,5 +1,5 @@
 """One vocabulary: each word the XCom, the page, its CSV and the sensor use is defined once, and
-the README and the page's legend say exactly that."""
+the docs (the campaign page's, where the words are listed) and the page's legend say exactly that."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from airflow_provider_pepipost.plugins.campaign_html import render_page
 from airflow_provider_pepipost.status.model import DELIVERY_STATUS_MEANINGS, TASK_STATE_MEANINGS
 from airflow_provider_pepipost.status.reports import DELIVERY_STATUSES, TASK_STATES, CampaignReport
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+DOCS_PAGE = (Path(__file__).resolve().parents[2] / "docs" / "campaign-page.md").read_text()
 
 
-def test_the_readme_defines_every_word_as_the_code_does():
+def test_the_docs_define_every_word_as_the_code_does():
     for word, meaning in (*TASK_STATE_MEANINGS.items(), *DELIVERY_STATUS_MEANINGS.items()):
-        assert f"- `{word}`: {meaning}\n" in README, word
+        assert f"- `{word}`: {meaning}\n" in DOCS_PAGE, word
 
 
 def test_the_states_and_statuses_are_the_defined_ones_everywhere():

@@ -64,8 +64,8 @@ def test_connection_settings_from_uri_form(monkeypatch):
     assert "secret-key" not in repr(settings)
 
 
-def test_the_readmes_uri_form_for_a_plain_http_endpoint_speaks_plain_http(sandbox, monkeypatch):
-    """The README's URI form once made the hook speak TLS to a plain-HTTP server: keep them in step."""
+def test_the_docs_uri_form_for_a_plain_http_endpoint_speaks_plain_http(sandbox, monkeypatch):
+    """The connection page's URI form once made the hook speak TLS to a plain-HTTP server: keep them in step."""
     port = sandbox.url.rsplit(":", 1)[1]
     monkeypatch.setenv(
         "AIRFLOW_CONN_PEPIPOST_DEFAULT", f"pepipost://:{DEFAULT_API_KEY}@127.0.0.1:{port}/http?source=sandbox-source"
@@ -73,8 +73,8 @@ def test_the_readmes_uri_form_for_a_plain_http_endpoint_speaks_plain_http(sandbo
     hook = PepipostHook()
     assert hook.settings.base_url == f"http://127.0.0.1:{port}"
     assert hook.send_message(MESSAGE)
-    readme = (Path(__file__).parents[3] / "README.md").read_text()
-    assert "pepipost://:sandbox-api-key@127.0.0.1:8480/http?source=sandbox-source" in readme
+    page = (Path(__file__).parents[3] / "docs" / "connection.md").read_text()
+    assert "pepipost://:sandbox-api-key@127.0.0.1:8480/http?source=sandbox-source" in page
 
 
 def test_default_base_url_and_bearer_prefix_in_the_password_is_not_doubled(monkeypatch):

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 from airflow.sdk import Asset, AssetWatcher
-from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_provider_pepipost.operators.replies import ClaimWhatsAppRepliesOperator
 from airflow_provider_pepipost.status.inbound import ButtonReply
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.triggers.replies import WhatsAppReplyTrigger
+from airflow_provider_pepipost.version_compat import AirflowSkipException
 from tests.conftest import STORE_CONN_ID
 
 WATCHER = WhatsAppReplyTrigger(button_payloads=["YES"], status_store_conn_id=STORE_CONN_ID)
@@ -27,10 +27,21 @@ def tap(store: StatusStore, n: int, payload: str = "YES") -> int:
     return max(reply.inbound_id for reply in store.replies_after(0, 10_000))
 
 
+class TriggeringEvents(dict):
+    """As Airflow's accessor of ``triggering_asset_events``: keyed by the asset's name and URI, not by
+    the Asset (Airflow 3.1's ``Asset.__hash__`` hashes a dict and raises TypeError)."""
+
+    def __getitem__(self, asset: Asset) -> list:
+        return super().__getitem__((asset.name, asset.uri))
+
+    def __contains__(self, asset: object) -> bool:
+        return isinstance(asset, Asset) and super().__contains__((asset.name, asset.uri))
+
+
 def run(run_id: str, triggering: list[int] | None = None, asset: Asset = YES, **kwargs):
     """The operator's execute in a run whose triggering events carry these replies."""
     payloads = [{"from_trigger": True, "payload": {"inbound_id": i}} for i in triggering or []]
-    events = {asset: [SimpleNamespace(extra=extra) for extra in payloads]}
+    events = TriggeringEvents({(asset.name, asset.uri): [SimpleNamespace(extra=extra) for extra in payloads]})
     context = {"dag_run": SimpleNamespace(dag_id="router", run_id=run_id),
                "triggering_asset_events": events if triggering is not None else {}}  # fmt: skip
     operator = ClaimWhatsAppRepliesOperator(task_id="claim", asset=asset, **kwargs)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
-from airflow.sdk.exceptions import AirflowFailException
-
 from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppTemplateOperator
 from airflow_provider_pepipost.status.inbound import ButtonReply
 from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.version_compat import AirflowFailException
 from tests.helpers import run_operator
 
 TAPPER = "919800000555"

@@ -8,7 +8,6 @@ import json
 import time
 
 import pytest
-from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout, TaskDeferred
 
 from airflow_provider_pepipost.operators.xcom import ledger_ref
 from airflow_provider_pepipost.sensors.whatsapp import WhatsAppReplySensor
@@ -16,6 +15,7 @@ from airflow_provider_pepipost.status.inbound import ButtonReply, TextReply
 from airflow_provider_pepipost.status.ledger import Claim, Outcome, TaskKey
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.triggers.replies import WhatsAppReplySensorTrigger
+from airflow_provider_pepipost.version_compat import AirflowFailException, AirflowSensorTimeout, TaskDeferred
 
 SEND = TaskKey("offers", "run-1", "send_offer", -1)
 NUMBERS = [f"9198000001{i:02d}" for i in range(4)]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_pepipost.sensors.whatsapp import WhatsAppMessageStatusSensor
 from airflow_provider_pepipost.status.model import DeliveryEvent
 from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.version_compat import AirflowFailException
 
 
 def sensor(conn_id: str, message_ids) -> WhatsAppMessageStatusSensor:
