@@ -16,9 +16,12 @@ per task); the tags ``dag_id`` and ``task_id`` name them where the backend keeps
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 try:
     from airflow.sdk.observability.stats import Stats
@@ -26,6 +29,23 @@ except ImportError:  # Airflow 3.1: Stats lived in core
     from airflow.stats import Stats  # type: ignore[no-redef,unused-ignore]
 
 SEND_STATES = ("accepted", "fallback", "rejected", "unknown", "duplicate", "not_sent", "suppressed")
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def never_raises(emit: F) -> F:
+    """Metrics are for watching: a backend that fails (a custom stat_name_handler, a client of the
+    user's own) is logged, and never stops or fails the campaign it was counting."""
+
+    @functools.wraps(emit)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        try:
+            emit(*args, **kwargs)
+        except Exception as err:
+            log.warning("Airflow metrics: %s failed and was skipped: %s", emit.__name__, type(err).__name__)
+
+    return guarded  # type: ignore[return-value]
 
 
 def task_tags(dag_id: str, task_id: str) -> dict[str, str]:
@@ -40,6 +60,7 @@ class SendCounters:
         self.tags = tags
         self._reported: Counter = Counter()
 
+    @never_raises
     def report(self, counts: Counter) -> None:
         for state in SEND_STATES:
             new = counts[state] - self._reported[state]
@@ -48,10 +69,12 @@ class SendCounters:
                 self._reported[state] = counts[state]
 
 
+@never_raises
 def send_duration(seconds: float, tags: dict[str, str]) -> None:
     Stats.timing("pepipost.send.duration", timedelta(seconds=seconds), tags=tags)
 
 
+@never_raises
 def delivery_verdict(target_status: str, reached: bool, waited_seconds: float | None, tags: dict[str, Any]) -> None:
     """The sensor's verdict, and how long it waited when the target was reached."""
     Stats.incr("pepipost.delivery.reached" if reached else "pepipost.delivery.not_reached", tags=tags)

@@ -220,7 +220,9 @@ def _add_times(conn: Connection, where: Any, report: CampaignReport) -> None:
     with conn.execute(query) as result:
         # The driver's own tuples, in one fetch: for a 100,000-message campaign, building
         # SQLAlchemy rows of them took three times as long as the query and the fetch together.
-        found = result.cursor.fetchall()
+        # (A streaming connection has rows buffered ahead of the driver's cursor: its own rows there.)
+        streaming = conn.get_execution_options().get("stream_results")
+        found = result.fetchall() if streaming else result.cursor.fetchall()
     report.to_delivered = _latency([max(row[0], 0.0) for row in found])
     report.to_read = _latency([max(row[1], 0.0) for row in found if row[1] is not None])
     report.timeline, report.timeline_step = _timeline([row[2] for row in found])

@@ -9,6 +9,7 @@ counts. With several worker processes (``pepipost-webhook --workers N``) the cou
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
@@ -122,7 +123,26 @@ class ReceiverMetrics:
         """The scrape's body, in Prometheus' text format."""
         if not self.multiprocess:
             return generate_latest(self.registry)
-        # Every worker's files, summed: a fresh registry per scrape, as prometheus_client asks.
+        # Every worker's files, summed: a fresh registry per scrape, as prometheus_client asks. A
+        # worker that died (and was restarted) leaves its queue gauges behind: they are dropped.
+        _forget_dead_workers(os.environ[MULTIPROC_DIR_ENV])
         merged = CollectorRegistry()
         prometheus_multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)
+
+
+def _forget_dead_workers(folder: str) -> None:
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            prometheus_multiprocess.mark_process_dead(int(pid), folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

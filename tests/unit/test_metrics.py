@@ -85,3 +85,28 @@ def test_a_retry_counts_only_the_rows_it_settled_itself(stats, sqlite_url):
         totals[stat] += count
     # The refused row is tried again by the retry (a new send, refused again); the rest are reused.
     assert totals == {"pepipost.send.accepted": 2, "pepipost.send.rejected": 2, "pepipost.send.unknown": 1}
+
+
+class FailingStats(RecordingStats):
+    def incr(self, *args, **kwargs) -> None:
+        raise RuntimeError("the metrics backend failed")
+
+    timing = incr
+
+
+def test_a_failing_metrics_backend_never_stops_or_fails_a_campaign(monkeypatch, sqlite_url, caplog):
+    from airflow_provider_pepipost.operators.campaign import CampaignSender
+    from airflow_provider_pepipost.status.ledger import TaskKey
+    from airflow_provider_pepipost.status.store import StatusStore
+    from tests.faults.test_campaign_truth import StandInVendor, _message
+
+    monkeypatch.setattr(metrics, "Stats", FailingStats())
+    numbers = [f"9198{i:08d}" for i in range(50)]
+    vendor = StandInVendor(dict.fromkeys(numbers, "accepted"))
+    sender = CampaignSender(
+        vendor, StatusStore(sqlite_url), TaskKey("m", "r", "s"), total=50, max_workers=2, progress_interval=0.0,
+        on_progress=SendCounters(task_tags("m", "s")).report,
+    )  # fmt: skip
+    assert sender.run([(row, _message(number)) for row, number in enumerate(numbers)]).summary()["accepted"] == 50
+    delivery_verdict("delivered", True, 1.0, task_tags("m", "wait"))  # the sensor's: nothing raised either
+    assert "Airflow metrics: report failed and was skipped: RuntimeError" in caplog.text

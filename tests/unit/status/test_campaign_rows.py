@@ -53,3 +53,24 @@ def test_a_later_try_with_a_smaller_audience_leaves_no_row_of_the_earlier_one(st
     store.prune_rows(TASK, "b")
     report = store.campaign_report("d", "r", "send")
     assert report.rows == 3 and report.states["suppressed"] == 3 and report.states["not_sent"] == 0
+
+
+def test_the_reports_times_count_every_message_on_a_streaming_connection_too(store_url):
+    """The times are read from the driver's cursor: a streaming connection (one row pre-buffered by
+    SQLAlchemy) must not lose a message, and the connection stays usable afterwards."""
+    from airflow_provider_pepipost.operators.campaign import CampaignSender
+    from airflow_provider_pepipost.status import reports
+    from airflow_provider_pepipost.status.model import DeliveryEvent
+    from tests.faults.test_campaign_truth import StandInVendor, _message
+
+    store = StatusStore(store_url)
+    numbers = [f"9198{i:08d}" for i in range(5)]
+    vendor = StandInVendor(dict.fromkeys(numbers, "accepted"))
+    task = TaskKey("times", "r", "send")
+    CampaignSender(vendor, store, task, total=5, max_workers=1).run([(i, _message(n)) for i, n in enumerate(numbers)])
+    store.ingest([DeliveryEvent(mid, "delivered", "delivered", 2_000_000_000.0) for mid, _ in vendor.accepted.values()])
+    assert store.campaign_report("times", "r").to_delivered.count == 5
+    with store.engine.connect() as conn:
+        streamed = reports.campaign_report(conn.execution_options(stream_results=True), "times", "r")
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    assert streamed.to_delivered.count == 5

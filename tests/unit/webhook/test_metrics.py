@@ -156,3 +156,23 @@ def test_with_several_workers_any_scrape_answers_for_all_of_them(sqlite_url, tmp
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_dead_workers_queue_gauge_is_dropped_from_the_sum(tmp_path):
+    """A worker killed with bodies in its queue (then restarted by uvicorn) must not keep them in
+    the scrape forever: its gauge files are dropped once its process is gone."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    worker = (
+        "from airflow_provider_pepipost.webhook.metrics import ReceiverMetrics\n"
+        "metrics = ReceiverMetrics(); metrics.queue_now(3, 900)\n"
+        "import os; os._exit(0)  # no clean-up, as a SIGKILL leaves it\n"
+    )
+    subprocess.run([sys.executable, "-c", worker], env=env, check=True, timeout=60)
+    scrape_now = (
+        "from airflow_provider_pepipost.webhook.metrics import ReceiverMetrics\n"
+        "print(ReceiverMetrics().exposition().decode())\n"
+    )
+    text = subprocess.run([sys.executable, "-c", scrape_now], env=env, check=True, timeout=60, capture_output=True,
+                          text=True).stdout  # fmt: skip
+    queued = [line for line in text.splitlines() if line.startswith("pepipost_receiver_queued_bodies ")]
+    assert queued == ["pepipost_receiver_queued_bodies 0.0"], text
