@@ -202,9 +202,12 @@ class AirflowStack:
         self.procs.start(
             "api-server", str(BIN / "airflow"), "api-server", "--port", str(self.api_port), "--host", "127.0.0.1"
         )
+        # The api-server first: a task the scheduler starts before the execution API answers gives up
+        # after a few retries and fails without running (the nightly maintenance DAG's run is due at
+        # once, since DAGs are unpaused at creation), as it would in any deployment started that way.
+        self.wait(lambda: http_ok(f"{self.api_url}/api/v2/monitor/health"), 120, "the api-server did not come up")
         for component in components:
             self.procs.start(component, str(BIN / "airflow"), component)
-        self.wait(lambda: http_ok(f"{self.api_url}/api/v2/monitor/health"), 120, "the api-server did not come up")
 
         def parsed() -> bool:
             query = sqlalchemy.text("SELECT count(*) FROM dag WHERE dag_id = ANY(:ids)")
