@@ -14,7 +14,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,8 +26,7 @@ sys.path.insert(0, str(ROOT))  # run alone as a script, the bench package is bes
 
 from airflow_provider_pepipost.status import schema  # noqa: E402
 from airflow_provider_pepipost.status.store import StatusStore  # noqa: E402
-from bench.common import free_port  # noqa: E402
-from bench.pg import scratch_database  # noqa: E402
+from bench.common import free_port, on_each_store  # noqa: E402
 
 TOKEN = "bench-store-size-token"
 AGE = 400 * 86_400.0  # the filled messages are this old: all of them are purged
@@ -124,13 +122,7 @@ def purge_under_ingest(url: str, store: StatusStore) -> dict:
 
 
 def run(count: int = 1_000_000, postgres_url: str | None = None) -> dict:
-    results: dict = {"messages": count}
-    with tempfile.TemporaryDirectory(prefix="pepipost-bench-size-") as tmp:
-        results["sqlite"] = _measure(f"sqlite:///{Path(tmp) / 'size.db'}", count)
-    if postgres_url:
-        with scratch_database(postgres_url) as url:
-            results["postgresql"] = _measure(url, count)
-    return results
+    return {"messages": count, **on_each_store(_measure, postgres_url, count)}
 
 
 def _measure(url: str, count: int) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.app import create_app
 from airflow_provider_pepipost.webhook.metrics import REFUSAL_REASONS
 from tests.conftest import WEBHOOK_TOKEN
-from tests.helpers import ServedApp, scrape_metrics, wait_until
+from tests.helpers import ServedApp, free_port, scrape_metrics, wait_until
 from tests.unit.webhook.test_app import HEADERS, post, report
 from tests.unit.webhook.test_stop_words import text_reply
 
@@ -115,12 +114,6 @@ def test_a_store_that_cannot_commit_is_counted():
     assert samples[("pepipost_receiver_store_errors_total", ())] == 1
     assert samples[("pepipost_receiver_reports_total", (("result", "accepted"),))] == 0
     assert samples[("pepipost_receiver_queued_bodies", ())] == 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.timeout(120)
