@@ -34,8 +34,11 @@ def canonical_number(value: Any) -> str:
     script into ASCII, and drops a leading ``00`` international prefix. Does not judge the
     result: a value that holds letters keeps them (see ``normalize_phone``).
     """
+    text = str(value)
+    if text.isascii() and text.isdigit():  # already plain digits, as most rows are: nothing to remove
+        return text[len(_INTERNATIONAL_PREFIX) :] if text.startswith(_INTERNATIONAL_PREFIX) else text
     chars = []
-    for char in str(value):
+    for char in text:
         if _is_decoration(char):
             continue
         digit = unicodedata.decimal(char, None)

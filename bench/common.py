@@ -65,8 +65,16 @@ class BenchTaskInstance:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process's own memory so far (VmHWM).
+
+    Not getrusage's ru_maxrss: Linux carries that across exec, so a child started from a large
+    process (make bench runs every bench in one) reports its parent's peak as its own.
+    """
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: an upper bound
 
 
 def current_rss_mb() -> float:

@@ -21,7 +21,9 @@ sys.path.insert(0, str(ROOT))
 from bench import (  # noqa: E402
     campaign_page,
     celery_scale,
+    ingest_ceiling,
     memory_stream,
+    send_limit,
     send_throughput,
     sensor_poke,
     store_size,
@@ -83,6 +85,10 @@ def main() -> int:
                 ">= 15x",
                 r["vs_baseline"] >= 15,
             )
+        print("[bench] 1/7 one send task at the limit (vendor stand-in, 50 ms) ...", flush=True)
+        limit = results["send_limit"] = send_limit.run()
+        for row in send_limit.rows(limit):
+            add(*row)
     if "memory" in only:
         print(f"[bench] 2/7 memory, {args.memory_rows} JSONL rows streamed ...", flush=True)
         mem = results["memory"] = memory_stream.run(args.memory_rows)
@@ -103,6 +109,10 @@ def main() -> int:
                 ">= 2000 ev/s",
                 r["events_per_s"] >= 2000,
             )
+        print("[bench] 3/7 webhook ingest against a bare FastAPI ceiling ...", flush=True)
+        ceiling = results["ingest_ceiling"] = ingest_ceiling.run(pg)
+        for row in ingest_ceiling.rows(ceiling):
+            add(*row)
     if "poke" in only:
         print("[bench] 4/7 sensor poke over 100k ids ...", flush=True)
         poke = results["poke"] = sensor_poke.run(100_000, pg)

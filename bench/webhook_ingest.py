@@ -89,24 +89,28 @@ def load(url: str, payloads: list[bytes], clients: int, seconds: float) -> tuple
 @contextmanager
 def receiver_process(store_url: str, workers: int):
     """``pepipost-webhook`` on a free port; yields its webhook URL."""
+    with receiver(store_url, workers) as (url, _):
+        yield url
+
+
+@contextmanager
+def receiver(store_url: str, workers: int = 1, *args: str):
+    """``pepipost-webhook`` on a free port, with more of its options in ``args``; yields its webhook
+    URL and its process."""
     port = free_port()
     env = dict(os.environ, PEPIPOST_WEBHOOK_TOKEN=TOKEN)
-    receiver = subprocess.Popen(
-        [str(BIN / "pepipost-webhook"), "--port", str(port), "--store-url", store_url, "--workers", str(workers)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = [str(BIN / "pepipost-webhook"), "--port", str(port), "--store-url", store_url, "--workers", str(workers)]
+    process = subprocess.Popen([*command, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/pepipost/healthz")
-        yield f"http://127.0.0.1:{port}/pepipost/webhook"
+        yield f"http://127.0.0.1:{port}/pepipost/webhook", process
     finally:
-        receiver.terminate()
+        process.terminate()
         try:
-            receiver.wait(timeout=30)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:  # still writing what it was sent: not this bench's business
-            receiver.kill()
-            receiver.wait(timeout=10)
+            process.kill()
+            process.wait(timeout=10)
 
 
 def run_store(store_url: str, label: str, batches=(1, 50, 500), clients: int = 16, workers: int = 1) -> list[dict]:

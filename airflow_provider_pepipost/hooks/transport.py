@@ -29,6 +29,8 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from requests.adapters import HTTPAdapter
+from requests.models import Response
+from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -208,6 +210,40 @@ class TrackingAdapter(HTTPAdapter):
             ),
         }
         super().__init__(**kwargs)
+
+    # A campaign's sends share one pool: finding it anew per request (parsing the URL, keying the
+    # pool manager) and building a full requests.Response were a fifth of the client's CPU per
+    # message (bench/send_limit.py). For the hook's own requests (a tracked one is in progress),
+    # the pool is found once per URL and settings, a few URLs in all, and the response carries no
+    # cookie jar; any other request through the session (get_conn()) goes requests' own way.
+    def get_connection_with_tls_context(
+        self, request: Any, verify: Any, proxies: Any = None, cert: Any = None
+    ) -> HTTPConnectionPool:
+        if getattr(_local, "progress", None) is None:
+            return super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+        key = (request.url, verify if isinstance(verify, (bool, str)) else repr(verify), repr(cert), repr(proxies))
+        pools = self.__dict__.setdefault("_pepipost_pools", {})
+        pool = pools.get(key)
+        if pool is None or pool.pool is None:  # .pool is None once the pool was closed
+            pool = pools[key] = super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+        return pool
+
+    def build_response(self, req: Any, resp: Any) -> Response:
+        if getattr(_local, "progress", None) is None:
+            return super().build_response(req, resp)
+        response = Response()  # the hook reads the status, the headers and the raw body only
+        response.status_code = resp.status
+        response.headers = CaseInsensitiveDict(resp.headers)
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
+
+    def close(self) -> None:
+        self.__dict__.pop("_pepipost_pools", None)
+        super().close()
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)

@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.status import schema
-from airflow_provider_pepipost.status.engines import insert_for
+from airflow_provider_pepipost.status.engines import insert_for, prebuilt
 from airflow_provider_pepipost.status.model import LedgerState
 
 IN_FLIGHT_STATES = (LedgerState.SENDING.value, LedgerState.UNKNOWN.value)
@@ -188,7 +188,7 @@ def claim(
     index), the claimer takes the row over and reports what it holds, never sending it again.
     """
     rows = _claim_rows(task, claims, attempt=attempt, campaign=campaign, now=now, generation=generation)
-    granted = _grant_claims(conn, _claim_statement(conn, resend_unknown), rows)
+    granted = _grant_claims(conn, resend_unknown, rows)
     answers = [GRANTED if ok else HELD for ok in granted]
     held = {row["idempotency_key"]: index for index, row in enumerate(rows) if not granted[index]}
     held_rows = {key: rows[index] for key, index in held.items()}
@@ -307,18 +307,27 @@ def _take_over_from_earlier_clears(
     return taken
 
 
-def _grant_claims(conn: Connection, claim_stmt: Any, rows: list[dict[str, Any]]) -> list[bool]:
+def _grant_claims(conn: Connection, resend_unknown: bool, rows: list[dict[str, Any]]) -> list[bool]:
     """Run the claim upsert for each row; True where it inserted or took over the row."""
+    # Built once per dialect (engines.prebuilt): the send loop claims a batch every few ms. The
+    # key and the statement must read the flag alike: a truthy "False" must not pass for False.
+    resend_unknown = bool(resend_unknown)
     if conn.dialect.name != "postgresql":
         # In-process SQLite: one execute per claim, its rowcount the answer.
+        claim_stmt = prebuilt(conn, f"ledger.claim.{resend_unknown}", lambda c: _claim_statement(c, resend_unknown))
         return [conn.execute(claim_stmt, row).rowcount > 0 for row in rows]
+    claim_stmt = prebuilt(
+        conn,
+        f"ledger.claim.{resend_unknown}.returning",
+        lambda c: _claim_statement(c, resend_unknown).returning(schema.ledger.c.idempotency_key),
+    )
     # PostgreSQL: one multi-row statement whose RETURNING names the keys granted. A key twice in
     # one statement is an error there, and only its first row may win anyway.
     first: dict[str, int] = {}
     for index, row in enumerate(rows):
         first.setdefault(row["idempotency_key"], index)
     unique = [rows[index] for index in first.values()]
-    won = set(conn.execute(claim_stmt.returning(schema.ledger.c.idempotency_key), unique).scalars())
+    won = set(conn.execute(claim_stmt, unique).scalars())
     return [key in won and first[key] == index for index, key in enumerate(r["idempotency_key"] for r in rows)]
 
 
@@ -344,13 +353,7 @@ def record_rows(
     conn: Connection, task: TaskKey, rows: Sequence[RowRecord], *, campaign: str | None, attempt: str, now: float
 ) -> None:
     """What became of these input rows: a later try's record of a row replaces an earlier try's."""
-    table = schema.campaign_rows
-    stmt = insert_for(conn, table)
-    changing = ("state", "recipient", "ledger_key", "message_id", "error_code", "error_message", "campaign", "attempt")
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[table.c.dag_id, table.c.run_id, table.c.task_id, table.c.map_index, table.c.row_index],
-        set_={**{name: getattr(stmt.excluded, name) for name in changing}, "updated_at": stmt.excluded.updated_at},
-    )
+    stmt = prebuilt(conn, "ledger.record_rows", _record_rows_statement)
     where = {"dag_id": task.dag_id, "run_id": task.run_id, "task_id": task.task_id, "map_index": task.map_index}
     campaign_value = campaign_hash(campaign) if campaign is not None else None
     conn.execute(
@@ -374,6 +377,16 @@ def record_rows(
     )
 
 
+def _record_rows_statement(conn: Connection) -> Any:
+    table = schema.campaign_rows
+    stmt = insert_for(conn, table)
+    changing = ("state", "recipient", "ledger_key", "message_id", "error_code", "error_message", "campaign", "attempt")
+    return stmt.on_conflict_do_update(
+        index_elements=[table.c.dag_id, table.c.run_id, table.c.task_id, table.c.map_index, table.c.row_index],
+        set_={**{name: getattr(stmt.excluded, name) for name in changing}, "updated_at": stmt.excluded.updated_at},
+    )
+
+
 def prune_rows(conn: Connection, task: TaskKey, attempt: str) -> None:
     """Forget the rows an earlier try recorded beyond this try's audience (it had fewer rows)."""
     table = schema.campaign_rows
@@ -390,11 +403,28 @@ def prune_rows(conn: Connection, task: TaskKey, attempt: str) -> None:
 
 def record_outcomes(conn: Connection, outcomes: Sequence[Outcome], now: float) -> None:
     """The answers to sends; the outcome ``not_sent`` gives back a claim whose request never went out."""
+    conn.execute(
+        prebuilt(conn, "ledger.record_outcomes", _record_outcomes_statement),
+        [
+            {
+                "key": o.key,
+                "new_state": o.state,
+                "new_message_id": o.message_id,
+                "new_error_code": o.error_code,
+                "new_error_message": o.error_message,
+                "now": now,
+            }
+            for o in outcomes
+        ],
+    )
+
+
+def _record_outcomes_statement(conn: Connection) -> Any:
     led = schema.ledger
     accepted = LedgerState.ACCEPTED.value
     # A delivery report may have reconciled the row while its request hung: a late 'unknown' (or
     # 'rejected') must not wipe the message id it found.
-    conn.execute(
+    return (
         update(led)
         .where(
             led.c.idempotency_key == bindparam("key"),
@@ -405,21 +435,11 @@ def record_outcomes(conn: Connection, outcomes: Sequence[Outcome], now: float) -
             message_id=bindparam("new_message_id"),
             error_code=bindparam("new_error_code"),
             error_message=bindparam("new_error_message"),
-            updated_at=now,
+            updated_at=bindparam("now"),
             # The send's own answer wins over a report that came first: that row was never
             # unknown, and the XCom lists its id (the sensor must not count it twice).
             reconciled_at=case((bindparam("new_state") == accepted, null()), else_=led.c.reconciled_at),
-        ),
-        [
-            {
-                "key": o.key,
-                "new_state": o.state,
-                "new_message_id": o.message_id,
-                "new_error_code": o.error_code,
-                "new_error_message": o.error_message,
-            }
-            for o in outcomes
-        ],
+        )
     )
 
 

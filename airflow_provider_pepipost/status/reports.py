@@ -102,8 +102,13 @@ def _joined(whole_ledger: bool = False) -> Any:
     unknown only (a report may have reconciled it since), the others carry their message id;
     ``whole_ledger`` looks it up for every row (the CSV's send times)."""
     rows, led, st = schema.campaign_rows, schema.ledger, schema.message_status
-    ledger_row = led.c.idempotency_key == rows.c.ledger_key
-    return rows.outerjoin(led, ledger_row if whole_ledger else and_(rows.c.state == "unknown", ledger_row)).outerjoin(
+    if whole_ledger:
+        ledger_row = led.c.idempotency_key == rows.c.ledger_key
+    else:
+        # A NULL key for the other rows, rather than "state = 'unknown' AND key = ...": the
+        # database then skips the index look-up for them (the page over 100,000 rows: bench/).
+        ledger_row = led.c.idempotency_key == case((rows.c.state == "unknown", rows.c.ledger_key), else_=None)
+    return rows.outerjoin(led, ledger_row).outerjoin(
         st, st.c.message_id == func.coalesce(rows.c.message_id, led.c.message_id)
     )
 
@@ -223,26 +228,40 @@ def _add_times(conn: Connection, where: Any, report: CampaignReport) -> None:
         # (A streaming connection has rows buffered ahead of the driver's cursor: its own rows there.)
         streaming = conn.get_execution_options().get("stream_results")
         found = result.fetchall() if streaming else result.cursor.fetchall()
-    report.to_delivered = _latency([max(row[0], 0.0) for row in found])
-    report.to_read = _latency([max(row[1], 0.0) for row in found if row[1] is not None])
-    report.timeline, report.timeline_step = _timeline([row[2] for row in found])
+    if not found:
+        report.to_delivered, report.to_read = _latency([]), _latency([])
+        report.timeline, report.timeline_step = _timeline([])
+        return
+    to_delivered, to_read, delivered_at = zip(*found, strict=True)
+    report.to_delivered = _latency([max(seconds, 0.0) for seconds in to_delivered])
+    report.to_read = _latency([max(seconds, 0.0) for seconds in to_read if seconds is not None])
+    report.timeline, report.timeline_step = _timeline(list(delivered_at))
 
 
 def _add_failed_recipients(conn: Connection, where: Any, report: CampaignReport, text: Any) -> None:
     """The first rows the vendor refused, then the first messages that failed on the phone's side."""
-    rows, st = schema.campaign_rows, schema.message_status
+    rows, led, st = schema.campaign_rows, schema.ledger, schema.message_status
     order = (rows.c.task_id, rows.c.map_index, rows.c.row_index)
     columns = (rows.c.task_id, rows.c.map_index, rows.c.row_index, rows.c.recipient)
-    refused = select(*columns, rows.c.error_code, rows.c.error_message).where(where, rows.c.state == "rejected")
-    for row in conn.execute(refused.order_by(*order).limit(FAILED_LISTED)):
-        _list_failed(report, row, "refused", text(f"{row.error_code}: {row.error_message}"))
-    room = FAILED_LISTED - len(report.failed_recipients)
+    # The counts read already bound both lists: a campaign without refusals or failures scans for none.
+    refused_rows = report.states.get("rejected", 0)
+    if refused_rows:
+        refused = select(*columns, rows.c.error_code, rows.c.error_message).where(where, rows.c.state == "rejected")
+        for row in conn.execute(refused.order_by(*order).limit(min(FAILED_LISTED, refused_rows))):
+            _list_failed(report, row, "refused", text(f"{row.error_code}: {row.error_message}"))
+    room = min(FAILED_LISTED - len(report.failed_recipients), report.statuses.get("failed", 0))
     if room <= 0:
         return
+    # The failed statuses first (an inner join on them), rather than every row's status then a
+    # filter: the same rows as _delivery_status() == "failed", since a reported status implies a
+    # message id, and an unknown row counts only once reconciled.
+    unreconciled = and_(rows.c.state == "unknown", or_(led.c.state.in_(IN_FLIGHT_STATES), led.c.message_id.is_(None)))
+    ledger_row = led.c.idempotency_key == case((rows.c.state == "unknown", rows.c.ledger_key), else_=None)
+    failed_status = and_(st.c.message_id == func.coalesce(rows.c.message_id, led.c.message_id), st.c.status == "failed")
     failed = (
         select(*columns, st.c.remark)
-        .select_from(_joined())
-        .where(where, rows.c.state.in_(WENT_OUT), _delivery_status() == "failed")
+        .select_from(rows.outerjoin(led, ledger_row).join(st, failed_status))
+        .where(where, rows.c.state.in_(WENT_OUT), ~unreconciled)
         .order_by(*order)
         .limit(room)
     )

@@ -32,6 +32,7 @@ from airflow_provider_pepipost.webhook.metrics import CONTENT_TYPE, ReceiverMetr
 from airflow_provider_pepipost.webhook.payload import DEFAULT_STOP_SET, MAX_RAW_CHARS, body_key, letter, parse_body
 from airflow_provider_pepipost.webhook.settings import (
     DEFAULT_BODY_TIMEOUT,
+    DEFAULT_COMMIT_LINGER,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUED_BODIES,
     DEFAULT_MAX_QUEUED_BYTES,
@@ -105,6 +106,7 @@ def create_app(
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     max_queued_bodies: int = DEFAULT_MAX_QUEUED_BODIES,
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+    commit_linger: float = DEFAULT_COMMIT_LINGER,
     refusal_log_interval: float = 60.0,
     stop_words: str | Sequence[str] | None = None,
 ) -> FastAPI:
@@ -122,6 +124,8 @@ def create_app(
     :param body_timeout: a body not received within this many seconds is refused with 408.
     :param max_queued_bodies: bodies admitted and not yet answered; beyond it 503 with Retry-After.
     :param max_queued_bytes: the same bound in bytes of body.
+    :param commit_linger: seconds a group commit may wait for more bodies when the previous one
+        carried several (never longer than that one took); default 0: commit at once.
     :param refusal_log_interval: refused requests are logged at most once per this many seconds.
     :param stop_words: text replies that opt their sender out of further messages (a list, or one
         comma-separated string); default ``$PEPIPOST_STOP_WORDS``, else STOP, UNSUBSCRIBE, STOP ALL.
@@ -137,6 +141,7 @@ def create_app(
             body_timeout=body_timeout,
             max_queued_bodies=max_queued_bodies,
             max_queued_bytes=max_queued_bytes,
+            commit_linger=commit_linger,
             refusal_log_interval=refusal_log_interval,
             stop_words=stop_words_or_env(stop_words),
         )
@@ -177,7 +182,12 @@ class Receiver:
         self.store_failed = Throttled(level=logging.ERROR)
         self.dead_lettered, self.unhealthy = Throttled(), Throttled()
         self._store: StatusStore | None = None
-        self.queue = IngestQueue(self.store, max_bodies=settings.max_queued_bodies, max_bytes=settings.max_queued_bytes)
+        self.queue = IngestQueue(
+            self.store,
+            max_bodies=settings.max_queued_bodies,
+            max_bytes=settings.max_queued_bytes,
+            linger=settings.commit_linger,
+        )
         self.approvals = ApprovalResponder(self.store, settings.airflow_api_conn_id)
 
     def store(self) -> StatusStore:

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -25,7 +26,10 @@ from airflow_provider_pepipost.webhook.server import DEFAULT_HEAD_TIMEOUT, HEAD_
 from airflow_provider_pepipost.webhook.settings import (
     ALLOWED_IPS_ENV,
     BODY_TIMEOUT_ENV,
+    COMMIT_LINGER_ENV,
+    CONNECTIONS_BEYOND_QUEUE,
     DEFAULT_BODY_TIMEOUT,
+    DEFAULT_COMMIT_LINGER,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUED_BODIES,
     MAX_BODY_BYTES_ENV,
@@ -38,8 +42,9 @@ from airflow_provider_pepipost.webhook.settings import (
 
 log = logging.getLogger("airflow_provider_pepipost.webhook")
 
-DEFAULT_LIMIT_CONCURRENCY = 512
 DEFAULT_KEEP_ALIVE = 5.0
+# Open files a worker needs besides its connections: the store's pool (64), logs, the listening socket.
+OTHER_OPEN_FILES = 128
 
 
 def app_from_env() -> FastAPI:
@@ -65,6 +70,8 @@ def serve(argv: list[str] | None = None) -> None:
     if not token:
         parser.error(f"a token is required: set {TOKEN_ENV} or pass --token")
     _hand_over(args, token)
+    args.limit_concurrency = limit_concurrency(args)
+    open_file_room(args.limit_concurrency)
     source = "--store-url" if args.store_url else store_source(args.store_conn_id)
     log.info("Pepipost webhook receiver on http://%s:%s/pepipost/webhook, store from %s", args.host, args.port,
              source)  # fmt: skip
@@ -90,10 +97,23 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--limit-concurrency",
         type=int,
-        default=DEFAULT_LIMIT_CONCURRENCY,
-        help="connections per worker beyond which requests get 503",
+        default=None,
+        help="connections per worker beyond which uvicorn answers 503 itself; default --max-queued-bodies + "
+        f"{CONNECTIONS_BEYOND_QUEUE}, so that the queue bound is reached first",
     )
-    parser.add_argument("--max-queued-bodies", type=int, default=DEFAULT_MAX_QUEUED_BODIES)
+    parser.add_argument(
+        "--max-queued-bodies",
+        type=int,
+        default=DEFAULT_MAX_QUEUED_BODIES,
+        help="bodies admitted and not yet answered, per worker; beyond it 503 busy with Retry-After",
+    )
+    parser.add_argument(
+        "--commit-linger",
+        type=float,
+        default=DEFAULT_COMMIT_LINGER,
+        help="seconds a group commit may wait for more bodies when the last one carried several (never longer "
+        "than it took); default 0: commit at once. Pays only when the receiver's CPU is the bottleneck",
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
         "--stop-words",
@@ -116,10 +136,42 @@ def _hand_over(args: argparse.Namespace, token: str) -> None:
     os.environ[MAX_BODY_BYTES_ENV] = str(args.max_body_bytes)
     os.environ[BODY_TIMEOUT_ENV] = str(args.body_timeout)
     os.environ[MAX_QUEUED_BODIES_ENV] = str(args.max_queued_bodies)
+    os.environ[COMMIT_LINGER_ENV] = str(args.commit_linger)
     if args.stop_words:
         os.environ[STOP_WORDS_ENV] = args.stop_words
     os.environ[HEAD_TIMEOUT_ENV] = str(args.head_timeout)  # for worker processes, which import anew
     GuardedHttpProtocol.head_timeout = args.head_timeout  # for this one, which has imported it already
+
+
+def limit_concurrency(args: argparse.Namespace) -> int:
+    """Uvicorn's cap on connections per worker: as given, else room for a full queue and then some.
+
+    A queued body holds its connection until it is answered, so under a cap at or below the queue
+    bound uvicorn's own 503 (which the receiver never sees nor counts) comes first.
+    """
+    if args.limit_concurrency is not None:
+        if args.limit_concurrency <= args.max_queued_bodies:
+            log.warning("--limit-concurrency %d is not above --max-queued-bodies %d: uvicorn refuses "
+                        "requests (503) before the queue bound is reached", args.limit_concurrency,
+                        args.max_queued_bodies)  # fmt: skip
+        return args.limit_concurrency
+    return args.max_queued_bodies + CONNECTIONS_BEYOND_QUEUE
+
+
+def open_file_room(connections: int) -> int:
+    """Raise this process's soft limit of open files (inherited by its workers) to what ``connections``
+    need, within the hard limit; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + OTHER_OPEN_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if raised > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("open files limited to %d, below the %d that %d connections need: past it new "
+                    "connections wait in the kernel's backlog", soft, wanted, connections)  # fmt: skip
+    return soft
 
 
 def _run_uvicorn(args: argparse.Namespace) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+import selectors
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import pytest
 import requests
 
 from airflow_provider_pepipost.status.store import StatusStore
@@ -199,3 +202,71 @@ def test_connections_beyond_the_cap_get_503_until_idle_ones_are_closed(sqlite_ur
             timeout=10,
             interval=0.5,
         )
+
+
+# -- issue 26: with the default limits, a stalled store fills the queue before uvicorn caps connections --
+
+
+def test_a_stalled_store_meets_the_queue_bound_before_the_connection_cap(sqlite_url):
+    """1,100 bodies at once against a store held locked, every limit at its default: past the 1,024
+    queued bodies the receiver answers ``busy`` itself (503, Retry-After, counted), not uvicorn's bare
+    503; once the lock goes, every queued body is stored and answered 200."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1400
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"needs {wanted} open files, the hard limit is {hard}")
+    posts = 1100
+    with ExitStack() as stack:
+        if soft != resource.RLIM_INFINITY and soft < wanted:  # this process holds a socket a body
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            stack.callback(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        port, _ = stack.enter_context(receiver(sqlite_url))
+        lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        stack.callback(lock.close)
+        lock.execute("BEGIN EXCLUSIVE")  # the store stalls: commits wait on the lock (busy_timeout 30 s)
+        socks = []
+        for number in range(posts):
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
+            body = json.dumps({"delivery_status": [{"ncmessage_id": f"stall-{number}", "status": "read"}]}).encode()
+            head = f"POST /pepipost/webhook HTTP/1.1\r\nHost: x\r\nX-Pepipost-Token: {TOKEN}\r\n"
+            sock.sendall(f"{head}Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            socks.append(sock)
+        answers = _answers(socks, want=posts - 1024, seconds=20)  # those refused while the lock is held
+        assert len(answers) == posts - 1024, len(answers)
+        assert {status for status, _ in answers.values()} == {503}
+        assert all(b"retry-after: 5" in head and b"busy" in rest for head, rest in map(_split, answers.values()))
+        lock.execute("ROLLBACK")
+        stored = _answers([sock for sock in socks if sock not in answers], want=1024, seconds=60)
+    assert len(stored) == 1024 and {status for status, _ in stored.values()} == {200}
+    assert StatusStore(sqlite_url).count_rows("pepipost_events") == 1024
+
+
+def _answers(socks: list[socket.socket], want: int, seconds: float) -> dict[socket.socket, tuple[int, bytes]]:
+    """The first answer (status, raw bytes) of each socket that gets one, until ``want`` do or ``seconds`` pass."""
+    got: dict[socket.socket, tuple[int, bytes]] = {}
+    raw: dict[socket.socket, bytes] = dict.fromkeys(socks, b"")
+    deadline = time.monotonic() + seconds
+    with selectors.DefaultSelector() as selector:  # epoll: more sockets than select() takes
+        for sock in socks:
+            selector.register(sock, selectors.EVENT_READ)
+        while len(got) < want and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.5):
+                sock = key.fileobj
+                data = sock.recv(65536)
+                raw[sock] += data
+                head, sep, rest = raw[sock].partition(b"\r\n\r\n")
+                if not data or (sep and len(rest) >= _length(head)):
+                    got[sock] = (int(head[9:12] or 0), raw[sock])
+                    selector.unregister(sock)
+    return got
+
+
+def _length(head: bytes) -> int:
+    lowered = head.lower()
+    at = lowered.index(b"content-length:")
+    return int(lowered[at + 15 :].split(b"\r\n", 1)[0])
+
+
+def _split(answer: tuple[int, bytes]) -> tuple[bytes, bytes]:
+    head, _, rest = answer[1].partition(b"\r\n\r\n")
+    return head.lower(), rest

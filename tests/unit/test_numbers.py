@@ -40,3 +40,20 @@ def test_a_number_in_free_text_is_masked_however_it_is_spelled(text):
 )
 def test_dates_ids_and_short_figures_are_left_as_they_are(text):
     assert mask_numbers_in(text) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "canonical"),
+    [
+        ("919833078369", "919833078369"),  # plain digits: the fast path
+        (919833078369, "919833078369"),
+        ("00919833078369", "919833078369"),  # plain digits with the international prefix
+        ("+919833078369", "919833078369"),
+        # Arabic-Indic digits, with the international prefix: not ASCII, so the full rule
+        ("\u0660\u0660\u0669\u0661\u0669\u0668\u0663\u0663\u0660\u0667\u0668\u0663\u0666\u0669", "919833078369"),
+        ("\uff19\uff11\uff19\uff18\uff13\uff13\uff10\uff17\uff18\uff13\uff16\uff19", "919833078369"),  # fullwidth
+        ("91 98330\u200e78369", "919833078369"),
+    ],
+)
+def test_a_number_of_plain_digits_and_its_other_spellings_have_one_canonical_form(value, canonical):
+    assert canonical_number(value) == canonical

@@ -7,14 +7,18 @@ that what is tested is the retry body by body, the last line of defence behind `
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
 
 from airflow_provider_pepipost.status.inbound import WebhookBatch
+from airflow_provider_pepipost.status.ingest import IngestResult
 from airflow_provider_pepipost.status.model import DeliveryEvent
 from airflow_provider_pepipost.status.store import StatusStore
-from airflow_provider_pepipost.webhook.batching import IngestQueue, QueueFull
+from airflow_provider_pepipost.webhook import batching
+from airflow_provider_pepipost.webhook.batching import MAX_BATCHES_PER_COMMIT, IngestQueue, QueueFull
 from tests.store_reads import current_status, dead_letters
 
 
@@ -74,3 +78,105 @@ def test_admission_is_bounded_by_bodies_and_bytes():
         with pytest.raises(QueueFull):
             queue.admit(1).__enter__()
     assert (queue.held_bodies, queue.held_bytes) == (0, 0)
+
+
+# -- issue 26: the writer lingers for stragglers under load, within its bound -----------------
+
+
+class TimedStore:
+    """A stand-in store whose commit takes ``seconds``: records each commit's size and thread."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.commits: list[int] = []
+        self.threads: set[str] = set()
+        self.running = self.most_at_once = 0
+
+    def ingest_many(self, batches: list) -> list[IngestResult]:
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.seconds)
+        self.commits.append(len(batches))
+        self.running -= 1
+        return [IngestResult(accepted=len(batch.events)) for batch in batches]
+
+
+def bodies_per_commit(linger: float, clients: int = 8, rounds: int = 10) -> tuple[float, TimedStore]:
+    """Clients that post again a little after each answer, each a step later than the one before (as
+    HTTP clients do, answers and new requests trickling in), against commits of 20 ms."""
+    store = TimedStore(0.02)
+    queue = IngestQueue(lambda: store, linger=linger)  # type: ignore[arg-type,return-value]
+
+    async def client(number: int) -> None:
+        for _ in range(rounds):
+            await asyncio.sleep(number * 0.002)
+            await queue.ingest(WebhookBatch([event(f"c{number}")]))
+
+    async def run() -> None:
+        await asyncio.gather(*(client(n) for n in range(clients)))
+
+    asyncio.run(run())
+    assert sum(store.commits) == clients * rounds
+    return sum(store.commits) / len(store.commits), store
+
+
+def test_lingering_coalesces_more_bodies_per_commit():
+    at_once, _ = bodies_per_commit(linger=0.0)
+    lingering, store = bodies_per_commit(linger=0.015)
+    assert lingering >= 1.5 * at_once, (at_once, lingering)
+    # Every commit on the queue's own thread, one at a time.
+    assert store.threads == {"pepipost-commit_0"} and store.most_at_once == 1
+
+
+def lone_latency(queue: IngestQueue) -> float:
+    async def run() -> float:
+        started = time.perf_counter()
+        await queue.ingest(WebhookBatch([event("lone")]))
+        return time.perf_counter() - started
+
+    return asyncio.run(run())
+
+
+def after_a_burst(queue: IngestQueue, bodies: int = 4) -> None:
+    async def run() -> None:
+        await asyncio.gather(*(queue.ingest(WebhookBatch([event(f"b{n}")])) for n in range(bodies)))
+
+    asyncio.run(run())
+    assert queue.last_commit_bodies >= 2  # the last commit had company: the next one may linger
+
+
+@pytest.mark.parametrize(
+    ("linger", "commit"),
+    [(0.05, 0.2), (0.5, 0.05)],
+    ids=["bounded-by-the-linger", "bounded-by-the-last-commit"],
+)
+def test_a_lone_request_waits_at_most_min_of_linger_and_last_commit(linger, commit):
+    store = TimedStore(commit)
+    queue = IngestQueue(lambda: store, linger=linger)  # type: ignore[arg-type,return-value]
+    assert lone_latency(queue) < commit + 0.03  # no company yet: no lingering at all
+    after_a_burst(queue)
+    waited = lone_latency(queue) - commit
+    assert waited < min(linger, commit) + 0.03, waited
+
+
+def test_a_lone_request_long_after_the_last_burst_does_not_linger(monkeypatch):
+    store = TimedStore(0.05)
+    queue = IngestQueue(lambda: store, linger=0.05)  # type: ignore[arg-type,return-value]
+    after_a_burst(queue)
+    monkeypatch.setattr(batching, "COMPANY_FORGOTTEN_AFTER", 0.0)
+    assert lone_latency(queue) < 0.05 + 0.03
+
+
+def test_a_full_commit_waiting_ends_the_linger():
+    store = TimedStore(0.0)
+    queue = IngestQueue(lambda: store, linger=10.0)  # type: ignore[arg-type,return-value]
+    queue.last_commit_bodies, queue.last_commit_seconds, queue.last_commit_ended = 2, 10.0, time.perf_counter()
+
+    async def run() -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(queue.ingest(WebhookBatch([event(f"f{n}")])) for n in range(MAX_BATCHES_PER_COMMIT)))
+        return time.perf_counter() - started
+
+    assert asyncio.run(run()) < 1.0
+    assert store.commits == [MAX_BATCHES_PER_COMMIT]

@@ -1,0 +1,59 @@
+"""``pepipost-webhook``'s limits: the queue bound is reached before uvicorn's connection cap, and the
+settings reach the worker processes through the environment."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import pytest
+
+from airflow_provider_pepipost.webhook import cli
+from airflow_provider_pepipost.webhook.server import GuardedHttpProtocol
+from airflow_provider_pepipost.webhook.settings import (
+    CONNECTIONS_BEYOND_QUEUE,
+    DEFAULT_COMMIT_LINGER,
+    DEFAULT_MAX_QUEUED_BODIES,
+    ReceiverSettings,
+)
+
+
+def parsed(*argv: str):
+    return cli._serve_parser().parse_args(list(argv))
+
+
+def test_by_default_the_connection_cap_is_above_the_queue_bound():
+    args = parsed()
+    assert args.max_queued_bodies == DEFAULT_MAX_QUEUED_BODIES
+    assert cli.limit_concurrency(args) == DEFAULT_MAX_QUEUED_BODIES + CONNECTIONS_BEYOND_QUEUE
+
+
+def test_the_connection_cap_follows_a_larger_queue_unless_given():
+    assert cli.limit_concurrency(parsed("--max-queued-bodies", "4000")) == 4000 + CONNECTIONS_BEYOND_QUEUE
+    assert cli.limit_concurrency(parsed("--limit-concurrency", "300")) == 300  # given: kept, with a warning
+
+
+def test_the_open_file_limit_is_raised_for_the_connections_within_the_hard_limit(monkeypatch):
+    limits = {"now": (256, 100_000)}
+    monkeypatch.setattr(resource, "getrlimit", lambda _: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda _, value: limits.update(now=value))
+    assert cli.open_file_room(1152) == 1152 + cli.OTHER_OPEN_FILES == limits["now"][0]
+    limits["now"] = (256, 512)  # the hard limit is as far as it goes
+    assert cli.open_file_room(1152) == 512
+
+
+def test_the_commit_linger_reaches_the_workers(monkeypatch):
+    monkeypatch.setattr(os, "environ", {})
+    monkeypatch.setattr(GuardedHttpProtocol, "head_timeout", GuardedHttpProtocol.head_timeout)
+    cli._hand_over(parsed("--commit-linger", "0"), "token")
+    assert ReceiverSettings.from_env().commit_linger == 0.0
+    cli._hand_over(parsed(), "token")
+    assert ReceiverSettings.from_env().commit_linger == DEFAULT_COMMIT_LINGER
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.005])
+def test_the_app_hands_the_linger_to_its_queue(linger, sqlite_url):
+    from airflow_provider_pepipost.webhook.app import Receiver
+
+    receiver = Receiver(ReceiverSettings(token="t", store_url=sqlite_url, commit_linger=linger))
+    assert receiver.queue.linger == linger
