@@ -246,7 +246,7 @@ class PepipostHook(BaseHook):
 
         Session.post re-merges headers, cookies and environment settings on every call, and
         Session.send dispatches hooks and fills a cookie jar; for a campaign that is most of the
-        client's CPU (bench/send_throughput.py). The adapter is called directly.
+        client's CPU (bench/send_limit.py). The adapter is called directly.
         """
         cache = self.__dict__.setdefault("_prepared_requests", {})
         if path not in cache:

@@ -102,24 +102,38 @@ def _joined(whole_ledger: bool = False) -> Any:
     unknown only (a report may have reconciled it since), the others carry their message id;
     ``whole_ledger`` looks it up for every row (the CSV's send times)."""
     rows, led, st = schema.campaign_rows, schema.ledger, schema.message_status
-    if whole_ledger:
-        ledger_row = led.c.idempotency_key == rows.c.ledger_key
-    else:
-        # A NULL key for the other rows, rather than "state = 'unknown' AND key = ...": the
-        # database then skips the index look-up for them (the page over 100,000 rows: bench/).
-        ledger_row = led.c.idempotency_key == case((rows.c.state == "unknown", rows.c.ledger_key), else_=None)
-    return rows.outerjoin(led, ledger_row).outerjoin(
-        st, st.c.message_id == func.coalesce(rows.c.message_id, led.c.message_id)
-    )
+    ledger_row = led.c.idempotency_key == rows.c.ledger_key if whole_ledger else _ledger_row_if_unknown()
+    return rows.outerjoin(led, ledger_row).outerjoin(st, st.c.message_id == _message_id())
+
+
+def _ledger_row_if_unknown() -> Any:
+    """The join of a row to its ledger row, for rows whose outcome was unknown only.
+
+    A NULL key for the other rows, rather than "state = 'unknown' AND key = ...": the database
+    then skips the index look-up for them (the page over 100,000 rows: bench/campaign_page.py).
+    """
+    rows, led = schema.campaign_rows, schema.ledger
+    return led.c.idempotency_key == case((rows.c.state == "unknown", rows.c.ledger_key), else_=None)
+
+
+def _message_id() -> Any:
+    """The row's message id: its own, else the one a report reconciled into its ledger row."""
+    rows, led = schema.campaign_rows, schema.ledger
+    return func.coalesce(rows.c.message_id, led.c.message_id)
+
+
+def _unreconciled() -> Any:
+    """A row whose outcome was unknown and still is: no report has given its message id."""
+    rows, led = schema.campaign_rows, schema.ledger
+    return and_(rows.c.state == "unknown", or_(led.c.state.in_(IN_FLIGHT_STATES), led.c.message_id.is_(None)))
 
 
 def _delivery_status() -> Any:
     """A went-out row's delivery status, as the sensor counts it."""
-    rows, led, st = schema.campaign_rows, schema.ledger, schema.message_status
-    unreconciled = and_(rows.c.state == "unknown", or_(led.c.state.in_(IN_FLIGHT_STATES), led.c.message_id.is_(None)))
+    st = schema.message_status
     return case(
-        (unreconciled, "unknown"),
-        (func.coalesce(rows.c.message_id, led.c.message_id).is_(None), "unknown"),
+        (_unreconciled(), "unknown"),
+        (_message_id().is_(None), "unknown"),
         else_=func.coalesce(st.c.status, "pending"),
     )
 
@@ -255,13 +269,11 @@ def _add_failed_recipients(conn: Connection, where: Any, report: CampaignReport,
     # The failed statuses first (an inner join on them), rather than every row's status then a
     # filter: the same rows as _delivery_status() == "failed", since a reported status implies a
     # message id, and an unknown row counts only once reconciled.
-    unreconciled = and_(rows.c.state == "unknown", or_(led.c.state.in_(IN_FLIGHT_STATES), led.c.message_id.is_(None)))
-    ledger_row = led.c.idempotency_key == case((rows.c.state == "unknown", rows.c.ledger_key), else_=None)
-    failed_status = and_(st.c.message_id == func.coalesce(rows.c.message_id, led.c.message_id), st.c.status == "failed")
+    failed_status = and_(st.c.message_id == _message_id(), st.c.status == "failed")
     failed = (
         select(*columns, st.c.remark)
-        .select_from(rows.outerjoin(led, ledger_row).join(st, failed_status))
-        .where(where, rows.c.state.in_(WENT_OUT), ~unreconciled)
+        .select_from(rows.outerjoin(led, _ledger_row_if_unknown()).join(st, failed_status))
+        .where(where, rows.c.state.in_(WENT_OUT), ~_unreconciled())
         .order_by(*order)
         .limit(room)
     )
