@@ -4,7 +4,7 @@ The page's figures (``StatusStore.campaign_report``), the whole page as the API 
 and the CSV of every recipient. Target: the page under half a second; three timed renders after a
 warm-up give its median and spread.
 
-Run alone: python bench/campaign_page.py [--count N] [--postgres URL]
+Run alone, from the repository: python -m bench.campaign_page [--count N] [--postgres URL]
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,17 +65,60 @@ class BenchTaskInstance:
         self.xcom[key] = value
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process's own memory so far (VmHWM).
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (uvicorn's workers are children of its supervisor)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as handle:
+                pending += [int(child) for child in handle.read().split()]
+        except OSError:
+            pass
+    return found
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User and system CPU seconds so far of this process (every thread), or of ``pid`` and its descendants."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    ticks = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int | None = None) -> float:
+    """Peak resident set size (VmHWM) of this process's own memory, or the sum over ``pid`` and its
+    descendants.
 
     Not getrusage's ru_maxrss: Linux carries that across exec, so a child started from a large
     process (make bench runs every bench in one) reports its parent's peak as its own.
     """
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: an upper bound
+    total = 0
+    for member in ["self"] if pid is None else process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as handle:
+                total += next((int(line.split()[1]) for line in handle if line.startswith("VmHWM:")), 0)
+        except OSError:
+            continue
+    return round(total / 1024, 1)
+
+
+def spread(values: list[float], digits: int = 1) -> dict[str, float]:
+    """The median of ``values`` and their spread (min, max), rounded to ``digits``."""
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+    }
 
 
 def current_rss_mb() -> float:

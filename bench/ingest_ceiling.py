@@ -11,7 +11,8 @@ The load client is one asyncio process on raw sockets (keep-alive, one request i
 connection, no pipelining): about a tenth of ``http.client``'s CPU per request, which on a small
 machine is CPU the servers measured here did not get.
 
-Run alone: python bench/ingest_ceiling.py [--postgres URL] [--repeats 3] [--linger S] [--compare-with DIR]
+Run alone, from the repository:
+python -m bench.ingest_ceiling [--postgres URL] [--repeats 3] [--linger S] [--compare-with DIR]
 (``--linger S`` adds the receiver with ``--commit-linger S`` beside the default, one event a body;
 ``--compare-with DIR`` the receiver of another version of the package unpacked in DIR.)
 """
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench.* from the repository
     sys.path.insert(0, str(ROOT))
 
-from bench.common import BIN, free_port, percentile, wait_http  # noqa: E402
+from bench.common import BIN, cpu_seconds, free_port, peak_rss_mb, percentile, spread, wait_http  # noqa: E402
 from bench.webhook_ingest import TOKEN, bodies, receiver  # noqa: E402
 
 TARGET_SHARE = 0.6  # of the ceiling, one event a body, on each store
@@ -51,7 +52,6 @@ SECONDS = 2.5  # a run
 # The ceiling stores nothing: it gets the same few bodies over and over.
 BODIES_PER_SECOND = {1: 12_000, 50: 1_500}
 CEILING_BODIES = 2_000
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- the ceiling --------------------------------------------------------------------------------
@@ -214,45 +214,6 @@ def _run_async(main: Callable[[], Any]) -> Any:
 # -- processes: CPU and memory ------------------------------------------------------------------
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (uvicorn's workers are children of its supervisor)."""
-    found, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        found.append(current)
-        try:
-            with open(f"/proc/{current}/task/{current}/children") as handle:
-                pending += [int(child) for child in handle.read().split()]
-        except OSError:
-            pass
-    return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU of ``pid`` and its descendants so far."""
-    total = 0
-    for member in process_tree(pid):
-        try:
-            with open(f"/proc/{member}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
-
-
-def peak_rss_mb(pid: int) -> float:
-    """The sum of the peak resident sizes of ``pid`` and its descendants (VmHWM)."""
-    total = 0
-    for member in process_tree(pid):
-        try:
-            with open(f"/proc/{member}/status") as handle:
-                total += next((int(line.split()[1]) for line in handle if line.startswith("VmHWM:")), 0)
-        except OSError:
-            continue
-    return round(total / 1024, 1)
-
-
 # -- one measured run ---------------------------------------------------------------------------
 
 
@@ -305,10 +266,6 @@ def measure(target: Target, batch: int, seconds: float = SECONDS, clients: int =
         "client_cpu_us_per_request": round(client_cpu / answers * 1e6),
         "error": tally["error"],
     }
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
 # -- the whole bench ----------------------------------------------------------------------------
@@ -379,7 +336,7 @@ def run(
     for (label, batch), pairs in runs.items():
         ratios = [mine["events_per_s"] / bare["events_per_s"] for bare, mine in pairs]
         result["receiver"].append(
-            {"config": label, "batch": batch, **summary([mine for _, mine in pairs]), "ratio": spread(ratios)}
+            {"config": label, "batch": batch, **summary([mine for _, mine in pairs]), "ratio": spread(ratios, 3)}
         )
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     return result
@@ -403,8 +360,8 @@ def _python_path(folder: str | None) -> Iterator[None]:
 def summary(measured: list[dict]) -> dict[str, Any]:
     """The runs of one configuration: spreads of the rates, medians of the rest."""
     return {
-        "events_per_s": spread([m["events_per_s"] for m in measured]),
-        "requests_per_s": spread([m["requests_per_s"] for m in measured]),
+        "events_per_s": spread([m["events_per_s"] for m in measured], 3),
+        "requests_per_s": spread([m["requests_per_s"] for m in measured], 3),
         "events": sum(m["events"] for m in measured),
         "p50_ms": statistics.median(m["p50_ms"] for m in measured),
         "p99_ms": statistics.median(m["p99_ms"] for m in measured),

@@ -2,7 +2,7 @@
 
 The audience file is written first; a fresh child process then runs SendWhatsAppMediaOperator on
 its path against the sandbox (no latency), sampling its own RSS as it goes.
-Run alone: python bench/memory_stream.py --rows 1000000
+Run alone, from the repository: python -m bench.memory_stream --rows 1000000
 """
 
 from __future__ import annotations

@@ -9,15 +9,13 @@ Each figure is the median of ``repeats`` runs with their spread. The client CPU 
 the whole process's user + system time over the run (every thread: senders, ledger writer,
 watchdog) divided by the messages, once for the hook alone (a thread pool calling
 ``PepipostHook.post_message_body``) and once for the operator (``SendWhatsAppMediaOperator`` with
-its SQLite ledger). Run alone: python bench/send_limit.py [--count 50000] [--workers 128]
+its SQLite ledger). Run alone, from the repository: python -m bench.send_limit [--count 50000] [--workers 128]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -30,8 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchTaskInstance, free_port, point_connection
-from bench.send_throughput import audience
+from bench.common import BenchTaskInstance, cpu_seconds, free_port, point_connection, spread
+from bench.send_throughput import audience, media_body
 
 LATENCY = 0.05
 TARGET_MSG_PER_S = 2000
@@ -60,30 +58,6 @@ def standin_process(latency: float):
         proc.wait(timeout=10)
 
 
-def process_cpu(pid: int | None = None) -> float:
-    """User + system CPU seconds of this process (all its threads), or of process ``pid``."""
-    if pid is None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def media_body(phone: str) -> dict[str, Any]:
-    attachment = {"attachment_id": "m-1", "caption": "Hi"}
-    return {
-        "message": [
-            {
-                "recipient_whatsapp": phone,
-                "message_type": "media",
-                "recipient_type": "individual",
-                "source": "bench-source",
-                "type_media": [{"attachments": [attachment]}],
-            }
-        ]
-    }
-
-
 def hook_alone(count: int, workers: int) -> dict[str, float]:
     """``count`` sends through one hook from ``workers`` threads: no ledger, no operator."""
     from airflow_provider_pepipost.hooks.pepipost import PepipostHook
@@ -91,10 +65,10 @@ def hook_alone(count: int, workers: int) -> dict[str, float]:
     hook = PepipostHook(pool_size=workers)
     bodies = [media_body(phone) for phone in audience(count)]
     hook.post_message_body(bodies[0])  # the connection settings and the pool, outside the timing
-    cpu, started = process_cpu(), time.perf_counter()
+    cpu, started = cpu_seconds(), time.perf_counter()
     with ThreadPoolExecutor(workers, thread_name_prefix="bench-hook") as pool:
         ids = list(pool.map(hook.post_message_body, bodies))
-    elapsed, cpu = time.perf_counter() - started, process_cpu() - cpu
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     hook.close()
     if len(set(ids)) != count:
         raise RuntimeError(f"the hook returned {len(set(ids))} distinct ids for {count} sends")
@@ -110,21 +84,13 @@ def operator_alone(count: int, workers: int, store_url: str) -> dict[str, float]
         max_workers=workers, progress_interval=3600,
     )  # fmt: skip
     ti = BenchTaskInstance("bench_send_limit", f"run-{uuid.uuid4().hex}")
-    cpu, started = process_cpu(), time.perf_counter()
+    cpu, started = cpu_seconds(), time.perf_counter()
     operator.execute({"ti": ti})
-    elapsed, cpu = time.perf_counter() - started, process_cpu() - cpu
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     accepted = ti.xcom["send_summary"]["accepted"]
     if accepted != count:
         raise RuntimeError(f"the operator had {accepted} of {count} rows accepted: {ti.xcom['send_summary']}")
     return {"msg_per_s": count / elapsed, "cpu_us_per_msg": cpu / count * 1e6}
-
-
-def spread(values: list[float], digits: int = 0) -> dict[str, float]:
-    return {
-        "median": round(statistics.median(values), digits),
-        "min": round(min(values), digits),
-        "max": round(max(values), digits),
-    }
 
 
 def run(count: int = 50_000, workers: int = 128, repeats: int = 3) -> dict[str, Any]:
@@ -132,14 +98,14 @@ def run(count: int = 50_000, workers: int = 128, repeats: int = 3) -> dict[str, 
     hook_runs: list[dict[str, float]] = []
     operator_runs: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="pepipost-bench-") as tmp, standin_process(LATENCY) as (url, pid):
-        standin_cpu = process_cpu(pid)
+        standin_cpu = cpu_seconds(pid)
         for repeat in range(repeats):
             store_url = f"sqlite:///{Path(tmp) / f'send-limit-{repeat}.db'}"
             point_connection(url, store_url)
             hook_runs.append(hook_alone(count, workers))
             operator_runs.append(operator_alone(count, workers, store_url))
         requests_served = repeats * (2 * count + 1)
-        standin_us = (process_cpu(pid) - standin_cpu) / requests_served * 1e6
+        standin_us = (cpu_seconds(pid) - standin_cpu) / requests_served * 1e6
     limit = workers / LATENCY
     operator_rate = [r["msg_per_s"] for r in operator_runs]
     return {
@@ -147,11 +113,11 @@ def run(count: int = 50_000, workers: int = 128, repeats: int = 3) -> dict[str, 
         "workers": workers,
         "latency_s": LATENCY,
         "limit_msg_per_s": limit,
-        "hook_msg_per_s": spread([r["msg_per_s"] for r in hook_runs]),
-        "hook_cpu_us_per_msg": spread([r["cpu_us_per_msg"] for r in hook_runs]),
-        "operator_msg_per_s": spread(operator_rate),
+        "hook_msg_per_s": spread([r["msg_per_s"] for r in hook_runs], 0),
+        "hook_cpu_us_per_msg": spread([r["cpu_us_per_msg"] for r in hook_runs], 0),
+        "operator_msg_per_s": spread(operator_rate, 0),
         "operator_share_of_limit": round(statistics.median(operator_rate) / limit, 3),
-        "operator_cpu_us_per_msg": spread([r["cpu_us_per_msg"] for r in operator_runs]),
+        "operator_cpu_us_per_msg": spread([r["cpu_us_per_msg"] for r in operator_runs], 0),
         "standin_cpu_us_per_request": round(standin_us, 1),
         # One core of the stand-in's: what it could serve if it had nothing else to do.
         "standin_ceiling_per_s": round(1e6 / standin_us) if standin_us else None,

@@ -1,7 +1,7 @@
 """Bench 1: send throughput against the sandbox with a fixed 50 ms latency.
 
 The operator (default and tuned workers) side by side with the loop a user writes today: one
-requests.post per message, in sequence. Run alone: python bench/send_throughput.py
+requests.post per message, in sequence. Run alone, from the repository: python -m bench.send_throughput
 """
 
 from __future__ import annotations
@@ -25,22 +25,28 @@ def audience(count: int) -> list[str]:
     return [f"9198{index:08d}" for index in range(count)]
 
 
+def media_body(phone: str) -> dict:
+    """The send API's body of one media message to ``phone``, as a user's own loop posts it."""
+    attachment = {"attachment_id": "m-1", "caption": "Hi"}
+    return {
+        "message": [
+            {
+                "recipient_whatsapp": phone,
+                "message_type": "media",
+                "recipient_type": "individual",
+                "source": "bench-source",
+                "type_media": [{"attachments": [attachment]}],
+            }
+        ]
+    }
+
+
 def sequential_baseline(base_url: str, count: int) -> float:
     """The baseline: a plain loop of requests.post, one message after the other. Returns msg/s."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
     started = time.perf_counter()
     for phone in audience(count):
-        body = {
-            "message": [
-                {
-                    "recipient_whatsapp": phone,
-                    "message_type": "media",
-                    "recipient_type": "individual",
-                    "source": "bench-source",
-                    "type_media": [{"attachments": [{"attachment_id": "m-1", "caption": "Hi"}]}],
-                }
-            ]
-        }
+        body = media_body(phone)
         answer = requests.post(f"{base_url}/api/v2/message/", data=json.dumps(body), headers=headers, timeout=30)
         assert answer.json()["status"] == "success"
     return count / (time.perf_counter() - started)

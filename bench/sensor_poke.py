@@ -1,19 +1,18 @@
 """Bench 4: one sensor poke (a delivery summary) over 100k message ids with 300k stored events.
 
-Run alone: python bench/sensor_poke.py [--postgres URL]
+Run alone, from the repository: python -m bench.sensor_poke [--postgres URL]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.model import DeliveryEvent
 from airflow_provider_pepipost.status.store import StatusStore
-from bench.common import on_each_store
+from bench.common import on_each_store, spread
 
 STATUSES = ("sent", "delivered", "read")
 
@@ -80,7 +79,7 @@ def timings(fn, repeat: int = 3) -> dict[str, float]:
         started = time.perf_counter()
         fn()
         times.append((time.perf_counter() - started) * 1000)
-    return {"median": round(statistics.median(times), 1), "min": round(min(times), 1), "max": round(max(times), 1)}
+    return spread(times, 1)
 
 
 def run_one(url: str, count: int) -> dict:

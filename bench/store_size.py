@@ -5,7 +5,7 @@ record, the current status and three reports: sent, delivered, read), then measu
 message (``StatusStore.stats``), and times ``purge`` of all of them while ``pepipost-webhook``
 keeps ingesting fresh reports from a client on loopback: every report must be answered 200.
 
-Run alone: python bench/store_size.py [--count N] [--postgres URL]
+Run alone, from the repository: python -m bench.store_size [--count N] [--postgres URL]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ task reaches: a bench against it would measure the sandbox. This server answers 
 the vendor's success shape after a fixed latency, on one event loop with no framework, so its own
 ceiling (printed by the send bench from its CPU per request) is far above the client's.
 
-Run alone: python bench/vendor_standin.py --port 8090 --latency 0.05
+Run alone, from the repository: python -m bench.vendor_standin --port 8090 --latency 0.05
 """
 
 from __future__ import annotations

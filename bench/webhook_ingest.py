@@ -4,7 +4,7 @@ The receiver runs as `pepipost-webhook` in its own process; a load client posts 
 Every run ends by counting the events in the store: only what is there counts as recorded.
 With ``--junk``, the same single-event load beside 2 MiB bodies of junk posted back to back: what
 valid posts wait while the receiver sets junk aside.
-Run alone: python bench/webhook_ingest.py [--postgres URL] [--junk]
+Run alone, from the repository: python -m bench.webhook_ingest [--postgres URL] [--junk]
 """
 
 from __future__ import annotations
