@@ -3,12 +3,16 @@ statements whose SQL differs between the dialects the store supports (SQLite and
 
 from __future__ import annotations
 
+import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
@@ -96,6 +100,124 @@ def prebuilt(conn: Connection, name: str, build: Any) -> Any:
     if stmt is None:
         stmt = _PREBUILT[key] = build(conn)
     return stmt
+
+
+@dataclass(frozen=True)
+class DriverStatement:
+    """A prebuilt statement as the database's own driver runs it.
+
+    On SQLite ``sql`` has a ``?`` per value; on PostgreSQL (psycopg2) it is an INSERT whose VALUES
+    is one ``%s`` for ``psycopg2.extras.execute_values``, with ``template`` the marks of one row.
+    ``params``: for each mark, the row's key and SQLAlchemy's conversion of the value (None where
+    there is none); or, for a value written in the statement itself, None and that value.
+    """
+
+    sql: str
+    params: tuple[tuple[str | None, Any], ...]
+    template: str | None = None
+
+    def values(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(
+            convert if key is None else row[key] if convert is None else convert(row[key])
+            for key, convert in self.params
+        )
+
+
+_PAGE_ROWS = 1000  # rows per INSERT on PostgreSQL, as SQLAlchemy's insertmanyvalues pages them
+_ON_DRIVER: dict[tuple[str, str, tuple[str, ...]], DriverStatement | None] = {}
+_NAMED_MARK = re.compile(r"%\((\w+)\)s")
+
+
+def on_driver(conn: Connection, name: str, build: Any, keys: Sequence[str]) -> DriverStatement | None:
+    """The prebuilt statement ``name``, for rows with these ``keys``, compiled once to run on the
+    driver's own cursor (``driver_cursor``): any statement on SQLite, an INSERT on psycopg2; None
+    otherwise.
+
+    For the receiver's commits, which run a few statements for a few rows each: SQLAlchemy's work
+    per statement (its execution context, each row's parameters) was about half of a commit's CPU
+    (bench/ingest_ceiling.py). Values are converted as SQLAlchemy converts them.
+    """
+    cache_key = (conn.dialect.name, name, tuple(keys))
+    if cache_key not in _ON_DRIVER:
+        _ON_DRIVER[cache_key] = _compile_for_driver(conn, prebuilt(conn, name, build), keys)
+    return _ON_DRIVER[cache_key]
+
+
+def _compile_for_driver(conn: Connection, stmt: Any, keys: Sequence[str]) -> DriverStatement | None:
+    dialect = conn.dialect
+    compiled = stmt.compile(dialect=dialect, column_keys=list(keys), for_executemany=True)
+
+    def param(name: str) -> tuple[str | None, Any]:
+        bind = compiled.binds[name]
+        convert = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if name in keys:
+            return name, convert
+        if bind.unique and not bind.required:  # a value written in the statement (a literal)
+            return None, bind.effective_value if convert is None else convert(bind.effective_value)
+        raise ValueError(f"no value given for {name!r} in: {compiled.string}")
+
+    if dialect.name == "sqlite":
+        sql, names, template = compiled.string, list(compiled.positiontup or []), None
+    elif dialect.driver == "psycopg2" and compiled.insert_single_values_expr:
+        one_row = f"({compiled.insert_single_values_expr})"  # one row's marks, without their brackets
+        if one_row not in compiled.string:
+            return None
+        sql = compiled.string.replace(one_row, "%s", 1)
+        names, template = _NAMED_MARK.findall(one_row), _NAMED_MARK.sub("%s", one_row)
+    else:
+        return None
+    return DriverStatement(sql, tuple(param(name) for name in names), template)
+
+
+@contextmanager
+def driver_cursor(conn: Connection, statement: DriverStatement) -> Iterator[Any]:
+    """A cursor of the driver's connection under ``conn``, in ``conn``'s transaction. The driver's
+    errors come out as SQLAlchemy's (a locked or lost database is an ``OperationalError``, as
+    callers expect), naming the SQL and never the values; a lost connection is invalidated."""
+    dbapi = conn.dialect.loaded_dbapi
+    dbapi_connection = conn.connection.dbapi_connection
+    cursor = dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        yield cursor
+    except dbapi.Error as err:
+        lost = conn.dialect.is_disconnect(err, dbapi_connection, cursor)
+        if lost:
+            conn.invalidate(err)
+        raise sa_exc.DBAPIError.instance(
+            statement.sql,
+            None,
+            err,
+            dbapi.Error,
+            hide_parameters=True,
+            connection_invalidated=lost,
+            dialect=conn.dialect,
+        ) from err
+    finally:
+        cursor.close()
+
+
+def execute_many(
+    conn: Connection, name: str, build: Any, keys: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """The prebuilt statement ``name`` for each row (every row with ``keys``): on SQLite on the
+    driver's cursor, elsewhere through SQLAlchemy (psycopg2 pages an executemany there)."""
+    statement = on_driver(conn, name, build, keys) if conn.dialect.name == "sqlite" else None
+    if statement is None:
+        conn.execute(prebuilt(conn, name, build), list(rows))
+        return
+    with driver_cursor(conn, statement) as cursor:
+        cursor.executemany(statement.sql, [statement.values(row) for row in rows])
+
+
+def insert_returning(conn: Connection, statement: DriverStatement, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """PostgreSQL: the rows in one multi-row INSERT (``execute_values``); the RETURNING rows."""
+    from psycopg2.extras import execute_values
+
+    with driver_cursor(conn, statement) as cursor:
+        values = [statement.values(row) for row in rows]
+        return execute_values(
+            cursor, statement.sql, values, statement.template, page_size=max(len(values), 1), fetch=True
+        )
 
 
 def chunks(items: Sequence[T], size: int = ID_CHUNK) -> Iterator[Sequence[T]]:

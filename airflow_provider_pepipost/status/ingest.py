@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, func, select, update
+from sqlalchemy import Connection, String, bindparam, case, func, literal_column, select, update
 
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.consent import VIA_REPLY, set_opted_out
-from airflow_provider_pepipost.status.engines import chunks, insert_for, prebuilt, transaction_lock
+from airflow_provider_pepipost.status.engines import (
+    chunks,
+    driver_cursor,
+    execute_many,
+    insert_for,
+    insert_returning,
+    on_driver,
+    prebuilt,
+    transaction_lock,
+)
 from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
 from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
 from airflow_provider_pepipost.status.model import DeliveryEvent, LedgerState
@@ -191,20 +201,23 @@ def _insert_new_events(conn: Connection, events: Sequence[DeliveryEvent], keys: 
                 "raw": ev.raw,
             },
         )
-    insert_stmt = prebuilt(conn, "events", _events_insert)
+    statement = on_driver(conn, "events", _events_insert, _EVENT_COLUMNS)
     if conn.dialect.name == "postgresql":
-        # Only with RETURNING does SQLAlchemy send an upsert as one multi-row INSERT (without,
-        # psycopg2 makes a round trip per row), and it names exactly the rows added, even when
-        # another receiver adds the same ones at the same time. SQLite's executemany is faster.
-        return set(conn.execute(insert_stmt, list(rows.values())).scalars())
-    seen: set[str] = set()
-    lookup = prebuilt(conn, "events_seen", _events_seen)
-    for chunk in chunks(list(rows)):
-        seen.update(conn.execute(lookup, {"keys": list(chunk)}).scalars())
-    new_rows = [row for key, row in rows.items() if key not in seen]
-    if new_rows:
-        conn.execute(insert_stmt, new_rows)
-    return {row["event_key"] for row in new_rows}
+        # One multi-row INSERT whose RETURNING names exactly the rows added, even when another
+        # receiver adds the same ones at the same time.
+        if statement is None:  # another driver than psycopg2
+            return set(conn.execute(prebuilt(conn, "events", _events_insert), list(rows.values())).scalars())
+        return {key for (key,) in insert_returning(conn, statement, list(rows.values()))}
+    # SQLite: each row on the driver's cursor, which tells whether it was added (one writer at a
+    # time holds the database, so nobody adds it in between).
+    assert statement is not None
+    fresh: set[str] = set()
+    with driver_cursor(conn, statement) as cursor:
+        for key, row in rows.items():
+            cursor.execute(statement.sql, statement.values(row))
+            if cursor.rowcount > 0:
+                fresh.add(key)
+    return fresh
 
 
 def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> None:
@@ -225,24 +238,25 @@ def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: floa
             times[0] = when if times[0] is None else min(times[0], when)
             if ev.status == "read":
                 times[1] = when if times[1] is None else min(times[1], when)
-    stmt = prebuilt(conn, "status_upsert", _status_upsert)
-    conn.execute(
-        stmt,
-        [
-            {
-                "message_id": ev.message_id,
-                "status": ev.status,
-                "rank": ev.rank,
-                "remark": ev.remark,
-                "reported_at": ev.reported_at,
-                "updated_at": now,
-                "delivered_at": reached.get(ev.message_id, (None, None))[0],
-                "read_at": reached.get(ev.message_id, (None, None))[1],
-                **_pricing_of(priced.get(ev.message_id)),
-            }
-            for ev in best.values()
-        ],
-    )
+    rows = [
+        {
+            "message_id": ev.message_id,
+            "status": ev.status,
+            "rank": ev.rank,
+            "remark": ev.remark,
+            "reported_at": ev.reported_at,
+            "updated_at": now,
+            "delivered_at": reached.get(ev.message_id, (None, None))[0],
+            "read_at": reached.get(ev.message_id, (None, None))[1],
+            **_pricing_of(priced.get(ev.message_id)),
+        }
+        for ev in best.values()
+    ]
+    statement = on_driver(conn, "status_upsert", _status_upsert, _STATUS_COLUMNS)
+    if statement is not None and statement.template is not None:  # PostgreSQL: one multi-row INSERT
+        insert_returning(conn, statement, rows)
+    else:
+        execute_many(conn, "status_upsert", _status_upsert, _STATUS_COLUMNS, rows)
 
 
 def _pricing_of(ev: DeliveryEvent | None) -> dict[str, Any]:
@@ -261,10 +275,8 @@ def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) ->
         return set()
     led = schema.ledger
     waiting: dict[str, list[str]] = {}
-    lookup = prebuilt(conn, "waiting_sends", _waiting_sends)
-    for chunk in chunks(list(by_header)):
-        for key, header in conn.execute(lookup, {"headers": list(chunk)}):
-            waiting.setdefault(header, []).append(key)
+    for key, header in _waiting_sends_for(conn, list(by_header)):
+        waiting.setdefault(header, []).append(key)
     reconciled: set[str] = set()
     for header, keys in waiting.items():
         if len(keys) != 1:
@@ -281,6 +293,17 @@ def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) ->
     return reconciled
 
 
+# The keys of the rows each statement is given (on SQLite, the order of its values on the driver).
+_EVENT_COLUMNS = (
+    "event_key", "message_id", "status", "raw_status", "remark", "reported_at", "received_at", "api_header",
+    "recipient", "raw",
+)  # fmt: skip
+_STATUS_COLUMNS = (
+    "message_id", "status", "rank", "remark", "reported_at", "updated_at", "delivered_at", "read_at", "billable",
+    "category", "pricing_model",
+)  # fmt: skip
+
+
 # The statements of every commit, built once per dialect (``engines.prebuilt``): for small commits
 # building them (and SQLAlchemy's cache key of each new statement) cost more than running them.
 def _dead_letters_insert(conn: Connection) -> Any:
@@ -290,10 +313,6 @@ def _dead_letters_insert(conn: Connection) -> Any:
 def _events_insert(conn: Connection) -> Any:
     stmt = insert_for(conn, schema.events).on_conflict_do_nothing(index_elements=["event_key"])
     return stmt.returning(schema.events.c.event_key) if conn.dialect.name == "postgresql" else stmt
-
-
-def _events_seen(conn: Connection) -> Any:
-    return select(schema.events.c.event_key).where(schema.events.c.event_key.in_(bindparam("keys", expanding=True)))
 
 
 def _status_upsert(conn: Connection) -> Any:
@@ -323,6 +342,37 @@ def _status_upsert(conn: Connection) -> Any:
     if conn.dialect.name == "postgresql":
         stmt = stmt.returning(ms.c.message_id)  # one multi-row INSERT (see _insert_new_events)
     return stmt
+
+
+def _waiting_sends_for(conn: Connection, headers: list[str]) -> list[tuple[str, str]]:
+    """(idempotency key, header) of the ledger rows still waiting for their message id that sent
+    one of these headers."""
+    statement = on_driver(conn, "waiting_sends_json", _waiting_sends_json, ("headers", "states"))
+    if statement is None:
+        lookup = prebuilt(conn, "waiting_sends", _waiting_sends)
+        return [tuple(row) for chunk in chunks(headers) for row in conn.execute(lookup, {"headers": list(chunk)})]
+    with driver_cursor(conn, statement) as cursor:
+        cursor.execute(statement.sql, statement.values({"headers": json.dumps(headers), "states": _IN_FLIGHT_JSON}))
+        return cursor.fetchall()
+
+
+_IN_FLIGHT_JSON = json.dumps(IN_FLIGHT_STATES)
+
+
+def _waiting_sends_json(conn: Connection) -> Any:
+    """SQLite's: the lists as JSON arrays (json_each), so that the SQL is the same for any number of headers."""
+    led = schema.ledger
+
+    def each(name: str) -> Any:
+        return select(func.json_each(bindparam(name, type_=String)).table_valued("value").c.value).scalar_subquery()
+
+    # Without statistics SQLite would walk every row without a message id (each refused or
+    # suppressed row of every campaign) rather than look the headers up: told that most rows have
+    # none, it looks them up.
+    waiting = func.likelihood(led.c.message_id.is_(None), literal_column("0.9375"))
+    return select(led.c.idempotency_key, led.c.api_header).where(
+        led.c.api_header.in_(each("headers")), waiting, led.c.state.in_(each("states"))
+    )
 
 
 def _waiting_sends(conn: Connection) -> Any:

@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.status import schema
-from airflow_provider_pepipost.status.engines import insert_for, prebuilt
+from airflow_provider_pepipost.status.engines import driver_cursor, execute_many, insert_for, on_driver, prebuilt
 from airflow_provider_pepipost.status.model import LedgerState
 
 IN_FLIGHT_STATES = (LedgerState.SENDING.value, LedgerState.UNKNOWN.value)
@@ -225,6 +225,18 @@ def _claim_statement(conn: Connection, resend_unknown: bool) -> postgresql.Inser
     )
 
 
+# The keys of the rows each statement is given (on SQLite, the order of its values on the driver).
+_CLAIM_KEYS = (
+    "idempotency_key", "api_header", "recipient", "row_index", "dag_id", "run_id", "task_id", "map_index", "state",
+    "sent_at", "updated_at", "attempt", "campaign", "generation",
+)  # fmt: skip
+_ROW_KEYS = (
+    "dag_id", "run_id", "task_id", "map_index", "row_index", "state", "recipient", "ledger_key", "message_id",
+    "error_code", "error_message", "campaign", "attempt", "updated_at",
+)  # fmt: skip
+_OUTCOME_KEYS = ("key", "new_state", "new_message_id", "new_error_code", "new_error_message", "now")
+
+
 def _claim_rows(
     task: TaskKey, claims: Sequence[Claim], *, attempt: str, campaign: str | None, now: float, generation: int
 ) -> list[dict[str, Any]]:
@@ -313,9 +325,17 @@ def _grant_claims(conn: Connection, resend_unknown: bool, rows: list[dict[str, A
     # key and the statement must read the flag alike: a truthy "False" must not pass for False.
     resend_unknown = bool(resend_unknown)
     if conn.dialect.name != "postgresql":
-        # In-process SQLite: one execute per claim, its rowcount the answer.
-        claim_stmt = prebuilt(conn, f"ledger.claim.{resend_unknown}", lambda c: _claim_statement(c, resend_unknown))
-        return [conn.execute(claim_stmt, row).rowcount > 0 for row in rows]
+        # In-process SQLite: one execute per claim on the driver's cursor, its rowcount the answer.
+        statement = on_driver(
+            conn, f"ledger.claim.{resend_unknown}", lambda c: _claim_statement(c, resend_unknown), _CLAIM_KEYS
+        )
+        assert statement is not None
+        granted = []
+        with driver_cursor(conn, statement) as cursor:
+            for row in rows:
+                cursor.execute(statement.sql, statement.values(row))
+                granted.append(cursor.rowcount > 0)
+        return granted
     claim_stmt = prebuilt(
         conn,
         f"ledger.claim.{resend_unknown}.returning",
@@ -353,11 +373,13 @@ def record_rows(
     conn: Connection, task: TaskKey, rows: Sequence[RowRecord], *, campaign: str | None, attempt: str, now: float
 ) -> None:
     """What became of these input rows: a later try's record of a row replaces an earlier try's."""
-    stmt = prebuilt(conn, "ledger.record_rows", _record_rows_statement)
     where = {"dag_id": task.dag_id, "run_id": task.run_id, "task_id": task.task_id, "map_index": task.map_index}
     campaign_value = campaign_hash(campaign) if campaign is not None else None
-    conn.execute(
-        stmt,
+    execute_many(
+        conn,
+        "ledger.record_rows",
+        _record_rows_statement,
+        _ROW_KEYS,
         [
             {
                 **where,
@@ -403,8 +425,11 @@ def prune_rows(conn: Connection, task: TaskKey, attempt: str) -> None:
 
 def record_outcomes(conn: Connection, outcomes: Sequence[Outcome], now: float) -> None:
     """The answers to sends; the outcome ``not_sent`` gives back a claim whose request never went out."""
-    conn.execute(
-        prebuilt(conn, "ledger.record_outcomes", _record_outcomes_statement),
+    execute_many(
+        conn,
+        "ledger.record_outcomes",
+        _record_outcomes_statement,
+        _OUTCOME_KEYS,
         [
             {
                 "key": o.key,

@@ -37,6 +37,7 @@ class GuardedHttpProtocol(_BaseProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -53,18 +54,25 @@ class GuardedHttpProtocol(_BaseProtocol):
 
     def _await_head(self) -> None:
         """From now on a request head must arrive within ``head_timeout`` seconds."""
-        if self._head_timer is not None:
-            self._head_timer.cancel()
         self._head_bytes = 0
         self._cycle_awaited: Any = self.cycle
-        self._head_timer = self.loop.call_later(self.head_timeout, self._head_late)
+        self._head_deadline = self.loop.time() + self.head_timeout
+        # One timer per connection, moved on when it fires early rather than replaced per request:
+        # on a busy kept-alive connection a new timer for every request cost more than the request's
+        # own checks.
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_due)
 
     def _waiting_for_head(self) -> bool:
         # A new cycle is made when a head is complete: until then the cycle is the one armed for.
         cycle = self.cycle
         return cycle is self._cycle_awaited and (cycle is None or cycle.response_complete)
 
-    def _head_late(self) -> None:
+    def _head_due(self) -> None:
         self._head_timer = None
-        if self._waiting_for_head() and not self.transport.is_closing():
-            self.transport.close()
+        if self.transport.is_closing() or not self._waiting_for_head():
+            return  # closed, or a request is being served: its response arms the deadline again
+        if self.loop.time() < self._head_deadline:  # a response since moved the deadline on
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_due)
+            return
+        self.transport.close()

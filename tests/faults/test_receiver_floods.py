@@ -94,11 +94,60 @@ def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(sqlite_url):
                 closed = sock.recv(100) == b""
             except BlockingIOError:
                 pass
+            except OSError:  # a reset is a close too: the server closed with our bytes unread
+                closed = True
             finally:
                 sock.setblocking(True)
             if closed:
                 break
         assert closed and time.monotonic() - started < 4
+
+
+def _post_on(sock: socket.socket) -> bytes:
+    """One POST on a kept-alive raw socket; returns the answer's status line."""
+    body = BODY.encode()
+    head = f"POST /pepipost/webhook HTTP/1.1\r\nHost: x\r\nX-Pepipost-Token: {TOKEN}\r\n"
+    sock.sendall(f"{head}Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+        chunk = sock.recv(4096)
+        assert chunk, "the receiver closed a connection in the middle of a request"
+        answer += chunk
+    return answer.split(b"\r\n", 1)[0]
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_kept_alive_connection_idle_after_an_answer_is_closed_at_the_head_deadline(sqlite_url):
+    with (
+        receiver(sqlite_url, "--head-timeout", "1") as (port, _),
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+    ):
+        assert _post_on(sock) == b"HTTP/1.1 200 OK"
+        started = time.monotonic()
+        assert _closed_within(sock, 5)
+        assert 0.8 < time.monotonic() - started < 3
+
+
+def test_a_connection_busy_past_the_head_deadline_is_kept_while_its_requests_come_in_time(sqlite_url):
+    """Requests every 0.4 s for 3 s on one connection, head deadline 1 s: each answer moves the
+    deadline on, so the connection is not cut; once they stop, it is closed."""
+    with (
+        receiver(sqlite_url, "--head-timeout", "1") as (port, _),
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+    ):
+        for _ in range(8):  # bounded: 8 requests, 0.4 s apart
+            assert _post_on(sock) == b"HTTP/1.1 200 OK"
+            time.sleep(0.4)
+        assert _closed_within(sock, 5)
 
 
 def test_a_forwarded_for_header_from_an_untrusted_peer_does_not_pass_the_allowlist(sqlite_url):

@@ -1,0 +1,99 @@
+"""The receiver's commits on SQLite run their statements on the driver's own cursor
+(``engines.on_driver``): the same rows, the same errors, and the look-ups by index.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import insert, select
+
+from airflow_provider_pepipost.status import engines, ingest, schema
+from airflow_provider_pepipost.status.inbound import WebhookBatch
+from airflow_provider_pepipost.status.model import DeliveryEvent
+from airflow_provider_pepipost.status.store import StatusStore
+from airflow_provider_pepipost.webhook.batching import is_transient
+
+
+@pytest.fixture(autouse=True)
+def nothing_compiled_yet(monkeypatch):
+    monkeypatch.setattr(engines, "_PREBUILT", {})
+    monkeypatch.setattr(engines, "_ON_DRIVER", {})
+
+
+def event(message_id: str, status: str, **fields) -> DeliveryEvent:
+    fields.setdefault("reported_at", None)
+    return DeliveryEvent(message_id=message_id, status=status, raw_status=status, **fields)
+
+
+def test_values_are_converted_as_sqlalchemy_converts_them(sqlite_url):
+    """A billable flag goes in as SQLite's 0/1 and a time given as a string as a float, as
+    SQLAlchemy's own executemany writes them."""
+    store = StatusStore(sqlite_url)
+    store.ingest_many([WebhookBatch(events=[event("m1", "delivered", reported_at=1700000000, billable=False)])])
+    with store.engine.connect() as conn:
+        raw = conn.exec_driver_sql(
+            "SELECT billable, typeof(billable), reported_at, typeof(reported_at) FROM pepipost_message_status"
+        ).one()
+    assert tuple(raw) == (0, "integer", 1700000000.0, "real")
+
+
+def test_a_report_sent_again_in_a_later_commit_counts_as_a_duplicate(store_url):
+    store = StatusStore(store_url)
+    first = store.ingest_many([WebhookBatch(events=[event("m1", "read", reported_at=1.0)])])
+    again = store.ingest_many(
+        [WebhookBatch(events=[event("m1", "read", reported_at=1.0)]), WebhookBatch(events=[event("m2", "sent")])]
+    )
+    assert (first[0].accepted, first[0].duplicates) == (1, 0)
+    assert [(r.accepted, r.duplicates) for r in again] == [(0, 1), (1, 0)]
+    assert store.count_rows("pepipost_events") == 2
+
+
+def test_a_driver_error_comes_out_as_sqlalchemys_without_the_values(sqlite_url):
+    store = StatusStore(sqlite_url)
+    statement = engines.DriverStatement("INSERT INTO no_such_table VALUES (?)", (("number", None),))
+    with (
+        store.engine.begin() as conn,
+        pytest.raises(sa_exc.OperationalError) as raised,
+        engines.driver_cursor(conn, statement) as cursor,
+    ):
+        cursor.execute(statement.sql, statement.values({"number": "919833078369"}))
+    assert "no such table" in str(raised.value) and "919833078369" not in str(raised.value)
+    assert is_transient(raised.value)  # what the receiver answers 503 for, not a dead letter
+
+
+def test_unknown_sends_are_looked_up_by_header_not_by_every_row_without_a_message_id(sqlite_url):
+    """Every refused or suppressed send of every campaign has no message id: a look-up that walked
+    them cost 30 ms a commit with 200,000 in the ledger. SQLite keeps no statistics, so the
+    statement says which index to prefer."""
+    store = StatusStore(sqlite_url)
+    with store.engine.connect() as conn:
+        statement = engines.on_driver(conn, "waiting_sends_json", ingest._waiting_sends_json, ("headers", "states"))
+        plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement.sql}", ("[]", "[]")).all()
+    assert "USING INDEX ix_pepipost_ledger_api_header" in plan[0][3]
+
+
+def test_an_unknown_send_is_reconciled_beside_many_refused_rows(store_url):
+    store = StatusStore(store_url)
+    led = schema.ledger
+    common = dict(
+        recipient="919800000000", dag_id="d", run_id="r", task_id="t", map_index=-1, sent_at=1.0, updated_at=1.0
+    )
+    refused = [
+        dict(idempotency_key=f"k{i}", api_header=f"x{i}", state="rejected", row_index=i, **common) for i in range(50)
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(insert(led), refused)
+        conn.execute(
+            insert(led), [dict(idempotency_key="u", api_header="h-u", state="unknown", row_index=99, **common)]
+        )
+    result = store.ingest_many(
+        [WebhookBatch(events=[event("m-u", "delivered", api_header="h-u"), event("m-x", "sent", api_header="x3")])]
+    )
+    assert result[0].reconciled == 1
+    with store.engine.connect() as conn:
+        assert conn.execute(select(led.c.message_id, led.c.state).where(led.c.idempotency_key == "u")).one() == (
+            "m-u",
+            "accepted",
+        )
+        assert conn.execute(select(led.c.message_id).where(led.c.idempotency_key == "k3")).scalar() is None
