@@ -62,6 +62,10 @@ def _parse_int(text: str) -> int | float:
     return float("-inf") if text.startswith("-") else float("inf")
 
 
+# One decoder for every body: json.loads(text, parse_int=...) builds a new one each call.
+_DECODER = json.JSONDecoder(parse_int=_parse_int)
+
+
 async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
     """``awaitable`` or TimeoutError after ``seconds``; without a task of its own where Python allows."""
     if sys.version_info >= (3, 11):  # asyncio.timeout: no extra task per request, which wait_for costs
@@ -79,7 +83,7 @@ def read_body(body: bytes, stop_words: frozenset[str] = DEFAULT_STOP_SET) -> tup
         reason = "body is not UTF-8"
         return _unreadable(letter(reason, body.decode("utf-8", "replace"), key, "body")), reason
     try:
-        data = json.loads(text, parse_int=_parse_int)
+        data = _DECODER.decode(text)
     except (ValueError, RecursionError) as err:
         reason = "JSON nested too deeply" if isinstance(err, RecursionError) else f"invalid JSON: {err}"
         return _unreadable(letter(reason, text[:MAX_RAW_CHARS], key, "body")), reason
