@@ -124,7 +124,7 @@ class DriverStatement:
 
 
 _PAGE_ROWS = 1000  # rows per INSERT on PostgreSQL, as SQLAlchemy's insertmanyvalues pages them
-_ON_DRIVER: dict[tuple[str, str, tuple[str, ...]], DriverStatement | None] = {}
+_ON_DRIVER: dict[tuple[str, str, str, tuple[str, ...]], DriverStatement | None] = {}
 _NAMED_MARK = re.compile(r"%\((\w+)\)s")
 
 
@@ -137,7 +137,7 @@ def on_driver(conn: Connection, name: str, build: Any, keys: Sequence[str]) -> D
     per statement (its execution context, each row's parameters) was about half of a commit's CPU
     (bench/ingest_ceiling.py). Values are converted as SQLAlchemy converts them.
     """
-    cache_key = (conn.dialect.name, name, tuple(keys))
+    cache_key = (conn.dialect.name, conn.dialect.driver, name, tuple(keys))  # psycopg2 and psycopg differ
     if cache_key not in _ON_DRIVER:
         _ON_DRIVER[cache_key] = _compile_for_driver(conn, prebuilt(conn, name, build), keys)
     return _ON_DRIVER[cache_key]
@@ -192,6 +192,8 @@ def driver_cursor(conn: Connection, statement: DriverStatement) -> Iterator[Any]
             connection_invalidated=lost,
             dialect=conn.dialect,
         ) from err
+    except Exception as err:  # a value SQLAlchemy's conversion refused: its error, as SQLAlchemy raises it
+        raise sa_exc.StatementError(str(err), statement.sql, None, err, hide_parameters=True) from err
     finally:
         cursor.close()
 
@@ -210,14 +212,15 @@ def execute_many(
 
 
 def insert_returning(conn: Connection, statement: DriverStatement, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
-    """PostgreSQL: the rows in one multi-row INSERT (``execute_values``); the RETURNING rows."""
+    """PostgreSQL through psycopg2: the rows in multi-row INSERTs (``execute_values``, pages of
+    ``_PAGE_ROWS``); the RETURNING rows."""
     from psycopg2.extras import execute_values
 
+    if conn.dialect.driver != "psycopg2":
+        raise TypeError(f"insert_returning runs on psycopg2, not {conn.dialect.driver}")
     with driver_cursor(conn, statement) as cursor:
         values = [statement.values(row) for row in rows]
-        return execute_values(
-            cursor, statement.sql, values, statement.template, page_size=max(len(values), 1), fetch=True
-        )
+        return execute_values(cursor, statement.sql, values, statement.template, page_size=_PAGE_ROWS, fetch=True)
 
 
 def chunks(items: Sequence[T], size: int = ID_CHUNK) -> Iterator[Sequence[T]]:

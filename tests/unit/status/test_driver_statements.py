@@ -97,3 +97,38 @@ def test_an_unknown_send_is_reconciled_beside_many_refused_rows(store_url):
             "accepted",
         )
         assert conn.execute(select(led.c.message_id).where(led.c.idempotency_key == "k3")).scalar() is None
+
+
+def test_a_value_the_conversion_refuses_is_sqlalchemys_statement_error(store_url):
+    store = StatusStore(store_url)
+    with pytest.raises(sa_exc.StatementError) as raised:
+        store.ingest_many([WebhookBatch(events=[event("m1", "delivered", billable="yes")])])
+    assert not is_transient(raised.value)  # what the store refuses: the item becomes a dead letter
+
+
+def test_more_events_in_one_commit_than_one_insert_holds(store_url):
+    """PostgreSQL pages a multi-row INSERT (1,000 rows): every page's RETURNING counts."""
+    store = StatusStore(store_url)
+    events = [event(f"m{index}", "sent") for index in range(2_500)]
+    first = store.ingest_many([WebhookBatch(events=events)])[0]
+    again = store.ingest_many([WebhookBatch(events=[*events[1_200:], event("m-new", "sent")])])[0]
+    assert (first.accepted, first.duplicates) == (2_500, 0)
+    assert (again.accepted, again.duplicates) == (1, 1_300)
+    assert store.count_rows("pepipost_events") == 2_501
+
+
+def test_one_process_ingests_through_psycopg2_then_psycopg(postgres_url):
+    """Two drivers of one dialect: a statement made for psycopg2's execute_values must not be given
+    to psycopg (version 3), which would turn every event into a dead letter."""
+    pytest.importorskip("psycopg")
+    from sqlalchemy.engine import make_url
+
+    assert make_url(postgres_url).get_driver_name() == "psycopg2"
+    psycopg3_url = make_url(postgres_url).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    first = StatusStore(postgres_url).ingest_many([WebhookBatch(events=[event("m1", "sent")])])[0]
+    try:
+        second = StatusStore(psycopg3_url).ingest_many([WebhookBatch(events=[event("m2", "read")])])[0]
+    finally:
+        engines.dispose_engine(psycopg3_url)
+    assert (first.accepted, second.accepted) == (1, 1)
+    assert StatusStore(postgres_url).count_rows("pepipost_events") == 2
