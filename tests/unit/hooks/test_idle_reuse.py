@@ -25,7 +25,8 @@ class CountingServer:
         self.port = self.listener.getsockname()[1]
         self.accepted = 0
         self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def _accept(self) -> None:
         self.listener.settimeout(0.2)
@@ -72,6 +73,7 @@ class CountingServer:
 
     def close(self) -> None:
         self._stop.set()
+        self._acceptor.join(timeout=5)  # out of accept() before its socket goes
         self.listener.close()
 
 
