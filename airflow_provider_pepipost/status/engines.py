@@ -211,6 +211,17 @@ def execute_many(
         cursor.executemany(statement.sql, [statement.values(row) for row in rows])
 
 
+def execute_each(conn: Connection, statement: DriverStatement, rows: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """SQLite: ``statement`` once per row on the driver's cursor; for each row, whether it changed
+    anything (an INSERT ... ON CONFLICT that found the row already there did not)."""
+    changed = []
+    with driver_cursor(conn, statement) as cursor:
+        for row in rows:
+            cursor.execute(statement.sql, statement.values(row))
+            changed.append(cursor.rowcount > 0)
+    return changed
+
+
 def insert_returning(conn: Connection, statement: DriverStatement, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
     """PostgreSQL through psycopg2: the rows in multi-row INSERTs (``execute_values``, pages of
     ``_PAGE_ROWS``); the RETURNING rows."""

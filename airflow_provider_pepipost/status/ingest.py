@@ -21,6 +21,7 @@ from airflow_provider_pepipost.status.consent import VIA_REPLY, set_opted_out
 from airflow_provider_pepipost.status.engines import (
     chunks,
     driver_cursor,
+    execute_each,
     execute_many,
     insert_for,
     insert_returning,
@@ -211,13 +212,8 @@ def _insert_new_events(conn: Connection, events: Sequence[DeliveryEvent], keys: 
     # SQLite: each row on the driver's cursor, which tells whether it was added (one writer at a
     # time holds the database, so nobody adds it in between).
     assert statement is not None
-    fresh: set[str] = set()
-    with driver_cursor(conn, statement) as cursor:
-        for key, row in rows.items():
-            cursor.execute(statement.sql, statement.values(row))
-            if cursor.rowcount > 0:
-                fresh.add(key)
-    return fresh
+    added = execute_each(conn, statement, list(rows.values()))
+    return {key for key, was_added in zip(rows, added, strict=True) if was_added}
 
 
 def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> None:
@@ -347,7 +343,11 @@ def _status_upsert(conn: Connection) -> Any:
 def _waiting_sends_for(conn: Connection, headers: list[str]) -> list[tuple[str, str]]:
     """(idempotency key, header) of the ledger rows still waiting for their message id that sent
     one of these headers."""
-    statement = on_driver(conn, "waiting_sends_json", _waiting_sends_json, ("headers", "states"))
+    statement = (
+        on_driver(conn, "waiting_sends_json", _waiting_sends_json, ("headers", "states"))
+        if conn.dialect.name == "sqlite"
+        else None
+    )
     if statement is None:
         lookup = prebuilt(conn, "waiting_sends", _waiting_sends)
         return [tuple(row) for chunk in chunks(headers) for row in conn.execute(lookup, {"headers": list(chunk)})]

@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.status import schema
-from airflow_provider_pepipost.status.engines import driver_cursor, execute_many, insert_for, on_driver, prebuilt
+from airflow_provider_pepipost.status.engines import execute_each, execute_many, insert_for, on_driver, prebuilt
 from airflow_provider_pepipost.status.model import LedgerState
 
 IN_FLIGHT_STATES = (LedgerState.SENDING.value, LedgerState.UNKNOWN.value)
@@ -330,12 +330,7 @@ def _grant_claims(conn: Connection, resend_unknown: bool, rows: list[dict[str, A
             conn, f"ledger.claim.{resend_unknown}", lambda c: _claim_statement(c, resend_unknown), _CLAIM_KEYS
         )
         assert statement is not None
-        granted = []
-        with driver_cursor(conn, statement) as cursor:
-            for row in rows:
-                cursor.execute(statement.sql, statement.values(row))
-                granted.append(cursor.rowcount > 0)
-        return granted
+        return execute_each(conn, statement, rows)
     claim_stmt = prebuilt(
         conn,
         f"ledger.claim.{resend_unknown}.returning",
