@@ -1,7 +1,9 @@
 """Bench 3b: the receiver's ingest as a share of the framework's ceiling, measured in one run.
 
 The ceiling is a bare FastAPI endpoint under uvicorn (the receiver's server, parser and event loop)
-that only parses the same JSON and answers with its count of events. Beside it, in the same run and
+that only parses the same JSON and answers with its count of events; beside it, once a repeat, the
+same work as a plain ASGI function under uvicorn (no framework), since the receiver serves its
+report route ahead of FastAPI's layers. Beside it, in the same run and
 under the same load client, the receiver (``pepipost-webhook``) on SQLite and on PostgreSQL, with one
 event a body and with 50, and with ``--workers 2``. Runs of the ceiling and of the receiver
 alternate (and swap order every repeat), so that the machine's noise falls on both. Every receiver
@@ -73,11 +75,31 @@ def bare_app():
     return app
 
 
+async def bare_asgi(scope: dict, receive: Callable, send: Callable) -> None:
+    """The same work as ``bare_app`` with no framework at all: the ceiling of uvicorn alone.
+
+    The receiver serves its report route ahead of FastAPI's layers (``webhook.shortcut``); its share
+    of this ceiling shows what the framework it skips would have cost it.
+    """
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body, more = body + message.get("body", b""), message.get("more_body", False)
+    if scope["method"] == "GET":  # the health check the bench waits for
+        answer = b'{"status":"ok"}'
+    else:
+        answer = b'{"accepted":%d}' % len(json.loads(body)["delivery_status"])
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": answer})
+
+
 @contextmanager
-def bare_process() -> Iterator[tuple[str, subprocess.Popen]]:
+def bare_process(app: str = "bench.ingest_ceiling:bare_app") -> Iterator[tuple[str, subprocess.Popen]]:
     """The ceiling under uvicorn as the receiver runs it (httptools, uvloop, no access log)."""
     port = free_port()
-    command = [str(BIN / "python"), "-m", "uvicorn", "bench.ingest_ceiling:bare_app", "--factory"]
+    command = [str(BIN / "python"), "-m", "uvicorn", app]
+    command += ["--factory"] if app.endswith("bare_app") else ["--lifespan", "off"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
     command += ["--http", "httptools", "--loop", "uvloop"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -303,6 +325,8 @@ def run(
             configs += [(f"{store}, from {compare_with}", store, 1, (), (1,)) for store in stores]
         bare_url, bare_proc = stack.enter_context(bare_process())
         ceiling = Target("ceiling", bare_url, bare_proc)
+        asgi_url, asgi_proc = stack.enter_context(bare_process("bench.ingest_ceiling:bare_asgi"))
+        asgi_ceiling = Target("ceiling without FastAPI", asgi_url, asgi_proc)
         targets = {}
         for label, store, workers, options, _ in configs:
             store_url = stores[store]
@@ -311,12 +335,14 @@ def run(
             with _python_path(compare_with if compare_with and label.endswith(compare_with) else None):
                 url, process = stack.enter_context(receiver(store_url, workers, *options))
             targets[label] = Target(label, url, process, store_url)
-        for target in [ceiling, *targets.values()]:  # warm-up: schema, pools, page cache, JIT-less caches
+        for target in [ceiling, asgi_ceiling, *targets.values()]:  # warm-up: schema, pools, page cache
             measure(target, 50, 0.5)
             measure(target, 1, 0.5)
         bare_runs: dict[int, list[dict]] = {1: [], 50: []}
+        asgi_runs: list[dict] = []
         runs: dict[tuple[str, int], list[tuple[dict, dict]]] = {}
         for repeat in range(repeats):
+            asgi_runs.append(measure(asgi_ceiling, 1, seconds))  # once a repeat, one event a body
             for label, *_, batches in configs:
                 for batch in batches:
                     order = [ceiling, targets[label]] if repeat % 2 == 0 else [targets[label], ceiling]
@@ -330,6 +356,7 @@ def run(
         "seconds_per_run": seconds,
         "repeats": repeats,
         "ceiling": {str(batch): summary(measured) for batch, measured in bare_runs.items()},
+        "ceiling_without_fastapi": summary(asgi_runs),
         "receiver": [],
         "peak_rss_mb": memory,
     }
@@ -389,6 +416,15 @@ def rows(result: dict) -> list[tuple[str, str, str, bool | None]]:
                 None,
             )
         )
+    bare = result["ceiling_without_fastapi"]
+    out.append(
+        (
+            f"ingest ceiling without FastAPI (uvicorn and an ASGI function), batch 1, {result['clients']} connections",
+            f"{rate(bare)}, {bare['server_cpu_us_per_request']} us CPU/request",
+            "-",
+            None,
+        )
+    )
     for r in result["receiver"]:
         ratio = r["ratio"]
         judged = r["batch"] == 1 and "," not in r["config"]  # the target: one event a body, each store
@@ -396,7 +432,12 @@ def rows(result: dict) -> list[tuple[str, str, str, bool | None]]:
             (
                 f"  receiver, {r['config']}, batch {r['batch']}: share of the ceiling",
                 f"{ratio['median']:.0%} ({ratio['min']:.0%}-{ratio['max']:.0%}), {rate(r)}, "
-                f"{r['server_cpu_us_per_request']} us CPU/request",
+                f"{r['server_cpu_us_per_request']} us CPU/request"
+                + (
+                    f"; {r['events_per_s']['median'] / bare['events_per_s']['median']:.0%} of the one without FastAPI"
+                    if r["batch"] == 1
+                    else ""
+                ),
                 f">= {TARGET_SHARE:.0%}" if judged else "-",
                 ratio["median"] >= TARGET_SHARE if judged else None,
             )

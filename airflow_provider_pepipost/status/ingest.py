@@ -205,10 +205,12 @@ def _insert_new_events(conn: Connection, events: Sequence[DeliveryEvent], keys: 
     statement = on_driver(conn, "events", _events_insert, _EVENT_COLUMNS)
     if conn.dialect.name == "postgresql":
         # One multi-row INSERT whose RETURNING names exactly the rows added, even when another
-        # receiver adds the same ones at the same time.
+        # receiver adds the same ones at the same time. In key order, as every commit writes them:
+        # two commits at once never wait on each other in a cycle (a deadlock).
+        ordered = [rows[key] for key in sorted(rows)]
         if statement is None:  # another driver than psycopg2
-            return set(conn.execute(prebuilt(conn, "events", _events_insert), list(rows.values())).scalars())
-        return {key for (key,) in insert_returning(conn, statement, list(rows.values()))}
+            return set(conn.execute(prebuilt(conn, "events", _events_insert), ordered).scalars())
+        return {key for (key,) in insert_returning(conn, statement, ordered)}
     # SQLite: each row on the driver's cursor, which tells whether it was added (one writer at a
     # time holds the database, so nobody adds it in between).
     assert statement is not None
@@ -246,7 +248,7 @@ def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: floa
             "read_at": reached.get(ev.message_id, (None, None))[1],
             **_pricing_of(priced.get(ev.message_id)),
         }
-        for ev in best.values()
+        for _, ev in sorted(best.items())  # in key order (see _insert_new_events)
     ]
     statement = on_driver(conn, "status_upsert", _status_upsert, _STATUS_COLUMNS)
     if statement is not None and statement.template is not None:  # PostgreSQL: one multi-row INSERT
@@ -274,7 +276,7 @@ def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) ->
     for key, header in _waiting_sends_for(conn, list(by_header)):
         waiting.setdefault(header, []).append(key)
     reconciled: set[str] = set()
-    for header, keys in waiting.items():
+    for header, keys in sorted(waiting.items()):  # in one order (see _insert_new_events)
         if len(keys) != 1:
             continue  # a header shared by several rows cannot tell them apart
         message_id = by_header[header]

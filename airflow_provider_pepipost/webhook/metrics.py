@@ -93,15 +93,15 @@ class ReceiverMetrics:
         )
         for reason in REFUSAL_REASONS:  # every reason shows, at 0, from the first scrape
             self.refusals.labels(reason)
-        for result in ("accepted", "duplicate"):
-            self.reports.labels(result)
+        # The children every body counts in, looked up once (labels() takes a lock and a look-up).
+        self._accepted, self._duplicates = self.reports.labels("accepted"), self.reports.labels("duplicate")
 
     def stored(self, result: IngestResult, seconds: float) -> None:
         """One body committed: its counts, and how long the commit took."""
         if result.accepted:
-            self.reports.labels("accepted").inc(result.accepted)
+            self._accepted.inc(result.accepted)
         if result.duplicates:
-            self.reports.labels("duplicate").inc(result.duplicates)
+            self._duplicates.inc(result.duplicates)
         if result.inbound:
             self.replies.inc(result.inbound)
         if result.opt_outs:

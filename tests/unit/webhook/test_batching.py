@@ -7,6 +7,7 @@ that what is tested is the retry body by body, the last line of defence behind `
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -126,7 +127,7 @@ def test_lingering_coalesces_more_bodies_per_commit():
     lingering, store = bodies_per_commit(linger=0.015)
     assert lingering >= 1.5 * at_once, (at_once, lingering)
     # Every commit on the queue's own thread, one at a time.
-    assert store.threads == {"pepipost-commit_0"} and store.most_at_once == 1
+    assert store.threads == {"pepipost-commit"} and store.most_at_once == 1
 
 
 def lone_latency(queue: IngestQueue) -> float:
@@ -180,3 +181,125 @@ def test_a_full_commit_waiting_ends_the_linger():
 
     assert asyncio.run(run()) < 1.0
     assert store.commits == [MAX_BATCHES_PER_COMMIT]
+
+
+# -- the writer's own thread: commits back to back, whatever the event loop is doing ------------
+
+
+class StampedStore(TimedStore):
+    """A TimedStore that notes when each commit started (time.perf_counter)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.started: list[float] = []
+
+    def ingest_many(self, batches: list) -> list[IngestResult]:
+        self.started.append(time.perf_counter())
+        return super().ingest_many(batches)
+
+
+def test_the_next_commit_starts_while_the_event_loop_is_busy():
+    """Bodies queued during a commit go into the next one the moment it ends, not when the event
+    loop next gets round to it: here the loop is held for 0.3 s right after queueing the second."""
+    store = StampedStore(0.05)
+    queue = IngestQueue(lambda: store)  # type: ignore[arg-type,return-value]
+
+    async def run() -> float:
+        first = asyncio.ensure_future(queue.ingest(WebhookBatch([event("first")])))
+        while not store.started:  # the first commit is under way
+            await asyncio.sleep(0.001)
+        second = asyncio.ensure_future(queue.ingest(WebhookBatch([event("second")])))
+        await asyncio.sleep(0)  # the second body is queued and handed over
+        await asyncio.sleep(0)
+        time.sleep(0.3)  # the event loop is held, as by a burst of requests to parse
+        released = time.perf_counter()
+        await asyncio.gather(first, second)
+        return released
+
+    released = asyncio.run(run())
+    assert store.commits == [1, 1]
+    assert store.started[1] < released - 0.2, "the second commit waited for the event loop"
+
+
+def test_a_writer_that_fails_unexpectedly_answers_every_body_and_goes_on():
+    """A bug in the writer (here the store answers for the wrong number of bodies) fails the
+    bodies of that commit, which are not acknowledged, and the next body is still stored."""
+
+    class Miscounting(TimedStore):
+        def ingest_many(self, batches: list) -> list[IngestResult]:
+            results = super().ingest_many(batches)
+            return [*results, IngestResult()] if len(self.commits) == 1 else results
+
+    store = Miscounting(0.0)
+    queue = IngestQueue(lambda: store)  # type: ignore[arg-type,return-value]
+
+    async def run() -> list:
+        return await asyncio.gather(*(queue.ingest(WebhookBatch([event(f"m{n}")])) for n in range(2)),
+                                    return_exceptions=True)  # fmt: skip
+
+    first = asyncio.run(run())
+    assert all(isinstance(result, Exception) for result in first), first
+    second = asyncio.run(run())
+    assert [result.accepted for result in second] == [1, 1]
+
+
+# -- PostgreSQL: two commits at once, never a deadlock ------------------------------------------
+
+
+class ConcurrentStore(TimedStore):
+    """A stand-in for a store that takes several writers (PostgreSQL's ``is_sqlite`` is False)."""
+
+    is_sqlite = False
+
+
+@pytest.mark.parametrize(("stand_in", "most_at_once"), [(ConcurrentStore, 2), (TimedStore, 1)])
+def test_commits_run_two_at_once_on_postgres_and_one_at_a_time_on_sqlite(stand_in, most_at_once):
+    store = stand_in(0.02)
+    store.is_sqlite = stand_in is TimedStore
+    queue = IngestQueue(lambda: store)  # type: ignore[arg-type,return-value]
+
+    async def run() -> None:
+        await queue.ingest(WebhookBatch([event("first")]))  # the store is open: the writers it takes start
+
+        async def client(number: int) -> None:
+            for round_ in range(5):
+                await asyncio.sleep(number * 0.003)  # arriving while a commit is under way
+                await queue.ingest(WebhookBatch([event(f"c{number}-{round_}")]))
+
+        await asyncio.gather(*(client(n) for n in range(8)))
+
+    asyncio.run(run())
+    assert sum(store.commits) == 1 + 8 * 5
+    assert store.most_at_once == most_at_once
+
+
+def test_two_commits_at_once_holding_the_same_messages_in_any_order_never_deadlock(postgres_url):
+    """Bodies that report the same 200 messages, each in its own shuffled order, committed by two
+    writers at once: every body is stored, none fails on a deadlock (rows go in key order; in
+    arrival order, this failed on PostgreSQL's deadlock detection in two runs of three)."""
+    store = StatusStore(postgres_url)
+    shuffle = random.Random(26)
+    batches = []
+    for body in range(120):
+        ids = [f"dl{n}" for n in range(200)]
+        shuffle.shuffle(ids)
+        status = ("sent", "delivered", "read")[body % 3]
+        batches.append(WebhookBatch([DeliveryEvent(m, status, status, 1_700_000_000.0 + body, raw="{}") for m in ids]))
+    queue = IngestQueue(lambda: store)
+
+    async def run() -> list:
+        await queue.ingest(WebhookBatch([event("opening")]))  # the second writer starts after a commit
+
+        async def client(start: int) -> list:
+            answers = []
+            for batch in batches[start::6]:
+                await asyncio.sleep(start * 0.001)  # arriving while a commit is under way
+                answers.append(await queue.ingest(batch))
+            return answers
+
+        return [r for part in await asyncio.gather(*(client(n) for n in range(6))) for r in part]
+
+    results = asyncio.run(run())
+    assert len(queue._writers) == 2
+    assert sum(r.accepted for r in results) == 120 * 200
+    assert {mid: current_status(store, mid) for mid in ("dl0", "dl199")} == {"dl0": "read", "dl199": "read"}
