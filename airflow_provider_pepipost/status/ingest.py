@@ -136,7 +136,7 @@ def _insert_dead_letters(conn: Connection, letters: Sequence[DeadLetter], now: f
         prebuilt(conn, "dead_letters", _dead_letters_insert),
         [
             {"received_at": now, "reason": letter.reason, "raw": letter.raw, "letter_key": key}
-            for key, letter in keyed.items()
+            for key, letter in sorted(keyed.items())  # in key order (see _insert_new_events)
         ],
     )
 

@@ -14,12 +14,14 @@ from collections.abc import Callable
 
 import pytest
 
+from airflow_provider_pepipost.errors import StatusStoreUnavailable
 from airflow_provider_pepipost.status.inbound import WebhookBatch
 from airflow_provider_pepipost.status.ingest import IngestResult
 from airflow_provider_pepipost.status.model import DeliveryEvent
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook import batching
 from airflow_provider_pepipost.webhook.batching import MAX_BATCHES_PER_COMMIT, IngestQueue, QueueFull
+from airflow_provider_pepipost.webhook.payload import letter
 from tests.store_reads import current_status, dead_letters
 
 
@@ -86,6 +88,8 @@ def test_admission_is_bounded_by_bodies_and_bytes():
 
 class TimedStore:
     """A stand-in store whose commit takes ``seconds``: records each commit's size and thread."""
+
+    is_sqlite = True  # one writer
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -255,7 +259,6 @@ class ConcurrentStore(TimedStore):
 @pytest.mark.parametrize(("stand_in", "most_at_once"), [(ConcurrentStore, 2), (TimedStore, 1)])
 def test_commits_run_two_at_once_on_postgres_and_one_at_a_time_on_sqlite(stand_in, most_at_once):
     store = stand_in(0.02)
-    store.is_sqlite = stand_in is TimedStore
     queue = IngestQueue(lambda: store)  # type: ignore[arg-type,return-value]
 
     async def run() -> None:
@@ -303,3 +306,132 @@ def test_two_commits_at_once_holding_the_same_messages_in_any_order_never_deadlo
     assert len(queue._writers) == 2
     assert sum(r.accepted for r in results) == 120 * 200
     assert {mid: current_status(store, mid) for mid in ("dl0", "dl199")} == {"dl0": "read", "dl199": "read"}
+
+
+# -- the writers' lives: never a request left waiting, never the event loop held -------------------
+
+
+def test_two_commits_holding_the_same_dead_letters_in_either_order_never_deadlock(postgres_url):
+    """The same two bodies of dead letters (a resend), committed at once in opposite orders."""
+    store = StatusStore(postgres_url)
+    failures: list[Exception] = []
+    for round_ in range(3):
+        x = WebhookBatch(dead_letters=[letter("bad", "{}", f"X{round_}", f"events[{i}]") for i in range(300)])
+        y = WebhookBatch(dead_letters=[letter("bad", "{}", f"Y{round_}", f"events[{i}]") for i in range(300)])
+        barrier = threading.Barrier(2)
+
+        def commit(batches: list, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                store.ingest_many(batches)
+            except Exception as err:
+                failures.append(err)
+
+        threads = [threading.Thread(target=commit, args=(order,)) for order in ([x, y], [y, x])]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures
+
+
+class Interrupt(BaseException):
+    """What a library may raise that is not an Exception (gevent's GreenletExit, SystemExit)."""
+
+
+def answer_within(queue: IngestQueue, name: str, seconds: float = 5.0) -> IngestResult | BaseException:
+    async def run() -> IngestResult | BaseException:
+        try:
+            return await asyncio.wait_for(queue.ingest(WebhookBatch([event(name)])), seconds)
+        except Exception as err:
+            return err
+
+    return asyncio.run(run())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer ends with it
+def test_a_writer_ended_by_a_base_exception_answers_its_bodies_and_another_takes_over():
+    class Interrupted(TimedStore):
+        def ingest_many(self, batches: list) -> list[IngestResult]:
+            if not self.commits:
+                self.commits.append(0)
+                self.threads.add(threading.current_thread())
+                raise Interrupt
+            return super().ingest_many(batches)
+
+    queue = IngestQueue(lambda: store)  # type: ignore[arg-type,return-value]
+    store = Interrupted(0.0)
+    first = answer_within(queue, "a")
+    (interrupted,) = store.threads
+    interrupted.join(5)  # it ends with the exception (reported here, not in a later test)
+    second = answer_within(queue, "b")
+    assert isinstance(first, RuntimeError) and "interrupted" in str(first), first
+    assert isinstance(second, IngestResult) and second.accepted == 1, second
+
+
+def test_no_thread_to_be_had_is_a_503_and_the_next_body_starts_a_writer(monkeypatch):
+    store = TimedStore(0.0)
+    queue = IngestQueue(lambda: store)  # type: ignore[arg-type,return-value]
+    real_start, refused = threading.Thread.start, []
+
+    def start_once_refused(thread: threading.Thread) -> None:
+        if thread.name.startswith("pepipost-commit") and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once_refused)
+    first, second = answer_within(queue, "a"), answer_within(queue, "b")
+    assert isinstance(first, RuntimeError) and "can't start new thread" in str(first), first
+    assert isinstance(second, IngestResult) and second.accepted == 1, second
+
+
+def test_the_event_loop_never_waits_while_a_writer_opens_the_store():
+    """A store whose first open is refused and whose second takes 1.5 s (a server that does not
+    answer): the next body's hand-over, on the event loop, is not held meanwhile."""
+    opened: list[float] = []
+
+    def opening() -> StatusStore:
+        opened.append(time.perf_counter())
+        if len(opened) == 2:
+            time.sleep(1.5)
+        raise StatusStoreUnavailable("the store is down")
+
+    queue = IngestQueue(opening)
+
+    async def run() -> float:
+        with pytest.raises(StatusStoreUnavailable):
+            await queue.ingest(WebhookBatch([event("a")]))
+        second = asyncio.ensure_future(queue.ingest(WebhookBatch([event("b")])))
+        while len(opened) < 2:  # the writer is opening the store again, for the second body
+            await asyncio.sleep(0.01)
+        third = asyncio.ensure_future(queue.ingest(WebhookBatch([event("c")])))
+        started = time.perf_counter()
+        await asyncio.sleep(0)  # the third body's hand-over runs
+        await asyncio.sleep(0)
+        held = time.perf_counter() - started
+        await asyncio.gather(second, third, return_exceptions=True)
+        return held
+
+    assert asyncio.run(run()) < 0.5
+
+
+def test_a_lingering_writer_never_commits_nothing():
+    """With two writers and a linger, one may wake to find the other took everything: it waits on
+    rather than commit an empty transaction."""
+    store = ConcurrentStore(0.01)
+    queue = IngestQueue(lambda: store, linger=0.05)  # type: ignore[arg-type,return-value]
+
+    async def run() -> None:
+        await queue.ingest(WebhookBatch([event("first")]))
+
+        async def client(number: int) -> None:
+            for round_ in range(10):
+                await asyncio.sleep(number * 0.002)
+                await queue.ingest(WebhookBatch([event(f"l{number}-{round_}")]))
+
+        await asyncio.gather(*(client(n) for n in range(8)))
+
+    asyncio.run(run())
+    assert sum(store.commits) == 1 + 8 * 10
+    assert 0 not in store.commits
