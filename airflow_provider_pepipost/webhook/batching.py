@@ -125,20 +125,20 @@ class IngestQueue:
         """The bodies of this turn of ``loop``, to the writers (the first started on the first body)."""
         arrived = self._arriving.pop(loop, [])
         failed: list[_Waiting] = []
-        reason: RuntimeError | None = None
+        reason: Exception | None = None
         with self._work:
             self._waiting += arrived
             self._work.notify()
             if not self._writers:
                 try:
                     self._start_writer()
-                except RuntimeError as err:  # no thread to be had: 503 now, and a new try with the next body
+                except Exception as err:  # no thread to be had: 503 now, and a new try with the next body
                     failed, self._waiting, reason = self._waiting, [], err
         if reason is not None:
             _answer(failed, [reason] * len(failed))
 
     def _start_writer(self) -> None:
-        """One more writer; RuntimeError when the process cannot start a thread (nothing is counted)."""
+        """One more writer; raises (RuntimeError) when the process cannot start a thread, counting none."""
         # A daemon: an idle writer must not hold the process at exit. One stopped mid-commit
         # acknowledged nothing of that commit, and its transaction is rolled back.
         name = "pepipost-commit" if not self._writers else f"pepipost-commit-{len(self._writers)}"
@@ -164,6 +164,8 @@ class IngestQueue:
                 if (wait := self.lingering()) > 0:
                     self._work.wait_for(lambda: len(self._waiting) >= MAX_BATCHES_PER_COMMIT, wait)
                 taken, self._waiting = self._waiting[:MAX_BATCHES_PER_COMMIT], self._waiting[MAX_BATCHES_PER_COMMIT:]
+                if self._waiting:  # more than one commit's worth: another writer may take the rest
+                    self._work.notify()
                 if taken:  # another writer may have taken everything while this one lingered
                     return taken
 
@@ -184,15 +186,26 @@ class IngestQueue:
                     _answer(taken, [RuntimeError(f"the commit was interrupted: {type(err).__name__}")] * len(taken))
                     raise
                 _answer(taken, results)
-                with self._work, suppress(RuntimeError):  # a second writer that cannot start: one will do
+                with self._work, suppress(Exception):  # a second writer that cannot start: one will do
                     if len(self._writers) < self.writers_wanted:
                         self._start_writer()
         finally:
-            with self._work:  # this writer is gone: another takes over what waits (or the next body's)
+            self._writer_gone()
+
+    def _writer_gone(self) -> None:
+        """A writer ended: another takes over what waits; with none to be had, what waits gets 503."""
+        failed: list[_Waiting] = []
+        reason: Exception | None = None
+        with self._work:
+            if threading.current_thread() in self._writers:
                 self._writers.remove(threading.current_thread())
-                if self._waiting and not self._writers:
-                    with suppress(RuntimeError):
-                        self._start_writer()
+            if self._waiting and not self._writers:
+                try:
+                    self._start_writer()
+                except Exception as err:
+                    failed, self._waiting, reason = self._waiting, [], err
+        if reason is not None:
+            _answer(failed, [reason] * len(failed))
 
     def _commit(self, batches: list[WebhookBatch]) -> list[IngestResult | BaseException]:
         """Each body's counts, or why it was not stored; timed for the next commit's linger."""
@@ -241,10 +254,13 @@ def _settle_all(settled: list[tuple[asyncio.Future, IngestResult | BaseException
     for future, result in settled:
         if future.done():  # the request was cancelled
             continue
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
+        if not isinstance(result, BaseException):
             future.set_result(result)
+            continue
+        try:
+            future.set_exception(result)
+        except TypeError:  # one a future refuses (StopIteration): the request still gets its 503
+            future.set_exception(RuntimeError(f"the commit failed: {result!r}"))
 
 
 def store_apart(store: StatusStore, batch: WebhookBatch) -> IngestResult:

@@ -435,3 +435,74 @@ def test_a_lingering_writer_never_commits_nothing():
     asyncio.run(run())
     assert sum(store.commits) == 1 + 8 * 10
     assert 0 not in store.commits
+
+
+def test_an_exception_a_future_refuses_still_answers_every_body():
+    """asyncio will not raise a StopIteration into a future: the bodies get an error all the same."""
+
+    class Exhausted(TimedStore):
+        def ingest_many(self, batches: list) -> list[IngestResult]:
+            return next(iter([]))
+
+    queue = IngestQueue(lambda: Exhausted(0.0))  # type: ignore[arg-type,return-value]
+    answers = ingest_together_on(queue, 3)
+    assert all(isinstance(answer, RuntimeError) and "StopIteration" in str(answer) for answer in answers), answers
+
+
+def ingest_together_on(queue: IngestQueue, bodies: int, seconds: float = 5.0) -> list:
+    async def run() -> list:
+        ingests = (queue.ingest(WebhookBatch([event(f"t{n}")])) for n in range(bodies))
+        return await asyncio.wait_for(asyncio.gather(*ingests, return_exceptions=True), seconds)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer ends with it
+def test_a_writer_that_ends_with_no_replacement_to_be_had_answers_what_waits(monkeypatch):
+    """The one writer is interrupted while a second body waits, and no thread can be started to take
+    over: the waiting body gets its 503 at once, not when some later body comes."""
+    interrupted = threading.Event()
+
+    class Interrupted(TimedStore):
+        def ingest_many(self, batches: list) -> list[IngestResult]:
+            if not self.commits:
+                self.commits.append(0)
+                interrupted.wait(5)
+                raise Interrupt
+            return super().ingest_many(batches)
+
+    store = Interrupted(0.0)
+    queue = IngestQueue(lambda: store)  # type: ignore[arg-type,return-value]
+    real_start, started = threading.Thread.start, []
+
+    def start_once(thread: threading.Thread) -> None:
+        if thread.name.startswith("pepipost-commit"):
+            started.append(thread)
+            if len(started) > 1:
+                raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once)
+
+    async def run() -> tuple:
+        first = asyncio.ensure_future(queue.ingest(WebhookBatch([event("a")])))
+        while not store.commits:  # the first commit is under way
+            await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(queue.ingest(WebhookBatch([event("b")])))
+        await asyncio.sleep(0.05)  # handed over, waiting behind the first commit
+        interrupted.set()
+        return tuple(await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 5))
+
+    first, second = asyncio.run(run())
+    started[0].join(5)
+    assert isinstance(first, RuntimeError) and "interrupted" in str(first), first
+    assert isinstance(second, RuntimeError) and "can't start new thread" in str(second), second
+
+
+def test_a_burst_of_more_than_one_commit_is_taken_by_both_writers():
+    """128 bodies in one turn of the event loop: two commits of 64, at once on two writers."""
+    store = ConcurrentStore(0.2)
+    queue = IngestQueue(lambda: store)  # type: ignore[arg-type,return-value]
+    assert [r.accepted for r in ingest_together_on(queue, 1)] == [1]  # the store is open: two writers
+    assert len(ingest_together_on(queue, 2 * MAX_BATCHES_PER_COMMIT)) == 2 * MAX_BATCHES_PER_COMMIT
+    assert store.commits[1:] == [MAX_BATCHES_PER_COMMIT] * 2 and store.most_at_once == 2
