@@ -95,11 +95,13 @@ async def bare_asgi(scope: dict, receive: Callable, send: Callable) -> None:
 
 
 @contextmanager
-def bare_process(app: str = "bench.ingest_ceiling:bare_app") -> Iterator[tuple[str, subprocess.Popen]]:
+def bare_process(
+    app: str = "bench.ingest_ceiling:bare_app", factory: bool = True
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """The ceiling under uvicorn as the receiver runs it (httptools, uvloop, no access log)."""
     port = free_port()
     command = [str(BIN / "python"), "-m", "uvicorn", app]
-    command += ["--factory"] if app.endswith("bare_app") else ["--lifespan", "off"]
+    command += ["--factory"] if factory else ["--lifespan", "off"]  # an ASGI function has no lifespan
     command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
     command += ["--http", "httptools", "--loop", "uvloop"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -325,7 +327,7 @@ def run(
             configs += [(f"{store}, from {compare_with}", store, 1, (), (1,)) for store in stores]
         bare_url, bare_proc = stack.enter_context(bare_process())
         ceiling = Target("ceiling", bare_url, bare_proc)
-        asgi_url, asgi_proc = stack.enter_context(bare_process("bench.ingest_ceiling:bare_asgi"))
+        asgi_url, asgi_proc = stack.enter_context(bare_process("bench.ingest_ceiling:bare_asgi", factory=False))
         asgi_ceiling = Target("ceiling without FastAPI", asgi_url, asgi_proc)
         targets = {}
         for label, store, workers, options, _ in configs:

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -352,9 +353,9 @@ class Receiver:
 
 
 class ReportEndpoint:
-    """``POST /webhook`` as an ASGI app: each refusal answered here, as FastAPI answers an
-    ``HTTPException`` (``{"detail": ...}`` with its headers), so that no framework layer is needed
-    around it (``webhook.shortcut``)."""
+    """``POST /webhook`` as an ASGI app: each refusal (an ``HTTPException``) answered here by FastAPI's
+    own handler (``{"detail": ...}`` with its headers), so that no framework layer is needed around
+    it (``webhook.shortcut``)."""
 
     def __init__(self, receiver: Receiver) -> None:
         self.receiver = receiver
@@ -364,7 +365,7 @@ class ReportEndpoint:
         try:
             response = await self.answer(request)
         except HTTPException as refusal:
-            response = JSONResponse({"detail": refusal.detail}, refusal.status_code, headers=refusal.headers)
+            response = await http_exception_handler(request, refusal)  # FastAPI's own answer to it
         except ClientDisconnect:
             return  # gone before its body arrived: nobody to answer
         await response(scope, receive, send)

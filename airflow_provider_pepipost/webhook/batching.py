@@ -124,18 +124,25 @@ class IngestQueue:
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         """The bodies of this turn of ``loop``, to the writers (the first started on the first body)."""
         arrived = self._arriving.pop(loop, [])
-        failed: list[_Waiting] = []
-        reason: Exception | None = None
         with self._work:
             self._waiting += arrived
             self._work.notify()
-            if not self._writers:
-                try:
-                    self._start_writer()
-                except Exception as err:  # no thread to be had: 503 now, and a new try with the next body
-                    failed, self._waiting, reason = self._waiting, [], err
+            failed, reason = self._a_writer_for_what_waits()
         if reason is not None:
             _answer(failed, [reason] * len(failed))
+
+    def _a_writer_for_what_waits(self) -> tuple[list[_Waiting], Exception | None]:
+        """Under the lock: a writer started if bodies wait and none runs. With no thread to be had,
+        the bodies waiting and why, for the caller to answer (503) once it has let the lock go; the
+        next body tries again."""
+        if not self._waiting or self._writers:
+            return [], None
+        try:
+            self._start_writer()
+        except Exception as err:
+            failed, self._waiting = self._waiting, []
+            return failed, err
+        return [], None
 
     def _start_writer(self) -> None:
         """One more writer; raises (RuntimeError) when the process cannot start a thread, counting none."""
@@ -194,16 +201,10 @@ class IngestQueue:
 
     def _writer_gone(self) -> None:
         """A writer ended: another takes over what waits; with none to be had, what waits gets 503."""
-        failed: list[_Waiting] = []
-        reason: Exception | None = None
         with self._work:
             if threading.current_thread() in self._writers:
                 self._writers.remove(threading.current_thread())
-            if self._waiting and not self._writers:
-                try:
-                    self._start_writer()
-                except Exception as err:
-                    failed, self._waiting, reason = self._waiting, [], err
+            failed, reason = self._a_writer_for_what_waits()
         if reason is not None:
             _answer(failed, [reason] * len(failed))
 

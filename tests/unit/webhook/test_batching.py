@@ -40,6 +40,16 @@ def ingest_together(store: StatusStore | Callable[[], StatusStore], batches: lis
     return asyncio.run(run())
 
 
+def ingest_together_on(queue: IngestQueue, bodies: int, seconds: float = 5.0) -> list:
+    """``bodies`` one-event bodies queued at once on ``queue``; each one's result or exception."""
+
+    async def run() -> list:
+        ingests = (queue.ingest(WebhookBatch([event(f"t{n}")])) for n in range(bodies))
+        return await asyncio.wait_for(asyncio.gather(*ingests, return_exceptions=True), seconds)
+
+    return asyncio.run(run())
+
+
 @pytest.mark.parametrize("poison", ["m\ud800", "nul\x00"], ids=["lone-surrogate", "nul"])
 def test_a_body_the_store_refuses_costs_no_other_body_its_commit(store_url, poison):
     store = StatusStore(store_url)
@@ -339,16 +349,6 @@ class Interrupt(BaseException):
     """What a library may raise that is not an Exception (gevent's GreenletExit, SystemExit)."""
 
 
-def answer_within(queue: IngestQueue, name: str, seconds: float = 5.0) -> IngestResult | BaseException:
-    async def run() -> IngestResult | BaseException:
-        try:
-            return await asyncio.wait_for(queue.ingest(WebhookBatch([event(name)])), seconds)
-        except Exception as err:
-            return err
-
-    return asyncio.run(run())
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer ends with it
 def test_a_writer_ended_by_a_base_exception_answers_its_bodies_and_another_takes_over():
     class Interrupted(TimedStore):
@@ -361,10 +361,10 @@ def test_a_writer_ended_by_a_base_exception_answers_its_bodies_and_another_takes
 
     queue = IngestQueue(lambda: store)  # type: ignore[arg-type,return-value]
     store = Interrupted(0.0)
-    first = answer_within(queue, "a")
+    (first,) = ingest_together_on(queue, 1)
     (interrupted,) = store.threads
     interrupted.join(5)  # it ends with the exception (reported here, not in a later test)
-    second = answer_within(queue, "b")
+    (second,) = ingest_together_on(queue, 1)
     assert isinstance(first, RuntimeError) and "interrupted" in str(first), first
     assert isinstance(second, IngestResult) and second.accepted == 1, second
 
@@ -381,7 +381,7 @@ def test_no_thread_to_be_had_is_a_503_and_the_next_body_starts_a_writer(monkeypa
         real_start(thread)
 
     monkeypatch.setattr(threading.Thread, "start", start_once_refused)
-    first, second = answer_within(queue, "a"), answer_within(queue, "b")
+    (first,), (second,) = ingest_together_on(queue, 1), ingest_together_on(queue, 1)
     assert isinstance(first, RuntimeError) and "can't start new thread" in str(first), first
     assert isinstance(second, IngestResult) and second.accepted == 1, second
 
@@ -447,14 +447,6 @@ def test_an_exception_a_future_refuses_still_answers_every_body():
     queue = IngestQueue(lambda: Exhausted(0.0))  # type: ignore[arg-type,return-value]
     answers = ingest_together_on(queue, 3)
     assert all(isinstance(answer, RuntimeError) and "StopIteration" in str(answer) for answer in answers), answers
-
-
-def ingest_together_on(queue: IngestQueue, bodies: int, seconds: float = 5.0) -> list:
-    async def run() -> list:
-        ingests = (queue.ingest(WebhookBatch([event(f"t{n}")])) for n in range(bodies))
-        return await asyncio.wait_for(asyncio.gather(*ingests, return_exceptions=True), seconds)
-
-    return asyncio.run(run())
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer ends with it
