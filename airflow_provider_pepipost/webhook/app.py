@@ -15,8 +15,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -31,6 +31,7 @@ from airflow_provider_pepipost.status.inbound import DeadLetter, WebhookBatch
 from airflow_provider_pepipost.status.store import StatusStore, open_store
 from airflow_provider_pepipost.webhook.approvals import ApprovalResponder
 from airflow_provider_pepipost.webhook.batching import IngestQueue, QueueFull
+from airflow_provider_pepipost.webhook.deadlines import Deadlines
 from airflow_provider_pepipost.webhook.logs import RefusalLog, Throttled, capped, describe_error, redact_access_logs
 from airflow_provider_pepipost.webhook.metrics import CONTENT_TYPE, ReceiverMetrics
 from airflow_provider_pepipost.webhook.payload import DEFAULT_STOP_SET, MAX_RAW_CHARS, body_key, letter, parse_body
@@ -54,6 +55,7 @@ T = TypeVar("T")
 __all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_BODY_BYTES", "STOP_WORDS_ENV", "TOKEN_ENV", "build_app", "create_app"]
 
 TOKEN_HEADER = "X-Pepipost-Token"
+_TOKEN_KEY = TOKEN_HEADER.lower().encode()  # as _first_headers keys it
 WEBHOOK_PATH = "/webhook"  # under the app's path prefix
 RETRY_AFTER_SECONDS = 5
 _JSON_TYPES = ("application/json", "text/plain", "application/octet-stream")
@@ -70,14 +72,41 @@ def _parse_int(text: str) -> int | float:
 
 # One decoder for every body: json.loads(text, parse_int=...) builds a new one each call.
 _DECODER = json.JSONDecoder(parse_int=_parse_int)
+# And one encoder for every answer, with the settings of Starlette's JSONResponse.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class JSONAnswer:
+    """The report route's answer: the bytes and headers of Starlette's ``JSONResponse``, without
+    building a response object's headers per body (the receiver answers thousands a second)."""
+
+    __slots__ = ("body", "status_code")
+
+    def __init__(self, content: Any, status_code: int = 200) -> None:
+        self.body = _ENCODER.encode(content).encode()
+        self.status_code = status_code
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-length", b"%d" % len(self.body)), (b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+_BODY_DEADLINES = Deadlines()
 
 
 async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
-    """``awaitable`` or TimeoutError after ``seconds``; without a task of its own where Python allows."""
-    if sys.version_info >= (3, 11):  # asyncio.timeout: no extra task per request, which wait_for costs
-        async with asyncio.timeout(seconds):
-            return await awaitable
+    """``awaitable`` or TimeoutError after ``seconds``; without a task or a timer of its own where
+    Python allows (``webhook.deadlines``)."""
+    if sys.version_info >= (3, 11):  # Task.uncancel; wait_for costs a task per request
+        return await _BODY_DEADLINES.within(seconds, awaitable)
     return await asyncio.wait_for(awaitable, seconds)
+
+
+def _first_headers(scope: Scope) -> dict[bytes, str]:
+    """The request's headers by (lower-case) name, the first of each, as Starlette's ``Headers.get``
+    reads them: one pass for every check of a report instead of a pass each."""
+    return {name: value.decode("latin-1") for name, value in reversed(scope["headers"])}
 
 
 def read_body(body: bytes, stop_words: frozenset[str] = DEFAULT_STOP_SET) -> tuple[WebhookBatch, str | None]:
@@ -217,19 +246,15 @@ class Receiver:
         self.metrics.refused(reason)
         return HTTPException(status, detail, headers=headers or None)
 
-    @contextmanager
-    def admitted(self, size: int) -> Iterator[None]:
-        """A body's place in the ingest queue (``QueueFull`` when there is none), shown in the metrics."""
-        try:
-            with self.queue.admit(size):
-                self.metrics.queue_now(self.queue.held_bodies, self.queue.held_bytes)
-                yield
-        finally:
-            self.metrics.queue_now(self.queue.held_bodies, self.queue.held_bytes)
+    def show_queue(self) -> None:
+        """The ingest queue's bodies and bytes, in the metrics."""
+        self.metrics.queue_now(self.queue.held_bodies, self.queue.held_bytes)
 
-    def token_ok(self, request: Request) -> bool:
-        given = request.headers.get(TOKEN_HEADER) or request.query_params.get("token") or ""
-        auth = request.headers.get("authorization", "")
+    def token_ok(self, request: Request, headers: dict[bytes, str] | None = None) -> bool:
+        if headers is None:
+            headers = _first_headers(request.scope)
+        given = headers.get(_TOKEN_KEY) or request.query_params.get("token") or ""
+        auth = headers.get(b"authorization", "")
         if not given and auth[:7].lower() == "bearer ":
             given = auth[7:]
         return hmac.compare_digest(given.encode(), self.expected_token)
@@ -238,11 +263,12 @@ class Receiver:
 
     async def admitted_body(self, request: Request) -> bytes:
         """Every check of the POST route in order, then the body."""
+        headers = _first_headers(request.scope)
         self.configured()
         self.allowed_source(request)
-        self.valid_token(request)
-        self.json_content(request)
-        return await self.body(request)
+        self.valid_token(request, headers)
+        self.json_content(request, headers)
+        return await self.body(request, headers.get(b"content-length"))
 
     def configured(self) -> None:
         if not self.expected_token:
@@ -260,22 +286,23 @@ class Receiver:
         if address is None or not any(address in network for network in networks):
             raise self.refuse(request, 403, "source address not allowed", "source_not_allowed")
 
-    def valid_token(self, request: Request) -> None:
-        if not self.token_ok(request):
+    def valid_token(self, request: Request, headers: dict[bytes, str]) -> None:
+        if not self.token_ok(request, headers):
             raise self.refuse(request, 401, "missing or wrong token", "bad_token")
 
-    def json_content(self, request: Request) -> None:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    def json_content(self, request: Request, headers: dict[bytes, str]) -> None:
+        content_type = headers.get(b"content-type", "").split(";")[0].strip().lower()
         if content_type and content_type not in _JSON_TYPES and not content_type.endswith("+json"):
             raise self.refuse(request, 415, f"content type {capped(content_type, 60)!r} is not JSON", "not_json")
 
-    async def body(self, request: Request) -> bytes:
-        """The whole body, within the size and time limits, once the queue has room for it."""
+    async def body(self, request: Request, declared: str | None) -> bytes:
+        """The whole body, within the size and time limits, once the queue has room for it;
+        ``declared``: its Content-Length header."""
         if self.queue.full():  # before reading the body: it would only take more memory
             raise self.busy(request)
         timeout = self.settings.body_timeout
         try:
-            body = await _within(timeout, self._read_capped(request))
+            body = await _within(timeout, self._read_capped(request, declared))
         except asyncio.TimeoutError:
             raise self.refuse(
                 request, 408, f"body not received within {timeout:g} s", "body_timeout", Connection="close"
@@ -295,22 +322,30 @@ class Receiver:
             request, 503, "the receiver is busy; send it again", "busy", **{"Retry-After": str(RETRY_AFTER_SECONDS)}
         )
 
-    async def _read_capped(self, request: Request) -> bytes | None:
+    async def _read_capped(self, request: Request, declared: str | None) -> bytes | None:
+        """The body, or None once it is larger than allowed. Read from the ASGI messages as
+        Starlette's ``Request.stream`` reads them, without an async generator per body."""
         limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             return None
         chunks, size = [], 0
-        async for chunk in request.stream():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            if message["type"] != "http.request":
+                continue
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 return None
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     # -- what the routes do once a request is let in ---------------------------------------------
 
-    async def file(self, request: Request, body: bytes) -> JSONResponse:
+    async def file(self, request: Request, body: bytes) -> JSONAnswer:
         """Parse and store one body; answer with its counts once it is committed."""
         stops = self.settings.stop_words
         if len(body) > _PARSE_INLINE_BYTES:
@@ -325,7 +360,7 @@ class Receiver:
             self.metrics.store_errors.inc()
             self.store_failed("Pepipost webhook: could not store a body of %d events: %s", len(batch.events),
                               describe_error(err))  # fmt: skip
-            return JSONResponse({"detail": "could not store the batch; send it again"}, status_code=503)
+            return JSONAnswer({"detail": "could not store the batch; send it again"}, status_code=503)
         if any(message.context_message_id for message in batch.inbound):
             self.approvals.wake()  # a reply may answer an approval request
         else:
@@ -338,7 +373,7 @@ class Receiver:
         if batch.dead_letters:
             self.dead_lettered("Pepipost webhook: %d item(s) kept as dead letters: %s", batch.dead_letter_items,
                                capped(batch.dead_letters[0].reason))  # fmt: skip
-        return JSONResponse(result.to_dict())
+        return JSONAnswer(result.to_dict())
 
     def facts(self) -> dict[str, Any]:
         """Is the vendor reaching this receiver? What ``/status`` answers (a blocking read)."""
@@ -362,6 +397,7 @@ class ReportEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        response: JSONAnswer | Response
         try:
             response = await self.answer(request)
         except HTTPException as refusal:
@@ -370,14 +406,17 @@ class ReportEndpoint:
             return  # gone before its body arrived: nobody to answer
         await response(scope, receive, send)
 
-    async def answer(self, request: Request) -> Response:
+    async def answer(self, request: Request) -> JSONAnswer:
         receiver = self.receiver
         body = await receiver.admitted_body(request)
         try:
-            with receiver.admitted(len(body)):
+            with receiver.queue.admit(len(body)):  # QueueFull when there is no room
+                receiver.show_queue()
                 return await receiver.file(request, body)
         except QueueFull:
             raise receiver.busy(request) from None
+        finally:
+            receiver.show_queue()
 
 
 def receiver_router(receiver: Receiver, report_endpoint: ReportEndpoint) -> APIRouter:

@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -94,21 +94,11 @@ class IngestQueue:
     def full(self) -> bool:
         return self.held_bodies >= self.max_bodies or self.held_bytes >= self.max_bytes
 
-    @contextmanager
-    def admit(self, size: int) -> Iterator[None]:
-        """Hold room for one body (``size`` bytes) from its parse to its answer; QueueFull if none.
-
-        A body alone is always admitted, however large: the body cap bounds it.
-        """
-        if self.held_bodies and (self.held_bodies >= self.max_bodies or self.held_bytes + size > self.max_bytes):
-            raise QueueFull
-        self.held_bodies += 1
-        self.held_bytes += size
-        try:
-            yield
-        finally:
-            self.held_bodies -= 1
-            self.held_bytes -= size
+    def admit(self, size: int) -> Admission:
+        """Room for one body (``size`` bytes) from its parse to its answer: ``with queue.admit(size):``,
+        QueueFull when there is none. A body alone is always admitted, however large: the body cap
+        bounds it."""
+        return Admission(self, size)
 
     async def ingest(self, batch: WebhookBatch) -> IngestResult:
         """Store one body; returns its counts once the transaction holding it has committed."""
@@ -310,3 +300,26 @@ def _halve(
         return
     for name in ("accepted", "duplicates", "inbound", "reconciled", "opt_outs"):
         setattr(total, name, getattr(total, name) + getattr(result, name))
+
+
+class Admission:
+    """A body's place in an ``IngestQueue``, held inside its ``with`` block.
+
+    A class rather than a generator's context manager: entered and left for every body.
+    """
+
+    __slots__ = ("queue", "size")
+
+    def __init__(self, queue: IngestQueue, size: int) -> None:
+        self.queue, self.size = queue, size
+
+    def __enter__(self) -> None:
+        queue, size = self.queue, self.size
+        if queue.held_bodies and (queue.held_bodies >= queue.max_bodies or queue.held_bytes + size > queue.max_bytes):
+            raise QueueFull
+        queue.held_bodies += 1
+        queue.held_bytes += size
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.queue.held_bodies -= 1
+        self.queue.held_bytes -= self.size

@@ -55,9 +55,13 @@ def letter(reason: str, raw: str, key: str | None = None, where: str = "") -> De
     return DeadLetter(reason, raw, hashlib.sha256(seed.encode()).hexdigest()[:40])
 
 
+# One encoder for every item kept raw: json.dumps with settings builds one per call.
+_RAW_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
+
+
 def _raw(item: Any) -> str:
     try:
-        text = json.dumps(item, ensure_ascii=False, separators=(",", ":"), default=str)
+        text = _RAW_ENCODER.encode(item)
     except (TypeError, ValueError, RecursionError):
         text = repr(item)
     return text[:MAX_RAW_CHARS]

@@ -303,3 +303,30 @@ def test_dead_letter_warnings_are_throttled_and_capped(sqlite_receiver, caplog):
             assert post(sqlite_receiver.webhook_url, body).json()["dead_letters"] == 1
     lines = [r.getMessage() for r in caplog.records if "dead letters" in r.getMessage()]
     assert len(lines) == 1 and len(lines[0]) < 500
+
+
+def test_a_body_streamed_in_pieces_is_stored_whole(sqlite_url):
+    # No Content-Length: the receiver reads the pieces as they come and joins them.
+    items = [report(f"piece-{i}", "read") for i in range(30)]
+    encoded = json.dumps({"delivery_status": items}).encode()
+
+    def pieces():
+        for start in range(0, len(encoded), 97):
+            yield encoded[start : start + 97]
+
+    with ServedApp(create_app(sqlite_url, WEBHOOK_TOKEN)) as served:
+        answer = post(f"{served.url}/pepipost/webhook", pieces())
+    assert answer.status_code == 200 and answer.json()["accepted"] == 30
+    assert StatusStore(sqlite_url).count_rows("pepipost_events") == 30
+
+
+def test_a_client_gone_in_the_middle_of_its_body_gets_nothing_stored_and_no_error(sqlite_url, caplog):
+    import socket
+
+    with ServedApp(create_app(sqlite_url, WEBHOOK_TOKEN)) as served:
+        with caplog.at_level(logging.WARNING), socket.create_connection(("127.0.0.1", served.port), 10) as sock:
+            head = f"POST /pepipost/webhook HTTP/1.1\r\nHost: x\r\nX-Pepipost-Token: {WEBHOOK_TOKEN}\r\n"
+            sock.sendall(f"{head}Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{".encode())
+        assert post(f"{served.url}/pepipost/webhook", {"delivery_status": [report("after", "read")]}).ok
+    assert StatusStore(sqlite_url).count_rows("pepipost_events") == 1  # only the report sent whole
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]

@@ -3,6 +3,7 @@ mounted under a prefix as the plugin mounts it, over real HTTP (uvicorn on 127.0
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -120,3 +121,28 @@ def test_a_busy_queue_is_503_with_retry_after_through_the_shortcut(sqlite_url):
 )
 def test_route_path_reads_the_path_as_the_router_does(path, root_path, expected):
     assert route_path({"path": path, "root_path": root_path}) == expected
+
+
+@pytest.mark.parametrize(
+    "content, status",
+    [({"accepted": 1, "duplicates": 0}, 200), ({"detail": "could not store the batch; send it again"}, 503),
+     ({"detail": "ünïcödé ✓"}, 200)],
+)  # fmt: skip
+def test_the_report_answer_is_what_starlettes_json_response_sends(content, status):
+    from starlette.responses import JSONResponse
+
+    from airflow_provider_pepipost.webhook.app import JSONAnswer
+
+    def sent_by(response) -> list[dict]:
+        messages: list[dict] = []
+
+        async def send(message: dict) -> None:
+            messages.append(message)
+
+        async def receive() -> dict:
+            return {"type": "http.disconnect"}
+
+        asyncio.run(response({"type": "http"}, receive, send))
+        return messages
+
+    assert sent_by(JSONAnswer(content, status)) == sent_by(JSONResponse(content, status))
