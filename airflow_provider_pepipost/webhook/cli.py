@@ -38,6 +38,7 @@ from airflow_provider_pepipost.webhook.settings import (
     STORE_CONN_ENV,
     TOKEN_ENV,
     ReceiverSettings,
+    seconds_problem,
 )
 
 log = logging.getLogger("airflow_provider_pepipost.webhook")
@@ -78,6 +79,14 @@ def serve(argv: list[str] | None = None) -> None:
     _run_uvicorn(args)
 
 
+def _seconds(text: str) -> float:
+    """An option's number of seconds: above 0."""
+    value = float(text)
+    if problem := seconds_problem(value):
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def _serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pepipost-webhook", description=serve.__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -92,7 +101,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--head-timeout", type=float, default=DEFAULT_HEAD_TIMEOUT, help="seconds for request headers")
-    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT, help="seconds for a request body")
+    parser.add_argument(
+        "--body-timeout", type=_seconds, default=DEFAULT_BODY_TIMEOUT, help="seconds for a request body"
+    )
     parser.add_argument("--keep-alive", type=float, default=DEFAULT_KEEP_ALIVE, help="idle seconds between requests")
     parser.add_argument(
         "--limit-concurrency",

@@ -19,20 +19,24 @@ PERIOD = 0.1  # seconds between two checks while any read is in flight
 
 
 class _LoopDeadlines:
-    """One event loop's reads in flight: their deadlines, the tasks cut, the timer."""
+    """One event loop's reads in flight: their deadlines, the tasks cut, whether a check is due.
+
+    Nothing here refers to the loop itself (a timer handle would): the loop is the key of a weak
+    dictionary, and a closed loop must be freed with its entry.
+    """
 
     def __init__(self) -> None:
         self.due: dict[asyncio.Task, float] = {}
         self.cut: set[asyncio.Task] = set()
-        self.timer: asyncio.TimerHandle | None = None
+        self.checking = False  # a check is scheduled on the loop
 
 
 class Deadlines:
     """``await deadlines.within(seconds, awaitable)``: the awaitable's result, or TimeoutError once
     ``seconds`` have passed (up to ``PERIOD`` later), the awaitable then cancelled.
 
-    As ``asyncio.timeout``: a cancellation from elsewhere stays a cancellation. Needs Python 3.11
-    (``Task.uncancel``).
+    As ``asyncio.timeout``: a cancellation from elsewhere stays a cancellation, counted against the
+    cancellations the task already had when the read began. Needs Python 3.11 (``Task.uncancel``).
     """
 
     def __init__(self) -> None:
@@ -48,25 +52,40 @@ class Deadlines:
             state = self._loops[loop] = _LoopDeadlines()
         if task in state.due:
             raise RuntimeError("Deadlines.within bounds one await of a task at a time")
+        cancelling = task.cancelling()  # type: ignore[attr-defined]  # 3.11's
         state.due[task] = loop.time() + seconds
-        if state.timer is None:
-            state.timer = loop.call_later(PERIOD, self._check, loop, state)
+        if not state.checking:
+            state.checking = True
+            loop.call_later(PERIOD, _check, state)
         try:
-            return await awaitable
+            result = await awaitable
         except asyncio.CancelledError:
-            # Cut here, and by nobody else (uncancel counts the cancellations still asked for).
-            if task in state.cut and task.uncancel() == 0:  # type: ignore[attr-defined]  # 3.11's
+            # Cut here, and by nobody else since the read began: the deadline's.
+            if task in state.cut and task.uncancel() <= cancelling:  # type: ignore[attr-defined]
                 raise TimeoutError from None
             raise
+        except BaseException:
+            if task in state.cut:  # the cut was swallowed on the way: take it back, as asyncio.timeout does
+                task.uncancel()  # type: ignore[attr-defined]
+            raise
+        else:
+            if task in state.cut:
+                task.uncancel()  # type: ignore[attr-defined]
+            return result
         finally:
             del state.due[task]
             state.cut.discard(task)
 
-    @staticmethod
-    def _check(loop: asyncio.AbstractEventLoop, state: _LoopDeadlines) -> None:
-        now = loop.time()
-        for task, due in state.due.items():
-            if due <= now and task not in state.cut:
-                state.cut.add(task)
-                task.cancel()
-        state.timer = loop.call_later(PERIOD, Deadlines._check, loop, state) if state.due else None
+
+def _check(state: _LoopDeadlines) -> None:
+    """Cut the reads past their deadline; again in ``PERIOD`` while any is in flight."""
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    for task, due in state.due.items():
+        if due <= now and task not in state.cut:
+            state.cut.add(task)
+            task.cancel()
+    if state.due:
+        loop.call_later(PERIOD, _check, state)
+    else:
+        state.checking = False

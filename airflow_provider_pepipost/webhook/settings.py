@@ -62,6 +62,10 @@ class ReceiverSettings:
     # The Airflow connection (api-server URL, a user allowed to answer) that approval taps answer through.
     airflow_api_conn_id: str = DEFAULT_AIRFLOW_API_CONN_ID
 
+    def __post_init__(self) -> None:
+        if problem := seconds_problem(self.body_timeout):
+            raise ValueError(f"body_timeout ({BODY_TIMEOUT_ENV}, --body-timeout) {problem}")
+
     @classmethod
     def from_env(cls) -> ReceiverSettings:
         """What ``pepipost-webhook`` passed to this worker process in the environment."""
@@ -91,6 +95,13 @@ class ReceiverSettings:
             airflow_api_conn_id=_airflow_setting(AIRFLOW_API_CONN_ENV, "airflow_api_conn_id")
             or DEFAULT_AIRFLOW_API_CONN_ID,
         )
+
+
+def seconds_problem(value: float) -> str | None:
+    """Why ``value`` is no time limit (not above 0, or not a number at all), or None when it is one."""
+    if not value > 0:  # also NaN, which compares false with everything: a deadline never reached
+        return f"must be a number of seconds above 0, not {value!r}"
+    return None
 
 
 def stop_words_or_env(stop_words: str | Sequence[str] | None) -> frozenset[str]:

@@ -57,3 +57,14 @@ def test_the_app_hands_the_linger_to_its_queue(linger, sqlite_url):
 
     receiver = Receiver(ReceiverSettings(token="t", store_url=sqlite_url, commit_linger=linger))
     assert receiver.queue.linger == linger
+
+
+@pytest.mark.parametrize("given", ["nan", "0", "-1"])
+def test_a_body_timeout_that_is_no_time_limit_is_refused_naming_the_option(given, capsys, monkeypatch):
+    # NaN never compares past a deadline: the body of a stalled client would be waited for forever.
+    with pytest.raises(SystemExit):
+        parsed("--body-timeout", given)
+    assert "--body-timeout" in capsys.readouterr().err
+    monkeypatch.setenv("PEPIPOST_WEBHOOK_BODY_TIMEOUT", given)
+    with pytest.raises(ValueError, match="body_timeout .*PEPIPOST_WEBHOOK_BODY_TIMEOUT.* above 0"):
+        ReceiverSettings.from_env()

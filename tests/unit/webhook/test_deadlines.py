@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import sys
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from airflow_provider_pepipost.webhook.deadlines import PERIOD, Deadlines
+from airflow_provider_pepipost.webhook.app import create_app
+from airflow_provider_pepipost.webhook.deadlines import PERIOD, Deadlines, _check
+from tests.conftest import WEBHOOK_TOKEN
 
 pytestmark = pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.uncancel is Python 3.11's")
 
@@ -53,7 +58,7 @@ def test_a_read_in_time_returns_its_value_and_leaves_no_timer_behind():
         value = await deadlines.within(5, _soon("body", 0.01))
         await asyncio.sleep(PERIOD * 3)  # the timer stops once nothing is in flight
         state = deadlines._loops[asyncio.get_running_loop()]
-        return value, state.timer is None and not state.due and not state.cut
+        return value, not state.checking and not state.due and not state.cut
 
     assert asyncio.run(main()) == ("body", True)
 
@@ -82,7 +87,7 @@ def test_a_cancellation_from_elsewhere_after_the_deadline_cut_stays_a_cancellati
         await asyncio.sleep(0)
         state = deadlines._loops[loop]
         state.due[task] = loop.time() - 1  # its deadline has passed: the next check cuts it
-        Deadlines._check(loop, state)
+        _check(state)
         assert task in state.cut
         task.cancel()  # in the same turn, before the task runs again
         with pytest.raises(asyncio.CancelledError):
@@ -139,3 +144,54 @@ def test_one_task_bounds_one_read_at_a_time():
             await deadlines.within(5, deadlines.within(5, inner))
 
     asyncio.run(main())
+
+
+def test_a_deadline_is_a_timeout_in_a_task_that_handled_a_cancellation_before():
+    # As asyncio.timeout: cancellations are counted from the read's start, not from zero. A layer
+    # that caught a cancellation earlier in the same task must not turn a 408 into a dropped request.
+    deadlines = Deadlines()
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):  # caught, never uncancelled
+            await asyncio.sleep(1)
+        with pytest.raises(TimeoutError):
+            await deadlines.within(0.05, _never())
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+
+
+def test_event_loops_that_read_bodies_are_freed_once_closed(sqlite_url):
+    # A test client, or a server that restarts its loop, closes a loop with a check still scheduled:
+    # nothing of the receiver's may keep that loop (its selector, its handles) alive.
+    app = create_app(sqlite_url, WEBHOOK_TOKEN, max_body_bytes=10)
+    headers = [(b"x-pepipost-token", WEBHOOK_TOKEN.encode()), (b"content-type", b"application/json")]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/pepipost/webhook", "raw_path": b"/pepipost/webhook", "root_path": "",
+             "query_string": b"", "headers": headers, "client": ("127.0.0.1", 5000),
+             "server": ("127.0.0.1", 80)}  # fmt: skip
+
+    async def one_report() -> int:
+        messages = [{"type": "http.request", "body": b"x" * 20, "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent[0]["status"]
+
+    freed = []
+    for _ in range(5):
+        loop = asyncio.new_event_loop()
+        assert loop.run_until_complete(one_report()) == 413  # read (and too large): a check was scheduled
+        loop.close()
+        freed.append(weakref.ref(loop))
+        del loop
+    gc.collect()
+    assert [ref for ref in freed if ref() is not None] == []
