@@ -66,5 +66,5 @@ def test_a_body_timeout_that_is_no_time_limit_is_refused_naming_the_option(given
         parsed("--body-timeout", given)
     assert "--body-timeout" in capsys.readouterr().err
     monkeypatch.setenv("PEPIPOST_WEBHOOK_BODY_TIMEOUT", given)
-    with pytest.raises(ValueError, match="body_timeout .*PEPIPOST_WEBHOOK_BODY_TIMEOUT.* above 0"):
+    with pytest.raises(ValueError, match=r"body_timeout .*PEPIPOST_WEBHOOK_BODY_TIMEOUT.* above 0"):
         ReceiverSettings.from_env()
