@@ -58,23 +58,19 @@ class Deadlines:
             state.checking = True
             loop.call_later(PERIOD, _check, state)
         try:
-            result = await awaitable
+            return await awaitable
         except asyncio.CancelledError:
-            # Cut here, and by nobody else since the read began: the deadline's.
-            if task in state.cut and task.uncancel() <= cancelling:  # type: ignore[attr-defined]
-                raise TimeoutError from None
-            raise
-        except BaseException:
-            if task in state.cut:  # the cut was swallowed on the way: take it back, as asyncio.timeout does
-                task.uncancel()  # type: ignore[attr-defined]
-            raise
-        else:
             if task in state.cut:
-                task.uncancel()  # type: ignore[attr-defined]
-            return result
+                state.cut.discard(task)
+                # Cut here, and by nobody else since the read began: the deadline's.
+                if task.uncancel() <= cancelling:  # type: ignore[attr-defined]
+                    raise TimeoutError from None
+            raise
         finally:
             del state.due[task]
-            state.cut.discard(task)
+            if task in state.cut:  # cut, and the read swallowed it: taken back, as asyncio.timeout does
+                state.cut.discard(task)
+                task.uncancel()  # type: ignore[attr-defined]
 
 
 def _check(state: _LoopDeadlines) -> None:

@@ -195,3 +195,23 @@ def test_event_loops_that_read_bodies_are_freed_once_closed(sqlite_url):
         del loop
     gc.collect()
     assert [ref for ref in freed if ref() is not None] == []
+
+
+def test_a_cut_the_read_swallows_is_taken_back():
+    # As asyncio.timeout: the task is left with no cancellation of the deadline's still counted.
+    deadlines = Deadlines()
+
+    async def swallows() -> str:
+        try:
+            await _never()
+        except asyncio.CancelledError:
+            return "swallowed"
+        return "never"
+
+    async def main() -> tuple[str, int]:
+        task = asyncio.current_task()
+        assert task is not None
+        value = await deadlines.within(0.05, swallows())
+        return value, task.cancelling()
+
+    assert asyncio.run(asyncio.wait_for(main(), 5)) == ("swallowed", 0)
