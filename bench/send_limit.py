@@ -7,15 +7,19 @@ whose own ceiling it prints from the stand-in's CPU per request in the same run.
 
 Each figure is the median of ``repeats`` runs with their spread. The client CPU per message is
 the whole process's user + system time over the run (every thread: senders, ledger writer,
-watchdog) divided by the messages, once for the hook alone (a thread pool calling
-``PepipostHook.post_message_body``) and once for the operator (``SendWhatsAppMediaOperator`` with
-its SQLite ledger). Run alone, from the repository: python -m bench.send_limit [--count 50000] [--workers 128]
+watchdog) divided by the messages, once for the hook alone (``PepipostHook.apost_message_body``
+on one event loop) and once for the operator (``SendWhatsAppMediaOperator`` with its SQLite
+ledger); and the same on the threaded transport, side by side (``[pepipost] send_transport =
+threads``: a thread pool calling ``post_message_body``, the operator on threads).
+Run alone, from the repository: python -m bench.send_limit [--count 50000] [--workers 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -27,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import uvloop
 
 from bench.common import BenchTaskInstance, cpu_seconds, free_port, point_connection, spread
 from bench.send_throughput import audience, media_body
@@ -75,9 +81,41 @@ def hook_alone(count: int, workers: int) -> dict[str, float]:
     return {"msg_per_s": count / elapsed, "cpu_us_per_msg": cpu / count * 1e6}
 
 
-def operator_alone(count: int, workers: int, store_url: str) -> dict[str, float]:
-    """The media operator sending ``count`` rows with ``workers`` threads, its ledger in ``store_url``."""
+def hook_on_a_loop(count: int, workers: int) -> dict[str, float]:
+    """``count`` sends through one hook's event-loop transport, ``workers`` in flight: no ledger."""
+    from airflow_provider_pepipost.hooks.pepipost import PepipostHook
+
+    hook = PepipostHook(pool_size=workers)
+    bodies = [media_body(phone) for phone in audience(count)]
+
+    async def send_all() -> list[str]:
+        slots = asyncio.Semaphore(workers)
+
+        async def one(body: dict) -> str:
+            async with slots:
+                return await hook.apost_message_body(body)
+
+        try:
+            return await asyncio.gather(*(one(body) for body in bodies))
+        finally:
+            hook.aclose()
+
+    hook.post_message_body(bodies[0])  # the connection settings, outside the timing
+    cpu, started = cpu_seconds(), time.perf_counter()
+    ids = uvloop.run(send_all())
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    hook.close()
+    if len(set(ids)) != count:
+        raise RuntimeError(f"the hook returned {len(set(ids))} distinct ids for {count} sends")
+    return {"msg_per_s": count / elapsed, "cpu_us_per_msg": cpu / count * 1e6}
+
+
+def operator_alone(count: int, workers: int, store_url: str, transport: str = "event_loop") -> dict[str, float]:
+    """The media operator sending ``count`` rows, ``workers`` at a time on ``transport``
+    ([pepipost] send_transport), its ledger in ``store_url``."""
     from airflow_provider_pepipost.operators.whatsapp import SendWhatsAppMediaOperator
+
+    os.environ["AIRFLOW__PEPIPOST__SEND_TRANSPORT"] = transport
 
     operator = SendWhatsAppMediaOperator(
         task_id="send", recipients=audience(count), attachment_id="m-1", caption="Hi",
@@ -94,30 +132,41 @@ def operator_alone(count: int, workers: int, store_url: str) -> dict[str, float]
 
 
 def run(count: int = 50_000, workers: int = 128, repeats: int = 3) -> dict[str, Any]:
-    """Hook alone and operator, alternated ``repeats`` times in one run against one stand-in."""
-    hook_runs: list[dict[str, float]] = []
-    operator_runs: list[dict[str, float]] = []
+    """Each transport, hook alone and in the operator, alternated ``repeats`` times in one run
+    against one stand-in: the event loop (the default) beside the threads (before it)."""
+    names = ("hook_loop", "hook_threads", "op_loop", "op_threads")
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="pepipost-bench-") as tmp, standin_process(LATENCY) as (url, pid):
         standin_cpu = cpu_seconds(pid)
         for repeat in range(repeats):
-            store_url = f"sqlite:///{Path(tmp) / f'send-limit-{repeat}.db'}"
-            point_connection(url, store_url)
-            hook_runs.append(hook_alone(count, workers))
-            operator_runs.append(operator_alone(count, workers, store_url))
-        requests_served = repeats * (2 * count + 1)
+            for transport in ("event_loop", "threads"):
+                store_url = f"sqlite:///{Path(tmp) / f'send-limit-{repeat}-{transport}.db'}"
+                point_connection(url, store_url)
+                hook_run = hook_on_a_loop if transport == "event_loop" else hook_alone
+                suffix = "loop" if transport == "event_loop" else "threads"
+                runs[f"hook_{suffix}"].append(hook_run(count, workers))
+                runs[f"op_{suffix}"].append(operator_alone(count, workers, store_url, transport))
+        requests_served = repeats * 2 * (2 * count + 1)
         standin_us = (cpu_seconds(pid) - standin_cpu) / requests_served * 1e6
     limit = workers / LATENCY
-    operator_rate = [r["msg_per_s"] for r in operator_runs]
+
+    def figure(name: str, key: str) -> dict[str, float]:
+        return spread([r[key] for r in runs[name]], 0)
+
     return {
         "messages": count,
         "workers": workers,
         "latency_s": LATENCY,
         "limit_msg_per_s": limit,
-        "hook_msg_per_s": spread([r["msg_per_s"] for r in hook_runs], 0),
-        "hook_cpu_us_per_msg": spread([r["cpu_us_per_msg"] for r in hook_runs], 0),
-        "operator_msg_per_s": spread(operator_rate, 0),
-        "operator_share_of_limit": round(statistics.median(operator_rate) / limit, 3),
-        "operator_cpu_us_per_msg": spread([r["cpu_us_per_msg"] for r in operator_runs], 0),
+        "hook_msg_per_s": figure("hook_loop", "msg_per_s"),
+        "hook_cpu_us_per_msg": figure("hook_loop", "cpu_us_per_msg"),
+        "operator_msg_per_s": figure("op_loop", "msg_per_s"),
+        "operator_share_of_limit": round(statistics.median(r["msg_per_s"] for r in runs["op_loop"]) / limit, 3),
+        "operator_cpu_us_per_msg": figure("op_loop", "cpu_us_per_msg"),
+        "threads_hook_msg_per_s": figure("hook_threads", "msg_per_s"),
+        "threads_hook_cpu_us_per_msg": figure("hook_threads", "cpu_us_per_msg"),
+        "threads_operator_msg_per_s": figure("op_threads", "msg_per_s"),
+        "threads_operator_cpu_us_per_msg": figure("op_threads", "cpu_us_per_msg"),
         "standin_cpu_us_per_request": round(standin_us, 1),
         # One core of the stand-in's: what it could serve if it had nothing else to do.
         "standin_ceiling_per_s": round(1e6 / standin_us) if standin_us else None,
@@ -147,7 +196,21 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
             operator_cpu["median"] <= TARGET_CPU_US,
         ),
         ("  client CPU per message, hook alone", fmt(result["hook_cpu_us_per_msg"], "us"), "-", None),
-        ("  hook alone, same threads", fmt(result["hook_msg_per_s"], "msg/s"), "-", None),
+        ("  hook alone, same concurrency", fmt(result["hook_msg_per_s"], "msg/s"), "-", None),
+        (
+            "  before, on threads (send_transport = threads): operator",
+            f"{fmt(result['threads_operator_msg_per_s'], 'msg/s')}, "
+            f"{fmt(result['threads_operator_cpu_us_per_msg'], 'us')} a message",
+            "-",
+            None,
+        ),
+        (
+            "  before, on threads: hook alone",
+            f"{fmt(result['threads_hook_msg_per_s'], 'msg/s')}, "
+            f"{fmt(result['threads_hook_cpu_us_per_msg'], 'us')} a message",
+            "-",
+            None,
+        ),
         (
             "  the vendor stand-in's own ceiling (1 core)",
             f"{result['standin_ceiling_per_s']} req/s ({result['standin_cpu_us_per_request']} us per request)",

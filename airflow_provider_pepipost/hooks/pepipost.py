@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import logging
@@ -10,16 +11,19 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
+from urllib.parse import urlsplit
 
+import msgspec
 import requests
 from airflow.sdk import BaseHook
 from requests.adapters import HTTPAdapter
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
 
 from airflow_provider_pepipost import limits
@@ -35,8 +39,16 @@ from airflow_provider_pepipost.consent import ConsentDefaults, ConsentRow, build
 from airflow_provider_pepipost.errors import (
     PepipostApiError,
     PepipostConfigError,
+    PepipostError,
     PepipostNotSentError,
     PepipostOutcomeUnknownError,
+)
+from airflow_provider_pepipost.hooks.loop_transport import (
+    ConnectTimedOut,
+    LoopClient,
+    LoopSettings,
+    TransportFailure,
+    ssl_context_for,
 )
 from airflow_provider_pepipost.hooks.transport import Fate, TrackingAdapter, begin_request, end_request, fate_of
 from airflow_provider_pepipost.messages import build_all, normalize_phone
@@ -48,6 +60,10 @@ EXCERPT_CHARS = 200
 # The consent API (docs/pepipost/template-and-consent.md, "Consent"), beside the send endpoint.
 CONSENT_MANAGE_PATH = "/api/v2/consent/manage/"
 CONSENT_CHECK_PATH = "/api/v2/consent/"
+# A request body as bytes: the bytes json.dumps(separators=(",", ":"), ensure_ascii=False) gives,
+# encoded as UTF-8, at a fifteenth of its CPU (tests/unit/hooks/test_body_encoding.py).
+encode_json = msgspec.json.Encoder().encode
+
 # A Retry-After far beyond our own backoff ceiling is honoured up to this many times the ceiling.
 RETRY_AFTER_CEILING_FACTOR = 10
 
@@ -327,7 +343,7 @@ class PepipostHook(BaseHook):
         ``deadline`` (``time.monotonic()`` seconds): by then the call is over, retries and waits
         included, whatever Retry-After asks (a notifier's bound on a whole notification).
         """
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        data = encode_json(body)
         stop: Any = stop_after_attempt(self.settings.max_retries + 1)
         wait: Any = self._wait_before_retry
         if deadline is not None:
@@ -376,7 +392,115 @@ class PepipostHook(BaseHook):
                 ) from None
         finally:
             end_request(progress)
-        return self._parse_answer(response, content)
+        return self._parse_answer(response.status_code, response.headers, content)
+
+    # -- sending on an event loop (hooks/loop_transport.py) --------------------------------------
+
+    def event_loop_possible(self) -> bool:
+        """Whether the sends can go through the event-loop transport: it speaks no proxy, so not
+        when HTTPS_PROXY / HTTP_PROXY (less NO_PROXY) applies to the send URL."""
+        url = self.settings.send_url
+        return not requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+
+    async def asend_message(self, message: OutgoingMessage) -> str:
+        """``send_message`` on the running event loop: the same retries, errors and limits."""
+        return await self.apost_message_body(request_body(message))
+
+    async def apost_message_body(self, body: dict[str, Any]) -> str:
+        return message_id_of(await self.apost_json(self.settings.endpoint, body), self._redact)
+
+    async def apost_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``post_json`` on the running event loop, through the event-loop transport."""
+        data = encode_json(body)
+        # post_json's retries, as tenacity makes them (its wait, the same rule of what is retried):
+        # AsyncRetrying's own work was a third of the loop's CPU a send (bench/send_limit.py).
+        attempt = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # only its count and outcome are read
+        while True:
+            try:
+                return await self._apost_once(path, data)
+            except Exception as err:
+                if attempt.attempt_number > self.settings.max_retries or not _worth_retrying(err):
+                    raise
+                attempt.set_exception((type(err), err, err.__traceback__))
+                wait = self._wait_before_retry(attempt)
+                self._retry_log.add(retry_cause(err), wait)
+                await asyncio.sleep(wait)
+                attempt.prepare_for_next_attempt()
+
+    async def _apost_once(self, path: str, data: bytes) -> dict[str, Any]:
+        client, head = self._loop_client(path)
+        try:
+            answer = await client.exchange(head % len(data) + data)
+        except TransportFailure as failure:
+            raise self._loop_failure(failure) from None
+        return self._parse_answer(answer.status, answer.headers, answer.body)
+
+    def aclose(self) -> None:
+        """Close the running event loop's connections (call on that loop, before it closes)."""
+        clients = self.__dict__.get("_loop_clients")
+        if clients:
+            for client, _ in clients.pop(asyncio.get_running_loop(), {}).values():
+                client.close()
+
+    def _loop_client(self, path: str) -> tuple[LoopClient, bytes]:
+        """The running loop's client for ``path``'s origin, and the request head (``%d``: the body's length)."""
+        per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, tuple[LoopClient, bytes]]]
+        per_loop = self.__dict__.get("_loop_clients")  # type: ignore[assignment]
+        if per_loop is None:
+            per_loop = self.__dict__["_loop_clients"] = weakref.WeakKeyDictionary()
+        loop = asyncio.get_running_loop()
+        clients = per_loop.get(loop)
+        if clients is None:
+            clients = per_loop[loop] = {}
+        found = clients.get(path)
+        if found is None:
+            settings = self.settings
+            _, environment, _ = self._prepared(path)
+            url = settings.base_url.rstrip("/") + "/" + path.lstrip("/")
+            parts = urlsplit(url)
+            client = LoopClient(
+                url,
+                LoopSettings(
+                    connect_timeout=settings.connect_timeout,
+                    read_timeout=settings.timeout,
+                    deadline=settings.deadline,
+                    max_answer_bytes=settings.max_answer_bytes,
+                    idle_max=settings.keepalive_idle_max,
+                    pool_size=max(1, self.pool_size),
+                ),
+                ssl_context_for(environment.get("verify", True), environment.get("cert"))
+                if parts.scheme == "https"
+                else None,
+            )
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            headers = {"Host": parts.netloc.rpartition("@")[2], **self.session.headers}
+            headers.pop("Accept-Encoding", None)  # the answer is read as it comes, never decoded
+            lines = [f"POST {target} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items())]
+            head = ("\r\n".join(lines).replace("%", "%%") + "\r\nContent-Length: %d\r\n\r\n").encode("latin-1")
+            found = clients[path] = (client, head)
+        return found
+
+    def _loop_failure(self, failure: TransportFailure) -> PepipostError:
+        """The event-loop transport's failure in the threaded transport's words."""
+        if failure.over is not None:
+            return self._too_large(failure.status, failure.over)
+        if failure.fate is Fate.NOT_SENT:
+            return describe_not_sent(failure.cause or failure, self.settings)
+        if failure.fate is Fate.PAST_DEADLINE:
+            return self._past_deadline(failure.status)
+        if failure.fate is Fate.NO_ANSWER:
+            return PepipostOutcomeUnknownError(
+                f"no answer within {self.settings.timeout:g}s after the request was sent; it may have been accepted"
+            )
+        cause = failure.cause
+        reason = type(cause).__name__ + (f": {str(cause)[:EXCERPT_CHARS]}" if str(cause) else "") if cause else "closed"
+        if failure.status is not None:
+            return PepipostOutcomeUnknownError(
+                f"the answer (HTTP {failure.status}) broke off ({reason}); the message may have been accepted"
+            )
+        return PepipostOutcomeUnknownError(
+            f"the connection dropped after the request was sent ({reason}); it may have been accepted"
+        )
 
     def _read_capped(self, response: requests.Response, progress: Any) -> bytes:
         """The whole answer, or unknown past ``max_answer_bytes`` (the answer never ends, or is a flood)."""
@@ -389,17 +513,11 @@ class PepipostHook(BaseHook):
         size = 0
         try:
             if declared > limit:
-                raise PepipostOutcomeUnknownError(
-                    f"the answer (HTTP {response.status_code}) declares {declared} bytes, over the "
-                    f"{limit}-byte limit; the message may have been accepted"
-                )
+                raise self._too_large(response.status_code, declared)
             for chunk in response.raw.stream(16384, decode_content=True):
                 size += len(chunk)
                 if size > limit:
-                    raise PepipostOutcomeUnknownError(
-                        f"the answer (HTTP {response.status_code}) ran past the {limit}-byte limit; "
-                        "the message may have been accepted"
-                    )
+                    raise self._too_large(response.status_code, -1)
                 chunks.append(chunk)
         except PepipostOutcomeUnknownError:
             response.close()  # the connection is not reused: its rest is unread
@@ -413,6 +531,15 @@ class PepipostHook(BaseHook):
                 "the message may have been accepted"
             ) from None
         return b"".join(chunks)
+
+    def _too_large(self, status: int | None, declared: int) -> PepipostOutcomeUnknownError:
+        """An answer over ``max_answer_bytes``: as it declared (``declared`` >= 0), or as it ran past."""
+        limit = self.settings.max_answer_bytes
+        if declared >= 0:
+            said = f"declares {declared} bytes, over the {limit}-byte limit"
+        else:
+            said = f"ran past the {limit}-byte limit"
+        return PepipostOutcomeUnknownError(f"the answer (HTTP {status}) {said}; the message may have been accepted")
 
     def _past_deadline(self, status: int | None = None) -> PepipostOutcomeUnknownError:
         answer = f"the answer (HTTP {status}) was not complete" if status else "no complete answer came"
@@ -437,10 +564,12 @@ class PepipostHook(BaseHook):
             f"the connection dropped after the request was sent ({_reason(err)}); it may have been accepted"
         )
 
-    def _parse_answer(self, response: requests.Response, content: bytes) -> dict[str, Any]:
-        """The vendor's JSON answer; failures mapped by what they say about the request's fate."""
-        status = response.status_code
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    def _parse_answer(self, status: int, headers: Mapping[str, str], content: bytes) -> dict[str, Any]:
+        """The vendor's JSON answer; failures mapped by what they say about the request's fate.
+
+        ``headers``: the answer's, looked up by lower-case names (requests' are case-insensitive).
+        """
+        retry_after = parse_retry_after(headers.get("retry-after"))
         try:
             body = json.loads(content) if content else None
         except ValueError:
@@ -471,7 +600,7 @@ class PepipostHook(BaseHook):
         if 300 <= status < 400:
             raise PepipostApiError(
                 None,
-                f"the endpoint redirects to {response.headers.get('Location', '?')!r}: set the connection's host "
+                f"the endpoint redirects to {headers.get('location', '?')!r}: set the connection's host "
                 "to the address it names",
                 http_status=status,
             )
@@ -626,8 +755,11 @@ def _innermost(err: BaseException) -> BaseException:
     return err
 
 
-def describe_not_sent(err: requests.exceptions.RequestException, settings: PepipostSettings) -> PepipostNotSentError:
-    """Why the request could not reach the vendor, in a user's words, and whether trying again can help."""
+def describe_not_sent(err: BaseException, settings: PepipostSettings) -> PepipostNotSentError:
+    """Why the request could not reach the vendor, in a user's words, and whether trying again can help.
+
+    ``err``: requests' exception (the threaded transport), or the error underneath (the event loop's).
+    """
     base = settings.base_url
     root = _innermost(err)
     detail = f"{type(root).__name__}: {str(root)[:EXCERPT_CHARS]}"
@@ -651,7 +783,7 @@ def describe_not_sent(err: requests.exceptions.RequestException, settings: Pepip
         )
     if isinstance(root, (NameResolutionError, socket.gaierror)):
         return PepipostNotSentError(f"the host name of {base} could not be resolved ({detail}); check the host")
-    if isinstance(err, requests.exceptions.ConnectTimeout) or isinstance(root, ConnectTimeoutError):
+    if isinstance(err, requests.exceptions.ConnectTimeout) or isinstance(root, (ConnectTimeoutError, ConnectTimedOut)):
         return PepipostNotSentError(f"no connection to {base} within {settings.connect_timeout:g}s ({detail})")
     if isinstance(root, ConnectionRefusedError):
         return PepipostNotSentError(

@@ -5,14 +5,15 @@ Kept apart from the operator so that the operator is Airflow glue and this is th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -20,10 +21,12 @@ from typing import Any
 from airflow_provider_pepipost.errors import (
     FailureKind,
     PepipostApiError,
+    PepipostConfigError,
     PepipostError,
     PepipostNotSentError,
     PepipostOutcomeUnknownError,
 )
+from airflow_provider_pepipost.hooks.loop_transport import Slots
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
 from airflow_provider_pepipost.messages import (
     default_campaign_key,
@@ -45,6 +48,7 @@ from airflow_provider_pepipost.status.ledger import (
     campaign_hash,
 )
 from airflow_provider_pepipost.status.ledger_writer import LedgerWriter
+from airflow_provider_pepipost.status.resolver import airflow_setting
 from airflow_provider_pepipost.status.store import StatusStore
 
 
@@ -126,12 +130,17 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
+        wait = self.reserve()
+        if wait > 0:
+            time.sleep(wait)
+
+    def reserve(self) -> float:
+        """Take the next slot; the seconds to wait for it."""
         with self._lock:
             now = time.monotonic()
             slot = max(now, self._next)
             self._next = slot + self.interval
-        if slot > now:
-            time.sleep(slot - now)
+        return slot - now
 
 
 class CampaignSender:
@@ -181,6 +190,7 @@ class CampaignSender:
         self._lock = threading.Lock()
         self._last_log = 0.0
         self._fresh_unknown = 0
+        self._rejected = 0  # rows rejected, by this try or an earlier one (max_rejected_ratio)
         self.result = CampaignResult(total=total, outcomes=[] if keep_outcomes else None)
 
     def run(self, messages: Iterable[tuple[int, OutgoingMessage]]) -> CampaignResult:
@@ -211,8 +221,8 @@ class CampaignSender:
         resendable = (*RESENDABLE_STATES, "unknown") if self.resend_unknown else RESENDABLE_STATES
         started = time.monotonic()
         self._last_log = started
-        with ThreadPoolExecutor(self.max_workers, thread_name_prefix="pepipost-send") as pool:
-            pipeline = _Pipeline(self, pool)
+        with self._workers() as workers:
+            pipeline = _Pipeline(self, workers)
             for row, message in messages:
                 key = idempotency_key(self.campaign_key, message.recipient, message.identity())
                 if message.api_header is None:
@@ -240,6 +250,21 @@ class CampaignSender:
             self.result.outcomes.sort(key=lambda outcome: outcome.row)
         return self.result
 
+    def _workers(self) -> _ThreadWorkers | _LoopWorkers:
+        """The event loop (one thread, every send in flight on it) unless the send goes through a
+        proxy, which only the threaded transport speaks, or ``[pepipost] send_transport`` says threads."""
+        choice = (airflow_setting("send_transport") or "event_loop").strip().lower()
+        if choice not in SEND_TRANSPORTS:
+            raise PepipostConfigError(
+                f"[pepipost] send_transport must be one of {', '.join(SEND_TRANSPORTS)}, not {choice!r}"
+            )
+        # A hook whose send_message is not PepipostHook's own (a subclass's, a stand-in's) is called
+        # as it is, on the threads: the event loop would go around it.
+        own_send = getattr(type(self.hook), "send_message", None) is PepipostHook.send_message
+        if choice == "event_loop" and own_send and self.hook.event_loop_possible():
+            return _LoopWorkers(self)
+        return _ThreadWorkers(self)
+
     def _act(self, decision: RowDecision, pipeline: _Pipeline, row: int, key: str, message: OutgoingMessage) -> None:
         """Carry out what ``decide_row`` decided for one row."""
         if decision.action is Action.REUSE:
@@ -248,7 +273,7 @@ class CampaignSender:
         elif decision.action is Action.NOT_SENT:
             self._record(self._not_sent(row, message, key))
         elif decision.action is Action.SEND_FALLBACK:
-            pipeline.submit(self._send_fallback, row, message)
+            pipeline.send_fallback(row, message)
         else:
             pipeline.claim(row, key, message)
 
@@ -275,51 +300,106 @@ class CampaignSender:
         return self.legacy_campaign_key
 
     def _send_one(self, row: int, key: str, message: OutgoingMessage) -> RowOutcome:
-        """Send one claimed message and record its outcome."""
-        header = message.api_header or key  # always set by run(); kept total for direct callers
-        recipient = message.recipient
+        """Send one claimed message and record its outcome (a worker thread)."""
         if self._stop.is_set():
             return self._give_back(row, key, message, None)
         if self.limiter:
             self.limiter.acquire()
-            # Paced rows wait here long after their claim: the suppression list is read again, so
-            # that how long a STOP may go unheeded never depends on max_rate.
-            if self.respect_opt_outs and self.store.suppressed([recipient]):
-                self.ledger.record(Outcome(key, "suppressed", error_message=SUPPRESSED_REASON))
-                return self._suppressed(row, message, key)
+            if self._suppressed_since_claim(message.recipient):
+                return self._suppressed_now(row, key, message)
         try:
             message_id = self.hook.send_message(message)
-        except PepipostOutcomeUnknownError as err:
+        except PepipostError as err:
+            outcome = self._failed(row, key, message, err)
+            return self._send_fallback(row, message) if outcome is None else outcome
+        except BaseException:
+            self._outcome_unknown(key)
+            raise
+        return self._accepted(row, key, message, message_id)
+
+    async def _asend_one(self, row: int, key: str, message: OutgoingMessage) -> RowOutcome:
+        """``_send_one`` as a coroutine on the send loop (_LoopWorkers); the store is read off the loop."""
+        if self._stop.is_set():
+            return self._give_back(row, key, message, None)
+        if self.limiter:
+            wait = self.limiter.reserve()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            loop = asyncio.get_running_loop()
+            if await loop.run_in_executor(None, self._suppressed_since_claim, message.recipient):
+                return self._suppressed_now(row, key, message)
+        try:
+            message_id = await self.hook.asend_message(message)
+        except PepipostError as err:
+            outcome = self._failed(row, key, message, err)
+            return await self._asend_fallback(row, message) if outcome is None else outcome
+        except BaseException:
+            self._outcome_unknown(key)
+            raise
+        return self._accepted(row, key, message, message_id)
+
+    def _suppressed_since_claim(self, recipient: str) -> bool:
+        # Paced rows wait long after their claim: the suppression list is read again, so that how
+        # long a STOP may go unheeded never depends on max_rate.
+        return self.respect_opt_outs and bool(self.store.suppressed([recipient]))
+
+    def _suppressed_now(self, row: int, key: str, message: OutgoingMessage) -> RowOutcome:
+        self.ledger.record(Outcome(key, "suppressed", error_message=SUPPRESSED_REASON))
+        return self._suppressed(row, message, key)
+
+    def _accepted(self, row: int, key: str, message: OutgoingMessage, message_id: str) -> RowOutcome:
+        self.ledger.record(Outcome(key, "accepted", message_id=message_id))
+        return RowOutcome(row, message.recipient, message.api_header or key, message_id, "accepted", key=key)
+
+    def _outcome_unknown(self, key: str) -> None:
+        # Unexpected: the outcome of the request is not known, so it must not be resent.
+        self.ledger.record(Outcome(key, "unknown", error_message="the send raised unexpectedly"))
+
+    def _failed(self, row: int, key: str, message: OutgoingMessage, err: PepipostError) -> RowOutcome | None:
+        """Record a send that failed; None when its fallback template is to be sent instead."""
+        header = message.api_header or key  # always set by run(); kept total for direct callers
+        recipient = message.recipient
+        if isinstance(err, PepipostOutcomeUnknownError):
             self.ledger.record(Outcome(key, "unknown", error_message=str(err)))
             return RowOutcome(row, recipient, header, None, "unknown", error_message=str(err), key=key)
-        except PepipostNotSentError as err:
+        if isinstance(err, PepipostNotSentError):
             # It never reached the vendor, after the hook's retries: the network or the connection.
             self._stop_campaign(err, fatal=not err.retryable)
             return self._give_back(row, key, message, err)
-        except PepipostApiError as err:
-            if err.code == "8007" and message.fallback is not None:
-                self.ledger.record(Outcome(key, "rejected", error_code=err.code, error_message=err.message))
-                return self._send_fallback(row, message)
-            if err.kind is FailureKind.TRANSIENT:
-                # The vendor turned it away (throttled, busy) through every retry: not processed.
-                self._stop_campaign(err, fatal=False)
-                return self._give_back(row, key, message, err)
+        if not isinstance(err, PepipostApiError):
+            self._outcome_unknown(key)
+            raise err
+        if err.code == "8007" and message.fallback is not None:
             self.ledger.record(Outcome(key, "rejected", error_code=err.code, error_message=err.message))
-            if err.kind is FailureKind.JOB:
-                self._stop_campaign(err, fatal=True)
-            return RowOutcome(row, recipient, header, None, "rejected", err.code, err.message, key=key)
-        except BaseException:
-            # Unexpected: the outcome of the request is not known, so it must not be resent.
-            self.ledger.record(Outcome(key, "unknown", error_message="the send raised unexpectedly"))
-            raise
-        self.ledger.record(Outcome(key, "accepted", message_id=message_id))
-        return RowOutcome(row, recipient, header, message_id, "accepted", key=key)
+            return None
+        if err.kind is FailureKind.TRANSIENT:
+            # The vendor turned it away (throttled, busy) through every retry: not processed.
+            self._stop_campaign(err, fatal=False)
+            return self._give_back(row, key, message, err)
+        self.ledger.record(Outcome(key, "rejected", error_code=err.code, error_message=err.message))
+        if err.kind is FailureKind.JOB:
+            self._stop_campaign(err, fatal=True)
+        return RowOutcome(row, recipient, header, None, "rejected", err.code, err.message, key=key)
 
     def _fallback_key(self, template: OutgoingMessage) -> str:
         return idempotency_key(self.campaign_key, template.recipient, template.identity())
 
     def _send_fallback(self, row: int, message: OutgoingMessage) -> RowOutcome:
         """The row's template message, sent where the session message met a closed window."""
+        key, template, answer = self._claim_fallback(row, message)
+        if not answer.granted:
+            return _as_fallback(self._not_claimed(row, key, template, answer))
+        return _as_fallback(self._send_one(row, key, template))
+
+    async def _asend_fallback(self, row: int, message: OutgoingMessage) -> RowOutcome:
+        """``_send_fallback`` on the send loop; the claim waits for its commit off the loop."""
+        loop = asyncio.get_running_loop()
+        key, template, answer = await loop.run_in_executor(None, self._claim_fallback, row, message)
+        if not answer.granted:
+            return _as_fallback(self._not_claimed(row, key, template, answer))
+        return _as_fallback(await self._asend_one(row, key, template))
+
+    def _claim_fallback(self, row: int, message: OutgoingMessage) -> tuple[str, OutgoingMessage, ClaimAnswer]:
         template = message.fallback
         if template is None:  # decide_row sends a fallback only for a message that has one
             raise ValueError(f"row {row} has no fallback template to send")
@@ -327,9 +407,7 @@ class CampaignSender:
         if template.api_header is None:
             template = template.with_header(key)
         answer = self.ledger.claim_many([Claim(key, template.api_header or key, template.recipient, row)])[0]
-        if not answer.granted:
-            return _as_fallback(self._not_claimed(row, key, template, answer))
-        return _as_fallback(self._send_one(row, key, template))
+        return key, template, answer
 
     def _not_claimed(self, row: int, key: str, message: OutgoingMessage, answer: ClaimAnswer) -> RowOutcome:
         """A row the ledger would not let go out: suppressed, sent before a clear, or a duplicate."""
@@ -374,7 +452,9 @@ class CampaignSender:
                 self.result.stopped_reason = str(err)
         self._stop.set()
 
-    def _record(self, outcome: RowOutcome, reused: bool = False) -> None:
+    def _record(self, outcome: RowOutcome, reused: bool = False, *, weighed: bool = False) -> None:
+        """Count what became of one row (the engine's thread). ``weighed``: a send's outcome, whose
+        worker already weighed it against the stop ratios (``_weigh``)."""
         result = self.result
         result.counts[outcome.state] += 1
         if not reused:
@@ -386,27 +466,37 @@ class CampaignSender:
             reason = (outcome.error_code or "", mask_numbers_in(outcome.error_message or ""))
             if reason in result.reasons or len(result.reasons) < MAX_REASONS:
                 result.reasons[reason] += 1
-            if result.counts["rejected"] > self.max_rejected and not self._stop.is_set():
-                result.stopped_reason = (
-                    f"{result.counts['rejected']} rejections exceed max_rejected_ratio "
-                    f"({self.max_rejected} of {self.total} allowed)"
-                )
-                self._stop.set()
-        if outcome.state == "unknown" and not reused:
-            self._fresh_unknown += 1  # this try's evidence; rows an earlier try left unknown are not
-        if outcome.state == "unknown" and self._fresh_unknown > self.max_unknown and not self._stop.is_set():
-            # A gateway or proxy failing after the requests left: each further row would end the
-            # same way, unknown and never resent. Stop; a later try sends the rest.
-            result.stopped_reason = (
-                f"{self._fresh_unknown} unknown outcomes in this try exceed max_unknown_ratio "
-                f"({self.max_unknown} of {self.total} allowed): the answers came back broken after the requests "
-                "left. Check the vendor's status, and any gateway or proxy between (HTTP_PROXY / HTTPS_PROXY); "
-                "the rows not sent yet go out on the next try"
-            )
-            self._stop.set()
+        if not weighed:
+            self._weigh(outcome, reused)
         self.ledger.record_row(outcome.record())  # the page's and the CSV's row, one per input row
         if result.outcomes is not None:
             result.outcomes.append(outcome)
+
+    def _weigh(self, outcome: RowOutcome, reused: bool = False) -> RowOutcome:
+        """Stop the campaign when rejections or fresh unknowns pass their ratio. Called by the
+        worker that made the outcome, so that no send starts after the one that tipped it."""
+        with self._lock:
+            if outcome.state == "rejected":
+                self._rejected += 1
+                if self._rejected > self.max_rejected and not self._stop.is_set():
+                    self.result.stopped_reason = (
+                        f"{self._rejected} rejections exceed max_rejected_ratio "
+                        f"({self.max_rejected} of {self.total} allowed)"
+                    )
+                    self._stop.set()
+            if outcome.state == "unknown" and not reused:
+                self._fresh_unknown += 1  # this try's evidence; rows an earlier try left unknown are not
+            if outcome.state == "unknown" and self._fresh_unknown > self.max_unknown and not self._stop.is_set():
+                # A gateway or proxy failing after the requests left: each further row would end
+                # the same way, unknown and never resent. Stop; a later try sends the rest.
+                self.result.stopped_reason = (
+                    f"{self._fresh_unknown} unknown outcomes in this try exceed max_unknown_ratio "
+                    f"({self.max_unknown} of {self.total} allowed): the answers came back broken after the "
+                    "requests left. Check the vendor's status, and any gateway or proxy between (HTTP_PROXY / "
+                    "HTTPS_PROXY); the rows not sent yet go out on the next try"
+                )
+                self._stop.set()
+        return outcome
 
     @staticmethod
     def _from_ledger(row: int, message: OutgoingMessage, entry: LedgerEntry) -> RowOutcome:
@@ -443,6 +533,9 @@ class CampaignSender:
         if self.on_progress is not None:
             self.on_progress(self.result.settled_now)
 
+
+# [pepipost] send_transport: how a campaign's requests are made (event_loop: unless a proxy applies).
+SEND_TRANSPORTS = ("event_loop", "threads")
 
 MAX_REASONS = 100  # distinct refusal texts kept: the vendor's texts vary, memory must not
 
@@ -506,6 +599,101 @@ def decide_row(
     return RowDecision(Action.NOT_SENT if stopped else Action.CLAIM)
 
 
+# A send that finished (its result() is the RowOutcome, or raises), handed to the engine's thread.
+Done = Callable[[Any], None]
+
+
+class _ThreadWorkers:
+    """The sends on ``max_workers`` threads, each through the threaded transport."""
+
+    def __init__(self, sender: CampaignSender) -> None:
+        self.sender = sender
+        self.pool = ThreadPoolExecutor(sender.max_workers, thread_name_prefix="pepipost-send")
+
+    def send_many(self, claimed: list[tuple[int, str, OutgoingMessage]], done: Done) -> None:
+        sender = self.sender
+        for row, key, message in claimed:
+            self.pool.submit(self._weighed, sender._send_one, row, key, message).add_done_callback(done)
+
+    def send_fallback(self, row: int, message: OutgoingMessage, done: Done) -> None:
+        self.pool.submit(self._weighed, self.sender._send_fallback, row, message).add_done_callback(done)
+
+    def _weighed(self, send: Callable[..., RowOutcome], *args: Any) -> RowOutcome:
+        return self.sender._weigh(send(*args))
+
+    def __enter__(self) -> _ThreadWorkers:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is not None:  # the campaign raised: the sends not begun give their rows back
+            self.sender._stop.set()
+        self.pool.shutdown(wait=True)
+
+
+class _LoopWorkers:
+    """The sends as coroutines on one event loop thread, ``max_workers`` in flight at most.
+
+    A thread a send cost a hand-off of the GIL and http.client's work per request: at 1,000
+    messages a second, a core (docs/benchmarks.md). A batch of claimed rows crosses to the loop in
+    one hand-off; each finished send comes back as its task (``done``). The store is never read or
+    written on the loop (the ledger writer's thread, or the loop's executor, does it).
+    """
+
+    def __init__(self, sender: CampaignSender) -> None:
+        self.sender = sender
+        self.loop = _new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="pepipost-send-loop", daemon=True)
+        self.slots = Slots(sender.max_workers)
+
+    def send_many(self, claimed: list[tuple[int, str, OutgoingMessage]], done: Done) -> None:
+        sender = self.sender
+        sends = [sender._asend_one(row, key, message) for row, key, message in claimed]
+        self.loop.call_soon_threadsafe(self._start, sends, done)
+
+    def send_fallback(self, row: int, message: OutgoingMessage, done: Done) -> None:
+        self.loop.call_soon_threadsafe(self._start, [self.sender._asend_fallback(row, message)], done)
+
+    def _start(self, sends: list[Coroutine[Any, Any, RowOutcome]], done: Done) -> None:
+        for send in sends:
+            self.loop.create_task(self._bounded(send)).add_done_callback(done)
+
+    async def _bounded(self, send: Coroutine[Any, Any, RowOutcome]) -> RowOutcome:
+        async with self.slots:
+            return self.sender._weigh(await send)
+
+    def __enter__(self) -> _LoopWorkers:
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is not None:  # the campaign raised: the sends not begun give their rows back
+            self.sender._stop.set()
+        try:
+            asyncio.run_coroutine_threadsafe(self._wind_down(), self.loop).result()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+            self.loop.close()
+
+    async def _wind_down(self) -> None:
+        """Wait for the sends still in flight (each bounded by the hook's deadline and retries, as
+        the threads' are), then close the connections and the loop's executor."""
+        pending = {task for task in asyncio.all_tasks() if task is not asyncio.current_task()}
+        if pending:
+            await asyncio.wait(pending)
+        self.sender.hook.aclose()
+        await self.loop.shutdown_default_executor()
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop where it is installed (it comes with Airflow's uvicorn), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class _Pipeline:
     """Claims rows a batch at a time and keeps the workers fed, never more than a window ahead.
 
@@ -516,18 +704,18 @@ class _Pipeline:
     stops every row claimed after it: at most this one batch ahead.
     """
 
-    def __init__(self, sender: CampaignSender, pool: ThreadPoolExecutor) -> None:
-        self.sender, self.pool = sender, pool
+    def __init__(self, sender: CampaignSender, workers: _ThreadWorkers | _LoopWorkers) -> None:
+        self.sender, self.workers = sender, workers
         self.batch_size = max(1, sender.max_workers // 2)
         self.window = sender.max_workers + 2 * self.batch_size
         # Finished sends arrive here; waiting on a queue costs the same whatever is in flight.
-        self.finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        self.finished: queue.SimpleQueue[Any] = queue.SimpleQueue()  # Futures (threads), Tasks (loop)
         self.batch: list[tuple[int, str, OutgoingMessage]] = []
         self.in_flight = 0
 
-    def submit(self, send: Callable[..., RowOutcome], *args: Any) -> None:
-        self.pool.submit(send, *args).add_done_callback(self.finished.put)
+    def send_fallback(self, row: int, message: OutgoingMessage) -> None:
         self.in_flight += 1
+        self.workers.send_fallback(row, message, self.finished.put)
 
     def claim(self, row: int, key: str, message: OutgoingMessage) -> None:
         self.batch.append((row, key, message))
@@ -537,18 +725,21 @@ class _Pipeline:
     def _claim_batch(self) -> None:
         sender = self.sender
         claims = [Claim(key, msg.api_header or key, msg.recipient, row) for row, key, msg in self.batch]
+        granted = []
         for (row, key, message), answer in zip(self.batch, sender.ledger.claim_many(claims), strict=True):
             if answer.granted:
-                self.submit(sender._send_one, row, key, message)
+                granted.append((row, key, message))
             else:
                 sender._record(sender._not_claimed(row, key, message, answer), reused=answer.taken_over is not None)
+        self.in_flight += len(granted)
+        self.workers.send_many(granted, self.finished.put)
         self.batch.clear()
 
     def drain_ready(self) -> None:
         """Record what finished; keep one batch queued behind the workers, so that they never
         wait for the next claim, and no more."""
         while self.in_flight > self.window - self.batch_size or not self.finished.empty():
-            self.sender._record(self.finished.get().result())
+            self.sender._record(self.finished.get().result(), weighed=True)
             self.in_flight -= 1
 
     def finish(self, started: float) -> None:
@@ -560,7 +751,7 @@ class _Pipeline:
             sender._record(sender._not_sent(row, message, key))
         while self.in_flight:
             try:
-                sender._record(self.finished.get(timeout=sender.progress_interval).result())
+                sender._record(self.finished.get(timeout=sender.progress_interval).result(), weighed=True)
                 self.in_flight -= 1
             except queue.Empty:
                 pass

@@ -8,6 +8,7 @@ whatever claims and outcomes are waiting, in one transaction, and wakes the call
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 
@@ -16,6 +17,9 @@ from airflow_provider_pepipost.status.ledger import Claim, ClaimAnswer, Outcome,
 from airflow_provider_pepipost.status.store import StatusStore
 
 MAX_BATCH = 500
+# Outcomes and rows wait this long, or for this many, to share a commit (claims never wait).
+LINGER = 0.01
+LINGER_ITEMS = 256
 
 
 class LedgerWriter:
@@ -39,7 +43,7 @@ class LedgerWriter:
         self.campaign = campaign
         self.generation = generation
         self.check_opt_outs = check_opt_outs
-        self._claims: list[tuple[Claim, Future]] = []
+        self._claims: list[tuple[list[Claim], Future]] = []  # each claim_many call, and its answers
         self._outcomes: list[Outcome] = []
         self._rows: list[RowRecord] = []
         self._cond = threading.Condition()
@@ -51,25 +55,31 @@ class LedgerWriter:
     def claim_many(self, claims: list[Claim]) -> list[ClaimAnswer]:
         """For each claim, whether its message may be sent (see ``StatusStore.write_ledger``);
         returns once all are committed."""
-        futures: list[Future] = [Future() for _ in claims]
+        answers: Future[list[ClaimAnswer]] = Future()
         with self._cond:
             self._raise_if_failed()
-            self._claims.extend(zip(claims, futures, strict=True))
+            self._claims.append((claims, answers))
             self._cond.notify()
-        return [future.result() for future in futures]
+        return answers.result()
 
     def record(self, outcome: Outcome) -> None:
         """Queue an outcome; ``close`` (or the next batch) commits it."""
         with self._cond:
             self._raise_if_failed()
             self._outcomes.append(outcome)
-            self._cond.notify()
+            self._wake_for(self._outcomes)
 
     def record_row(self, row: RowRecord) -> None:
         """Queue what became of one input row; committed with the next batch."""
         with self._cond:
             self._raise_if_failed()
             self._rows.append(row)
+            self._wake_for(self._rows)
+
+    def _wake_for(self, queued: list) -> None:
+        # The writer needs waking for the first item (it may be waiting for anything) and for a
+        # full batch (it may be lingering); a wake per item cost a thread switch per message.
+        if len(queued) == 1 or len(queued) == LINGER_ITEMS:
             self._cond.notify()
 
     def close(self, *, whole_audience: bool = False) -> None:
@@ -97,15 +107,17 @@ class LedgerWriter:
             with self._cond:
                 while not (self._claims or self._outcomes or self._rows or self._closing):
                     self._cond.wait()
-                claims, self._claims = self._claims[:MAX_BATCH], self._claims[MAX_BATCH:]
+                self._linger()
+                groups = self._take_claims()
                 outcomes, self._outcomes = self._outcomes, []
                 rows, self._rows = self._rows, []
-                if not claims and not outcomes and not rows and self._closing:
+                if not groups and not outcomes and not rows and self._closing:
                     return
+            claims = [claim for group, _ in groups for claim in group]
             try:
                 granted = self.store.write_ledger(
                     self.task,
-                    [c for c, _ in claims],
+                    claims,
                     outcomes,
                     attempt=self.attempt,
                     resend_unknown=self.resend_unknown,
@@ -117,12 +129,34 @@ class LedgerWriter:
             except BaseException as err:  # every waiting sender must hear of it
                 with self._cond:
                     self._error = err
-                for _, future in claims:
-                    future.set_exception(err)
+                for _, answers in groups:
+                    answers.set_exception(err)
                 with self._cond:  # fail the claims queued since, and stop
-                    for _, future in self._claims:
-                        future.set_exception(err)
+                    for _, answers in self._claims:
+                        answers.set_exception(err)
                     self._claims = []
                 return
-            for (_, future), ok in zip(claims, granted, strict=True):
-                future.set_result(ok)
+            start = 0
+            for group, answers in groups:
+                answers.set_result(granted[start : start + len(group)])
+                start += len(group)
+
+    def _linger(self) -> None:
+        """Outcomes and rows alone wait up to LINGER seconds for more (called with the lock held):
+        a commit's own cost is paid for many messages. Claims, whose senders wait, never wait."""
+        until = time.monotonic() + LINGER
+        while not (self._claims or self._closing) and len(self._outcomes) + len(self._rows) < LINGER_ITEMS:
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _take_claims(self) -> list[tuple[list[Claim], Future]]:
+        """Whole claim_many calls, up to MAX_BATCH claims (at least one call); the lock held."""
+        taken: list[tuple[list[Claim], Future]] = []
+        size = 0
+        while self._claims and (not taken or size + len(self._claims[0][0]) <= MAX_BATCH):
+            group = self._claims.pop(0)
+            taken.append(group)
+            size += len(group[0])
+        return taken

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -30,11 +31,37 @@ def failure(code: str, message: str = "nope") -> dict:
     return {"status": "failure", "error": {"code": code, "message": message}}
 
 
+class LoopSendingHook(PepipostHook):
+    """The hook with send_message made as a campaign makes it on the event loop: asend_message."""
+
+    def send_message(self, message):
+        async def send():
+            try:
+                return await self.asend_message(message)
+            finally:
+                self.aclose()
+
+        return asyncio.run(send())
+
+
 @pytest.fixture
-def hook_for(pepipost_conn):
+def threaded_hook_for(pepipost_conn):
+    """A hook for ``base_url``, for what only the threaded transport has (its requests adapter)."""
+
     def make(base_url: str, **extra: object) -> PepipostHook:
         pepipost_conn(base_url, **extra)
         return PepipostHook()
+
+    return make
+
+
+@pytest.fixture(params=["threads", "event_loop"])
+def hook_for(request, pepipost_conn):
+    """A hook for ``base_url``; its sends through each transport in turn (the same words, retries, limits)."""
+
+    def make(base_url: str, **extra: object) -> PepipostHook:
+        pepipost_conn(base_url, **extra)
+        return PepipostHook() if request.param == "threads" else LoopSendingHook()
 
     return make
 
@@ -347,11 +374,11 @@ def test_retries_are_logged_in_summary_with_counts_that_add_up():
     assert "vendor code 8005 x1" in lines[1] and "up to 4.0s" in lines[1]
 
 
-def test_the_adapter_keeps_the_pool_the_pool_manager_holds(httpserver, hook_for):
+def test_the_adapter_keeps_the_pool_the_pool_manager_holds(httpserver, threaded_hook_for):
     """The adapter keeps the campaign's pool between sends (bench/send_limit.py), never one the
     pool manager no longer holds: after the adapter is closed, the next send finds the new one."""
     httpserver.expect_request("/api/v2/message/", method="POST").respond_with_json(SUCCESS)
-    hook = hook_for(httpserver.url_for("").rstrip("/"))
+    hook = threaded_hook_for(httpserver.url_for("").rstrip("/"))
     assert hook.send_message(MESSAGE) == "id-1"
     adapter = hook.session.get_adapter(hook.settings.send_url)
     (kept,) = adapter._pepipost_pools.values()
@@ -365,37 +392,37 @@ def test_the_adapter_keeps_the_pool_the_pool_manager_holds(httpserver, hook_for)
     assert len(httpserver.log) == 3
 
 
-def test_a_cookie_the_server_sets_is_not_sent_back(httpserver, hook_for):
+def test_a_cookie_the_server_sets_is_not_sent_back(httpserver, threaded_hook_for):
     """The API is stateless: a Set-Cookie (a load balancer's, say) is not kept between sends."""
     httpserver.expect_request("/api/v2/message/", method="POST").respond_with_response(
         Response(json.dumps(SUCCESS), headers={"Set-Cookie": "lb=node-7; Path=/"}, content_type="application/json")
     )
-    hook = hook_for(httpserver.url_for("").rstrip("/"))
+    hook = threaded_hook_for(httpserver.url_for("").rstrip("/"))
     assert hook.send_message(MESSAGE) == "id-1"
     assert hook.send_message(MESSAGE) == "id-1"
     assert [request.headers.get("Cookie") for request, _ in httpserver.log] == [None, None]
 
 
-def test_get_conn_responses_are_requests_own_with_charset_and_cookies(httpserver, hook_for):
+def test_get_conn_responses_are_requests_own_with_charset_and_cookies(httpserver, threaded_hook_for):
     """get_conn() hands out the hook's session, as Airflow's HTTP hooks do: the lean response of
     the hook's own sends must not reach other requests through it."""
     httpserver.expect_request("/text").respond_with_response(
         Response("é".encode("latin-1"), headers={"Set-Cookie": "lb=node-7; Path=/"},
                  content_type="text/plain; charset=ISO-8859-1")
     )  # fmt: skip
-    hook = hook_for(httpserver.url_for("").rstrip("/"))
+    hook = threaded_hook_for(httpserver.url_for("").rstrip("/"))
     answer = hook.get_conn().get(httpserver.url_for("/text"))
     assert answer.encoding == "ISO-8859-1"
     assert answer.text == "é"
     assert answer.cookies.get("lb") == "node-7"
 
 
-def test_other_requests_through_get_conn_keep_no_pool_of_the_hooks(httpserver, hook_for):
+def test_other_requests_through_get_conn_keep_no_pool_of_the_hooks(httpserver, threaded_hook_for):
     """The adapter keeps pools for the hook's own few URLs only: a session that also fetched
     hundreds of URLs through get_conn() holds no cache entry for each."""
     httpserver.expect_request("/api/v2/message/", method="POST").respond_with_json(SUCCESS)
     httpserver.expect_request("/x").respond_with_json({})
-    hook = hook_for(httpserver.url_for("").rstrip("/"))
+    hook = threaded_hook_for(httpserver.url_for("").rstrip("/"))
     assert hook.send_message(MESSAGE) == "id-1"
     session = hook.get_conn()
     for page in range(200):

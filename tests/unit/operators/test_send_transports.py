@@ -1,0 +1,168 @@
+"""How a campaign's requests are made: the event loop by default, the threads where a proxy
+applies, the hook is not PepipostHook's own sender, or ``[pepipost] send_transport`` says so; on
+either, no more than ``max_workers`` requests at once, and a campaign that raises sends nothing
+more and gives back the rows it had not begun."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from airflow_provider_pepipost.errors import PepipostConfigError
+from airflow_provider_pepipost.hooks.pepipost import PepipostHook
+from airflow_provider_pepipost.messages import MediaMessage
+from airflow_provider_pepipost.operators.campaign import CampaignSender, _LoopWorkers, _ThreadWorkers
+from airflow_provider_pepipost.status.ledger import TaskKey
+from airflow_provider_pepipost.status.store import StatusStore
+
+TASK = TaskKey("dag", "run", "send")
+
+
+class SlowVendor(ThreadingHTTPServer):
+    """Answers every send with the vendor's success after ``delay``; counts sends and the most at once."""
+
+    daemon_threads = True
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.delay = delay
+        self.sends = 0
+        self.in_flight = 0
+        self.most_at_once = 0
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: SlowVendor
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        vendor = self.server
+        with vendor.lock:
+            vendor.sends += 1
+            vendor.in_flight += 1
+            vendor.most_at_once = max(vendor.most_at_once, vendor.in_flight)
+            number = vendor.sends
+        time.sleep(vendor.delay)
+        with vendor.lock:
+            vendor.in_flight -= 1
+        body = json.dumps({"status": "success", "data": {"id": f"m-{number}"}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def slow_vendor(pepipost_conn) -> Iterator[SlowVendor]:
+    vendor = SlowVendor(delay=0.1)
+    thread = threading.Thread(target=vendor.serve_forever, daemon=True)
+    thread.start()
+    pepipost_conn(vendor.url)
+    yield vendor
+    vendor.shutdown()
+    vendor.server_close()
+
+
+def messages(count: int) -> Iterator[tuple[int, MediaMessage]]:
+    return ((row, MediaMessage(f"9198000{row:05d}", "src", attachment_id="media-1")) for row in range(count))
+
+
+def workers_of(hook: PepipostHook) -> type:
+    workers = CampaignSender(hook, None, TASK, total=1)._workers()
+    if isinstance(workers, _LoopWorkers):
+        workers.loop.close()  # made, never started
+    return type(workers)
+
+
+class OwnSender(PepipostHook):
+    def send_message(self, message):  # a subclass's own sending: the loop would go around it
+        return super().send_message(message)
+
+
+@pytest.mark.parametrize(
+    ("setting", "proxy", "hook_class", "expected"),
+    [
+        (None, None, PepipostHook, _LoopWorkers),
+        ("event_loop", None, PepipostHook, _LoopWorkers),
+        (" Threads ", None, PepipostHook, _ThreadWorkers),
+        (None, "http://proxy.internal:3128", PepipostHook, _ThreadWorkers),
+        (None, None, OwnSender, _ThreadWorkers),
+    ],
+    ids=["default", "event-loop", "threads", "a-proxy-applies", "a-subclass-sends-its-own-way"],
+)
+def test_the_transport_a_campaign_sends_on(monkeypatch, pepipost_conn, setting, proxy, hook_class, expected):
+    pepipost_conn("http://127.0.0.1:9")
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "AIRFLOW__PEPIPOST__SEND_TRANSPORT"):
+        monkeypatch.delenv(name, raising=False)
+    if setting is not None:
+        monkeypatch.setenv("AIRFLOW__PEPIPOST__SEND_TRANSPORT", setting)
+    if proxy is not None:
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+    assert workers_of(hook_class()) is expected
+
+
+def test_a_send_transport_that_does_not_exist_is_refused_naming_the_setting(monkeypatch, pepipost_conn):
+    pepipost_conn("http://127.0.0.1:9")
+    monkeypatch.setenv("AIRFLOW__PEPIPOST__SEND_TRANSPORT", "asyncio")
+    with pytest.raises(PepipostConfigError, match=r"\[pepipost\] send_transport must be one of event_loop, threads"):
+        workers_of(PepipostHook())
+
+
+@pytest.mark.parametrize("transport", ["event_loop", "threads"])
+def test_no_more_than_max_workers_requests_at_once(monkeypatch, slow_vendor, sqlite_url, transport):
+    monkeypatch.setenv("AIRFLOW__PEPIPOST__SEND_TRANSPORT", transport)
+    sender = CampaignSender(PepipostHook(pool_size=4), StatusStore(sqlite_url), TASK, total=40, max_workers=4)
+    result = sender.run(messages(40))
+    assert result.counts["accepted"] == 40 == slow_vendor.sends
+    assert 2 <= slow_vendor.most_at_once <= 4  # concurrent, and bounded
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("transport", ["event_loop", "threads"])
+def test_a_campaign_that_raises_sends_nothing_more_and_gives_back_what_it_had_not_begun(
+    monkeypatch, slow_vendor, sqlite_url, transport
+):
+    """Two workers, each send 0.3 s: row 2 is claimed and waiting for a worker when the engine's
+    thread fails, after its third row (milliseconds, far inside the 0.3 s)."""
+    monkeypatch.setenv("AIRFLOW__PEPIPOST__SEND_TRANSPORT", transport)
+    slow_vendor.delay = 0.3
+    calls = []
+
+    def progress(_counts: object) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise Boom
+
+    store = StatusStore(sqlite_url)
+    sender = CampaignSender(
+        PepipostHook(pool_size=2), store, TASK, total=50, max_workers=2, progress_interval=0, on_progress=progress
+    )
+    started = time.monotonic()
+    with pytest.raises(Boom):
+        sender.run(messages(50))
+    assert time.monotonic() - started < 10
+    sent = slow_vendor.sends
+    time.sleep(0.5)
+    assert slow_vendor.sends == sent <= 2  # nothing went out after the campaign returned
+    states = [entry.state for entry in store.open_ledger(TASK).values()]
+    # Rows 0-2 were claimed. Row 2 (and row 1, when it had not begun yet) is given back: a later
+    # try sends it. What was sent is in the ledger as accepted.
+    assert len(states) == 3 and states.count("accepted") == sent and states.count("not_sent") == 3 - sent
