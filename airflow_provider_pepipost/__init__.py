@@ -118,6 +118,12 @@ def _config_section() -> dict[str, Any]:
                 "Comma-separated source addresses or networks the plugin's receiver takes reports from.",
                 example="203.0.113.0/24",
             ),
+            "send_transport": _option(
+                "How a send task makes its requests: event_loop (the default: one event loop thread carries every "
+                "send in flight) or threads (max_workers threads). A send URL that HTTPS_PROXY / HTTP_PROXY applies "
+                "to always goes through threads.",
+                example="threads",
+            ),
             "stop_words": _option("Comma-separated replies that opt their sender out.", example="STOP,UNSUBSCRIBE"),
             "erasure_key": _option(
                 "The key erased numbers are kept under on the suppression list (pepipost-store erase). Set it "

@@ -13,8 +13,13 @@ uses), and keeps transport.py's rules:
 - **Idle reuse.** A connection idle longer than ``idle_max`` is not reused, and an idle one is
   polled right before the write: a peer that closed it (or sent anything unasked) is found while
   the request is still not sent.
-- **Deadlines and size.** One timer a request: the read timeout counts from the last byte read,
-  the deadline from the request's start; an answer over ``max_answer_bytes`` is cut.
+- **Deadlines and size.** The read timeout counts from the last byte read, the deadline from the
+  request's start, both checked by one sweep of the requests in flight every ``SWEEP_PERIOD``
+  (a timer a request was a tenth of the loop's work); an answer over ``max_answer_bytes`` is cut.
+
+Over TLS, "sent" is judged by the TLS layer's buffer: a request larger than the socket's buffers
+that the server never reads can count as sent (unknown, never resent) where the threads would say
+not sent. It errs on the side of never sending twice; a message's body is far smaller.
 
 Proxies are not spoken here: a send URL that a proxy applies to (HTTPS_PROXY / HTTP_PROXY, less
 NO_PROXY) goes through the threaded transport (``PepipostHook.event_loop_possible``).
@@ -35,6 +40,13 @@ import httptools
 
 from airflow_provider_pepipost.hooks.transport import Fate, fate_of
 
+# How often the requests in flight are checked against their deadline and read timeout: each is
+# cut at most this long after its time.
+SWEEP_PERIOD = 0.05
+
+# An answer's head (status line and headers) longer than this is cut, as http.client cuts a line.
+MAX_HEAD_BYTES = 65536
+
 # The answer headers the hook reads (hooks/pepipost.py, _parse_answer); the rest are skipped.
 _KEPT_HEADERS = frozenset({b"content-length", b"retry-after", b"location"})
 
@@ -46,12 +58,23 @@ class ConnectTimedOut(TimeoutError):
 class TransportFailure(Exception):
     """A request that ended without a whole answer, with what it may have done at the vendor."""
 
-    def __init__(self, fate: Fate, cause: BaseException | None, *, status: int | None = None, over: int | None = None):
+    def __init__(
+        self,
+        fate: Fate,
+        cause: BaseException | None,
+        *,
+        status: int | None = None,
+        over: int | None = None,
+        unexpected: bool = False,
+    ) -> None:
         super().__init__(fate.value)
         self.fate = fate
         self.cause = cause  # the error underneath (ssl.SSLError, ConnectionRefusedError...), if any
         self.status = status  # the answer's HTTP status, when its head came before the failure
-        self.over = over  # the answer's size cut at the cap: declared (>= 0) or ran past (-1)
+        # The answer cut at a cap: its body declared (>= 0) or ran past (-1) max_answer_bytes, or
+        # its head ran past MAX_HEAD_BYTES (-2).
+        self.over = over
+        self.unexpected = unexpected  # not the network's (a bug, a setting): no retry mends it
 
 
 @dataclass(frozen=True)
@@ -74,7 +97,18 @@ class LoopSettings:
 class _Exchange:
     """One request on one connection, from the write to its answer."""
 
-    __slots__ = ("chunks", "deadline", "expired", "future", "headers", "last_read", "sent", "size", "status", "timer")
+    __slots__ = (
+        "chunks",
+        "deadline",
+        "expired",
+        "future",
+        "head_size",
+        "headers",
+        "last_read",
+        "sent",
+        "size",
+        "status",
+    )
 
     def __init__(self, future: asyncio.Future, deadline: float, now: float) -> None:
         self.future = future
@@ -84,9 +118,9 @@ class _Exchange:
         self.headers: dict[str, str] = {}
         self.chunks: list[bytes] = []
         self.size = 0
+        self.head_size = 0
         self.last_read = now
         self.deadline = deadline
-        self.timer: asyncio.TimerHandle | None = None
 
 
 class _Connection(asyncio.Protocol):
@@ -116,6 +150,7 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.exchange is not None:
             self.exchange.sent = True
+            self.exchange.last_read = self.loop.time()  # the read timeout counts from the write
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -127,6 +162,12 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as err:
             self._fail(err)
+            return
+        if exchange.status is None and self.exchange is exchange:
+            # The head is not complete yet: httptools holds it whole, so it is capped here.
+            exchange.head_size += len(data)
+            if exchange.head_size > MAX_HEAD_BYTES:
+                self._fail(None, over=-2)
 
     def eof_received(self) -> bool:
         exchange = self.exchange
@@ -150,7 +191,9 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name in _KEPT_HEADERS and self.exchange is not None:
-            self.exchange.headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+            # A repeated header is joined as requests joins it ("1, 1"), so both transports read it alike.
+            headers, key, text = self.exchange.headers, name.decode("latin-1"), value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange
@@ -175,7 +218,13 @@ class _Connection(asyncio.Protocol):
             exchange.chunks.append(body)
 
     def on_message_complete(self) -> None:
-        exchange, self.exchange = self.exchange, None
+        exchange = self.exchange
+        if exchange is not None and exchange.status is not None and 100 <= exchange.status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows on this
+            # connection, for this request (as http.client skips them).
+            exchange.status, exchange.headers, exchange.chunks, exchange.size = None, {}, [], 0
+            return
+        self.exchange = None
         if exchange is None or exchange.future.done():
             return
         self.reusable = not self.closed and self.parser.should_keep_alive()
@@ -206,23 +255,16 @@ class _Connection(asyncio.Protocol):
             return True
         return bool(readable)
 
-    def watch(self, exchange: _Exchange) -> None:
-        """Arm the exchange's one timer, at its deadline or its read timeout, whichever is sooner."""
-        when = min(exchange.deadline, exchange.last_read + self.settings.read_timeout)
-        exchange.timer = self.loop.call_at(when, self._check_time, exchange)
-
-    def _check_time(self, exchange: _Exchange) -> None:
-        """Past the deadline, or silent for the read timeout, the exchange is cut; else re-armed."""
-        if exchange is not self.exchange or exchange.future.done():
+    def check_time(self, now: float) -> None:
+        """Past the deadline, or silent for the read timeout, the exchange in flight is cut."""
+        exchange = self.exchange
+        if exchange is None or exchange.future.done():
             return
-        now = self.loop.time()
         if now >= exchange.deadline:
             exchange.expired = True
             self._fail(None)
         elif exchange.sent and now - exchange.last_read >= self.settings.read_timeout:
             self._fail(TimeoutError("read timeout"), read_timeout=True)
-        else:
-            self.watch(exchange)
 
     def close(self) -> None:
         self.closed = True
@@ -292,6 +334,8 @@ class LoopClient:
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._slots = Slots(max(1, settings.pool_size))
+        self._in_flight: set[_Connection] = set()
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def exchange(self, data: bytes, *, deadline: float | None = None) -> Answer:
         """``data``: the whole request, head and body. ``deadline``: the loop's time by which the
@@ -300,18 +344,25 @@ class LoopClient:
         async with self._slots:
             now = self.loop.time()
             ends = now + settings.deadline if deadline is None else min(deadline, now + settings.deadline)
-            connection = self._idle_connection(now) or await self._connect(ends)
-            exchange = _Exchange(self.loop.create_future(), ends, now)
+            try:
+                connection = self._idle_connection(now) or await self._connect(ends)
+            except TransportFailure:
+                raise
+            except Exception as err:  # not the network's: nothing was written
+                raise TransportFailure(Fate.NOT_SENT, err, unexpected=True) from None
+            # Created after the connect: the read timeout counts from the write, as on threads.
+            exchange = _Exchange(self.loop.create_future(), ends, self.loop.time())
             connection.start(exchange, data)
-            connection.watch(exchange)
+            self._in_flight.add(connection)
+            if self._sweep is None:
+                self._sweep = self.loop.call_later(SWEEP_PERIOD, self._check_times)
             try:
                 answer = await exchange.future
             except BaseException:
                 connection.close()  # cancelled or failed mid-exchange: never reused
                 raise
             finally:
-                if exchange.timer is not None:
-                    exchange.timer.cancel()
+                self._in_flight.discard(connection)
             if connection.reusable and not connection.closed and connection.exchange is None:
                 connection.idle_since = self.loop.time()
                 self._idle.append(connection)
@@ -319,12 +370,22 @@ class LoopClient:
                 connection.close()
             return answer
 
+    def _check_times(self) -> None:
+        """The sweep: cut the exchanges past their deadline or read timeout; again while any is in flight."""
+        now = self.loop.time()
+        for connection in list(self._in_flight):
+            connection.check_time(now)
+        self._sweep = self.loop.call_later(SWEEP_PERIOD, self._check_times) if self._in_flight else None
+
     def close(self) -> None:
         """Close every connection; call on the client's loop."""
         for connection in list(self._open):
             connection.close()
         self._idle.clear()
         self._open.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
 
     def _idle_connection(self, now: float) -> _Connection | None:
         """The most recently used idle connection that is safe to write into, if any."""

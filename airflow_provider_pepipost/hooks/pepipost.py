@@ -44,6 +44,7 @@ from airflow_provider_pepipost.errors import (
     PepipostOutcomeUnknownError,
 )
 from airflow_provider_pepipost.hooks.loop_transport import (
+    MAX_HEAD_BYTES,
     ConnectTimedOut,
     LoopClient,
     LoopSettings,
@@ -382,11 +383,7 @@ class PepipostHook(BaseHook):
                 # Not the network's: a bug or a setting requests refuses. Before the request left,
                 # it is not sent (and no retry will mend it); after, the vendor may have it.
                 if not progress.sent:
-                    raise PepipostNotSentError(
-                        f"the request to {settings.base_url} could not be made ({type(err).__name__}: "
-                        f"{self._redact(str(err))[:EXCERPT_CHARS]}); nothing was sent",
-                        retryable=False,
-                    ) from None
+                    raise self._could_not_be_made(err) from None
                 raise PepipostOutcomeUnknownError(
                     f"the answer could not be read ({type(err).__name__}); the message may have been accepted"
                 ) from None
@@ -428,9 +425,13 @@ class PepipostHook(BaseHook):
                 attempt.prepare_for_next_attempt()
 
     async def _apost_once(self, path: str, data: bytes) -> dict[str, Any]:
-        client, head = self._loop_client(path)
         try:
-            answer = await client.exchange(head % len(data) + data)
+            client, head = self._loop_client(path)
+            request = head % len(data) + data
+        except Exception as err:  # a setting (a CA bundle that is not there): nothing was written
+            raise self._could_not_be_made(err) from None
+        try:
+            answer = await client.exchange(request)
         except TransportFailure as failure:
             raise self._loop_failure(failure) from None
         return self._parse_answer(answer.status, answer.headers, answer.body)
@@ -482,6 +483,12 @@ class PepipostHook(BaseHook):
 
     def _loop_failure(self, failure: TransportFailure) -> PepipostError:
         """The event-loop transport's failure in the threaded transport's words."""
+        if failure.unexpected and failure.cause is not None:
+            return self._could_not_be_made(failure.cause)
+        if failure.over == -2:
+            return PepipostOutcomeUnknownError(
+                f"the answer's head ran past {MAX_HEAD_BYTES} bytes; the message may have been accepted"
+            )
         if failure.over is not None:
             return self._too_large(failure.status, failure.over)
         if failure.fate is Fate.NOT_SENT:
@@ -531,6 +538,14 @@ class PepipostHook(BaseHook):
                 "the message may have been accepted"
             ) from None
         return b"".join(chunks)
+
+    def _could_not_be_made(self, err: BaseException) -> PepipostNotSentError:
+        """Not the network's failure, before anything was written: a bug or a setting; no retry mends it."""
+        return PepipostNotSentError(
+            f"the request to {self.settings.base_url} could not be made ({type(err).__name__}: "
+            f"{self._redact(str(err))[:EXCERPT_CHARS]}); nothing was sent",
+            retryable=False,
+        )
 
     def _too_large(self, status: int | None, declared: int) -> PepipostOutcomeUnknownError:
         """An answer over ``max_answer_bytes``: as it declared (``declared`` >= 0), or as it ran past."""

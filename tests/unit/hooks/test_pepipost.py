@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -31,19 +30,6 @@ def failure(code: str, message: str = "nope") -> dict:
     return {"status": "failure", "error": {"code": code, "message": message}}
 
 
-class LoopSendingHook(PepipostHook):
-    """The hook with send_message made as a campaign makes it on the event loop: asend_message."""
-
-    def send_message(self, message):
-        async def send():
-            try:
-                return await self.asend_message(message)
-            finally:
-                self.aclose()
-
-        return asyncio.run(send())
-
-
 @pytest.fixture
 def threaded_hook_for(pepipost_conn):
     """A hook for ``base_url``, for what only the threaded transport has (its requests adapter)."""
@@ -51,17 +37,6 @@ def threaded_hook_for(pepipost_conn):
     def make(base_url: str, **extra: object) -> PepipostHook:
         pepipost_conn(base_url, **extra)
         return PepipostHook()
-
-    return make
-
-
-@pytest.fixture(params=["threads", "event_loop"])
-def hook_for(request, pepipost_conn):
-    """A hook for ``base_url``; its sends through each transport in turn (the same words, retries, limits)."""
-
-    def make(base_url: str, **extra: object) -> PepipostHook:
-        pepipost_conn(base_url, **extra)
-        return PepipostHook() if request.param == "threads" else LoopSendingHook()
 
     return make
 

@@ -6,8 +6,12 @@ more and gives back the rows it had not begun."""
 from __future__ import annotations
 
 import json
+import random
+import socket
+import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,6 +23,7 @@ from airflow_provider_pepipost.messages import MediaMessage
 from airflow_provider_pepipost.operators.campaign import CampaignSender, _LoopWorkers, _ThreadWorkers
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.store import StatusStore
+from tests.unit.hooks.test_loop_transport import ScriptedServer, read_request
 
 TASK = TaskKey("dag", "run", "send")
 
@@ -166,3 +171,108 @@ def test_a_campaign_that_raises_sends_nothing_more_and_gives_back_what_it_had_no
     # Rows 0-2 were claimed. Row 2 (and row 1, when it had not begun yet) is given back: a later
     # try sends it. What was sent is in the ledger as accepted.
     assert len(states) == 3 and states.count("accepted") == sent and states.count("not_sent") == 3 - sent
+
+
+@pytest.mark.parametrize("transport", ["event_loop", "threads"])
+def test_a_ca_bundle_that_is_not_there_leaves_the_row_not_sent(
+    monkeypatch, pepipost_conn, sqlite_url, tmp_path, transport
+):
+    """No connection is even tried: the row is not_sent (a later try sends it), never unknown."""
+    monkeypatch.setenv("AIRFLOW__PEPIPOST__SEND_TRANSPORT", transport)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "no-such-bundle.pem"))
+    pepipost_conn("https://127.0.0.1:9", max_retries=0)
+    store = StatusStore(sqlite_url)
+    result = CampaignSender(PepipostHook(), store, TASK, total=1, max_workers=2).run(messages(1))
+    assert result.fatal is not None and "could not be made" in str(result.fatal)
+    assert [entry.state for entry in store.open_ledger(TASK).values()] == ["not_sent"]
+
+
+@pytest.mark.parametrize("transport", ["event_loop", "threads"])
+def test_an_interim_100_continue_never_makes_a_row_resendable(monkeypatch, pepipost_conn, sqlite_url, transport):
+    """The vendor (or a proxy before it) says 100 Continue, then accepts: one request, the row
+    accepted, and the task's retry sends nothing again."""
+    monkeypatch.setenv("AIRFLOW__PEPIPOST__SEND_TRANSPORT", transport)
+    body = b'{"status":"success","data":{"id":"m-1"}}'
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    def continue_then_ok(conn):
+        while read_request(conn):
+            server.requests += 1
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            time.sleep(0.05)
+            conn.sendall(answer)
+
+    server = ScriptedServer(continue_then_ok)
+    try:
+        pepipost_conn(f"http://127.0.0.1:{server.port}", max_retries=0)
+        store = StatusStore(sqlite_url)
+        for _ in range(2):  # the task's first try, then its retry
+            CampaignSender(PepipostHook(), store, TASK, total=1, max_workers=2, max_rejected_ratio=1.0).run(messages(1))
+        assert server.requests == 1
+        assert [entry.state for entry in store.open_ledger(TASK).values()] == ["accepted"]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("transport", ["event_loop", "threads"])
+def test_idle_connections_closed_at_random_never_send_a_row_twice(monkeypatch, pepipost_conn, sqlite_url, transport):
+    """A vendor that closes idle connections (FIN or reset) after 0-30 ms, and takes 3 % of the
+    requests without answering: whatever the timing, nobody is processed twice, and every request
+    the vendor took is accepted or unknown in the ledger."""
+    monkeypatch.setenv("AIRFLOW__PEPIPOST__SEND_TRANSPORT", transport)
+    processed: Counter = Counter()
+    lock = threading.Lock()
+    chance = random.Random(7)  # seeded: the closes' pattern, not their timing, is fixed
+
+    def flaky(conn):
+        while True:  # bounded: each turn reads a request or ends the connection
+            conn.settimeout(chance.uniform(0.0, 0.03))
+            try:
+                first = conn.recv(1, socket.MSG_PEEK)
+            except TimeoutError:
+                if chance.random() < 0.5:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            if not first:
+                return
+            conn.settimeout(5)
+            body = read_body(conn)
+            if body is None:
+                return
+            recipient = json.loads(body)["message"][0]["recipient_whatsapp"]
+            with lock:
+                processed[recipient] += 1
+                number = sum(processed.values())
+            if chance.random() < 0.03:
+                return  # took it, no answer: unknown
+            answer = json.dumps({"status": "success", "data": {"id": f"m-{number}"}}).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+
+    server = ScriptedServer(flaky)
+    try:
+        pepipost_conn(f"http://127.0.0.1:{server.port}", max_retries=5, backoff_max=0.05, keepalive_idle_max=10)
+        store = StatusStore(sqlite_url)
+        CampaignSender(PepipostHook(pool_size=16), store, TASK, total=400, max_workers=16).run(messages(400))
+        assert max(processed.values()) == 1
+        states = Counter(entry.state for entry in store.open_ledger(TASK).values())
+        assert states["accepted"] + states["unknown"] >= len(processed)
+    finally:
+        server.close()
+
+
+def read_body(conn) -> bytes | None:
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        buffer += chunk
+    head, rest = buffer.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    length = next(int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length"))
+    while len(rest) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        rest += chunk
+    return rest
