@@ -26,13 +26,13 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r
 REQUEST = b"POST /v1/messages HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}"
 
 
-def read_request(conn: socket.socket) -> bool:
-    """Read one whole request (head and Content-Length body); False when the client closed."""
+def read_body(conn: socket.socket) -> bytes | None:
+    """Read one whole request (head and Content-Length body); its body, or None when the client closed."""
     buffer = b""
     while b"\r\n\r\n" not in buffer:
         chunk = conn.recv(65536)
         if not chunk:
-            return False
+            return None
         buffer += chunk
     head, rest = buffer.split(b"\r\n\r\n", 1)
     lines = head.split(b"\r\n")
@@ -40,9 +40,14 @@ def read_request(conn: socket.socket) -> bool:
     while len(rest) < length:
         chunk = conn.recv(65536)
         if not chunk:
-            return False
+            return None
         rest += chunk
-    return True
+    return rest
+
+
+def read_request(conn: socket.socket) -> bool:
+    """Read one whole request; False when the client closed."""
+    return read_body(conn) is not None
 
 
 def reset(conn: socket.socket) -> None:

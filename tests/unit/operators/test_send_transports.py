@@ -23,7 +23,7 @@ from airflow_provider_pepipost.messages import MediaMessage
 from airflow_provider_pepipost.operators.campaign import CampaignSender, _LoopWorkers, _ThreadWorkers
 from airflow_provider_pepipost.status.ledger import TaskKey
 from airflow_provider_pepipost.status.store import StatusStore
-from tests.unit.hooks.test_loop_transport import ScriptedServer, read_request
+from tests.unit.hooks.test_loop_transport import ScriptedServer, read_body, read_request
 
 TASK = TaskKey("dag", "run", "send")
 
@@ -258,21 +258,3 @@ def test_idle_connections_closed_at_random_never_send_a_row_twice(monkeypatch, p
         assert states["accepted"] + states["unknown"] >= len(processed)
     finally:
         server.close()
-
-
-def read_body(conn) -> bytes | None:
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return None
-        buffer += chunk
-    head, rest = buffer.split(b"\r\n\r\n", 1)
-    lines = head.split(b"\r\n")
-    length = next(int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length"))
-    while len(rest) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return None
-        rest += chunk
-    return rest
