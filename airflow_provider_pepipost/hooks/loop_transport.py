@@ -48,7 +48,7 @@ SWEEP_PERIOD = 0.05
 MAX_HEAD_BYTES = 65536
 
 # The answer headers the hook reads (hooks/pepipost.py, _parse_answer); the rest are skipped.
-_KEPT_HEADERS = frozenset({b"content-length", b"retry-after", b"location"})
+_KEPT_HEADERS = frozenset({b"content-length", b"retry-after", b"location", b"transfer-encoding"})
 
 
 class ConnectTimedOut(TimeoutError):
@@ -102,12 +102,12 @@ class _Exchange:
         "deadline",
         "expired",
         "future",
-        "head_size",
         "headers",
         "last_read",
         "sent",
         "size",
         "status",
+        "wire",
     )
 
     def __init__(self, future: asyncio.Future, deadline: float, now: float) -> None:
@@ -118,7 +118,7 @@ class _Exchange:
         self.headers: dict[str, str] = {}
         self.chunks: list[bytes] = []
         self.size = 0
-        self.head_size = 0
+        self.wire = 0  # every byte of the answer read so far, head, framing and trailers included
         self.last_read = now
         self.deadline = deadline
 
@@ -158,16 +158,16 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         exchange.last_read = self.loop.time()
+        exchange.wire += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as err:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as err:  # 101: no HTTP after it
             self._fail(err)
             return
-        if exchange.status is None and self.exchange is exchange:
-            # The head is not complete yet: httptools holds it whole, so it is capped here.
-            exchange.head_size += len(data)
-            if exchange.head_size > MAX_HEAD_BYTES:
-                self._fail(None, over=-2)
+        if self.exchange is exchange and exchange.wire - exchange.size > MAX_HEAD_BYTES:
+            # What is not body (the head, chunk framing, trailers) httptools gathers whole before
+            # any callback: it is capped here, a read at a time.
+            self._fail(None, over=-2)
 
     def eof_received(self) -> bool:
         exchange = self.exchange
@@ -190,7 +190,7 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        if name in _KEPT_HEADERS and self.exchange is not None:
+        if name in _KEPT_HEADERS and self.exchange is not None and self.exchange.status is None:  # not trailers
             # A repeated header is joined as requests joins it ("1, 1"), so both transports read it alike.
             headers, key, text = self.exchange.headers, name.decode("latin-1"), value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
@@ -221,7 +221,8 @@ class _Connection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None and exchange.status is not None and 100 <= exchange.status < 200:
             # An interim answer (100 Continue, 103 Early Hints): the real one follows on this
-            # connection, for this request (as http.client skips them).
+            # connection, for this request. (http.client skips only 100; the hook reads any
+            # other 1xx it returns as unknown, never as a refusal.)
             exchange.status, exchange.headers, exchange.chunks, exchange.size = None, {}, [], 0
             return
         self.exchange = None
@@ -242,7 +243,9 @@ class _Connection(asyncio.Protocol):
             self._fail(ConnectionResetError("the connection closed before the request was written"))
             return
         transport.write(data)
-        if self.exchange is exchange and transport.get_write_buffer_size() == 0:
+        # A write into a connection the peer reset fails at once: the transport is then closing,
+        # its buffer emptied, and the request not sent.
+        if self.exchange is exchange and not transport.is_closing() and transport.get_write_buffer_size() == 0:
             exchange.sent = True
 
     def peer_spoke(self) -> bool:
@@ -250,10 +253,11 @@ class _Connection(asyncio.Protocol):
         if self.closed or self.transport is None or self.transport.is_closing() or self.fileno < 0:
             return True
         try:
-            readable, _, _ = select.select([self.fileno], [], [], 0)
+            poller = select.poll()  # not select.select: descriptors past 1023
+            poller.register(self.fileno, select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     def check_time(self, now: float) -> None:
         """Past the deadline, or silent for the read timeout, the exchange in flight is cut."""
@@ -273,7 +277,8 @@ class _Connection(asyncio.Protocol):
 
     def _delimited_by_close(self) -> bool:
         headers = self.exchange.headers if self.exchange is not None else {}
-        return "content-length" not in headers and not self.parser.should_keep_alive()
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        return "content-length" not in headers and not chunked and not self.parser.should_keep_alive()
 
     def _fail(self, cause: BaseException | None, *, over: int | None = None, read_timeout: bool = False) -> None:
         exchange, self.exchange = self.exchange, None

@@ -487,7 +487,8 @@ class PepipostHook(BaseHook):
             return self._could_not_be_made(failure.cause)
         if failure.over == -2:
             return PepipostOutcomeUnknownError(
-                f"the answer's head ran past {MAX_HEAD_BYTES} bytes; the message may have been accepted"
+                f"the answer's head, chunk framing or trailers ran past {MAX_HEAD_BYTES} bytes; "
+                "the message may have been accepted"
             )
         if failure.over is not None:
             return self._too_large(failure.status, failure.over)
@@ -603,6 +604,12 @@ class PepipostHook(BaseHook):
             )
         if isinstance(body, dict) and 200 <= status < 300:
             return body
+        if 100 <= status < 200:
+            # An interim answer taken for the answer (http.client skips only 100 Continue): the
+            # real one may be an acceptance. Never a refusal, which a later try would resend.
+            raise PepipostOutcomeUnknownError(
+                f"HTTP {status}, an interim answer, came where the answer was due; the message may have been accepted"
+            )
         excerpt = self._excerpt(content)
         if status == 429 or (status == 503 and retry_after is not None):
             # Throttled or shedding load: the request was turned away before any work.

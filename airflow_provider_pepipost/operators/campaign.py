@@ -655,7 +655,9 @@ class _LoopWorkers:
 
     def _start(self, sends: list[Coroutine[Any, Any, RowOutcome]], done: Done) -> None:
         for send in sends:
-            self.loop.create_task(self._bounded(send)).add_done_callback(done)
+            task = self.loop.create_task(self._bounded(send))
+            task.add_done_callback(_seen)
+            task.add_done_callback(done)
 
     async def _bounded(self, send: Coroutine[Any, Any, RowOutcome]) -> RowOutcome:
         async with self.slots:
@@ -683,6 +685,13 @@ class _LoopWorkers:
             await asyncio.wait(pending)
         self.sender.hook.aclose()
         await self.loop.shutdown_default_executor()
+
+
+def _seen(task: asyncio.Task) -> None:
+    """Mark a send's error as seen: the engine's thread raises it from ``result()``, or it is moot
+    because the campaign already raised; asyncio would otherwise log it, with whatever text it holds."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

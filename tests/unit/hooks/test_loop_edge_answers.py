@@ -16,6 +16,7 @@ import pytest
 from airflow_provider_pepipost.errors import PepipostNotSentError, PepipostOutcomeUnknownError
 from airflow_provider_pepipost.hooks import loop_transport
 from airflow_provider_pepipost.hooks.pepipost import PepipostHook
+from airflow_provider_pepipost.hooks.transport import Fate
 from airflow_provider_pepipost.messages import MediaMessage
 from tests.unit.hooks.test_loop_transport import REQUEST, ScriptedServer, read_request, reset, run
 from tests.unit.hooks.test_tls_and_proxy import self_signed
@@ -305,3 +306,122 @@ def test_a_deadline_shorter_than_the_connect_timeout_ends_the_connect(pepipost_c
         listener.close()
     assert isinstance(result, PepipostNotSentError), result
     assert took < 4
+
+
+def test_trailers_that_never_end_are_cut_with_memory_bounded(serve, pepipost_conn, transport):
+    flood = memoryview(b"a" * (48 << 20))
+
+    def endless_trailer(conn):
+        if read_request(conn):
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nX-T: " % (len(BODY), BODY)
+            )
+            for start in range(0, len(flood), 1 << 16):  # bounded: 48 MiB
+                conn.sendall(flood[start : start + (1 << 16)])
+            conn.sendall(b"\r\n\r\n")
+            time.sleep(0.5)
+
+    server = serve(endless_trailer)
+    pepipost_conn(f"http://127.0.0.1:{server.port}", max_retries=0, max_answer_bytes=4096, deadline=60, timeout=10)
+    tracemalloc.start()
+    try:
+        [result] = sends(PepipostHook(), transport, 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(result, Exception), result  # never taken as the vendor's answer
+    assert peak < 8 << 20, f"peak {peak >> 20} MiB for a 4 KiB cap"
+
+
+def test_a_retry_after_in_trailers_is_not_read(serve, pepipost_conn, transport):
+    """requests reads no trailer: a 503 whose Retry-After comes only after the body is unknown."""
+    seen = []
+
+    def busy_with_a_trailer(conn):
+        while read_request(conn):
+            seen.append(1)
+            conn.sendall(
+                b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nno\r\n0\r\nRetry-After: 0\r\n\r\n"
+            )
+
+    server = serve(busy_with_a_trailer)
+    pepipost_conn(f"http://127.0.0.1:{server.port}", max_retries=2, backoff_max=0.05)
+    [result] = sends(PepipostHook(), transport, 1)
+    assert isinstance(result, PepipostOutcomeUnknownError), result
+    assert len(seen) == 1
+
+
+def test_a_chunked_answer_cut_before_its_last_chunk_is_unknown(serve, pepipost_conn, transport):
+    def cut_short(conn):
+        if read_request(conn):
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n"
+                % (len(BODY), BODY)
+            )
+            conn.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)
+
+    server = serve(cut_short)
+    pepipost_conn(f"http://127.0.0.1:{server.port}", max_retries=0)
+    [result] = sends(PepipostHook(), transport, 1)
+    assert isinstance(result, PepipostOutcomeUnknownError), result
+
+
+@pytest.mark.parametrize("interim", [b"102 Processing", b"103 Early Hints"])
+def test_an_interim_answer_other_than_100_is_never_a_refusal(serve, hook_for, interim):
+    """http.client returns a 102 or 103 as the answer: it is unknown there (the real answer may be
+    an acceptance), never rejected, which a later try would send again; the event loop reads on."""
+
+    def interim_then_ok(conn):
+        if read_request(conn):
+            conn.sendall(b"HTTP/1.1 " + interim + b"\r\n\r\n")
+            time.sleep(0.05)
+            conn.sendall(OK)
+            time.sleep(0.3)
+
+    server = serve(interim_then_ok)
+    hook = hook_for(f"http://127.0.0.1:{server.port}", max_retries=0)
+    try:
+        result = hook.send_message(MESSAGE)
+    except PepipostOutcomeUnknownError:
+        result = "unknown"
+    assert result == ("unknown" if type(hook) is PepipostHook else "m-1")  # threads, event loop
+
+
+def test_a_101_answer_is_unknown_and_logs_no_error(serve, hook_for, caplog):
+    def upgrade(conn):
+        if read_request(conn):
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            time.sleep(0.3)
+
+    server = serve(upgrade)
+    with pytest.raises(PepipostOutcomeUnknownError):
+        hook_for(f"http://127.0.0.1:{server.port}", max_retries=0).send_message(MESSAGE)
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+def test_a_write_into_a_connection_the_peer_reset_is_not_sent(serve):
+    """The reset arrives while the loop is busy (a blocking sleep), after the poll could see it
+    and before the write: the write fails at once, so the request never left."""
+    answered = threading.Event()
+
+    def answer_then_reset(conn):
+        read_request(conn)
+        conn.sendall(OK)
+        answered.set()
+        time.sleep(0.1)
+        reset(conn)
+
+    server = serve(answer_then_reset, lambda conn: None)
+
+    async def write_into_the_reset(client):
+        await client.exchange(REQUEST)
+        (connection,) = client._idle
+        time.sleep(0.4)  # the reset lands unread
+        exchange = loop_transport._Exchange(asyncio.get_running_loop().create_future(), 1e18, 0.0)
+        connection.start(exchange, REQUEST)
+        return exchange
+
+    exchange = run(server, write_into_the_reset)
+    assert not exchange.sent
+    assert exchange.future.exception().fate is Fate.NOT_SENT
