@@ -147,25 +147,32 @@ def test_a_slow_write_neither_spins_the_loop_nor_times_out_the_read_before_it(se
     assert len(sweeps) < 60, f"{len(sweeps)} sweeps in about a second"
 
 
-def test_a_head_that_never_ends_is_cut_with_memory_bounded(serve, pepipost_conn, transport):
-    flood = memoryview(b"a" * (48 << 20))
+def flood_then(conn: socket.socket, before: bytes, flood: memoryview, after: bytes) -> None:
+    """Answer one request with ``before``, ``flood`` (one header's or trailer's value), then ``after``."""
+    if read_request(conn):
+        conn.sendall(before)
+        for start in range(0, len(flood), 1 << 16):  # bounded: 48 MiB
+            conn.sendall(flood[start : start + (1 << 16)])
+        conn.sendall(after)
+        time.sleep(0.5)
 
-    def endless_header(conn):
-        if read_request(conn):
-            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Flood: ")
-            for start in range(0, len(flood), 1 << 16):  # bounded: 48 MiB
-                conn.sendall(flood[start : start + (1 << 16)])
-            conn.sendall(b"\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
-            time.sleep(0.5)
 
-    server = serve(endless_header)
+def peak_of_one_send(server: ScriptedServer, pepipost_conn, transport: str) -> tuple[object, int]:
+    """One send with a 4 KiB answer cap: its result, and the most memory Python held meanwhile."""
     pepipost_conn(f"http://127.0.0.1:{server.port}", max_retries=0, max_answer_bytes=4096, deadline=60, timeout=10)
     tracemalloc.start()
     try:
         [result] = sends(PepipostHook(), transport, 1)
-        _, peak = tracemalloc.get_traced_memory()
+        return result, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def test_a_head_that_never_ends_is_cut_with_memory_bounded(serve, pepipost_conn, transport):
+    after = b"\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+    flood = memoryview(b"a" * (48 << 20))  # made before the memory is traced
+    server = serve(lambda conn: flood_then(conn, b"HTTP/1.1 200 OK\r\nX-Flood: ", flood, after))
+    result, peak = peak_of_one_send(server, pepipost_conn, transport)
     assert isinstance(result, PepipostOutcomeUnknownError), result
     assert peak < 8 << 20, f"peak {peak >> 20} MiB for a 4 KiB cap"
 
@@ -309,26 +316,10 @@ def test_a_deadline_shorter_than_the_connect_timeout_ends_the_connect(pepipost_c
 
 
 def test_trailers_that_never_end_are_cut_with_memory_bounded(serve, pepipost_conn, transport):
-    flood = memoryview(b"a" * (48 << 20))
-
-    def endless_trailer(conn):
-        if read_request(conn):
-            conn.sendall(
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nX-T: " % (len(BODY), BODY)
-            )
-            for start in range(0, len(flood), 1 << 16):  # bounded: 48 MiB
-                conn.sendall(flood[start : start + (1 << 16)])
-            conn.sendall(b"\r\n\r\n")
-            time.sleep(0.5)
-
-    server = serve(endless_trailer)
-    pepipost_conn(f"http://127.0.0.1:{server.port}", max_retries=0, max_answer_bytes=4096, deadline=60, timeout=10)
-    tracemalloc.start()
-    try:
-        [result] = sends(PepipostHook(), transport, 1)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    before = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nX-T: " % (len(BODY), BODY)
+    flood = memoryview(b"a" * (48 << 20))  # made before the memory is traced
+    server = serve(lambda conn: flood_then(conn, before, flood, b"\r\n\r\n"))
+    result, peak = peak_of_one_send(server, pepipost_conn, transport)
     assert isinstance(result, Exception), result  # never taken as the vendor's answer
     assert peak < 8 << 20, f"peak {peak >> 20} MiB for a 4 KiB cap"
 
