@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -87,6 +88,22 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _seconds_or_none(text: str) -> float:
+    """An option's number of seconds that may be 0 (none): finite, not negative."""
+    value = float(text)
+    if not 0 <= value < math.inf:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or above, not {value!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """An option's count or size: a whole number above 0."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, not {value}")
+    return value
+
+
 def _serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pepipost-webhook", description=serve.__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -99,33 +116,35 @@ def _serve_parser() -> argparse.ArgumentParser:
         action="append",
         help="address of a proxy whose X-Forwarded-For is believed (repeat); default none: the TCP peer counts",
     )
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--head-timeout", type=float, default=DEFAULT_HEAD_TIMEOUT, help="seconds for request headers")
+    parser.add_argument("--max-body-bytes", type=_count, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument(
+        "--head-timeout", type=_seconds, default=DEFAULT_HEAD_TIMEOUT, help="seconds for request headers"
+    )
     parser.add_argument(
         "--body-timeout", type=_seconds, default=DEFAULT_BODY_TIMEOUT, help="seconds for a request body"
     )
-    parser.add_argument("--keep-alive", type=float, default=DEFAULT_KEEP_ALIVE, help="idle seconds between requests")
+    parser.add_argument("--keep-alive", type=_seconds, default=DEFAULT_KEEP_ALIVE, help="idle seconds between requests")
     parser.add_argument(
         "--limit-concurrency",
-        type=int,
+        type=_count,
         default=None,
         help="connections per worker beyond which uvicorn answers 503 itself; default --max-queued-bodies + "
         f"{CONNECTIONS_BEYOND_QUEUE}, so that the queue bound is reached first",
     )
     parser.add_argument(
         "--max-queued-bodies",
-        type=int,
+        type=_count,
         default=DEFAULT_MAX_QUEUED_BODIES,
         help="bodies admitted and not yet answered, per worker; beyond it 503 busy with Retry-After",
     )
     parser.add_argument(
         "--commit-linger",
-        type=float,
+        type=_seconds_or_none,
         default=DEFAULT_COMMIT_LINGER,
         help="seconds a group commit may wait for more bodies when the last one carried several (never longer "
         "than it took); default 0: commit at once. Pays only when the receiver's CPU is the bottleneck",
     )
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=_count, default=1)
     parser.add_argument(
         "--stop-words",
         default=None,

@@ -68,3 +68,30 @@ def test_a_body_timeout_that_is_no_time_limit_is_refused_naming_the_option(given
     monkeypatch.setenv("PEPIPOST_WEBHOOK_BODY_TIMEOUT", given)
     with pytest.raises(ValueError, match=r"body_timeout .*PEPIPOST_WEBHOOK_BODY_TIMEOUT.* above 0"):
         ReceiverSettings.from_env()
+
+
+@pytest.mark.parametrize(
+    ("option", "given"),
+    [
+        ("--head-timeout", "nan"),  # a stalled client's head would be waited for forever
+        ("--head-timeout", "0"),
+        ("--keep-alive", "nan"),
+        ("--keep-alive", "-5"),
+        ("--commit-linger", "nan"),
+        ("--commit-linger", "inf"),
+        ("--commit-linger", "-0.1"),
+        ("--max-body-bytes", "0"),
+        ("--max-queued-bodies", "0"),
+        ("--limit-concurrency", "-1"),
+        ("--workers", "0"),
+    ],
+)
+def test_a_limit_that_is_no_limit_is_refused_naming_the_option(option, given, capsys):
+    with pytest.raises(SystemExit):
+        parsed(option, given)
+    assert option in capsys.readouterr().err
+
+
+def test_the_limits_take_the_values_they_mean():
+    args = parsed("--head-timeout", "0.5", "--keep-alive", "30", "--commit-linger", "0", "--workers", "2")
+    assert (args.head_timeout, args.keep_alive, args.commit_linger, args.workers) == (0.5, 30.0, 0.0, 2)
