@@ -456,8 +456,9 @@ class PepipostHook(BaseHook):
         found = clients.get(path)
         if found is None:
             settings = self.settings
-            _, environment, _ = self._prepared(path)
-            url = settings.base_url.rstrip("/") + "/" + path.lstrip("/")
+            prepared, environment, _ = self._prepared(path)
+            # As requests sends it: the host IDNA-encoded, the path and query percent-quoted.
+            url = prepared.url or ""
             parts = urlsplit(url)
             client = LoopClient(
                 url,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -404,3 +405,27 @@ def test_other_requests_through_get_conn_keep_no_pool_of_the_hooks(httpserver, t
         session.get(httpserver.url_for("/x") + f"?page={page}")
     adapter = session.get_adapter(hook.settings.send_url)
     assert len(adapter._pepipost_pools) == 1
+
+
+def test_a_path_that_is_not_ascii_is_sent_percent_quoted_as_requests_quotes_it(httpserver, hook_for):
+    # The event loop's request head once failed to encode it: "could not be made", a campaign's fatal stop.
+    httpserver.expect_oneshot_request("/wä/api/v2/message/", method="POST").respond_with_json(SUCCESS)
+    hook = hook_for(httpserver.url_for("/wä").rstrip("/"))
+    assert hook.send_message(MESSAGE) == "id-1"
+    ((request, _),) = httpserver.log
+    assert request.environ["REQUEST_URI"] == "/w%C3%A4/api/v2/message/"
+
+
+def test_an_international_host_is_named_as_requests_names_it_on_the_event_loop(pepipost_conn):
+    pepipost_conn("https://bücher.example:8443")
+    hook = PepipostHook()
+
+    async def head() -> bytes:
+        try:
+            return hook._loop_client(hook.settings.endpoint)[1]
+        finally:
+            hook.aclose()
+
+    sent_head = asyncio.run(head())
+    assert b"\r\nHost: xn--bcher-kva.example:8443\r\n" in sent_head
+    assert sent_head.startswith(b"POST /api/v2/message/ HTTP/1.1\r\n")
