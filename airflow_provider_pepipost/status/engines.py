@@ -106,8 +106,9 @@ def prebuilt(conn: Connection, name: str, build: Any) -> Any:
 class DriverStatement:
     """A prebuilt statement as the database's own driver runs it.
 
-    On SQLite ``sql`` has a ``?`` per value; on PostgreSQL (psycopg2) it is an INSERT whose VALUES
-    is one ``%s`` for ``psycopg2.extras.execute_values``, with ``template`` the marks of one row.
+    On SQLite ``sql`` has a ``?`` per value; on PostgreSQL (psycopg2) a ``%s`` per value, or for an
+    INSERT, a VALUES that is one ``%s`` for ``psycopg2.extras.execute_values``, with ``template`` the
+    marks of one row.
     ``params``: for each mark, the row's key and SQLAlchemy's conversion of the value (None where
     there is none); or, for a value written in the statement itself, None and that value.
     """
@@ -130,8 +131,8 @@ _NAMED_MARK = re.compile(r"%\((\w+)\)s")
 
 def on_driver(conn: Connection, name: str, build: Any, keys: Sequence[str]) -> DriverStatement | None:
     """The prebuilt statement ``name``, for rows with these ``keys``, compiled once to run on the
-    driver's own cursor (``driver_cursor``): any statement on SQLite, an INSERT on psycopg2; None
-    otherwise.
+    driver's own cursor (``driver_cursor``): any statement on SQLite and on psycopg2 (an INSERT
+    there for ``execute_values``); None otherwise.
 
     For the receiver's commits, which run a few statements for a few rows each: SQLAlchemy's work
     per statement (its execution context, each row's parameters) was about half of a commit's CPU
@@ -158,6 +159,9 @@ def _compile_for_driver(conn: Connection, stmt: Any, keys: Sequence[str]) -> Dri
 
     if dialect.name == "sqlite":
         sql, names, template = compiled.string, list(compiled.positiontup or []), None
+    elif dialect.driver == "psycopg2" and not compiled.isinsert:  # its values in order, as %s marks
+        names = _NAMED_MARK.findall(compiled.string)
+        sql, template = _NAMED_MARK.sub("%s", compiled.string), None
     elif dialect.driver == "psycopg2" and compiled.insert_single_values_expr:
         one_row = f"({compiled.insert_single_values_expr})"  # one row's marks, without their brackets
         if one_row not in compiled.string:

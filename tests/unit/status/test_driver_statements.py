@@ -1,5 +1,6 @@
-"""The receiver's commits on SQLite run their statements on the driver's own cursor
-(``engines.on_driver``): the same rows, the same errors, and the look-ups by index.
+"""The receiver's commits run their statements on the driver's own cursor (``engines.on_driver``;
+every one on SQLite, the inserts and the look-up of unknown sends on psycopg2): the same rows, the
+same errors, and the look-ups by index.
 """
 
 from __future__ import annotations
@@ -97,6 +98,49 @@ def test_an_unknown_send_is_reconciled_beside_many_refused_rows(store_url):
             "accepted",
         )
         assert conn.execute(select(led.c.message_id).where(led.c.idempotency_key == "k3")).scalar() is None
+
+
+def test_unknown_sends_on_postgresql_are_looked_up_by_header(postgres_url):
+    """The look-up takes every header as one array, whatever their number: by the header's index."""
+    store = StatusStore(postgres_url)
+    common = dict(
+        recipient="919800000000", dag_id="d", run_id="r", task_id="t", map_index=-1, sent_at=1.0, updated_at=1.0
+    )
+    refused = [
+        dict(idempotency_key=f"k{i}", api_header=f"x{i}", state="rejected", row_index=i, **common)
+        for i in range(20_000)
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(insert(schema.ledger), refused)
+        conn.exec_driver_sql("ANALYZE pepipost_ledger")
+    with store.engine.connect() as conn:
+        statement = engines.on_driver(conn, "waiting_sends_any", ingest._waiting_sends_any, ("headers", "states"))
+        headers = [f"x{i}" for i in range(0, 20_000, 1000)]
+        plan = " ".join(conn.exec_driver_sql(f"EXPLAIN {statement.sql}", (headers, ["unknown"])).scalars())
+    assert "ix_pepipost_ledger_api_header" in plan, plan
+
+
+def test_more_unknown_sends_in_one_commit_than_one_look_up_held_are_all_reconciled(store_url):
+    """The look-up once went by chunks of 5,000 headers; now by one list (a JSON array on SQLite, an
+    array on PostgreSQL), it must still find every one."""
+    store = StatusStore(store_url)
+    count = engines.ID_CHUNK + 500
+    common = dict(
+        recipient="919800000000", dag_id="d", run_id="r", task_id="t", map_index=-1, sent_at=1.0, updated_at=1.0
+    )
+    with store.engine.begin() as conn:
+        conn.execute(
+            insert(schema.ledger),
+            [
+                dict(idempotency_key=f"u{i}", api_header=f"h-{i}", state="unknown", row_index=i, **common)
+                for i in range(count)
+            ],
+        )
+    events = [event(f"m-{i}", "delivered", api_header=f"h-{i}") for i in range(count)]
+    assert store.ingest_many([WebhookBatch(events=events)])[0].reconciled == count
+    with store.engine.connect() as conn:
+        left = conn.execute(select(schema.ledger.c.idempotency_key).where(schema.ledger.c.message_id.is_(None)))
+        assert left.all() == []
 
 
 def test_a_value_the_conversion_refuses_is_sqlalchemys_statement_error(store_url):
