@@ -65,6 +65,9 @@ CONSENT_CHECK_PATH = "/api/v2/consent/"
 # encoded as UTF-8, at a fifteenth of its CPU (tests/unit/hooks/test_body_encoding.py).
 encode_json = msgspec.json.Encoder().encode
 
+# The ports a request's Host header leaves out, as urllib3 leaves them out.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
 # A Retry-After far beyond our own backoff ceiling is honoured up to this many times the ceiling.
 RETRY_AFTER_CEILING_FACTOR = 10
 
@@ -475,7 +478,10 @@ class PepipostHook(BaseHook):
                 else None,
             )
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            headers = {"Host": parts.netloc.rpartition("@")[2], **self.session.headers}
+            host = parts.netloc.rpartition("@")[2]
+            if parts.port is not None and parts.port == _DEFAULT_PORTS.get(parts.scheme):
+                host = host.rpartition(":")[0]  # as urllib3 names it: no default port
+            headers = {"Host": host, **self.session.headers}
             headers.pop("Accept-Encoding", None)  # the answer is read as it comes, never decoded
             lines = [f"POST {target} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items())]
             head = ("\r\n".join(lines).replace("%", "%%") + "\r\nContent-Length: %d\r\n\r\n").encode("latin-1")

@@ -126,7 +126,7 @@ class DriverStatement:
 
 _PAGE_ROWS = 1000  # rows per INSERT on PostgreSQL, as SQLAlchemy's insertmanyvalues pages them
 _ON_DRIVER: dict[tuple[str, str, str, tuple[str, ...]], DriverStatement | None] = {}
-_NAMED_MARK = re.compile(r"%\((\w+)\)s")
+_NAMED_MARK = re.compile(r"(?<!%)%\((\w+)\)s")  # not a literal "%%(...)s"
 
 
 def on_driver(conn: Connection, name: str, build: Any, keys: Sequence[str]) -> DriverStatement | None:
@@ -160,6 +160,8 @@ def _compile_for_driver(conn: Connection, stmt: Any, keys: Sequence[str]) -> Dri
     if dialect.name == "sqlite":
         sql, names, template = compiled.string, list(compiled.positiontup or []), None
     elif dialect.driver == "psycopg2" and not compiled.isinsert:  # its values in order, as %s marks
+        if "POSTCOMPILE" in compiled.string:  # an expanding IN: SQLAlchemy writes its marks per call
+            return None
         names = _NAMED_MARK.findall(compiled.string)
         sql, template = _NAMED_MARK.sub("%s", compiled.string), None
     elif dialect.driver == "psycopg2" and compiled.insert_single_values_expr:

@@ -16,6 +16,7 @@ import resource
 import shutil
 import sys
 import tempfile
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -81,8 +82,8 @@ def serve(argv: list[str] | None = None) -> None:
 
 
 def _seconds(text: str) -> float:
-    """An option's number of seconds: above 0."""
-    value = float(text)
+    """An option's number of seconds: finite, above 0."""
+    value = _number(text, float, "a finite number of seconds above 0")
     if problem := seconds_problem(value):
         raise argparse.ArgumentTypeError(problem)
     return value
@@ -90,18 +91,34 @@ def _seconds(text: str) -> float:
 
 def _seconds_or_none(text: str) -> float:
     """An option's number of seconds that may be 0 (none): finite, not negative."""
-    value = float(text)
+    value = _number(text, float, "a finite number of seconds, 0 or above")
     if not 0 <= value < math.inf:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or above, not {value!r}")
+    return value
+
+
+def _linger(text: str) -> float:
+    """--commit-linger: 0 or above; infinite means as long as the last commit took (its bound)."""
+    value = _number(text, float, "a number of seconds, 0 or above")
+    if not value >= 0:  # also NaN
         raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or above, not {value!r}")
     return value
 
 
 def _count(text: str) -> int:
     """An option's count or size: a whole number above 0."""
-    value = int(text)
+    value = _number(text, int, "a whole number above 0")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number above 0, not {value}")
     return value
+
+
+def _number(text: str, kind: type[float] | type[int], wanted: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        # argparse would name this function ("invalid _count value"): say what the option wants.
+        raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}") from None
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -123,7 +140,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--body-timeout", type=_seconds, default=DEFAULT_BODY_TIMEOUT, help="seconds for a request body"
     )
-    parser.add_argument("--keep-alive", type=_seconds, default=DEFAULT_KEEP_ALIVE, help="idle seconds between requests")
+    parser.add_argument(
+        "--keep-alive", type=_seconds_or_none, default=DEFAULT_KEEP_ALIVE, help="idle seconds between requests; 0: none"
+    )
     parser.add_argument(
         "--limit-concurrency",
         type=_count,
@@ -139,7 +158,7 @@ def _serve_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--commit-linger",
-        type=_seconds_or_none,
+        type=_linger,
         default=DEFAULT_COMMIT_LINGER,
         help="seconds a group commit may wait for more bodies when the last one carried several (never longer "
         "than it took); default 0: commit at once. Pays only when the receiver's CPU is the bottleneck",

@@ -8,6 +8,7 @@ environment (``from_env``); the plugin inside Airflow's API server reads the env
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -98,9 +99,9 @@ class ReceiverSettings:
 
 
 def seconds_problem(value: float) -> str | None:
-    """Why ``value`` is no time limit (not above 0, or not a number at all), or None when it is one."""
-    if not value > 0:  # also NaN, which compares false with everything: a deadline never reached
-        return f"must be a number of seconds above 0, not {value!r}"
+    """Why ``value`` is no time limit (not above 0, infinite, or not a number at all), or None when it is one."""
+    if not 0 < value < math.inf:  # also NaN, which compares false with everything: a deadline never reached
+        return f"must be a finite number of seconds above 0, not {value!r}"
     return None
 
 

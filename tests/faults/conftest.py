@@ -19,7 +19,7 @@ def transports_to_run() -> list[str]:
     unknown = [name for name in chosen if name not in TRANSPORTS]
     if unknown:
         raise pytest.UsageError(f"PEPIPOST_TEST_TRANSPORTS: {', '.join(unknown)} is not one of {', '.join(TRANSPORTS)}")
-    return chosen
+    return list(dict.fromkeys(chosen))  # each once, however often named
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

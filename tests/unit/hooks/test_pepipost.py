@@ -429,3 +429,26 @@ def test_an_international_host_is_named_as_requests_names_it_on_the_event_loop(p
     sent_head = asyncio.run(head())
     assert b"\r\nHost: xn--bcher-kva.example:8443\r\n" in sent_head
     assert sent_head.startswith(b"POST /api/v2/message/ HTTP/1.1\r\n")
+
+
+@pytest.mark.parametrize(
+    ("base_url", "host"),
+    [
+        ("http://127.0.0.1:80", "127.0.0.1"),
+        ("https://waapi.example.test:443", "waapi.example.test"),
+        ("https://waapi.example.test:8443", "waapi.example.test:8443"),
+        ("http://[::1]:80", "[::1]"),
+        ("http://[::1]:8080", "[::1]:8080"),
+    ],
+)
+def test_the_event_loop_names_the_host_as_urllib3_names_it(base_url, host, pepipost_conn):
+    pepipost_conn(base_url)
+    hook = PepipostHook()
+
+    async def head() -> bytes:
+        try:
+            return hook._loop_client(hook.settings.endpoint)[1]
+        finally:
+            hook.aclose()
+
+    assert f"\r\nHost: {host}\r\n".encode() in asyncio.run(head())

@@ -176,3 +176,22 @@ def test_one_process_ingests_through_psycopg2_then_psycopg(postgres_url):
         engines.dispose_engine(psycopg3_url)
     assert (first.accepted, second.accepted) == (1, 1)
     assert StatusStore(postgres_url).count_rows("pepipost_events") == 2
+
+
+def test_a_statement_psycopg2_cannot_run_as_compiled_stays_with_sqlalchemy():
+    """An expanding IN gets its marks per call, and a literal '%(x)s' is no mark."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import bindparam, literal_column
+    from sqlalchemy.dialects.postgresql import psycopg2
+
+    on_psycopg2 = SimpleNamespace(dialect=psycopg2.dialect())
+    led = schema.ledger
+    expanding = select(led.c.idempotency_key).where(led.c.api_header.in_(bindparam("headers", expanding=True)))
+    assert engines._compile_for_driver(on_psycopg2, expanding, ("headers",)) is None
+    quoted = select(led.c.idempotency_key).where(
+        led.c.api_header == bindparam("header"), led.c.recipient != literal_column("'%(x)s'")
+    )
+    statement = engines._compile_for_driver(on_psycopg2, quoted, ("header",))
+    assert statement.values({"header": "h"}) == ("h",)
+    assert statement.sql.count("%s") == 1 and "%%(x)s" in statement.sql

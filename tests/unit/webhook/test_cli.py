@@ -3,6 +3,7 @@ settings reach the worker processes through the environment."""
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 
@@ -74,11 +75,13 @@ def test_a_body_timeout_that_is_no_time_limit_is_refused_naming_the_option(given
     ("option", "given"),
     [
         ("--head-timeout", "nan"),  # a stalled client's head would be waited for forever
+        ("--head-timeout", "inf"),
         ("--head-timeout", "0"),
+        ("--body-timeout", "inf"),
         ("--keep-alive", "nan"),
+        ("--keep-alive", "inf"),
         ("--keep-alive", "-5"),
         ("--commit-linger", "nan"),
-        ("--commit-linger", "inf"),
         ("--commit-linger", "-0.1"),
         ("--max-body-bytes", "0"),
         ("--max-queued-bodies", "0"),
@@ -95,3 +98,15 @@ def test_a_limit_that_is_no_limit_is_refused_naming_the_option(option, given, ca
 def test_the_limits_take_the_values_they_mean():
     args = parsed("--head-timeout", "0.5", "--keep-alive", "30", "--commit-linger", "0", "--workers", "2")
     assert (args.head_timeout, args.keep_alive, args.commit_linger, args.workers) == (0.5, 30.0, 0.0, 2)
+    # uvicorn closes the connection after each answer at 0; a linger is bounded by the last commit's time.
+    assert (parsed("--keep-alive", "0").keep_alive, parsed("--commit-linger", "inf").commit_linger) == (0.0, math.inf)
+
+
+@pytest.mark.parametrize(
+    "option", ["--workers", "--max-body-bytes", "--head-timeout", "--keep-alive", "--commit-linger"]
+)
+def test_a_value_that_is_no_number_is_refused_saying_what_the_option_wants(option, capsys):
+    with pytest.raises(SystemExit):
+        parsed(option, "abc")
+    err = capsys.readouterr().err
+    assert f"argument {option}: must be a" in err and "'abc'" in err and "invalid" not in err
