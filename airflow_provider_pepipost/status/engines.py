@@ -20,6 +20,11 @@ from sqlalchemy.engine import make_url
 T = TypeVar("T")
 ID_CHUNK = 5000
 
+# Seconds to open a connection to a PostgreSQL store (libpq's connect_timeout) unless the URL says
+# (?connect_timeout=N): without one, a server that takes the connection and never answers holds
+# the task, or the receiver's commit, for as long as the kernel keeps the socket.
+PG_CONNECT_TIMEOUT = 10
+
 _ENGINES: dict[str, Engine] = {}
 _WRITE_LOCKS: dict[str, threading.Lock] = {}
 _LOCK = threading.Lock()
@@ -59,6 +64,7 @@ def get_engine(url: str) -> Engine:
                 # psycopg2 runs an executemany UPDATE (the ledger's outcomes) one round trip per
                 # row; execute_batch pages them.
                 batch = {"executemany_mode": "values_plus_batch"} if parsed.get_driver_name() == "psycopg2" else {}
+                timeout = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT}
                 engine = create_engine(
                     url,
                     pool_size=8,
@@ -66,6 +72,7 @@ def get_engine(url: str) -> Engine:
                     pool_pre_ping=True,
                     pool_timeout=60,
                     hide_parameters=True,
+                    connect_args=timeout,
                     **batch,
                 )
             _ENGINES[url] = engine

@@ -102,6 +102,7 @@ def connection_to_url(conn: Any, conn_id: str) -> str:
         return f"sqlite:///{path}"
     if conn.password:
         _mask(conn.password)
+    extra = conn.extra_dejson or {}
     url = URL.create(
         driver,
         username=conn.login or None,
@@ -109,8 +110,17 @@ def connection_to_url(conn: Any, conn_id: str) -> str:
         host=conn.host or None,
         port=conn.port or None,
         database=conn.schema or None,
+        query={name: str(extra[name]) for name in LIBPQ_EXTRAS if extra.get(name) not in (None, "")},
     )
     return url.render_as_string(hide_password=False)
+
+
+# The extras of a postgres connection that libpq reads (as Airflow's postgres provider passes them):
+# TLS to a database on another machine, how long to try, what the server sees.
+LIBPQ_EXTRAS = (
+    "sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "connect_timeout", "application_name",
+    "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "target_session_attrs", "options",
+)  # fmt: skip
 
 
 def _mask(secret: str) -> None:

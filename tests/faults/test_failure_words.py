@@ -5,6 +5,8 @@ an unreachable store named. Through the operators, against the sandbox on loopba
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import pytest
 from pytest_httpserver import HTTPServer
@@ -131,3 +133,25 @@ def test_a_json_lines_file_without_a_number_key_says_so_once(tmp_path, sandbox, 
         "first row of the JSON Lines file" in text and "(line 1)" in text and "its keys are ['phone', 'name']" in text
     )
     assert text.count("recipient_whatsapp") == 1 and sandbox.state.requests == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_store_server_that_never_answers_is_given_up_on_after_the_connect_timeout(monkeypatch):
+    """A server that takes the connection and says nothing (a hung database, a half-open proxy):
+    without a connect timeout the task waited as long as the kernel kept the socket."""
+    from airflow_provider_pepipost.status import engines
+    from airflow_provider_pepipost.status.store import StatusStore
+
+    monkeypatch.setattr(engines, "PG_CONNECT_TIMEOUT", 1, raising=False)
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody ever answers
+    try:
+        url = f"postgresql+psycopg2://pepipost:s3cret-pw@127.0.0.1:{silent.getsockname()[1]}/store"
+        started = time.monotonic()
+        with pytest.raises(StatusStoreUnavailable) as raised:
+            StatusStore(url)
+        waited = time.monotonic() - started
+    finally:
+        silent.close()
+        engines.dispose_engine(url)
+    assert waited < 10, f"gave up only after {waited:.1f} s"
+    assert "timeout expired" in str(raised.value) and "s3cret-pw" not in str(raised.value)

@@ -69,3 +69,35 @@ def test_a_connection_that_cannot_name_a_store_is_a_clear_error(monkeypatch, con
     monkeypatch.setenv("AIRFLOW_CONN_BAD_STORE", json.dumps(conn))
     with pytest.raises(PepipostConfigError, match=expected):
         resolve_store_url("bad_store")
+
+
+def test_a_postgres_connection_passes_libpq_extras_such_as_tls(monkeypatch):
+    """A store on another machine wants TLS (sslmode=verify-full) and its own connect timeout."""
+    extra = {"sslmode": "verify-full", "sslrootcert": "/etc/ssl/db-ca.pem", "connect_timeout": 3, "cursor": "dict"}
+    monkeypatch.setenv("AIRFLOW_CONN_STORE_PG", json.dumps({**POSTGRES, "schema": "campaigns", "extra": extra}))
+    assert resolve_store_url("store_pg") == (
+        "postgresql+psycopg2://pp:s3cr3t-pw@db.internal:5433/campaigns"
+        "?connect_timeout=3&sslmode=verify-full&sslrootcert=%2Fetc%2Fssl%2Fdb-ca.pem"
+    )
+
+
+def test_the_tls_extras_reach_the_driver(monkeypatch, tmp_path, postgres_server_url):
+    """Not only written into the URL: libpq reads them (a root certificate that is not there fails
+    the connection, saying so, whether or not the server speaks TLS)."""
+    from sqlalchemy.engine import make_url
+
+    from airflow_provider_pepipost.errors import StatusStoreUnavailable
+    from airflow_provider_pepipost.status.engines import dispose_engine
+    from airflow_provider_pepipost.status.store import open_store
+
+    server = make_url(postgres_server_url)
+    missing = tmp_path / "no-such-ca.pem"
+    conn = {"conn_type": "postgres", "host": server.host, "port": server.port, "login": server.username,
+            "schema": server.database, "extra": {"sslmode": "verify-full", "sslrootcert": str(missing)}}  # fmt: skip
+    monkeypatch.setenv("AIRFLOW_CONN_STORE_TLS", json.dumps(conn))
+    try:
+        with pytest.raises(StatusStoreUnavailable, match=r"(?i)ssl|certificate") as raised:
+            open_store("store_tls")
+    finally:
+        dispose_engine(resolve_store_url("store_tls"))
+    assert "could not be opened" in str(raised.value)
