@@ -27,7 +27,7 @@ from airflow_provider_pepipost.status.model import (
 from airflow_provider_pepipost.status.reports import check_rate_card, price
 from airflow_provider_pepipost.status.store import open_store
 from airflow_provider_pepipost.triggers.status import WhatsAppMessageStatusTrigger
-from airflow_provider_pepipost.version_compat import AirflowFailException, AirflowSensorTimeout
+from airflow_provider_pepipost.version_compat import AirflowFailException, AirflowSensorTimeout, AirflowSkipException
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -179,6 +179,11 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
             except WhatsAppDeliveryFailed:
                 self._verdict(reached=False)
                 raise
+            except AirflowSkipException as err:  # soft_fail or never_fail made a timeout or a failure a skip
+                self._verdict(reached=False)
+                cause = err.__cause__ if isinstance(err.__cause__, WhatsAppDeliveryFailed) else None
+                self.log.warning("Skipped: %s", cause or self.timeout_message())
+                raise
             self._verdict(reached=True, since=since)
             self._emit(context, summary)
             return summary
@@ -228,6 +233,14 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
             counts: dict[str, Any] = {k: summary[k] for k in kept if k in summary}
             emit(context, self.delivery_asset, {"target_status": self.target_status, **counts})
 
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
+        if next_method == TRIGGER_FAILED:
+            # Airflow ended the deferral itself (its timeout came before the trigger's deadline, or
+            # the trigger failed): no event reached execute_complete, which gives every other verdict.
+            self._verdict(reached=False)
+            self.log.warning("The wait ended without a verdict from the trigger: %s", self.timeout_message())
+        return super().resume_execution(next_method, next_kwargs, context)
+
     def execute_complete(
         self, context: Context, event: dict[str, Any], waiting_since: float | None = None
     ) -> dict[str, Any]:
@@ -244,6 +257,11 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
             self._verdict(reached=False)
             raise AirflowSensorTimeout(self.timeout_message(event["summary"]))
         raise RuntimeError(f"the status trigger stopped: {event.get('reason')}")
+
+
+# The method Airflow resumes a deferred task with when the deferral ended in failure (its timeout,
+# or a trigger that raised): airflow.sdk.bases.operator.TRIGGER_FAIL_REPR on every supported line.
+TRIGGER_FAILED = "__fail__"
 
 
 def _utc(epoch: float) -> str:
