@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, or_, select
@@ -246,10 +247,11 @@ def _add_times(conn: Connection, where: Any, report: CampaignReport) -> None:
         report.to_delivered, report.to_read = _latency([]), _latency([])
         report.timeline, report.timeline_step = _timeline([])
         return
-    to_delivered, to_read, delivered_at = zip(*found, strict=True)
-    report.to_delivered = _latency([max(seconds, 0.0) for seconds in to_delivered])
-    report.to_read = _latency([max(seconds, 0.0) for seconds in to_read if seconds is not None])
-    report.timeline, report.timeline_step = _timeline(list(delivered_at))
+    # Column by column with itemgetter: for 100,000 rows zip(*found) and a max() per value took a
+    # third of the report (bench/campaign_page.py).
+    report.to_delivered = _latency(list(map(itemgetter(0), found)))
+    report.to_read = _latency([seconds for seconds in map(itemgetter(1), found) if seconds is not None])
+    report.timeline, report.timeline_step = _timeline(list(map(itemgetter(2), found)))
 
 
 def _add_failed_recipients(conn: Connection, where: Any, report: CampaignReport, text: Any) -> None:
@@ -337,9 +339,12 @@ def _percentile(sorted_values: list[float], share: float) -> float:
 
 
 def _latency(values: list[float]) -> Latency:
+    """Seconds from send to a report (sorted in place); a negative one, two clocks disagreeing, counts as 0."""
     if not values:
         return Latency()
     values.sort()
+    negative = bisect.bisect_left(values, 0.0)  # they sort first: clamped there, the order holds
+    values[:negative] = [0.0] * negative
     # Sorted: each bar's end is one bisection, not one comparison per value.
     ends = [bisect.bisect_left(values, bound) for bound in LATENCY_BUCKETS]
     counts = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)] + [len(values) - ends[-1]]
@@ -360,11 +365,17 @@ def _timeline(times: list[float]) -> tuple[list[tuple[float, int]], float]:
     """Deliveries per bar, ``TIMELINE_BARS`` bars from the first delivery to the last."""
     if not times:
         return [], 0.0
-    start, end = min(times), max(times)
+    times.sort()
+    start, end = times[0], times[-1]
     step = max((end - start) / TIMELINE_BARS, 1.0)
-    last = TIMELINE_BARS - 1
-    bars = Counter([min(int((t - start) // step), last) for t in times])
-    return [(start + i * step, bars[i]) for i in range(TIMELINE_BARS)], step
+
+    def bar(t: float) -> int:  # a time's bar, past the last one for the end itself
+        return int((t - start) // step)
+
+    # Sorted, each bar's end is one bisection by the same rule, not a division per time.
+    ends = [bisect.bisect_left(times, i, key=bar) for i in range(1, TIMELINE_BARS)] + [len(times)]
+    counts = [end - begin for begin, end in zip([0, *ends[:-1]], ends, strict=True)]
+    return [(start + i * step, counts[i]) for i in range(TIMELINE_BARS)], step
 
 
 EXPORT_COLUMNS = (
