@@ -175,14 +175,17 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
                 summary = super().execute(context)
             except AirflowSensorTimeout as err:
                 self._verdict(reached=False)
-                raise AirflowSensorTimeout(self.timeout_message()) from err
+                raise AirflowSensorTimeout(self._timeout_explained()) from err
             except WhatsAppDeliveryFailed:
                 self._verdict(reached=False)
                 raise
-            except AirflowSkipException as err:  # soft_fail or never_fail made a timeout or a failure a skip
-                self._verdict(reached=False)
-                cause = err.__cause__ if isinstance(err.__cause__, WhatsAppDeliveryFailed) else None
-                self.log.warning("Skipped: %s", cause or self.timeout_message())
+            except AirflowSkipException as err:
+                # soft_fail or never_fail made a skip of the timeout (no cause, or the timeout) or of
+                # too many failures: verdicts. Of anything else (never_fail, a store that is down): none.
+                cause = err.__cause__
+                if cause is None or isinstance(cause, (AirflowSensorTimeout, WhatsAppDeliveryFailed)):
+                    self._verdict(reached=False)
+                    self.log.warning("Skipped: %s", cause if cause is not None else self._timeout_explained())
                 raise
             self._verdict(reached=True, since=since)
             self._emit(context, summary)
@@ -234,12 +237,28 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
             emit(context, self.delivery_asset, {"target_status": self.target_status, **counts})
 
     def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
-        if next_method == TRIGGER_FAILED:
-            # Airflow ended the deferral itself (its timeout came before the trigger's deadline, or
-            # the trigger failed): no event reached execute_complete, which gives every other verdict.
+        if next_method == TRIGGER_FAILED and (next_kwargs or {}).get("error") == TRIGGER_TIMEOUT:
+            # Airflow's timeout of the deferral came before the trigger's own deadline: no event
+            # reached execute_complete, which gives every other verdict. (A trigger that failed is
+            # no verdict: Airflow logs its traceback.)
             self._verdict(reached=False)
-            self.log.warning("The wait ended without a verdict from the trigger: %s", self.timeout_message())
+            explained = self._timeout_explained()
+            try:
+                return super().resume_execution(next_method, next_kwargs, context)
+            except AirflowSensorTimeout as err:
+                raise AirflowSensorTimeout(explained) from err
+            except AirflowSkipException:  # soft_fail or never_fail
+                self.log.warning("Skipped: %s", explained)
+                raise
         return super().resume_execution(next_method, next_kwargs, context)
+
+    def _timeout_explained(self, summary: dict[str, Any] | None = None) -> str:
+        """``timeout_message``, or, when the store cannot be read for it, the timeout alone: the
+        explanation never stands in for the error or the skip it explains."""
+        try:
+            return self.timeout_message(summary)
+        except Exception as err:
+            return f"timed out after {self.timeout:g}s (the status store could not be read to say more: {err})"
 
     def execute_complete(
         self, context: Context, event: dict[str, Any], waiting_since: float | None = None
@@ -255,13 +274,14 @@ class WhatsAppMessageStatusSensor(BaseSensorOperator):
             raise WhatsAppDeliveryFailed(event["reason"])
         if event.get("status") == "timeout":
             self._verdict(reached=False)
-            raise AirflowSensorTimeout(self.timeout_message(event["summary"]))
+            raise AirflowSensorTimeout(self._timeout_explained(event["summary"]))
         raise RuntimeError(f"the status trigger stopped: {event.get('reason')}")
 
 
 # The method Airflow resumes a deferred task with when the deferral ended in failure (its timeout,
 # or a trigger that raised): airflow.sdk.bases.operator.TRIGGER_FAIL_REPR on every supported line.
 TRIGGER_FAILED = "__fail__"
+TRIGGER_TIMEOUT = "Trigger timeout"  # its error then (airflow.sdk.bases.operator.TriggerFailureReason)
 
 
 def _utc(epoch: float) -> str:

@@ -110,9 +110,25 @@ def connection_to_url(conn: Any, conn_id: str) -> str:
         host=conn.host or None,
         port=conn.port or None,
         database=conn.schema or None,
-        query={name: str(extra[name]) for name in LIBPQ_EXTRAS if extra.get(name) not in (None, "")},
+        query=_libpq_query(extra, conn_id),
     )
     return url.render_as_string(hide_password=False)
+
+
+def _libpq_query(extra: dict[str, Any], conn_id: str) -> dict[str, str]:
+    """The connection's libpq extras as the URL's query: a flag as 1 or 0, as libpq reads it."""
+    query = {}
+    for name in LIBPQ_EXTRAS:
+        value = extra.get(name)
+        if value is None or value == "":
+            continue
+        if isinstance(value, (dict, list)):
+            raise PepipostConfigError(
+                f"connection '{conn_id}': extra {name!r} must be a string or a number (libpq reads it as "
+                f"text), not {type(value).__name__}"
+            )
+        query[name] = str(int(value)) if isinstance(value, bool) else str(value)
+    return query
 
 
 # The extras of a postgres connection that libpq reads (as Airflow's postgres provider passes them):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from airflow.models.trigger import TriggerFailureReason  # what the scheduler resumes a failed deferral with
 
 from airflow_provider_pepipost.sensors.whatsapp import WhatsAppMessageStatusSensor
 from airflow_provider_pepipost.status.model import DeliveryEvent
@@ -103,7 +104,7 @@ def test_airflows_own_deferral_timeout_counts_as_not_reached(soft_fail, raised, 
         deferrable=True, soft_fail=soft_fail,
     )  # fmt: skip
     with pytest.raises(raised):
-        waiting.resume_execution("__fail__", {"error": "Trigger timeout"}, {})  # TriggerFailureReason
+        waiting.resume_execution("__fail__", {"error": TriggerFailureReason.TRIGGER_TIMEOUT}, {})
     assert verdicts == ["not_reached"]
 
 
@@ -114,4 +115,39 @@ def test_the_triggers_own_timeout_is_counted_once(use_store, sqlite_url, verdict
     summary = {"total": 1, "counts": {}, "pending": 1, "unknown": 0}
     with pytest.raises(AirflowSensorTimeout):
         waiting.resume_execution("execute_complete", {"event": {"status": "timeout", "summary": summary}}, {})
+    assert verdicts == ["not_reached"]
+
+
+def test_a_skip_of_anything_else_is_no_verdict_and_stays_a_skip(verdicts, use_store, sqlite_url):
+    """never_fail skips any error of a poke: a store that cannot be read is no delivery verdict, and
+    explaining the timeout (which reads the store) must not turn the skip back into that error."""
+    waiting = WhatsAppMessageStatusSensor(
+        task_id="wait", message_ids=["m1"], status_store_conn_id="no_such_store", timeout=5, never_fail=True
+    )
+    with pytest.raises(AirflowSkipException):
+        waiting.execute({})
+    empty = WhatsAppMessageStatusSensor(  # nothing to wait for: a bad argument, skipped under soft_fail
+        task_id="wait", message_ids=[], status_store_conn_id=use_store(sqlite_url), timeout=5, soft_fail=True
+    )
+    with pytest.raises(AirflowSkipException):
+        empty.execute({})
+    assert verdicts == []
+
+
+def test_a_failed_trigger_is_no_verdict_and_soft_fail_still_skips_it(verdicts):
+    waiting = WhatsAppMessageStatusSensor(
+        task_id="wait", message_ids=["m1"], status_store_conn_id="no_such_store", timeout=5,
+        deferrable=True, soft_fail=True,
+    )  # fmt: skip
+    with pytest.raises(AirflowSkipException):
+        waiting.resume_execution("__fail__", {"error": TriggerFailureReason.TRIGGER_FAILURE}, {})
+    assert verdicts == []
+
+
+def test_a_timeout_is_still_a_timeout_when_the_store_cannot_be_read_to_explain_it(verdicts):
+    waiting = WhatsAppMessageStatusSensor(
+        task_id="wait", message_ids=["m1"], status_store_conn_id="no_such_store", timeout=5, deferrable=True
+    )
+    with pytest.raises(AirflowSensorTimeout, match=r"timed out after 5s \(the status store could not be read"):
+        waiting.resume_execution("__fail__", {"error": TriggerFailureReason.TRIGGER_TIMEOUT}, {})
     assert verdicts == ["not_reached"]

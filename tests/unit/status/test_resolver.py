@@ -101,3 +101,14 @@ def test_the_tls_extras_reach_the_driver(monkeypatch, tmp_path, postgres_server_
     finally:
         dispose_engine(resolve_store_url("store_tls"))
     assert "could not be opened" in str(raised.value)
+
+
+def test_libpq_extras_are_given_as_libpq_reads_them(monkeypatch):
+    """A JSON true is libpq's 1 (it refuses "True"); a mapping is no libpq value, and is refused by name."""
+    extra = {"keepalives": True, "keepalives_idle": 30}
+    monkeypatch.setenv("AIRFLOW_CONN_STORE_PG", json.dumps({**POSTGRES, "schema": "c", "extra": extra}))
+    assert resolve_store_url("store_pg").endswith("/c?keepalives=1&keepalives_idle=30")
+    extra = {"options": {"statement_timeout": 5}}
+    monkeypatch.setenv("AIRFLOW_CONN_STORE_PG", json.dumps({**POSTGRES, "schema": "c", "extra": extra}))
+    with pytest.raises(PepipostConfigError, match="connection 'store_pg': extra 'options' must be a string"):
+        resolve_store_url("store_pg")
