@@ -24,6 +24,7 @@ import requests
 from airflow.sdk import BaseHook
 from requests.adapters import HTTPAdapter
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from urllib3.connection import port_by_scheme
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
 
 from airflow_provider_pepipost import limits
@@ -64,9 +65,6 @@ CONSENT_CHECK_PATH = "/api/v2/consent/"
 # A request body as bytes: the bytes json.dumps(separators=(",", ":"), ensure_ascii=False) gives,
 # encoded as UTF-8, at a fifteenth of its CPU (tests/unit/hooks/test_body_encoding.py).
 encode_json = msgspec.json.Encoder().encode
-
-# The ports a request's Host header leaves out, as urllib3 leaves them out.
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # A Retry-After far beyond our own backoff ceiling is honoured up to this many times the ceiling.
 RETRY_AFTER_CEILING_FACTOR = 10
@@ -479,7 +477,7 @@ class PepipostHook(BaseHook):
             )
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             host = parts.netloc.rpartition("@")[2]
-            if parts.port is not None and parts.port == _DEFAULT_PORTS.get(parts.scheme):
+            if parts.port is not None and parts.port == port_by_scheme.get(parts.scheme):
                 host = host.rpartition(":")[0]  # as urllib3 names it: no default port
             headers = {"Host": host, **self.session.headers}
             headers.pop("Accept-Encoding", None)  # the answer is read as it comes, never decoded

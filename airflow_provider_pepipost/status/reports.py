@@ -347,7 +347,7 @@ def _latency(values: list[float]) -> Latency:
     values[:negative] = [0.0] * negative
     # Sorted: each bar's end is one bisection, not one comparison per value.
     ends = [bisect.bisect_left(values, bound) for bound in LATENCY_BUCKETS]
-    counts = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)] + [len(values) - ends[-1]]
+    counts = _sizes([*ends, len(values)])
     labels = [f"< {_duration(b)}" for b in LATENCY_BUCKETS] + [f"≥ {_duration(LATENCY_BUCKETS[-1])}"]
     histogram = list(zip(labels, counts, strict=True))
     return Latency(len(values), _percentile(values, 0.5), _percentile(values, 0.9), histogram)
@@ -373,9 +373,14 @@ def _timeline(times: list[float]) -> tuple[list[tuple[float, int]], float]:
         return int((t - start) // step)
 
     # Sorted, each bar's end is one bisection by the same rule, not a division per time.
-    ends = [bisect.bisect_left(times, i, key=bar) for i in range(1, TIMELINE_BARS)] + [len(times)]
-    counts = [end - begin for begin, end in zip([0, *ends[:-1]], ends, strict=True)]
+    ends = [bisect.bisect_left(times, i, key=bar) for i in range(1, TIMELINE_BARS)]
+    counts = _sizes([*ends, len(times)])
     return [(start + i * step, counts[i]) for i in range(TIMELINE_BARS)], step
+
+
+def _sizes(ends: list[int]) -> list[int]:
+    """The sizes of consecutive slices of a sorted list, from 0 to each end in turn."""
+    return [end - begin for begin, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 EXPORT_COLUMNS = (
