@@ -28,7 +28,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from airflow_provider_pepipost.status.inbound import DeadLetter, WebhookBatch
+from airflow_provider_pepipost.status.ingest import IngestResult
 from airflow_provider_pepipost.status.store import StatusStore, open_store
+from airflow_provider_pepipost.status.wal import checkpoints_for
 from airflow_provider_pepipost.webhook.approvals import ApprovalResponder
 from airflow_provider_pepipost.webhook.batching import IngestQueue, QueueFull
 from airflow_provider_pepipost.webhook.deadlines import Deadlines
@@ -86,10 +88,28 @@ class JSONAnswer:
         self.body = _ENCODER.encode(content).encode()
         self.status_code = status_code
 
+    @classmethod
+    def counts(cls, result: IngestResult) -> JSONAnswer:
+        """A stored body's answer, its counts: encoded once for each set of counts (they repeat)."""
+        key = tuple(result.__dict__.values())
+        body = _COUNTS_ANSWERS.get(key)
+        if body is None:
+            if len(_COUNTS_ANSWERS) >= _COUNTS_ANSWERS_KEPT:
+                _COUNTS_ANSWERS.clear()
+            body = _COUNTS_ANSWERS[key] = _ENCODER.encode(result.to_dict()).encode()
+        answer = cls.__new__(cls)
+        answer.body, answer.status_code = body, 200
+        return answer
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(b"content-length", b"%d" % len(self.body)), (b"content-type", b"application/json")]
         await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})
+
+
+# The answers of stored bodies, by their counts: one-event bodies have a handful of answers.
+_COUNTS_ANSWERS: dict[tuple[int, ...], bytes] = {}
+_COUNTS_ANSWERS_KEPT = 256
 
 
 _BODY_DEADLINES = Deadlines()
@@ -232,11 +252,16 @@ class Receiver:
             linger=settings.commit_linger,
         )
         self.approvals = ApprovalResponder(self.store, settings.airflow_api_conn_id)
+        queue = self.queue
+        self._queue_scraped = self.metrics.follow_queue(lambda: queue.held_bodies, lambda: queue.held_bytes)
 
     def store(self) -> StatusStore:
         # Opened, and its URL resolved, on first use: importing the plugin must not touch a database.
         if self._store is None:
-            self._store = open_store(self.settings.store_conn_id, url=self.settings.store_url)
+            store = open_store(self.settings.store_conn_id, url=self.settings.store_url)
+            if store.is_sqlite:  # its log checkpointed beside the commits rather than inside one
+                checkpoints_for(store.engine)
+            self._store = store
         return self._store
 
     def refuse(self, request: Request, status: int, detail: str, reason: str, **headers: str) -> HTTPException:
@@ -247,8 +272,9 @@ class Receiver:
         return HTTPException(status, detail, headers=headers or None)
 
     def show_queue(self) -> None:
-        """The ingest queue's bodies and bytes, in the metrics."""
-        self.metrics.queue_now(self.queue.held_bodies, self.queue.held_bytes)
+        """The ingest queue's bodies and bytes, in the metrics (unless a scrape reads them itself)."""
+        if not self._queue_scraped:
+            self.metrics.queue_now(self.queue.held_bodies, self.queue.held_bytes)
 
     def token_ok(self, request: Request, headers: dict[bytes, str] | None = None) -> bool:
         if headers is None:
@@ -373,7 +399,7 @@ class Receiver:
         if batch.dead_letters:
             self.dead_lettered("Pepipost webhook: %d item(s) kept as dead letters: %s", batch.dead_letter_items,
                                capped(batch.dead_letters[0].reason))  # fmt: skip
-        return JSONAnswer(result.to_dict())
+        return JSONAnswer.counts(result)
 
     def facts(self) -> dict[str, Any]:
         """Is the vendor reaching this receiver? What ``/status`` answers (a blocking read)."""

@@ -9,8 +9,10 @@ import sqlite3
 import pytest
 import requests
 
+from airflow_provider_pepipost.status import wal
+from airflow_provider_pepipost.status.ingest import IngestResult
 from airflow_provider_pepipost.status.store import StatusStore
-from airflow_provider_pepipost.webhook.app import create_app
+from airflow_provider_pepipost.webhook.app import JSONAnswer, create_app
 from tests.conftest import WEBHOOK_TOKEN
 from tests.helpers import ServedApp, wait_until
 from tests.store_reads import current_status, dead_letters
@@ -330,3 +332,26 @@ def test_a_client_gone_in_the_middle_of_its_body_gets_nothing_stored_and_no_erro
         assert post(f"{served.url}/pepipost/webhook", {"delivery_status": [report("after", "read")]}).ok
     assert StatusStore(sqlite_url).count_rows("pepipost_events") == 1  # only the report sent whole
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_each_stored_bodys_answer_holds_its_own_counts_however_many_sets_of_counts_came_before():
+    """The answers are encoded once per set of counts: 600 sets (past the 256 kept) and each again."""
+    results = [
+        IngestResult(accepted=n % 7, duplicates=n // 7, dead_letters=n % 3, reconciled=n % 2) for n in range(600)
+    ]
+    for result in results + results[::-1]:
+        answer = JSONAnswer.counts(result)
+        assert answer.status_code == 200
+        assert json.loads(answer.body) == result.to_dict()
+
+
+def test_the_receiver_checkpoints_a_sqlite_stores_log_beside_its_commits(sqlite_url):
+    """Not inside a commit, where every request of that commit waited for it (status.wal)."""
+    with ServedApp(create_app(sqlite_url, WEBHOOK_TOKEN)) as served:
+        for n in range(3):
+            assert post(f"{served.url}/pepipost/webhook", {"delivery_status": [report(f"w{n}", "read")]}).ok
+        checkpoints = wal._ATTACHED.get(StatusStore(sqlite_url).engine)
+        assert checkpoints is not None, "the receiver's store has no checkpoints of its own"
+        assert wait_until(lambda: checkpoints.checkpoints >= 1, timeout=10)
+        with StatusStore(sqlite_url).engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == wal.BACKSTOP_PAGES
