@@ -4,10 +4,12 @@ SQLite copies its log back into the database (a checkpoint) inside the commit th
 past ``wal_autocheckpoint`` pages (1,000 by default): under the receiver's load one commit in about
 seventy took 6-7 ms instead of 0.4, a third of all the time spent committing, and every request
 of that commit waited for it (docs/benchmarks.md, seventh pass). Attached to an engine, this runs
-SQLite's non-blocking (PASSIVE) checkpoint from a thread of its own while commits come, and raises
-the engine's own threshold to ``BACKSTOP_PAGES``: a log that this thread does not keep small (a
-reader holding an old snapshot, a checkpoint that failed) is still checkpointed by the commits, as
-before, only later. A checkpoint copies only what is committed and never blocks a writer, so a
+SQLite's non-blocking (PASSIVE) checkpoint from a thread of its own while commits come, so that the
+copying is done beside the commits. A log that commits keep growing cannot start again from its
+beginning while they come (a checkpoint only lets the next writer restart it when no commit landed
+during it), so the engine's own threshold stays, raised to ``BACKSTOP_PAGES``: past it a commit
+checkpoints what the thread has not copied yet, which is little, and restarts the log. That bounds
+the ``-wal`` file. A checkpoint copies only what is committed and never blocks a writer, so a
 commit's durability and its answer are unchanged.
 """
 
@@ -25,7 +27,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 0.02  # seconds between checkpoints while commits come
 IDLE_EXIT = 2.0  # the thread ends after this many seconds without a commit (the next one starts it)
-BACKSTOP_PAGES = 10_000  # the engine's connections checkpoint themselves past this (SQLite's default: 1,000)
+BACKSTOP_PAGES = 2000  # a commit checkpoints the log itself past this (SQLite's default: 1,000)
+FAILURE_LOG_INTERVAL = 60.0  # seconds between two log lines about failed checkpoints
 _BACKSTOP_SET = "pepipost_wal_backstop"  # a pooled connection's info key: its threshold is raised
 
 _ATTACHED: weakref.WeakKeyDictionary[Engine, WalCheckpoints] = weakref.WeakKeyDictionary()
@@ -47,42 +50,60 @@ class WalCheckpoints:
     """PASSIVE checkpoints of one SQLite engine's database, every ``every`` seconds while it commits.
 
     Every commit on the engine in this process wakes the thread (SQLAlchemy's ``commit`` event); it
-    ends once commits have stopped for ``idle_exit`` seconds.
+    ends once commits have stopped for ``idle_exit`` seconds, or the engine was disposed. It holds
+    the engine weakly: attaching one keeps no engine, pool or file alive.
     """
 
     def __init__(self, engine: Engine, *, every: float = CHECKPOINT_EVERY, idle_exit: float = IDLE_EXIT) -> None:
-        self.engine, self.every, self.idle_exit = engine, every, idle_exit
+        self._engine = weakref.ref(engine)
+        self.every, self.idle_exit = every, idle_exit
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._commits = 0  # since the last checkpoint
-        self._last_commit = 0.0  # time.monotonic()
-        self._failures_logged = 0
-        self.checkpoints = 0  # PASSIVE checkpoints run (for tests and the curious)
+        self._last_commit = float("-inf")  # time.monotonic()
+        self._last_failure_logged = float("-inf")
+        self.checkpoints = 0  # checkpoints run
+        self.partial = 0  # of those, the ones that left pages behind (commits came meanwhile, a reader)
+        self.failures = 0  # checkpoints that raised, threads that could not start
         event.listen(engine, "checkout", _raise_backstop)
         event.listen(engine, "commit", self.committed)
+        event.listen(engine, "engine_disposed", self._disposed)
 
     def committed(self, *_: Any) -> None:
-        """A commit on the engine: the thread checkpoints it within ``every`` seconds."""
+        """A commit on the engine: the thread checkpoints it within ``every`` seconds.
+
+        Never raises: SQLAlchemy calls this before the commit, which an error here would undo.
+        """
         with self._lock:
             self._commits += 1
             self._last_commit = time.monotonic()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pepipost-wal-checkpoints", daemon=True)
-                self._thread.start()
+            if self._thread is not None:
+                return
+            thread = threading.Thread(target=self._run, name="pepipost-wal-checkpoints", daemon=True)
+            try:
+                thread.start()
+            except Exception as err:  # no thread to be had: the commits checkpoint past the backstop
+                self._failed(err)
+                return
+            self._thread = thread
 
     def running(self) -> bool:
         with self._lock:
             return self._thread is not None
+
+    def _disposed(self, _engine: Any) -> None:
+        with self._lock:  # the thread ends at its next wake-up, without opening a connection again
+            self._commits, self._last_commit = 0, float("-inf")
 
     def _run(self) -> None:
         try:
             while True:
                 time.sleep(self.every)
                 with self._lock:
-                    if not self._commits and time.monotonic() - self._last_commit >= self.idle_exit:
+                    due, self._commits = self._commits, 0
+                    if not due and time.monotonic() - self._last_commit >= self.idle_exit:
                         self._thread = None
                         return
-                    due, self._commits = self._commits, 0
                 if due:
                     self.checkpoint()
         except BaseException:
@@ -93,29 +114,44 @@ class WalCheckpoints:
     def checkpoint(self) -> None:
         """One PASSIVE checkpoint now: what is committed is copied back, without waiting for anyone.
 
-        A failure (another process checkpointing, a disk error) is logged and left to the next
-        checkpoint, or to the commits' own past ``BACKSTOP_PAGES``.
+        A failure (a disk error, the engine gone) is logged, at most once a minute, and left to the
+        next checkpoint or to the commits past ``BACKSTOP_PAGES``.
         """
+        engine = self._engine()
+        if engine is None:
+            return
         try:
-            connection = self.engine.raw_connection()
+            connection = engine.raw_connection()
             try:
                 cursor = connection.cursor()
                 cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                cursor.fetchall()
+                held_back, log_pages, copied = cursor.fetchone() or (1, 0, 0)  # no row: nothing known copied
                 cursor.close()
             finally:
                 connection.close()
-            self.checkpoints += 1
         except Exception as err:
-            self._failures_logged += 1
-            if self._failures_logged <= 3:  # the same failure at every checkpoint would flood the log
-                log.warning(
-                    "SQLite store: a background checkpoint of the write-ahead log failed (%s: %s); the commits "
-                    "checkpoint it themselves past %d pages",
-                    type(err).__name__,
-                    err,
-                    BACKSTOP_PAGES,
-                )
+            with self._lock:
+                self._failed(err)
+            return
+        self.checkpoints += 1
+        if held_back or copied < log_pages:
+            self.partial += 1
+
+    def _failed(self, err: Exception) -> None:
+        """Count a failure; log it unless one was logged in the last minute. Under ``_lock``."""
+        self.failures += 1
+        now = time.monotonic()
+        if now - self._last_failure_logged < FAILURE_LOG_INTERVAL:
+            return
+        self._last_failure_logged = now
+        log.warning(
+            "SQLite store: a background checkpoint of the write-ahead log failed (%s: %s; %d failures so far); "
+            "the commits checkpoint it themselves past %d pages",
+            type(err).__name__,
+            err,
+            self.failures,
+            BACKSTOP_PAGES,
+        )
 
 
 def _raise_backstop(dbapi_connection: Any, record: Any, _proxy: Any) -> None:

@@ -1,11 +1,15 @@
-"""The SQLite store's write-ahead log checkpointed on a thread of its own: the log stays small while
-commits come, no commit checkpoints it below the backstop, the thread ends when commits stop."""
+"""The SQLite store's write-ahead log checkpointed on a thread of its own: the log stays within the
+backstop however the commits come, no commit checkpoints it below that, the thread ends when commits
+stop or the engine is disposed, and nothing it meets ever undoes a commit."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import threading
 import time
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,26 +49,32 @@ def write_commits(engine, path: Path, commits: int, pages_each: int, pause: floa
     return largest
 
 
-def test_the_log_stays_small_while_commits_come(tmp_path):
+def test_back_to_back_commits_keep_the_log_within_the_backstop(tmp_path):
+    """Commits with no pause between them never let a checkpoint restart the log: past the backstop
+    a commit checkpoints what the thread has not copied, and the log starts again from the top."""
     path = tmp_path / "store.db"
     engine = sqlite_engine(path)
     checkpoints = checkpoints_for(engine)
-    # 3,000 pages over at least 0.9 s: with nobody checkpointing below the backstop the log would hold
-    # all of them; the thread copies them back every CHECKPOINT_EVERY seconds.
-    largest = write_commits(engine, path, commits=300, pages_each=10, pause=0.003)
-    assert checkpoints.checkpoints >= 3
-    assert largest < 1500, f"the log reached {largest} pages"
+    largest = write_commits(engine, path, commits=3 * BACKSTOP_PAGES // 10, pages_each=10, pause=0)
+    assert checkpoints.checkpoints >= 1
+    # A commit past the backstop that meets the thread's checkpoint leaves it to the next one: the
+    # log may go a little past it, never on and on (without it, all 6,000 pages stay in the log).
+    assert largest < 1.5 * BACKSTOP_PAGES, f"the log reached {largest} pages"
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM blobs")).scalar() == 300
+        assert conn.execute(text("SELECT count(*) FROM blobs")).scalar() == 3 * BACKSTOP_PAGES // 10
     engine.dispose()
 
 
-def test_without_the_thread_the_log_holds_every_page_below_the_backstop(tmp_path):
-    """The control of the test above: the backstop alone, no thread; the log keeps all 3,000 pages."""
+def test_below_the_backstop_no_commit_checkpoints_the_log(tmp_path):
+    """The backstop alone, no thread: every page written stays in the log (SQLite's default would
+    have checkpointed at 1,000, inside a commit)."""
     path = tmp_path / "store.db"
     engine = sqlite_engine(path)
     event.listen(engine, "checkout", wal._raise_backstop)
-    assert write_commits(engine, path, commits=300, pages_each=10, pause=0) >= 3000
+    assert (
+        write_commits(engine, path, commits=(BACKSTOP_PAGES - 100) // 10, pages_each=10, pause=0)
+        >= BACKSTOP_PAGES - 100
+    )
     engine.dispose()
 
 
@@ -77,20 +87,32 @@ def test_the_engines_connections_checkpoint_themselves_only_past_the_backstop(tm
     engine.dispose()
 
 
-def test_the_thread_ends_when_commits_stop_and_the_next_commit_starts_it(tmp_path):
+def test_the_thread_ends_when_commits_stop_and_the_next_commit_starts_it_again(tmp_path):
     path = tmp_path / "store.db"
     engine = sqlite_engine(path)
     checkpoints = WalCheckpoints(engine, every=0.01, idle_exit=0.1)
     write_commits(engine, path, commits=1, pages_each=1, pause=0)
-    assert checkpoints.running()
-    assert wait_until(lambda: not checkpoints.running(), timeout=10), "the idle thread did not end"
-    assert checkpoints.checkpoints >= 1
+    assert wait_until(lambda: checkpoints.checkpoints == 1 and not checkpoints.running(), timeout=10)
     write_commits(engine, path, commits=1, pages_each=1, pause=0)
-    assert checkpoints.running()
+    assert wait_until(lambda: checkpoints.checkpoints == 2, timeout=10), "no thread checkpointed the second commit"
     engine.dispose()
 
 
-def test_a_failed_checkpoint_is_logged_a_few_times_and_the_thread_goes_on(tmp_path, caplog):
+def test_a_disposed_engine_ends_the_thread_and_is_not_kept_alive(tmp_path):
+    path = tmp_path / "store.db"
+    engine = sqlite_engine(path)
+    checkpoints = WalCheckpoints(engine, every=0.05, idle_exit=60)
+    write_commits(engine, path, commits=1, pages_each=1, pause=0)
+    engine.dispose()  # before the thread's first wake-up: it must not open the database again
+    assert wait_until(lambda: not checkpoints.running(), timeout=10)
+    assert checkpoints.checkpoints == 0
+    engine_ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert engine_ref() is None, "the checkpoints kept the engine (its pool, its files) alive"
+
+
+def test_a_failed_checkpoint_is_logged_at_most_once_a_minute_and_the_thread_goes_on(tmp_path, caplog):
     path = tmp_path / "store.db"
     engine = sqlite_engine(path)
     checkpoints = WalCheckpoints(engine, every=0.01, idle_exit=5)
@@ -98,14 +120,38 @@ def test_a_failed_checkpoint_is_logged_a_few_times_and_the_thread_goes_on(tmp_pa
     def no_connection():
         raise OSError("disk gone")
 
-    checkpoints.engine = SimpleNamespace(raw_connection=no_connection)  # type: ignore[assignment]  # its own only
+    broken = SimpleNamespace(raw_connection=no_connection)
+    checkpoints._engine = lambda: broken  # type: ignore[assignment,return-value]  # its own engine only
     with caplog.at_level(logging.WARNING, logger=wal.__name__):
         for _ in range(10):
             write_commits(engine, path, commits=1, pages_each=1, pause=0.02)
+        assert wait_until(lambda: checkpoints.failures >= 3, timeout=10)
     failures = [r.getMessage() for r in caplog.records if "background checkpoint" in r.getMessage()]
-    assert len(failures) == 3, failures  # not one per checkpoint
+    assert len(failures) == 1, failures
     assert "disk gone" in failures[0] and f"past {BACKSTOP_PAGES} pages" in failures[0]
     assert checkpoints.running() and checkpoints.checkpoints == 0
+    with engine.connect() as conn:  # every commit stored
+        assert conn.execute(text("SELECT count(*) FROM blobs")).scalar() == 10
+    engine.dispose()
+
+
+def test_a_thread_that_cannot_start_never_undoes_the_commit(tmp_path, monkeypatch):
+    """SQLAlchemy calls the listener before the commit: an error there would roll it back."""
+    path = tmp_path / "store.db"
+    engine = sqlite_engine(path)
+    checkpoints = WalCheckpoints(engine, every=0.01, idle_exit=0.1)
+
+    def cannot_start(self):
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, "start", cannot_start)
+        write_commits(engine, path, commits=2, pages_each=1, pause=0)
+    assert not checkpoints.running() and checkpoints.failures == 2
+    write_commits(engine, path, commits=1, pages_each=1, pause=0)  # threads again: the next commit starts one
+    assert wait_until(lambda: checkpoints.checkpoints >= 1, timeout=10)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM blobs")).scalar() == 3
     engine.dispose()
 
 
