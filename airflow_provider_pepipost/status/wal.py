@@ -49,9 +49,10 @@ def checkpoints_for(engine: Engine) -> WalCheckpoints:
 class WalCheckpoints:
     """PASSIVE checkpoints of one SQLite engine's database, every ``every`` seconds while it commits.
 
-    Every commit on the engine in this process wakes the thread (SQLAlchemy's ``commit`` event); it
-    ends once commits have stopped for ``idle_exit`` seconds, or the engine was disposed. It holds
-    the engine weakly: attaching one keeps no engine, pool or file alive.
+    Every connection given back to the engine's pool in this process, after each of its
+    transactions, wakes the thread (a pool event: a ``commit`` listener would put SQLAlchemy's event
+    checks on every statement); it ends once none has come back for ``idle_exit`` seconds, or the
+    engine was disposed. It holds the engine weakly: attaching one keeps no engine, pool or file alive.
     """
 
     def __init__(self, engine: Engine, *, every: float = CHECKPOINT_EVERY, idle_exit: float = IDLE_EXIT) -> None:
@@ -66,14 +67,16 @@ class WalCheckpoints:
         self.partial = 0  # of those, the ones that left pages behind (commits came meanwhile, a reader)
         self.failures = 0  # checkpoints that raised, threads that could not start
         event.listen(engine, "checkout", _raise_backstop)
-        event.listen(engine, "commit", self.committed)
+        event.listen(engine, "checkin", self.committed)
         event.listen(engine, "engine_disposed", self._disposed)
 
     def committed(self, *_: Any) -> None:
-        """A commit on the engine: the thread checkpoints it within ``every`` seconds.
+        """A transaction on the engine ended: the thread checkpoints what it wrote within ``every`` seconds.
 
-        Never raises: SQLAlchemy calls this before the commit, which an error here would undo.
+        Never raises: an error here would reach the code that gave the connection back.
         """
+        if threading.current_thread() is self._thread:  # its own checkpoint's connection: nothing new
+            return
         with self._lock:
             self._commits += 1
             self._last_commit = time.monotonic()

@@ -99,7 +99,20 @@ def parse_time(value: Any) -> float | None:
     return seconds
 
 
-def _text_field(item: dict[str, Any], name: str, limit: int, required: bool) -> str | None:
+def _raw_and_clean(item: Any) -> tuple[str, bool]:
+    """``_raw(item)``, and whether every text in the item is storable as it is: True only when the
+    item could be encoded and its JSON holds neither a NUL (always escaped there, as ``\\u0000``)
+    nor a lone surrogate (left as it is). Then no field of it needs a check of its own."""
+    try:
+        text = _RAW_ENCODER.encode(item)
+    except (TypeError, ValueError, RecursionError):
+        return repr(item)[:MAX_RAW_CHARS], False
+    clean = "\\u0000" not in text and limits.text_problem(text) is None  # the whole text, not the part kept
+    return text[:MAX_RAW_CHARS], clean
+
+
+def _text_field(item: dict[str, Any], name: str, limit: int, required: bool, clean: bool = False) -> str | None:
+    """The field's text; ``clean``: the item's JSON showed every text in it storable (``_raw_and_clean``)."""
     value = item.get(name)
     if value is None or value == "":
         if required:
@@ -110,7 +123,7 @@ def _text_field(item: dict[str, Any], name: str, limit: int, required: bool) -> 
     text = str(value).strip()
     if len(text) > limit:
         raise ValueError(f"'{name}' is longer than {limit} characters")
-    if problem := limits.text_problem(text):
+    if not clean and (problem := limits.text_problem(text)):
         raise ValueError(f"'{name}' {problem}")
     return text
 
@@ -119,14 +132,15 @@ def parse_delivery_item(item: Any) -> DeliveryEvent:
     """One ``delivery_status[]`` item; raises ValueError with the reason when it cannot be stored."""
     if not isinstance(item, dict):
         raise ValueError(f"item must be an object, not {type(item).__name__}")
-    message_id = _text_field(item, "ncmessage_id", limits.MESSAGE_ID_MAX, required=True)
-    raw_status = _text_field(item, "status", limits.STATUS_MAX, required=True)
-    raw = _raw(item)
-    if problem := limits.text_problem(raw):  # anywhere in the item, even in a field not kept
+    # One look at the whole item's JSON spares a check of each field (a tenth of a report's route).
+    raw, clean = _raw_and_clean(item)
+    message_id = _text_field(item, "ncmessage_id", limits.MESSAGE_ID_MAX, required=True, clean=clean)
+    raw_status = _text_field(item, "status", limits.STATUS_MAX, required=True, clean=clean)
+    if not clean and (problem := limits.text_problem(raw)):  # anywhere in the item, even in a field not kept
         raise ValueError(f"item {problem}")
     remark = item.get("status_remark")
     remark = "" if remark is None else str(remark)[: limits.REMARK_MAX]
-    if problem := limits.text_problem(remark):
+    if not clean and (problem := limits.text_problem(remark)):
         raise ValueError(f"'status_remark' {problem}")
     return DeliveryEvent(
         message_id=message_id or "",
@@ -134,8 +148,8 @@ def parse_delivery_item(item: Any) -> DeliveryEvent:
         raw_status=raw_status or "",
         reported_at=parse_time(item.get("received_at")),
         remark=remark,
-        api_header=_text_field(item, "x-apiheader", limits.API_HEADER_MAX, required=False),
-        recipient=_canonical(_text_field(item, "recipient", limits.RECIPIENT_MAX, required=False)),
+        api_header=_text_field(item, "x-apiheader", limits.API_HEADER_MAX, required=False, clean=clean),
+        recipient=_canonical(_text_field(item, "recipient", limits.RECIPIENT_MAX, required=False, clean=clean)),
         raw=raw,
         **_pricing(item.get("pricing")),
     )

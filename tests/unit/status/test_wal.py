@@ -136,7 +136,8 @@ def test_a_failed_checkpoint_is_logged_at_most_once_a_minute_and_the_thread_goes
 
 
 def test_a_thread_that_cannot_start_never_undoes_the_commit(tmp_path, monkeypatch):
-    """SQLAlchemy calls the listener before the commit: an error there would roll it back."""
+    """The listener runs as each transaction's connection goes back to the pool: an error there
+    would reach the code that had just committed, as if its commit had failed."""
     path = tmp_path / "store.db"
     engine = sqlite_engine(path)
     checkpoints = WalCheckpoints(engine, every=0.01, idle_exit=0.1)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from airflow_provider_pepipost import limits
 from airflow_provider_pepipost.status import schema
+from airflow_provider_pepipost.webhook import payload
 from airflow_provider_pepipost.webhook.payload import MAX_ITEM_LETTERS, body_key, parse_body, parse_time
 
 V1_ITEM = {
@@ -157,3 +160,38 @@ def test_dead_letter_keys_follow_the_body_so_a_replay_adds_none():
     other = parse_body(body, key=body_key(b"another body")).dead_letters
     assert [dead.key for dead in first] == [dead.key for dead in again]
     assert len({dead.key for dead in first}) == 2 and not {dead.key for dead in first} & {dead.key for dead in other}
+
+
+# Texts with what the store cannot hold, what only looks like it, and what is fine.
+_awkward_text = st.text(
+    alphabet=st.sampled_from(["a", "9", " ", "\\", "u", "0", "\x00", "\ud800", "\udfff", "é", '"', "\n"]), max_size=12
+)
+_field_value = st.one_of(
+    st.none(), _awkward_text, st.integers(-10, 10**12), st.booleans(), st.lists(_awkward_text, max_size=2)
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["ncmessage_id", "status", "status_remark", "x-apiheader", "recipient", "other", "\x00key"]),
+        _field_value,
+    ),
+    st.booleans(),
+)
+def test_the_one_look_at_an_items_json_decides_as_every_fields_own_check_would(item, huge):
+    """``parse_delivery_item`` skips each field's NUL and surrogate checks when the item's JSON shows
+    none anywhere: on any item it accepts and refuses what the checks of every field decide."""
+    if huge:  # the fields past the raw text kept (cut at MAX_RAW_CHARS): looked at all the same
+        item = {"padding": "p" * payload.MAX_RAW_CHARS, **item}
+
+    def outcome() -> object:
+        try:
+            return payload.parse_delivery_item(item)
+        except ValueError as err:
+            return f"refused: {err}"
+
+    fast = outcome()
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(payload, "_raw_and_clean", lambda it: (payload._raw(it), False))
+        assert outcome() == fast
