@@ -9,8 +9,10 @@ copying is done beside the commits. A log that commits keep growing cannot start
 beginning while they come (a checkpoint only lets the next writer restart it when no commit landed
 during it), so the engine's own threshold stays, raised to ``BACKSTOP_PAGES``: past it a commit
 checkpoints what the thread has not copied yet, which is little, and restarts the log. That bounds
-the ``-wal`` file. A checkpoint copies only what is committed and never blocks a writer, so a
-commit's durability and its answer are unchanged.
+the log of one process's commits; with several processes writing (``--workers``), or a reader
+holding an old snapshot, it can grow further, and its file is cut back to ``WAL_FILE_LIMIT`` when it
+restarts. A checkpoint copies only what is committed and never blocks a writer, so a commit's
+durability and its answer are unchanged.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ log = logging.getLogger(__name__)
 CHECKPOINT_EVERY = 0.02  # seconds between checkpoints while commits come
 IDLE_EXIT = 2.0  # the thread ends after this many seconds without a commit (the next one starts it)
 BACKSTOP_PAGES = 2000  # a commit checkpoints the log itself past this (SQLite's default: 1,000)
+# Bytes the -wal file is cut back to when the log restarts: it never shrinks otherwise, and commits
+# from other processes (``--workers``), or a long reader, may have grown it past the backstop.
+WAL_FILE_LIMIT = BACKSTOP_PAGES * 4096
 FAILURE_LOG_INTERVAL = 60.0  # seconds between two log lines about failed checkpoints
 _BACKSTOP_SET = "pepipost_wal_backstop"  # a pooled connection's info key: its threshold is raised
 
+_STARTING = threading.Thread(name="pepipost-wal-checkpoints-starting")  # a placeholder, never started
 _ATTACHED: weakref.WeakKeyDictionary[Engine, WalCheckpoints] = weakref.WeakKeyDictionary()
 _ATTACHED_LOCK = threading.Lock()
 
@@ -73,7 +79,9 @@ class WalCheckpoints:
     def committed(self, *_: Any) -> None:
         """A transaction on the engine ended: the thread checkpoints what it wrote within ``every`` seconds.
 
-        Never raises: an error here would reach the code that gave the connection back.
+        Never raises: an error here would reach the code that gave the connection back. Allocates
+        nothing under ``_lock``: a garbage collection there may give a leaked connection back to
+        the pool, which calls this again on the same thread.
         """
         if threading.current_thread() is self._thread:  # its own checkpoint's connection: nothing new
             return
@@ -82,13 +90,18 @@ class WalCheckpoints:
             self._last_commit = time.monotonic()
             if self._thread is not None:
                 return
-            thread = threading.Thread(target=self._run, name="pepipost-wal-checkpoints", daemon=True)
-            try:
-                thread.start()
-            except Exception as err:  # no thread to be had: the commits checkpoint past the backstop
-                self._failed(err)
-                return
-            self._thread = thread
+            self._thread = _STARTING  # a start under way: a call meanwhile (that collection's) starts none
+        thread = threading.Thread(target=self._run, name="pepipost-wal-checkpoints", daemon=True)
+        with self._lock:
+            if self._thread is _STARTING:
+                self._thread = thread
+        try:
+            thread.start()
+        except Exception as err:  # no thread to be had: the commits checkpoint past the backstop
+            with self._lock:
+                if self._thread is thread:
+                    self._thread = None
+            self._failed(err)
 
     def running(self) -> bool:
         with self._lock:
@@ -133,35 +146,37 @@ class WalCheckpoints:
             finally:
                 connection.close()
         except Exception as err:
-            with self._lock:
-                self._failed(err)
+            self._failed(err)
             return
         self.checkpoints += 1
         if held_back or copied < log_pages:
             self.partial += 1
 
     def _failed(self, err: Exception) -> None:
-        """Count a failure; log it unless one was logged in the last minute. Under ``_lock``."""
-        self.failures += 1
-        now = time.monotonic()
-        if now - self._last_failure_logged < FAILURE_LOG_INTERVAL:
-            return
-        self._last_failure_logged = now
+        """Count a failure; log it unless one was logged in the last minute (logged outside ``_lock``)."""
+        with self._lock:
+            self.failures += 1
+            failures, now = self.failures, time.monotonic()
+            if now - self._last_failure_logged < FAILURE_LOG_INTERVAL:
+                return
+            self._last_failure_logged = now
         log.warning(
             "SQLite store: a background checkpoint of the write-ahead log failed (%s: %s; %d failures so far); "
             "the commits checkpoint it themselves past %d pages",
             type(err).__name__,
             err,
-            self.failures,
+            failures,
             BACKSTOP_PAGES,
         )
 
 
 def _raise_backstop(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-    """A connection checked out of the engine's pool: its own checkpoints start at ``BACKSTOP_PAGES``."""
+    """A connection checked out of the engine's pool: its own checkpoints start at ``BACKSTOP_PAGES``,
+    and its restarts cut the file back to ``WAL_FILE_LIMIT``."""
     if record.info.get(_BACKSTOP_SET):
         return
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+    cursor.execute(f"PRAGMA journal_size_limit={WAL_FILE_LIMIT}")
     cursor.close()
     record.info[_BACKSTOP_SET] = True

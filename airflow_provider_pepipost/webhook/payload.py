@@ -63,8 +63,16 @@ def _raw(item: Any) -> str:
     try:
         text = _RAW_ENCODER.encode(item)
     except (TypeError, ValueError, RecursionError):
-        text = repr(item)
+        return _shown(item)
     return text[:MAX_RAW_CHARS]
+
+
+def _shown(item: Any) -> str:
+    """What JSON cannot show of an item: its ``repr``, or a note when it is nested too deeply even for that."""
+    try:
+        return repr(item)[:MAX_RAW_CHARS]
+    except RecursionError:
+        return f"<a {type(item).__name__} nested too deeply to show>"
 
 
 def parse_time(value: Any) -> float | None:
@@ -106,7 +114,7 @@ def _raw_and_clean(item: Any) -> tuple[str, bool]:
     try:
         text = _RAW_ENCODER.encode(item)
     except (TypeError, ValueError, RecursionError):
-        return repr(item)[:MAX_RAW_CHARS], False
+        return _shown(item), False
     clean = "\\u0000" not in text and limits.text_problem(text) is None  # the whole text, not the part kept
     return text[:MAX_RAW_CHARS], clean
 
@@ -363,6 +371,8 @@ def parse_body(body: Any, key: str | None = None, stop_words: frozenset[str] = D
                 into.append(kind.read(item, stop_words))
             except (ValueError, TypeError) as err:
                 letters.add(name, index, str(err), item)
+            except RecursionError:  # an item nested deeper than Python can walk
+                letters.add(name, index, "item nested too deeply", item)
     letters.close()
     return batch
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sqlite3
 import threading
 import time
 import weakref
@@ -160,3 +161,49 @@ def test_only_sqlite_has_a_write_ahead_log_to_checkpoint():
     engine = create_engine("postgresql+psycopg2://nobody@127.0.0.1:1/none")
     with pytest.raises(ValueError, match="SQLite's, not postgresql's"):
         checkpoints_for(engine)
+
+
+def test_a_checkin_while_the_thread_is_being_made_neither_hangs_nor_starts_two(tmp_path, monkeypatch):
+    """Making a thread allocates; a garbage collection then may give a leaked connection back to the
+    pool, which calls the listener again on the same thread, while the first call is under way."""
+    path = tmp_path / "store.db"
+    engine = sqlite_engine(path)
+    checkpoints = WalCheckpoints(engine, every=0.01, idle_exit=0.2)
+    made: list[threading.Thread] = []
+    real_init = threading.Thread.__init__
+
+    def init_with_a_checkin_inside(self, *args, **kwargs):
+        if kwargs.get("name") == "pepipost-wal-checkpoints":
+            made.append(self)
+            checkpoints.committed()  # as the collector's checkin would, on this thread
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(threading.Thread, "__init__", init_with_a_checkin_inside)
+    caller = threading.Thread(target=checkpoints.committed, name="a-commit", daemon=True)
+    caller.start()
+    caller.join(timeout=10)
+    monkeypatch.undo()
+    assert not caller.is_alive(), "the commit's checkin hung"
+    assert len(made) == 1, f"{len(made)} threads made"
+    assert wait_until(lambda: checkpoints.checkpoints >= 1, timeout=10)
+    engine.dispose()
+
+
+def test_a_log_grown_past_the_backstop_is_cut_back_when_it_restarts(tmp_path):
+    """A reader on an old snapshot (or another process's commits) keeps the log from restarting: it
+    grows past the backstop; once it restarts, its file is cut back rather than kept at its largest."""
+    path = tmp_path / "store.db"
+    engine = sqlite_engine(path)
+    checkpoints_for(engine)
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM blobs").fetchall()  # holds its snapshot until the ROLLBACK
+    assert write_commits(engine, path, commits=BACKSTOP_PAGES // 5, pages_each=10, pause=0) > 1.5 * BACKSTOP_PAGES
+    reader.execute("ROLLBACK")
+    reader.close()
+    for _ in range(100):  # the thread copies the log; a commit past the backstop restarts it
+        write_commits(engine, path, commits=1, pages_each=1, pause=0.02)
+        if wal_pages(path) * PAGE <= wal.WAL_FILE_LIMIT:
+            break
+    assert wal_pages(path) * PAGE <= wal.WAL_FILE_LIMIT, f"the log file kept {wal_pages(path)} pages"
+    engine.dispose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -195,3 +197,19 @@ def test_the_one_look_at_an_items_json_decides_as_every_fields_own_check_would(i
     with pytest.MonkeyPatch.context() as patched:
         patched.setattr(payload, "_raw_and_clean", lambda it: (payload._raw(it), False))
         assert outcome() == fast
+
+
+def test_an_item_nested_too_deeply_to_show_is_stored_or_set_apart_as_any_other():
+    """Deeper than JSON or ``repr`` can walk: its raw text is a note saying so, and the rest is read."""
+    nested: list = []
+    for _ in range(5 * sys.getrecursionlimit()):  # built by a loop: deeper than any recursion can walk
+        nested = [nested]
+    deep = {"ncmessage_id": "deep", "status": "read", "x": nested}
+    no_id = {"status": "read", "x": nested}
+    deep_remark = {"ncmessage_id": "r", "status": "failed", "status_remark": nested}  # its text is its repr
+    batch = parse_body({"delivery_status": [_item(ncmessage_id="good"), deep, no_id, deep_remark]})
+    assert [e.message_id for e in batch.events] == ["good", "deep"]
+    assert batch.events[1].raw == "<a dict nested too deeply to show>"
+    reasons = [letter.reason for letter in batch.dead_letters]
+    assert reasons == ["delivery_status[2]: 'ncmessage_id' is missing", "delivery_status[3]: item nested too deeply"]
+    assert {letter.raw for letter in batch.dead_letters} == {"<a dict nested too deeply to show>"}
