@@ -91,16 +91,12 @@ class WalCheckpoints:
             if self._thread is not None:
                 return
             self._thread = _STARTING  # a start under way: a call meanwhile (that collection's) starts none
-        thread = threading.Thread(target=self._run, name="pepipost-wal-checkpoints", daemon=True)
-        with self._lock:
-            if self._thread is _STARTING:
-                self._thread = thread
+        # Only this call replaces the placeholder: no thread runs yet to end and clear it.
+        thread = self._thread = threading.Thread(target=self._run, name="pepipost-wal-checkpoints", daemon=True)
         try:
             thread.start()
         except Exception as err:  # no thread to be had: the commits checkpoint past the backstop
-            with self._lock:
-                if self._thread is thread:
-                    self._thread = None
+            self._thread = None
             self._failed(err)
 
     def running(self) -> bool:

@@ -90,15 +90,14 @@ class JSONAnswer:
 
     @classmethod
     def counts(cls, result: IngestResult) -> JSONAnswer:
-        """A stored body's answer, its counts: encoded once for each set of counts (they repeat)."""
+        """A stored body's answer, its counts: made once for each set of counts (they repeat), and
+        shared, as nothing changes an answer once made."""
         key = tuple(result.__dict__.values())
-        body = _COUNTS_ANSWERS.get(key)
-        if body is None:
+        answer = _COUNTS_ANSWERS.get(key)
+        if answer is None:
             if len(_COUNTS_ANSWERS) >= _COUNTS_ANSWERS_KEPT:
                 _COUNTS_ANSWERS.clear()
-            body = _COUNTS_ANSWERS[key] = _ENCODER.encode(result.to_dict()).encode()
-        answer = cls.__new__(cls)
-        answer.body, answer.status_code = body, 200
+            answer = _COUNTS_ANSWERS[key] = cls(result.to_dict())
         return answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -108,7 +107,7 @@ class JSONAnswer:
 
 
 # The answers of stored bodies, by their counts: one-event bodies have a handful of answers.
-_COUNTS_ANSWERS: dict[tuple[int, ...], bytes] = {}
+_COUNTS_ANSWERS: dict[tuple[int, ...], JSONAnswer] = {}
 _COUNTS_ANSWERS_KEPT = 256
 
 

@@ -59,12 +59,17 @@ def letter(reason: str, raw: str, key: str | None = None, where: str = "") -> De
 _RAW_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
 
 
-def _raw(item: Any) -> str:
+def _encoded(item: Any) -> str | None:
+    """The whole item as JSON text; None when JSON cannot show it."""
     try:
-        text = _RAW_ENCODER.encode(item)
+        return _RAW_ENCODER.encode(item)
     except (TypeError, ValueError, RecursionError):
-        return _shown(item)
-    return text[:MAX_RAW_CHARS]
+        return None
+
+
+def _raw(item: Any) -> str:
+    text = _encoded(item)
+    return _shown(item) if text is None else text[:MAX_RAW_CHARS]
 
 
 def _shown(item: Any) -> str:
@@ -111,9 +116,8 @@ def _raw_and_clean(item: Any) -> tuple[str, bool]:
     """``_raw(item)``, and whether every text in the item is storable as it is: True only when the
     item could be encoded and its JSON holds neither a NUL (always escaped there, as ``\\u0000``)
     nor a lone surrogate (left as it is). Then no field of it needs a check of its own."""
-    try:
-        text = _RAW_ENCODER.encode(item)
-    except (TypeError, ValueError, RecursionError):
+    text = _encoded(item)
+    if text is None:
         return _shown(item), False
     clean = "\\u0000" not in text and limits.text_problem(text) is None  # the whole text, not the part kept
     return text[:MAX_RAW_CHARS], clean
