@@ -44,7 +44,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench.* from the repository
     sys.path.insert(0, str(ROOT))
 
-from bench.common import BIN, cpu_seconds, free_port, peak_rss_mb, percentile, spread, wait_http  # noqa: E402
+from bench.common import (  # noqa: E402
+    BIN,
+    cpu_seconds,
+    free_port,
+    peak_rss_mb,
+    percentile,
+    spread,
+    wait_http,
+)
+from bench.pg import local_postgres_cpu_seconds  # noqa: E402
 from bench.webhook_ingest import TOKEN, bodies, receiver  # noqa: E402
 
 TARGET_SHARE = 0.6  # of the ceiling, one event a body, on each store
@@ -271,9 +280,13 @@ def measure(target: Target, batch: int, seconds: float = SECONDS, clients: int =
     """One run: events per second recorded (counted in the store for the receiver), and CPU per request."""
     requests = target.requests(batch, seconds)
     before = target.stored_events()
+    on_postgres = target.store_url is not None and target.store_url.startswith("postgresql")
+    database_cpu = local_postgres_cpu_seconds() if on_postgres else None
     server_cpu, client_cpu = cpu_seconds(target.process.pid), time.process_time()
     tally = post_all(target.url, requests, seconds, clients)
     server_cpu, client_cpu = cpu_seconds(target.process.pid) - server_cpu, time.process_time() - client_cpu
+    if database_cpu is not None:  # the server's processes, when they run on this machine
+        database_cpu = (local_postgres_cpu_seconds() or database_cpu) - database_cpu
     after = target.stored_events()
     events = tally["accepted"] if before is None else after - before
     answers = max(tally["answers"], 1)
@@ -288,6 +301,8 @@ def measure(target: Target, batch: int, seconds: float = SECONDS, clients: int =
         "p99_ms": round(percentile(tally["latencies"], 0.99) * 1000, 2),
         "server_cpu_us_per_request": round(server_cpu / answers * 1e6),
         "client_cpu_us_per_request": round(client_cpu / answers * 1e6),
+        # On SQLite the database is the receiver's own CPU; a PostgreSQL server elsewhere is not counted.
+        "database_cpu_us_per_request": 0 if database_cpu is None else round(database_cpu / answers * 1e6),
         "error": tally["error"],
     }
 
@@ -355,6 +370,7 @@ def run(
         memory["ceiling"] = peak_rss_mb(bare_proc.pid)
     result: dict[str, Any] = {
         "clients": CLIENTS,
+        "cores": len(os.sched_getaffinity(0)),
         "seconds_per_run": seconds,
         "repeats": repeats,
         "ceiling": {str(batch): summary(measured) for batch, measured in bare_runs.items()},
@@ -396,6 +412,7 @@ def summary(measured: list[dict]) -> dict[str, Any]:
         "p99_ms": statistics.median(m["p99_ms"] for m in measured),
         "server_cpu_us_per_request": statistics.median(m["server_cpu_us_per_request"] for m in measured),
         "client_cpu_us_per_request": statistics.median(m["client_cpu_us_per_request"] for m in measured),
+        "database_cpu_us_per_request": statistics.median(m["database_cpu_us_per_request"] for m in measured),
         "refused": sum(sum(m["refused"].values()) for m in measured),
         "errors": [m["error"] for m in measured if m["error"]],
     }
@@ -444,9 +461,31 @@ def rows(result: dict) -> list[tuple[str, str, str, bool | None]]:
                 ratio["median"] >= TARGET_SHARE if judged else None,
             )
         )
+        if judged:
+            out.append(machine_bound(r, result["ceiling"]["1"], result["cores"]))
     peak = max(value for label, value in result["peak_rss_mb"].items() if label != "ceiling")
     out.append(("  receiver peak RSS (largest configuration, all its processes)", f"{peak} MB", "-", None))
     return out
+
+
+def machine_bound(receiver: dict, ceiling: dict, cores: int) -> tuple[str, str, str, bool | None]:
+    """What this machine could give the receiver at most: its cores busy all the time, divided by
+    the CPU a report cost in these runs (receiver, database server when local, load client), all
+    of them on the same cores. A share of the ceiling above it cannot be reached here."""
+    parts = {
+        "receiver": receiver["server_cpu_us_per_request"],
+        "database": receiver["database_cpu_us_per_request"],
+        "load client": receiver["client_cpu_us_per_request"],
+    }
+    bound = cores * 1e6 / max(sum(parts.values()), 1)
+    share = bound / max(ceiling["events_per_s"]["median"], 1)
+    spent = " + ".join(f"{name} {us:.0f}" for name, us in parts.items() if us)
+    return (
+        f"    its machine bound: {cores} cores busy all the time / CPU a report",
+        f"{bound:.0f} ev/s = {share:.0%} of the ceiling ({spent} us a report)",
+        "-",
+        None,
+    )
 
 
 if __name__ == "__main__":

@@ -26,3 +26,24 @@ def scratch_database(server_url: str):
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def local_postgres_cpu_seconds() -> float | None:
+    """CPU seconds so far of every PostgreSQL process on this machine (its backends, WAL writer,
+    checkpointer...), None when none runs here: what a PostgreSQL store costs the machine beside
+    its client, on the same cores."""
+    ticks, found = 0, False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as handle:
+                if not handle.read().startswith("postgres"):
+                    continue
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        found = True
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK") if found else None

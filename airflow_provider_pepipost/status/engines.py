@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,14 +70,46 @@ def get_engine(url: str) -> Engine:
                     url,
                     pool_size=8,
                     max_overflow=32,
-                    pool_pre_ping=True,
                     pool_timeout=60,
                     hide_parameters=True,
                     connect_args=timeout,
                     **batch,
                 )
+                _ping_when_idle(engine)
             _ENGINES[url] = engine
         return engine
+
+
+# A pooled connection handed out after this long back in the pool is checked first (one round trip)
+# and replaced if the server has dropped it, as pool_pre_ping does. One back for less was working
+# a moment ago: under load (the receiver's commits, back to back) the check was a sixth of a
+# commit's round trips. A server that drops it in between fails that one use, as one that drops it
+# in use does, and the pool replaces its connections.
+PING_AFTER_IDLE = 1.0
+_RETURNED_AT = "pepipost_returned_at"
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    dialect = engine.dialect
+
+    def fresh(dbapi_connection: Any, record: Any) -> None:
+        record.info[_RETURNED_AT] = time.monotonic()
+
+    def check(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        returned = record.info.get(_RETURNED_AT)
+        if returned is not None and time.monotonic() - returned < PING_AFTER_IDLE:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as err:
+            if dialect.is_disconnect(err, dbapi_connection, None):
+                # The pool's own signal: it closes this connection and hands out a new one.
+                raise sa_exc.DisconnectionError(f"the store's server dropped a pooled connection: {err}") from err
+            raise
+
+    event.listen(engine, "connect", fresh)
+    event.listen(engine, "checkin", fresh)
+    event.listen(engine, "checkout", check)
 
 
 def sqlite_write_lock(url: str) -> threading.Lock:
@@ -131,7 +164,7 @@ class DriverStatement:
         )
 
 
-_PAGE_ROWS = 1000  # rows per INSERT on PostgreSQL, as SQLAlchemy's insertmanyvalues pages them
+PAGE_ROWS = 1000  # rows per INSERT on PostgreSQL, as SQLAlchemy's insertmanyvalues pages them
 _ON_DRIVER: dict[tuple[str, str, str, tuple[str, ...]], DriverStatement | None] = {}
 _NAMED_MARK = re.compile(r"(?<!%)%\((\w+)\)s")  # not a literal "%%(...)s"
 
@@ -237,14 +270,37 @@ def execute_each(conn: Connection, statement: DriverStatement, rows: Sequence[Ma
 
 def insert_returning(conn: Connection, statement: DriverStatement, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
     """PostgreSQL through psycopg2: the rows in multi-row INSERTs (``execute_values``, pages of
-    ``_PAGE_ROWS``); the RETURNING rows."""
+    ``PAGE_ROWS``); the RETURNING rows."""
     from psycopg2.extras import execute_values
 
     if conn.dialect.driver != "psycopg2":
         raise TypeError(f"insert_returning runs on psycopg2, not {conn.dialect.driver}")
     with driver_cursor(conn, statement) as cursor:
         values = [statement.values(row) for row in rows]
-        return execute_values(cursor, statement.sql, values, statement.template, page_size=_PAGE_ROWS, fetch=True)
+        return execute_values(cursor, statement.sql, values, statement.template, page_size=PAGE_ROWS, fetch=True)
+
+
+def with_rows(cursor: Any, statement: DriverStatement, rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """PostgreSQL through psycopg2: the INSERT's SQL with its rows written in, as ``execute_values``
+    writes them, to be part of a larger statement (``status.ingest``'s one statement a commit)."""
+    if statement.template is None or statement.sql.count("%") != 1:  # escapes that would need undoing
+        raise ValueError(f"not an INSERT with one VALUES mark and no other '%': {statement.sql}")
+    before, after = statement.sql.split("%s")
+    values = b",".join(cursor.mogrify(statement.template, statement.values(row)) for row in rows)
+    return before.encode() + values + after.encode()
+
+
+@contextmanager
+def autocommit(conn: Connection) -> Iterator[None]:
+    """PostgreSQL through psycopg2: inside, each statement run on the driver's cursor is a
+    transaction of its own, committed before the driver returns (no BEGIN, no COMMIT)."""
+    dbapi_connection: Any = conn.connection.dbapi_connection
+    dbapi_connection.autocommit = True
+    try:
+        yield
+    finally:
+        if not dbapi_connection.closed:  # a lost connection was invalidated: it is not used again
+            dbapi_connection.autocommit = False
 
 
 def chunks(items: Sequence[T], size: int = ID_CHUNK) -> Iterator[Sequence[T]]:

@@ -2,7 +2,10 @@
 (raised, never lowered), unknown sends reconciled from the reports, dead letters and inbound messages.
 
 Functions of an open connection; ``StatusStore`` runs them in its transactions. ``ingest_many``
-files each list of ``status.inbound.WebhookBatch`` through its own step, in ``FILING_STEPS``.
+files each list of ``status.inbound.WebhookBatch`` through its own step, in ``FILING_STEPS``. On
+PostgreSQL through psycopg2 the delivery reports of a commit are one statement
+(``DeliveryReports``), and a commit of nothing else is that statement alone, its own transaction
+(``ingest_reports_alone``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from airflow_provider_pepipost.status import schema
 from airflow_provider_pepipost.status.consent import VIA_REPLY, set_opted_out
 from airflow_provider_pepipost.status.engines import (
+    PAGE_ROWS,
+    DriverStatement,
+    autocommit,
     chunks,
     driver_cursor,
     execute_each,
@@ -29,6 +35,7 @@ from airflow_provider_pepipost.status.engines import (
     on_driver,
     prebuilt,
     transaction_lock,
+    with_rows,
 )
 from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
 from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
@@ -75,24 +82,95 @@ def ingest_many(conn: Connection, batches: Sequence[WebhookBatch], now: float) -
 
 def _file_events(conn: Connection, batches: Sequence[WebhookBatch], results: list[IngestResult], now: float) -> None:
     """Delivery reports: each stored once, statuses raised, unknown sends reconciled."""
-    events = [ev for batch in batches for ev in batch.events]
-    if not events:
-        return
-    keys = [event_key(ev.message_id, ev.status, ev.reported_at) for ev in events]
-    fresh = _insert_new_events(conn, events, keys, now)
-    _raise_statuses(conn, events, now)
-    reconciled = _reconcile(conn, events, now)
-    keyed = iter(zip(keys, events, strict=True))  # the events, batch by batch, in order
-    for result, batch in zip(results, batches, strict=True):
-        for key, ev in itertools.islice(keyed, len(batch.events)):
-            if key in fresh:
-                fresh.discard(key)
-                result.accepted += 1
-            else:
-                result.duplicates += 1
-            if ev.api_header in reconciled:
-                reconciled.discard(ev.api_header)
-                result.reconciled += 1
+    reports = DeliveryReports(batches, now)
+    if reports.rows:
+        reports.count(results, *reports.file(conn))
+
+
+def ingest_reports_alone(conn: Connection, reports: DeliveryReports) -> list[IngestResult]:
+    """Delivery reports alone (``DeliveryReports.alone``) as one statement that is its own
+    transaction, committed before it answers: one round trip, where BEGIN and COMMIT took two more."""
+    results = [IngestResult() for _ in reports.batches]
+    with autocommit(conn):
+        reports.count(results, *reports.in_one_statement(conn))
+    return results
+
+
+class DeliveryReports:
+    """The delivery reports of one commit, ready to file: one row per event, each message's best
+    status, and the x-apiheaders that may give unknown sends their message id."""
+
+    def __init__(self, batches: Sequence[WebhookBatch], now: float) -> None:
+        self.batches, self.now = batches, now
+        self.events = [ev for batch in batches for ev in batch.events]
+        self.keys = [event_key(ev.message_id, ev.status, ev.reported_at) for ev in self.events]
+        self.rows, self.statuses = _event_rows(self.events, self.keys, now), _status_rows(self.events, now)
+        self.by_header = {ev.api_header: ev.message_id for ev in self.events if ev.api_header}
+
+    def fit_one_statement(self) -> bool:
+        """As one statement on psycopg2: each INSERT holds its rows in one page, and no two headers
+        give the same message id (one by one, the first in header order would take it)."""
+        return max(len(self.rows), len(self.statuses)) <= PAGE_ROWS and len(set(self.by_header.values())) == len(
+            self.by_header
+        )
+
+    def alone(self) -> bool:
+        """On psycopg2, a commit of nothing else (no dead letter, no customer message) that fits one statement."""
+        return (
+            bool(self.rows) and not any(b.dead_letters or b.inbound for b in self.batches) and self.fit_one_statement()
+        )
+
+    def file(self, conn: Connection) -> tuple[set[str], set[str]]:
+        """Filed in ``conn``'s transaction: the keys of the events added, the headers reconciled."""
+        if conn.dialect.driver == "psycopg2" and self.fit_one_statement():
+            return self.in_one_statement(conn)
+        fresh = _insert_new_events(conn, self.rows)
+        _raise_statuses(conn, self.statuses)
+        return fresh, _reconcile(conn, self.by_header, self.now)
+
+    def in_one_statement(self, conn: Connection) -> tuple[set[str], set[str]]:
+        """The events, the statuses and the unknown sends reconciled, as one statement (a commit of
+        a few reports was mostly round trips: docs/benchmarks.md, eighth pass)."""
+        with driver_cursor(conn, _ONE_STATEMENT) as cursor:
+            cursor.execute(self.one_statement(conn, cursor))
+            found = cursor.fetchall()
+        fresh = {value for kind, value in found if kind == "added"}
+        return fresh, {value for kind, value in found if kind == "reconciled"}
+
+    def one_statement(self, conn: Connection, cursor: Any) -> bytes:
+        """The SQL of ``in_one_statement``, its values written in by psycopg2's ``cursor``. Each WITH
+        is read by the SELECT in turn, so that PostgreSQL runs them in the order of one by one: the
+        events, the statuses, then the ledger, each in key order (see ``_event_rows``)."""
+        events = on_driver(conn, "events", _events_insert, _EVENT_COLUMNS)
+        upsert = on_driver(conn, "status_upsert", _status_upsert, _STATUS_COLUMNS)
+        assert events is not None and upsert is not None  # psycopg2
+        parts = [
+            b"WITH new_events AS (%s)" % with_rows(cursor, events, self.rows),
+            b"raised AS (%s)" % with_rows(cursor, upsert, self.statuses),
+        ]
+        selected = b"SELECT 'added', event_key FROM new_events UNION ALL SELECT 'raised', message_id FROM raised"
+        if self.by_header:
+            headers = sorted(self.by_header)
+            message_ids = [self.by_header[header] for header in headers]
+            waiting = list(IN_FLIGHT_STATES)
+            values = (LedgerState.ACCEPTED.value, self.now, self.now, headers, message_ids, waiting, waiting)
+            parts.append(cursor.mogrify(_RECONCILE_SQL, values))
+            selected += b" UNION ALL SELECT 'reconciled', api_header FROM reconciled"
+        return b", ".join(parts) + b" " + selected
+
+    def count(self, results: list[IngestResult], fresh: set[str], reconciled: set[str]) -> None:
+        """Each batch's counts: an event (or a reconciled header) in two batches counts in the first."""
+        keyed = iter(zip(self.keys, self.events, strict=True))  # the events, batch by batch, in order
+        for result, batch in zip(results, self.batches, strict=True):
+            for key, ev in itertools.islice(keyed, len(batch.events)):
+                if key in fresh:
+                    fresh.discard(key)
+                    result.accepted += 1
+                else:
+                    result.duplicates += 1
+                if ev.api_header in reconciled:
+                    reconciled.discard(ev.api_header)
+                    result.reconciled += 1
 
 
 def _file_dead_letters(
@@ -184,8 +262,9 @@ def _insert_inbound(conn: Connection, inbound: Sequence[InboundMessage], now: fl
     return {id(item) for item in stops}
 
 
-def _insert_new_events(conn: Connection, events: Sequence[DeliveryEvent], keys: Sequence[str], now: float) -> set[str]:
-    """Store the events not stored yet; returns the keys this transaction added."""
+def _event_rows(events: Sequence[DeliveryEvent], keys: Sequence[str], now: float) -> list[dict[str, Any]]:
+    """One row per event not repeated in this commit, in key order, as every commit writes them:
+    two commits at once on PostgreSQL never wait on each other in a cycle (a deadlock)."""
     rows: dict[str, dict[str, Any]] = {}
     for key, ev in zip(keys, events, strict=True):
         rows.setdefault(
@@ -203,25 +282,28 @@ def _insert_new_events(conn: Connection, events: Sequence[DeliveryEvent], keys: 
                 "raw": ev.raw,
             },
         )
+    return [rows[key] for key in sorted(rows)]
+
+
+def _insert_new_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Store the events not stored yet; returns the keys this transaction added."""
     statement = on_driver(conn, "events", _events_insert, _EVENT_COLUMNS)
     if conn.dialect.name == "postgresql":
         # One multi-row INSERT whose RETURNING names exactly the rows added, even when another
-        # receiver adds the same ones at the same time. In key order, as every commit writes them:
-        # two commits at once never wait on each other in a cycle (a deadlock).
-        ordered = [rows[key] for key in sorted(rows)]
+        # receiver adds the same ones at the same time.
         if statement is None:  # another driver than psycopg2
-            return set(conn.execute(prebuilt(conn, "events", _events_insert), ordered).scalars())
-        return {key for (key,) in insert_returning(conn, statement, ordered)}
+            return set(conn.execute(prebuilt(conn, "events", _events_insert), rows).scalars())
+        return {key for (key,) in insert_returning(conn, statement, rows)}
     # SQLite: each row on the driver's cursor, which tells whether it was added (one writer at a
     # time holds the database, so nobody adds it in between).
     assert statement is not None
-    added = execute_each(conn, statement, list(rows.values()))
-    return {key for key, was_added in zip(rows, added, strict=True) if was_added}
+    added = execute_each(conn, statement, rows)
+    return {row["event_key"] for row, was_added in zip(rows, added, strict=True) if was_added}
 
 
-def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> None:
-    """Move each message's current status up, never down, and keep when it was first delivered and
-    first read (the campaign page's latencies), one row per message per statement."""
+def _status_rows(events: Sequence[DeliveryEvent], now: float) -> list[dict[str, Any]]:
+    """Each message's best status of this commit, and when it was first delivered and first read
+    (the campaign page's latencies): one row per message, in key order (see ``_event_rows``)."""
     best: dict[str, DeliveryEvent] = {}
     reached: dict[str, list[float | None]] = {}  # message id -> [first delivered, first read]
     priced: dict[str, DeliveryEvent] = {}  # message id -> the first of its events with pricing
@@ -237,7 +319,7 @@ def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: floa
             times[0] = when if times[0] is None else min(times[0], when)
             if ev.status == "read":
                 times[1] = when if times[1] is None else min(times[1], when)
-    rows = [
+    return [
         {
             "message_id": ev.message_id,
             "status": ev.status,
@@ -249,8 +331,12 @@ def _raise_statuses(conn: Connection, events: Sequence[DeliveryEvent], now: floa
             "read_at": reached.get(ev.message_id, (None, None))[1],
             **_pricing_of(priced.get(ev.message_id)),
         }
-        for _, ev in sorted(best.items())  # in key order (see _insert_new_events)
+        for _, ev in sorted(best.items())
     ]
+
+
+def _raise_statuses(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Move each message's current status up, never down (one row per message per statement)."""
     statement = on_driver(conn, "status_upsert", _status_upsert, _STATUS_COLUMNS)
     if statement is not None and statement.template is not None:  # PostgreSQL: one multi-row INSERT
         insert_returning(conn, statement, rows)
@@ -264,12 +350,10 @@ def _pricing_of(ev: DeliveryEvent | None) -> dict[str, Any]:
     return {"billable": ev.billable, "category": ev.category, "pricing_model": ev.pricing_model}
 
 
-def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) -> set[str]:
-    """Give unknown sends their message id from reports that echo their x-apiheader.
-
-    Returns the headers whose rows were reconciled.
+def _reconcile(conn: Connection, by_header: dict[str, str], now: float) -> set[str]:
+    """Give unknown sends their message id from reports that echo their x-apiheader
+    (``by_header``: each header with its message id). Returns the headers whose rows were reconciled.
     """
-    by_header = {ev.api_header: ev.message_id for ev in events if ev.api_header}
     if not by_header:
         return set()
     led = schema.ledger
@@ -277,7 +361,7 @@ def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) ->
     for key, header in _waiting_sends_for(conn, list(by_header)):
         waiting.setdefault(header, []).append(key)
     reconciled: set[str] = set()
-    for header, keys in sorted(waiting.items()):  # in one order (see _insert_new_events)
+    for header, keys in sorted(waiting.items()):  # in one order (see _event_rows)
         if len(keys) != 1:
             continue  # a header shared by several rows cannot tell them apart
         message_id = by_header[header]
@@ -290,6 +374,29 @@ def _reconcile(conn: Connection, events: Sequence[DeliveryEvent], now: float) ->
         )
         reconciled.add(header)
     return reconciled
+
+
+# What a failure of the one statement names, rather than its SQL: that holds the values.
+_ONE_STATEMENT = DriverStatement(
+    "the events, statuses and unknown sends of one commit (DeliveryReports.one_statement)", ()
+)
+
+# _reconcile in one statement, as a WITH of DeliveryReports.in_one_statement: the same rows (those
+# waiting for their message id that sent a header no other waiting row sent, and whose message id
+# no row has yet). Its values: the state they take, the time (twice), the headers and their message
+# ids as two arrays, the states of rows waiting (twice).
+_RECONCILE_SQL = f"""reconciled AS (
+    UPDATE {schema.ledger.name} AS l
+    SET message_id = h.message_id, state = %s, reconciled_at = %s, updated_at = %s
+    FROM unnest(%s::text[], %s::text[]) AS h (api_header, message_id)
+    WHERE l.api_header = h.api_header AND l.message_id IS NULL AND l.state = ANY(%s)
+    AND NOT EXISTS (
+        SELECT FROM {schema.ledger.name} AS other WHERE other.api_header = h.api_header
+        AND other.message_id IS NULL AND other.state = ANY(%s) AND other.idempotency_key <> l.idempotency_key
+    )
+    AND NOT EXISTS (SELECT FROM {schema.ledger.name} AS taken WHERE taken.message_id = h.message_id)
+    RETURNING h.api_header
+)"""
 
 
 # The keys of the rows each statement is given (on SQLite, the order of its values on the driver).

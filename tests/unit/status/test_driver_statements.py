@@ -10,7 +10,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import insert, select
 
 from airflow_provider_pepipost.status import engines, ingest, schema
-from airflow_provider_pepipost.status.inbound import WebhookBatch
+from airflow_provider_pepipost.status import ledger as ledger_module
+from airflow_provider_pepipost.status.inbound import InboundMessage, WebhookBatch
 from airflow_provider_pepipost.status.model import DeliveryEvent
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.batching import is_transient
@@ -195,3 +196,175 @@ def test_a_statement_psycopg2_cannot_run_as_compiled_stays_with_sqlalchemy():
     statement = engines._compile_for_driver(on_psycopg2, quoted, ("header",))
     assert statement.values({"header": "h"}) == ("h",)
     assert statement.sql.count("%s") == 1 and "%%(x)s" in statement.sql
+
+
+LEDGER_ROW = dict(recipient="919800000000", dag_id="d", run_id="r", task_id="t", map_index=-1, sent_at=1.0,
+                  updated_at=1.0)  # fmt: skip
+
+
+def unknown_sends(store: StatusStore, *rows: tuple[str, str | None, str]) -> None:
+    """Ledger rows (idempotency key, x-apiheader, state), as a send task leaves them."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            insert(schema.ledger),
+            [
+                dict(idempotency_key=key, api_header=header, state=state, row_index=index, **LEDGER_ROW)
+                for index, (key, header, state) in enumerate(rows)
+            ],
+        )
+
+
+def never_one_by_one(monkeypatch) -> None:
+    def one_by_one(*args, **kwargs):
+        raise AssertionError("filed one statement at a time")
+
+    for name in ("_insert_new_events", "_raise_statuses", "_reconcile", "_waiting_sends_for"):
+        monkeypatch.setattr(ingest, name, one_by_one)
+
+
+def ledger_message_ids(store: StatusStore) -> dict[str, str | None]:
+    with store.engine.connect() as conn:
+        return dict(conn.execute(select(schema.ledger.c.idempotency_key, schema.ledger.c.message_id)).all())
+
+
+def test_delivery_reports_alone_on_postgresql_are_one_statement_and_its_own_transaction(postgres_url, monkeypatch):
+    """One round trip a commit (a commit of a few reports was mostly round trips): no transaction is
+    opened around it, nothing is filed one statement at a time, and every count and row is as then."""
+    store = StatusStore(postgres_url)
+    unknown_sends(store, ("u", "h-u", "unknown"))
+    never_one_by_one(monkeypatch)
+    monkeypatch.setattr(ingest, "ingest_many", lambda *args: pytest.fail("a transaction was opened"))
+    first, second = store.ingest_many(
+        [
+            WebhookBatch(events=[event("m-u", "delivered", api_header="h-u", reported_at=5.0), event("m2", "sent")]),
+            WebhookBatch(events=[event("m2", "sent"), event("m2", "read", reported_at=9.0)]),
+        ]
+    )
+    assert (first.accepted, first.duplicates, first.reconciled) == (2, 0, 1)
+    assert (second.accepted, second.duplicates, second.reconciled) == (1, 1, 0)
+    with store.engine.connect() as conn:
+        statuses = dict(conn.execute(select(schema.message_status.c.message_id, schema.message_status.c.status)).all())
+        state = conn.execute(select(schema.ledger.c.state).where(schema.ledger.c.idempotency_key == "u")).scalar()
+    assert statuses == {"m-u": "delivered", "m2": "read"}
+    assert (ledger_message_ids(store), state) == ({"u": "m-u"}, "accepted")
+    assert store.count_rows("pepipost_events") == 3
+    with store.engine.connect() as conn:  # the pooled connection is back to transactions
+        assert conn.connection.dbapi_connection.autocommit is False
+
+
+def test_reports_beside_a_customer_message_are_one_statement_in_the_commits_transaction(postgres_url, monkeypatch):
+    store = StatusStore(postgres_url)
+    unknown_sends(store, ("u", "h-u", "unknown"))
+    never_one_by_one(monkeypatch)
+    reply = InboundMessage("text", "919800000001", None, '{"from":"919800000001","text":"hi"}')
+    [result] = store.ingest_many([WebhookBatch(events=[event("m-u", "read", api_header="h-u")], inbound=[reply])])
+    assert (result.accepted, result.reconciled, result.inbound) == (1, 1, 1)
+    assert ledger_message_ids(store) == {"u": "m-u"}
+
+
+def test_one_statement_reconciles_only_the_rows_one_by_one_would(postgres_url):
+    """A header two waiting rows sent cannot tell them apart; a message id a row already has is not
+    given again; a row no longer waiting (refused) keeps none."""
+    store = StatusStore(postgres_url)
+    unknown_sends(
+        store,
+        ("shared-1", "h-shared", "unknown"),
+        ("shared-2", "h-shared", "unknown"),
+        ("taken", "h-taken", "unknown"),
+        ("refused", "h-refused", "rejected"),
+        ("sending", "h-sending", "sending"),
+    )
+    with store.engine.begin() as conn:
+        conn.execute(insert(schema.ledger), [dict(idempotency_key="holder", api_header="h-holder", state="accepted",
+                                                  message_id="m-taken", row_index=9, **LEDGER_ROW)])  # fmt: skip
+    reports = [
+        event("m-shared", "sent", api_header="h-shared"),
+        event("m-taken", "sent", api_header="h-taken"),
+        event("m-refused", "sent", api_header="h-refused"),
+        event("m-sending", "sent", api_header="h-sending"),
+    ]
+    [result] = store.ingest_many([WebhookBatch(events=reports)])
+    assert result.reconciled == 1
+    assert ledger_message_ids(store) == {
+        "shared-1": None, "shared-2": None, "taken": None, "refused": None, "sending": "m-sending", "holder": "m-taken"
+    }  # fmt: skip
+
+
+def test_two_headers_giving_one_message_id_are_reconciled_as_one_by_one(postgres_url):
+    """One by one, the first header (in header order) takes the message id and the second finds it
+    taken; one statement cannot see its own update, so such a commit is filed one by one."""
+    store = StatusStore(postgres_url)
+    unknown_sends(store, ("a", "h-a", "unknown"), ("b", "h-b", "unknown"))
+    [result] = store.ingest_many(
+        [WebhookBatch(events=[event("m-1", "sent", api_header="h-b"), event("m-1", "read", api_header="h-a")])]
+    )
+    assert result.reconciled == 1
+    assert ledger_message_ids(store) == {"a": "m-1", "b": None}
+
+
+def test_the_one_statements_reconcile_looks_rows_up_by_header(postgres_url):
+    """Every refused or suppressed send of every campaign has no message id: the statement finds the
+    waiting rows by the header's index, not by walking those."""
+    store = StatusStore(postgres_url)
+    unknown_sends(store, *((f"k{i}", f"x{i}", "rejected") for i in range(20_000)))
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE pepipost_ledger")
+    with store.engine.connect() as conn, engines.driver_cursor(conn, engines.DriverStatement("", ())) as cursor:
+        waiting = list(ledger_module.IN_FLIGHT_STATES)
+        values = ("accepted", 1.0, 1.0, ["x1", "x2"], ["m1", "m2"], waiting, waiting)
+        cursor.execute(b"EXPLAIN WITH " + cursor.mogrify(ingest._RECONCILE_SQL, values) + b" SELECT * FROM reconciled")
+        plan = " ".join(line for (line,) in cursor.fetchall())
+    assert "ix_pepipost_ledger_api_header" in plan, plan
+
+
+def test_a_report_the_database_refuses_leaves_nothing_stored_and_the_connection_as_it_was(postgres_url):
+    """The one statement is all or nothing: the poison path (the receiver's store_apart) then finds
+    the item; the pooled connection is back to transactions."""
+    store = StatusStore(postgres_url)
+    too_long = "m" * 1000  # longer than the column: PostgreSQL refuses it, not the conversion
+    with pytest.raises(sa_exc.DBAPIError) as raised:
+        store.ingest_many([WebhookBatch(events=[event("m-fine", "sent"), event(too_long, "sent")])])
+    assert not is_transient(raised.value)
+    assert store.count_rows("pepipost_events") == 0
+    with store.engine.connect() as conn:
+        assert conn.connection.dbapi_connection.autocommit is False
+    assert store.ingest_many([WebhookBatch(events=[event("m-fine", "sent")])])[0].accepted == 1
+
+
+def test_texts_written_into_the_one_statement_are_stored_as_sent(postgres_url):
+    """The rows' values are written into the statement's text: quotes, percent signs (never read
+    as the driver's marks) and backslashes come back as they went in."""
+    store = StatusStore(postgres_url)
+    remark = "50% off %s %(name)s %% 'quoted' \"double\" back\\slash -- ; DROP TABLE x"
+    store.ingest_many([WebhookBatch(events=[event("m'1%s", "failed", remark=remark, api_header="h%'1")])])
+    with store.engine.connect() as conn:
+        stored = conn.execute(select(schema.events.c.message_id, schema.events.c.remark, schema.events.c.api_header))
+        assert stored.one() == ("m'1%s", remark, "h%'1")
+        assert conn.execute(select(schema.message_status.c.remark)).scalar() == remark
+
+
+def test_an_insert_whose_sql_holds_another_percent_sign_is_not_written_into_a_statement():
+    statement = engines.DriverStatement("INSERT INTO t (a) VALUES %s -- 5%", (("a", None),), "(%s)")
+    with pytest.raises(ValueError, match="no other '%'"):
+        engines.with_rows(None, statement, [{"a": 1}])
+
+
+def test_the_one_statement_writes_events_then_statuses_then_the_ledger_as_one_by_one(postgres_url):
+    """Two commits at once never wait on each other in a cycle (a deadlock) when they take their
+    locks in one order: the table order of one by one, whichever way each commit is filed. PostgreSQL
+    runs a WITH as the SELECT reads it: the plan reads them in that order."""
+    store = StatusStore(postgres_url)
+    reports = ingest.DeliveryReports([WebhookBatch(events=[event("m1", "read", api_header="h1")])], 1.0)
+    with store.engine.connect() as conn, engines.driver_cursor(conn, ingest._ONE_STATEMENT) as cursor:
+        cursor.execute(b"EXPLAIN " + reports.one_statement(conn, cursor))
+        plan = [line for (line,) in cursor.fetchall()]
+    scans = [line.split("CTE Scan on ")[1].split()[0] for line in plan if "CTE Scan on " in line]
+    assert scans == ["new_events", "raised", "reconciled"], plan
+
+
+def test_a_failure_of_the_one_statement_names_it_without_its_values(postgres_url):
+    store = StatusStore(postgres_url)
+    with pytest.raises(sa_exc.DBAPIError) as raised:
+        store.ingest_many([WebhookBatch(events=[event("m" * 1000, "sent", recipient="919833078369")])])
+    assert "DeliveryReports.one_statement" in str(raised.value)
+    assert "919833078369" not in str(raised.value) and "mmmmmmmm" not in str(raised.value)
