@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,35 +82,48 @@ def get_engine(url: str) -> Engine:
 
 
 # A pooled connection handed out after this long back in the pool is checked first (one round trip)
-# and replaced if the server has dropped it, as pool_pre_ping does. One back for less was working
-# a moment ago: under load (the receiver's commits, back to back) the check was a sixth of a
-# commit's round trips. A server that drops it in between fails that one use, as one that drops it
-# in use does, and the pool replaces its connections.
+# and, if the server has dropped it, the pool is renewed, as pool_pre_ping does. One back for less
+# was working a moment ago: under load (the receiver's commits, back to back) the check was a sixth
+# of a commit's round trips. Once a statement finds a connection lost, every connection back before
+# then is checked too: one dropped in between fails that one use, as one dropped in use does.
 PING_AFTER_IDLE = 1.0
 _RETURNED_AT = "pepipost_returned_at"
+_LOST_AT: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()  # a connection found lost
 
 
 def _ping_when_idle(engine: Engine) -> None:
     dialect = engine.dialect
 
-    def fresh(dbapi_connection: Any, record: Any) -> None:
+    def returned(dbapi_connection: Any, record: Any) -> None:
         record.info[_RETURNED_AT] = time.monotonic()
 
     def check(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        returned = record.info.get(_RETURNED_AT)
-        if returned is not None and time.monotonic() - returned < PING_AFTER_IDLE:
+        back_since = record.info.get(_RETURNED_AT)
+        fresh = back_since is not None and time.monotonic() - back_since < PING_AFTER_IDLE
+        if fresh and back_since > _LOST_AT.get(engine, 0.0):
             return
         try:
             dialect.do_ping(dbapi_connection)
         except dialect.loaded_dbapi.Error as err:
             if dialect.is_disconnect(err, dbapi_connection, None):
-                # The pool's own signal: it closes this connection and hands out a new one.
-                raise sa_exc.DisconnectionError(f"the store's server dropped a pooled connection: {err}") from err
+                # The pool's own signal: it replaces this connection and every one older.
+                raise sa_exc.InvalidatePoolError(f"the store's server dropped a pooled connection: {err}") from err
             raise
 
-    event.listen(engine, "connect", fresh)
-    event.listen(engine, "checkin", fresh)
+    def noticed(context: Any) -> None:  # a statement run through SQLAlchemy found its connection lost
+        if context.is_disconnect:
+            connection_lost(engine)
+
+    event.listen(engine, "connect", returned)
+    event.listen(engine, "checkin", returned)
     event.listen(engine, "checkout", check)
+    event.listen(engine, "handle_error", noticed)
+
+
+def connection_lost(engine: Engine) -> None:
+    """A statement found one of ``engine``'s connections lost: the server may have dropped them all,
+    so each one back in the pool before now is checked before it is used again."""
+    _LOST_AT[engine] = time.monotonic()
 
 
 def sqlite_write_lock(url: str) -> threading.Lock:
@@ -228,6 +242,7 @@ def driver_cursor(conn: Connection, statement: DriverStatement) -> Iterator[Any]
     except dbapi.Error as err:
         lost = conn.dialect.is_disconnect(err, dbapi_connection, cursor)
         if lost:
+            connection_lost(conn.engine)
             conn.invalidate(err)
         raise sa_exc.DBAPIError.instance(
             statement.sql,

@@ -153,7 +153,7 @@ class DeliveryReports:
             headers = sorted(self.by_header)
             message_ids = [self.by_header[header] for header in headers]
             waiting = list(IN_FLIGHT_STATES)
-            values = (LedgerState.ACCEPTED.value, self.now, self.now, headers, message_ids, waiting, waiting)
+            values = (headers, message_ids, waiting, waiting, LedgerState.ACCEPTED.value, self.now, self.now, waiting)
             parts.append(cursor.mogrify(_RECONCILE_SQL, values))
             selected += b" UNION ALL SELECT 'reconciled', api_header FROM reconciled"
         return b", ".join(parts) + b" " + selected
@@ -381,21 +381,31 @@ _ONE_STATEMENT = DriverStatement(
     "the events, statuses and unknown sends of one commit (DeliveryReports.one_statement)", ()
 )
 
-# _reconcile in one statement, as a WITH of DeliveryReports.in_one_statement: the same rows (those
+# _reconcile in one statement, as WITH clauses of DeliveryReports.one_statement: the same rows (those
 # waiting for their message id that sent a header no other waiting row sent, and whose message id
-# no row has yet). Its values: the state they take, the time (twice), the headers and their message
-# ids as two arrays, the states of rows waiting (twice).
-_RECONCILE_SQL = f"""reconciled AS (
-    UPDATE {schema.ledger.name} AS l
-    SET message_id = h.message_id, state = %s, reconciled_at = %s, updated_at = %s
-    FROM unnest(%s::text[], %s::text[]) AS h (api_header, message_id)
-    WHERE l.api_header = h.api_header AND l.message_id IS NULL AND l.state = ANY(%s)
+# no row has yet). They are locked in header order first, as one by one locks them, whatever join
+# the planner picks for the update: two commits never wait on each other's rows in a cycle. The
+# update checks them again once locked (another commit may have reconciled one meanwhile). Its
+# values: the headers and their message ids as two arrays, the states of rows waiting (twice), the
+# state they take, the time (twice), the states of rows waiting.
+_RECONCILE_SQL = f"""locked AS (
+    SELECT l.idempotency_key, h.api_header, h.message_id
+    FROM {schema.ledger.name} AS l JOIN unnest(%s::text[], %s::text[]) AS h (api_header, message_id)
+    ON l.api_header = h.api_header
+    WHERE l.message_id IS NULL AND l.state = ANY(%s)
     AND NOT EXISTS (
         SELECT FROM {schema.ledger.name} AS other WHERE other.api_header = h.api_header
         AND other.message_id IS NULL AND other.state = ANY(%s) AND other.idempotency_key <> l.idempotency_key
     )
     AND NOT EXISTS (SELECT FROM {schema.ledger.name} AS taken WHERE taken.message_id = h.message_id)
-    RETURNING h.api_header
+    ORDER BY h.api_header, l.idempotency_key
+    FOR UPDATE OF l
+), reconciled AS (
+    UPDATE {schema.ledger.name} AS l
+    SET message_id = locked.message_id, state = %s, reconciled_at = %s, updated_at = %s
+    FROM locked
+    WHERE l.idempotency_key = locked.idempotency_key AND l.message_id IS NULL AND l.state = ANY(%s)
+    RETURNING locked.api_header
 )"""
 
 

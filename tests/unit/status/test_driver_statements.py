@@ -5,9 +5,12 @@ same errors, and the look-ups by index.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import insert, select
+from sqlalchemy.engine import make_url
 
 from airflow_provider_pepipost.status import engines, ingest, schema
 from airflow_provider_pepipost.status import ledger as ledger_module
@@ -311,7 +314,7 @@ def test_the_one_statements_reconcile_looks_rows_up_by_header(postgres_url):
         conn.exec_driver_sql("ANALYZE pepipost_ledger")
     with store.engine.connect() as conn, engines.driver_cursor(conn, engines.DriverStatement("", ())) as cursor:
         waiting = list(ledger_module.IN_FLIGHT_STATES)
-        values = ("accepted", 1.0, 1.0, ["x1", "x2"], ["m1", "m2"], waiting, waiting)
+        values = (["x1", "x2"], ["m1", "m2"], waiting, waiting, "accepted", 1.0, 1.0, waiting)
         cursor.execute(b"EXPLAIN WITH " + cursor.mogrify(ingest._RECONCILE_SQL, values) + b" SELECT * FROM reconciled")
         plan = " ".join(line for (line,) in cursor.fetchall())
     assert "ix_pepipost_ledger_api_header" in plan, plan
@@ -359,7 +362,8 @@ def test_the_one_statement_writes_events_then_statuses_then_the_ledger_as_one_by
         cursor.execute(b"EXPLAIN " + reports.one_statement(conn, cursor))
         plan = [line for (line,) in cursor.fetchall()]
     scans = [line.split("CTE Scan on ")[1].split()[0] for line in plan if "CTE Scan on " in line]
-    assert scans == ["new_events", "raised", "reconciled"], plan
+    read_by_the_select = [name for name in scans if name in ("new_events", "raised", "reconciled")]
+    assert read_by_the_select == ["new_events", "raised", "reconciled"], plan
 
 
 def test_a_failure_of_the_one_statement_names_it_without_its_values(postgres_url):
@@ -368,3 +372,66 @@ def test_a_failure_of_the_one_statement_names_it_without_its_values(postgres_url
         store.ingest_many([WebhookBatch(events=[event("m" * 1000, "sent", recipient="919833078369")])])
     assert "DeliveryReports.one_statement" in str(raised.value)
     assert "919833078369" not in str(raised.value) and "mmmmmmmm" not in str(raised.value)
+
+
+def test_the_one_statement_locks_the_sends_it_reconciles_in_header_order(postgres_url):
+    """As one by one does, whatever join PostgreSQL picks: here one that reads the ledger in the
+    order the rows were written, the reverse of their headers'. While the commit waits for the
+    row of a header in the middle (another writer holds it), it holds the rows of the headers
+    before it and none after."""
+    import threading
+
+    import psycopg2
+
+    store = StatusStore(postgres_url)
+    unknown_sends(store, *((f"k{i:04}", f"h{i:04}", "unknown") for i in reversed(range(2_000))))
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE pepipost_ledger")
+    headers = [f"h{i:04}" for i in range(100, 2_000, 100)]
+    hash_joins_only = {"options": "-c enable_nestloop=off -c enable_mergejoin=off"}
+    hashed_url = make_url(postgres_url).update_query_dict(hash_joins_only).render_as_string(hide_password=False)
+    dsn = make_url(postgres_url)
+    connect = dict(dbname=dsn.database, user=dsn.username, host=dsn.host, port=dsn.port or 5432)
+    blocker, prober = psycopg2.connect(**connect), psycopg2.connect(**connect)
+    blocker.cursor().execute("SELECT 1 FROM pepipost_ledger WHERE api_header = 'h1000' FOR UPDATE")
+    outcome: list = []
+
+    def commit() -> None:
+        try:
+            events = [event(f"m-{header}", "sent", api_header=header) for header in headers]
+            outcome.append(StatusStore(hashed_url).ingest_many([WebhookBatch(events=events)])[0])
+        except Exception as err:  # reported below
+            outcome.append(err)
+
+    writer = threading.Thread(target=commit)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _waiting_on_a_lock(prober, dsn.database):
+            assert time.monotonic() < deadline, "the commit never waited for the row held"
+            time.sleep(0.05)
+        cursor = prober.cursor()  # the rows nobody holds, without waiting and let go at once
+        cursor.execute("SELECT api_header FROM pepipost_ledger WHERE api_header = ANY(%s) FOR UPDATE SKIP LOCKED",
+                       (headers,))  # fmt: skip
+        free = sorted(header for (header,) in cursor.fetchall())
+        prober.rollback()
+    finally:
+        blocker.rollback()
+        writer.join(60)
+        blocker.close()
+        prober.close()
+        engines.dispose_engine(hashed_url)
+    assert free == [header for header in headers if header > "h1000"]
+    assert [result.reconciled for result in outcome] == [len(headers)], outcome
+
+
+def _waiting_on_a_lock(conn, database: str) -> bool:
+    cursor = conn.cursor()
+    cursor.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = %s AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+        (database,),
+    )
+    waiting = cursor.fetchone()[0] > 0
+    conn.rollback()
+    return waiting

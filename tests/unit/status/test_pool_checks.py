@@ -12,6 +12,8 @@ import sqlalchemy
 from sqlalchemy import exc as sa_exc
 
 from airflow_provider_pepipost.status import engines
+from airflow_provider_pepipost.status.inbound import WebhookBatch
+from airflow_provider_pepipost.status.model import DeliveryEvent
 from airflow_provider_pepipost.status.store import StatusStore
 from airflow_provider_pepipost.webhook.batching import is_transient
 
@@ -75,3 +77,49 @@ def test_one_dropped_a_moment_after_its_last_use_fails_that_use_only(postgres_ur
     assert is_transient(raised.value)
     assert store.count_rows("pepipost_events") == 0
     assert backend_pid(store) != pid
+
+
+def test_after_a_restart_the_receivers_commits_fail_once_not_once_a_pooled_connection(postgres_url):
+    """A server restart drops every pooled connection. The first commit to meet a dropped one fails
+    (503: the vendor sends it again); every connection back in the pool before it is then checked
+    and replaced, so the commits after it go through."""
+    store = StatusStore(postgres_url)
+    held = [store.engine.connect() for _ in range(6)]  # as the writers, readers and pages hold them
+    for conn in held:
+        conn.exec_driver_sql("SELECT 1")
+    pids = [conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() for conn in held]
+    for conn in held:
+        conn.close()
+    for pid in pids:
+        drop_connection(postgres_url, pid)
+    failed = 0
+    for index in range(10):
+        try:
+            store.ingest_many([WebhookBatch(events=[DeliveryEvent(f"m{index}", "sent", "sent", None)])])
+        except sa_exc.OperationalError as err:
+            assert is_transient(err)
+            failed += 1
+    assert failed <= 1
+    assert store.count_rows("pepipost_events") == 10 - failed
+
+
+def test_a_check_that_finds_a_connection_dropped_renews_the_pool(postgres_url, monkeypatch):
+    """As pool_pre_ping does: the connections back in the pool before it are replaced without a
+    check each (a server restart drops them all)."""
+    monkeypatch.setattr(engines, "PING_AFTER_IDLE", 0.05)
+    store = StatusStore(postgres_url)
+    held = [store.engine.connect() for _ in range(3)]
+    pids = [conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() for conn in held]
+    for conn in held:
+        conn.close()
+    for pid in pids:
+        drop_connection(postgres_url, pid)
+    time.sleep(0.1)
+    pings = counted_pings(store.engine, monkeypatch)
+    again = [store.engine.connect() for _ in range(3)]
+    try:
+        assert all(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() not in pids for conn in again)
+    finally:
+        for conn in again:
+            conn.close()
+    assert pings == [1]
