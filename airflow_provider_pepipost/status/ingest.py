@@ -87,9 +87,18 @@ def _file_events(conn: Connection, batches: Sequence[WebhookBatch], results: lis
         reports.count(results, *reports.file(conn))
 
 
+def reports_alone(batches: Sequence[WebhookBatch], now: float) -> DeliveryReports | None:
+    """On psycopg2: a commit's delivery reports when it holds nothing else (no dead letter, no
+    customer message) and they fit one statement; None otherwise (checked first, without reading them)."""
+    if any(batch.dead_letters or batch.inbound for batch in batches):
+        return None
+    reports = DeliveryReports(batches, now)
+    return reports if reports.rows and reports.fit_one_statement() else None
+
+
 def ingest_reports_alone(conn: Connection, reports: DeliveryReports) -> list[IngestResult]:
-    """Delivery reports alone (``DeliveryReports.alone``) as one statement that is its own
-    transaction, committed before it answers: one round trip, where BEGIN and COMMIT took two more."""
+    """Delivery reports alone (``reports_alone``) as one statement that is its own transaction,
+    committed before it answers: one round trip, where BEGIN and COMMIT took two more."""
     results = [IngestResult() for _ in reports.batches]
     with autocommit(conn):
         reports.count(results, *reports.in_one_statement(conn))
@@ -112,12 +121,6 @@ class DeliveryReports:
         give the same message id (one by one, the first in header order would take it)."""
         return max(len(self.rows), len(self.statuses)) <= PAGE_ROWS and len(set(self.by_header.values())) == len(
             self.by_header
-        )
-
-    def alone(self) -> bool:
-        """On psycopg2, a commit of nothing else (no dead letter, no customer message) that fits one statement."""
-        return (
-            bool(self.rows) and not any(b.dead_letters or b.inbound for b in self.batches) and self.fit_one_statement()
         )
 
     def file(self, conn: Connection) -> tuple[set[str], set[str]]:

@@ -281,11 +281,10 @@ class StatusStore:
     def ingest_many(self, batches: Sequence[WebhookBatch]) -> list[IngestResult]:
         """Several webhook batches in one transaction (the receiver's group commit)."""
         now = time.time()
-        if self.engine.dialect.driver == "psycopg2":  # delivery reports alone: one round trip
-            reports = ingest.DeliveryReports(batches, now)
-            if reports.alone():
-                with self.engine.connect() as conn:
-                    return ingest.ingest_reports_alone(conn, reports)
+        reports = ingest.reports_alone(batches, now) if self.engine.dialect.driver == "psycopg2" else None
+        if reports is not None:  # delivery reports alone: one round trip
+            with self.engine.connect() as conn:
+                return ingest.ingest_reports_alone(conn, reports)
         with self._writing() as conn:
             return ingest.ingest_many(conn, batches, now)
 
