@@ -3,20 +3,25 @@ statements whose SQL differs between the dialects the store supports (SQLite and
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import re
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, Table, create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+
+log = logging.getLogger(__name__)
 
 # Bound parameters per IN (...) chunk: well under SQLite's 32766 and fast on PostgreSQL.
 T = TypeVar("T")
@@ -295,14 +300,138 @@ def insert_returning(conn: Connection, statement: DriverStatement, rows: Sequenc
         return execute_values(cursor, statement.sql, values, statement.template, page_size=PAGE_ROWS, fetch=True)
 
 
-def with_rows(cursor: Any, statement: DriverStatement, rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """PostgreSQL through psycopg2: the INSERT's SQL with its rows written in, as ``execute_values``
-    writes them, to be part of a larger statement (``status.ingest``'s one statement a commit)."""
-    if statement.template is None or statement.sql.count("%") != 1:  # escapes that would need undoing
+def recordset_insert(statement: DriverStatement, table: Table) -> str:
+    """PostgreSQL through psycopg2: the INSERT of ``on_driver`` taking its rows as one JSON array
+    (``INSERT ... SELECT * FROM json_to_recordset(...)``), so that its SQL is the same for any number
+    of rows (``Prepared``): that SQL, with one ``%s`` (``rows_json``'s text, typed ``json``). The rows
+    go in the array's order: their key order, when they are given in it."""
+    keys = _column_keys(statement)
+    if statement.template is None or statement.sql.count("%") != 1 or "VALUES %s" not in statement.sql:
         raise ValueError(f"not an INSERT with one VALUES mark and no other '%': {statement.sql}")
-    before, after = statement.sql.split("%s")
-    values = b",".join(cursor.mogrify(statement.template, statement.values(row)) for row in rows)
-    return before.encode() + values + after.encode()
+    # Each column as the table types it: a text longer than its column is refused, as by VALUES.
+    quote = _POSTGRESQL.identifier_preparer.quote
+    columns = ", ".join(f"{quote(key)} {table.c[key].type.compile(dialect=_POSTGRESQL)}" for key in keys)
+    return statement.sql.replace("VALUES %s", f"SELECT * FROM json_to_recordset(%s) AS row_values ({columns})")
+
+
+def rows_json(statement: DriverStatement, rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows for ``recordset_insert``: one JSON object a row, its values converted as SQLAlchemy
+    converts them. One value for the driver, where one per row and column cost psycopg2 most of a
+    commit's CPU (docs/benchmarks.md, ninth pass). Each row has exactly the statement's keys (a
+    key missing would be NULL). Refused here, without the value in the error: a NUL in a text, and
+    a number JSON cannot hold (NaN, infinity; the receiver's parser refuses such times first)."""
+    keys = set(_column_keys(statement))
+    if any(row.keys() != keys for row in rows):
+        raise ValueError(f"rows without exactly the keys {sorted(keys)}")
+    converted = [(key, convert) for key, convert in statement.params if key is not None and convert is not None]
+    if converted:
+        rows = [{**row, **{key: convert(row[key]) for key, convert in converted}} for row in rows]
+    text = json.dumps(rows, ensure_ascii=False, allow_nan=False)
+    # PostgreSQL refuses a NUL too, but its error quotes the JSON around it: a phone number, say.
+    if "\\u0000" in text and any(isinstance(value, str) and "\x00" in value for row in rows for value in row.values()):
+        raise ValueError("a text holds a NUL (0x00) character, which PostgreSQL cannot store")
+    return text
+
+
+def _column_keys(statement: DriverStatement) -> list[str]:
+    keys = [key for key, _ in statement.params if key is not None]
+    if len(keys) != len(statement.params):
+        raise ValueError(f"a value written in the statement, where each mark should be a column's: {statement.sql}")
+    return keys
+
+
+_POSTGRESQL = postgresql.dialect()
+
+
+class Prepared:
+    """A statement PostgreSQL (psycopg2) plans once per connection (``PREPARE``), then runs by name
+    (``EXECUTE``): for a statement of a few rows, parsing and planning cost the server more than
+    running it (docs/benchmarks.md, ninth pass). ``sql`` has a ``%s`` per value, ``types`` each
+    one's type; ``label`` is what an error names (never the values)."""
+
+    def __init__(self, label: DriverStatement, sql: str, types: Sequence[str]) -> None:
+        if sql.count("%") != sql.count("%s") or sql.count("%s") != len(types):
+            raise ValueError(f"a %s per type and no other '%' in: {sql}")
+        self.label, self.types = label, tuple(types)
+        numbered = iter(range(1, len(types) + 1))
+        typed = iter(types)
+        self.inline_sql = re.sub("%s", lambda _: f"%s::{next(typed)}", sql)  # the values written in
+        self.name = "pepipost_" + hashlib.sha256(self.inline_sql.encode()).hexdigest()[:24]  # a name a text
+        self.prepare_sql = f"PREPARE {self.name} AS " + re.sub("%s", lambda _: f"${next(numbered)}", self.inline_sql)
+        self.execute_sql = f"EXECUTE {self.name} ({', '.join(f'%s::{kind}' for kind in self.types)})"
+        self.execute_one_plan_sql = f"{ONE_PLAN}; {self.execute_sql}"  # one query: its own transaction
+
+
+# conn.connection.info[name]: when the statement was prepared on that connection (time.monotonic),
+# or _FORGOTTEN: the server forgot it (see run_prepared).
+_FORGOTTEN = "forgotten"
+REPLAN_AFTER = 1.0  # seconds: a plan a second a connection costs the server 0.3-0.5 ms a second
+
+
+def run_prepared(
+    conn: Connection, statement: Prepared, values_of: Callable[[], Sequence[Any]]
+) -> list[tuple[Any, ...]]:
+    """``statement`` with the values ``values_of`` gives (a value SQLAlchemy's conversion refuses is
+    its ``StatementError``, as in ``driver_cursor``), its rows. Outside a transaction
+    (``autocommit``) by its name, prepared on the connection the first time; where the server
+    forgot it (a pooler such as PgBouncer in transaction mode hands each statement to another
+    server's session), and inside a transaction (where a failed statement would end it), with its
+    values written in.
+
+    Its one plan (``ONE_PLAN``) is made again every ``REPLAN_AFTER`` seconds: a plan is made from
+    the tables' sizes at the time and kept, and one made on a new store's near-empty ledger scanned
+    it whole once it held a million rows (100-400 ms a commit, where 2 ms by its indexes).
+    PostgreSQL plans again after each ANALYZE, but autovacuum runs that when it gets to it, and
+    never where it is off."""
+    info = conn.connection.info  # lives as long as the driver's connection, cleared when it is lost
+    dbapi_connection: Any = conn.connection.dbapi_connection
+    with driver_cursor(conn, statement.label) as cursor:
+        values = values_of()
+        if dbapi_connection.autocommit and info.get(statement.name) != _FORGOTTEN:
+            try:
+                now, prepared_at = time.monotonic(), info.get(statement.name)
+                if prepared_at is None:
+                    _prepare(cursor, statement)
+                    info[statement.name] = now
+                elif now - prepared_at >= REPLAN_AFTER:
+                    # Forgotten here first: should the PREPARE fail after the DEALLOCATE (a lock
+                    # timeout, say), the next run prepares it anew.
+                    del info[statement.name]
+                    cursor.execute(f"DEALLOCATE {statement.name}; {statement.prepare_sql}")
+                    info[statement.name] = now
+                one_plan = dbapi_connection.server_version >= ONE_PLAN_SINCE
+                cursor.execute(statement.execute_one_plan_sql if one_plan else statement.execute_sql, values)
+                return cursor.fetchall()
+            except conn.dialect.loaded_dbapi.Error as err:
+                if getattr(err, "pgcode", None) != _NO_SUCH_PREPARED_STATEMENT:
+                    raise
+                info[statement.name] = _FORGOTTEN  # nothing ran: run it with its values written in
+                log.warning(
+                    "PostgreSQL forgot the prepared statement %s on this connection (a pooler in transaction"
+                    " mode?): it runs with its values written in from now on, planned every time",
+                    statement.name,
+                )
+        cursor.execute(statement.inline_sql, values)
+        return cursor.fetchall()
+
+
+_NO_SUCH_PREPARED_STATEMENT, _PREPARED_ALREADY = "26000", "42P05"
+
+
+def _prepare(cursor: Any, statement: Prepared) -> None:
+    try:
+        cursor.execute(statement.prepare_sql)
+    except Exception as err:
+        if getattr(err, "pgcode", None) != _PREPARED_ALREADY:  # a pooler's server session had it: the same text
+            raise
+
+
+# One plan for every run (a generic plan), never one a run: a custom plan knows the values (an
+# empty array of headers looks cheaper), so PostgreSQL would keep planning it every time, and
+# planning is what preparing saves. SET LOCAL: for that run alone, nothing else on the connection.
+# PostgreSQL 12 and later (before, it is planned run by run).
+ONE_PLAN = "SET LOCAL plan_cache_mode = force_generic_plan"
+ONE_PLAN_SINCE = 120000  # server_version
 
 
 @contextmanager

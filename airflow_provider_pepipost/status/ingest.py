@@ -25,6 +25,7 @@ from airflow_provider_pepipost.status.consent import VIA_REPLY, set_opted_out
 from airflow_provider_pepipost.status.engines import (
     PAGE_ROWS,
     DriverStatement,
+    Prepared,
     autocommit,
     chunks,
     driver_cursor,
@@ -34,8 +35,10 @@ from airflow_provider_pepipost.status.engines import (
     insert_returning,
     on_driver,
     prebuilt,
+    recordset_insert,
+    rows_json,
+    run_prepared,
     transaction_lock,
-    with_rows,
 )
 from airflow_provider_pepipost.status.inbound import DeadLetter, InboundMessage, WebhookBatch
 from airflow_provider_pepipost.status.ledger import IN_FLIGHT_STATES
@@ -133,33 +136,21 @@ class DeliveryReports:
 
     def in_one_statement(self, conn: Connection) -> tuple[set[str], set[str]]:
         """The events, the statuses and the unknown sends reconciled, as one statement (a commit of
-        a few reports was mostly round trips: docs/benchmarks.md, eighth pass)."""
-        with driver_cursor(conn, _ONE_STATEMENT) as cursor:
-            cursor.execute(self.one_statement(conn, cursor))
-            found = cursor.fetchall()
+        a few reports was mostly round trips: docs/benchmarks.md, eighth pass), prepared once a
+        connection where it can be (``engines.run_prepared``)."""
+        found = run_prepared(conn, _one_statement(conn), lambda: self.values(conn))
         fresh = {value for kind, value in found if kind == "added"}
         return fresh, {value for kind, value in found if kind == "reconciled"}
 
-    def one_statement(self, conn: Connection, cursor: Any) -> bytes:
-        """The SQL of ``in_one_statement``, its values written in by psycopg2's ``cursor``. Each WITH
-        is read by the SELECT in turn, so that PostgreSQL runs them in the order of one by one: the
-        events, the statuses, then the ledger, each in key order (see ``_event_rows``)."""
-        events = on_driver(conn, "events", _events_insert, _EVENT_COLUMNS)
-        upsert = on_driver(conn, "status_upsert", _status_upsert, _STATUS_COLUMNS)
-        assert events is not None and upsert is not None  # psycopg2
-        parts = [
-            b"WITH new_events AS (%s)" % with_rows(cursor, events, self.rows),
-            b"raised AS (%s)" % with_rows(cursor, upsert, self.statuses),
-        ]
-        selected = b"SELECT 'added', event_key FROM new_events UNION ALL SELECT 'raised', message_id FROM raised"
-        if self.by_header:
-            headers = sorted(self.by_header)
-            message_ids = [self.by_header[header] for header in headers]
-            waiting = list(IN_FLIGHT_STATES)
-            values = (headers, message_ids, waiting, waiting, LedgerState.ACCEPTED.value, self.now, self.now, waiting)
-            parts.append(cursor.mogrify(_RECONCILE_SQL, values))
-            selected += b" UNION ALL SELECT 'reconciled', api_header FROM reconciled"
-        return b", ".join(parts) + b" " + selected
+    def values(self, conn: Connection) -> list[Any]:
+        """The values of ``_one_statement``: the events' rows and the statuses' as two JSON arrays,
+        in key order (see ``_event_rows``), then the reconcile's (no header: none to do)."""
+        events, upsert = _driver_inserts(conn)
+        headers = sorted(self.by_header)
+        waiting = list(IN_FLIGHT_STATES)
+        reconcile: list[Any] = [headers, [self.by_header[header] for header in headers], waiting, waiting]
+        reconcile += [LedgerState.ACCEPTED.value, self.now, self.now, waiting]
+        return [rows_json(events, self.rows), rows_json(upsert, self.statuses), *reconcile]
 
     def count(self, results: list[IngestResult], fresh: set[str], reconciled: set[str]) -> None:
         """Each batch's counts: an event (or a reconciled header) in two batches counts in the first."""
@@ -380,20 +371,19 @@ def _reconcile(conn: Connection, by_header: dict[str, str], now: float) -> set[s
 
 
 # What a failure of the one statement names, rather than its SQL: that holds the values.
-_ONE_STATEMENT = DriverStatement(
-    "the events, statuses and unknown sends of one commit (DeliveryReports.one_statement)", ()
-)
+_ONE_STATEMENT = DriverStatement("the events, statuses and unknown sends of one commit (ingest._one_statement)", ())
 
-# _reconcile in one statement, as WITH clauses of DeliveryReports.one_statement: the same rows (those
-# waiting for their message id that sent a header no other waiting row sent, and whose message id
-# no row has yet). They are locked in header order first, as one by one locks them, whatever join
-# the planner picks for the update: two commits never wait on each other's rows in a cycle. The
-# update checks them again once locked (another commit may have reconciled one meanwhile). Its
-# values: the headers and their message ids as two arrays, the states of rows waiting (twice), the
-# state they take, the time (twice), the states of rows waiting.
+# _reconcile in one statement, as WITH clauses of _one_statement: the same rows (those waiting for
+# their message id that sent a header no other waiting row sent, and whose message id no row has
+# yet). They are locked in header order first, as one by one locks them, whatever join the planner
+# picks for the update: two commits never wait on each other's rows in a cycle. In code point order
+# (COLLATE "C"), as Python sorts: a database's own collation may order them otherwise (en-US does). The update checks
+# them again once locked (another commit may have reconciled one meanwhile). Its values, typed in
+# _RECONCILE_TYPES: the headers and their message ids as two arrays, the states of rows waiting
+# (twice), the state they take, the time (twice), the states of rows waiting.
 _RECONCILE_SQL = f"""locked AS (
     SELECT l.idempotency_key, h.api_header, h.message_id
-    FROM {schema.ledger.name} AS l JOIN unnest(%s::text[], %s::text[]) AS h (api_header, message_id)
+    FROM {schema.ledger.name} AS l JOIN unnest(%s, %s) AS h (api_header, message_id)
     ON l.api_header = h.api_header
     WHERE l.message_id IS NULL AND l.state = ANY(%s)
     AND NOT EXISTS (
@@ -401,7 +391,7 @@ _RECONCILE_SQL = f"""locked AS (
         AND other.message_id IS NULL AND other.state = ANY(%s) AND other.idempotency_key <> l.idempotency_key
     )
     AND NOT EXISTS (SELECT FROM {schema.ledger.name} AS taken WHERE taken.message_id = h.message_id)
-    ORDER BY h.api_header, l.idempotency_key
+    ORDER BY h.api_header COLLATE "C", l.idempotency_key COLLATE "C"
     FOR UPDATE OF l
 ), reconciled AS (
     UPDATE {schema.ledger.name} AS l
@@ -410,6 +400,36 @@ _RECONCILE_SQL = f"""locked AS (
     WHERE l.idempotency_key = locked.idempotency_key AND l.message_id IS NULL AND l.state = ANY(%s)
     RETURNING locked.api_header
 )"""
+_RECONCILE_TYPES = ("text[]", "text[]", "text[]", "text[]", "text", "float8", "float8", "text[]")
+
+_ONE_STATEMENTS: dict[str, Prepared] = {}
+
+
+def _driver_inserts(conn: Connection) -> tuple[DriverStatement, DriverStatement]:
+    events = on_driver(conn, "events", _events_insert, _EVENT_COLUMNS)
+    upsert = on_driver(conn, "status_upsert", _status_upsert, _STATUS_COLUMNS)
+    assert events is not None and upsert is not None  # psycopg2
+    return events, upsert
+
+
+def _one_statement(conn: Connection) -> Prepared:
+    """The delivery reports of a commit as one statement, the same SQL for any number of rows: the
+    events' INSERT, the statuses' upsert and the reconcile as WITH clauses, each read by the SELECT
+    in turn, so that PostgreSQL runs them in the order of one by one: the events, the statuses,
+    then the ledger, each in key order. Built once (psycopg2 only)."""
+    if "psycopg2" not in _ONE_STATEMENTS:
+        events, upsert = _driver_inserts(conn)
+        events_sql, upsert_sql = (
+            recordset_insert(events, schema.events),
+            recordset_insert(upsert, schema.message_status),
+        )
+        sql = (
+            f"WITH new_events AS ({events_sql}), raised AS ({upsert_sql}), {_RECONCILE_SQL}"
+            " SELECT 'added', event_key FROM new_events UNION ALL SELECT 'raised', message_id FROM raised"
+            " UNION ALL SELECT 'reconciled', api_header FROM reconciled"
+        )
+        _ONE_STATEMENTS["psycopg2"] = Prepared(_ONE_STATEMENT, sql, ("json", "json", *_RECONCILE_TYPES))
+    return _ONE_STATEMENTS["psycopg2"]
 
 
 # The keys of the rows each statement is given (on SQLite, the order of its values on the driver).

@@ -24,6 +24,7 @@ from airflow_provider_pepipost.webhook.batching import is_transient
 def nothing_compiled_yet(monkeypatch):
     monkeypatch.setattr(engines, "_PREBUILT", {})
     monkeypatch.setattr(engines, "_ON_DRIVER", {})
+    monkeypatch.setattr(ingest, "_ONE_STATEMENTS", {})
 
 
 def event(message_id: str, status: str, **fields) -> DeliveryEvent:
@@ -334,22 +335,44 @@ def test_a_report_the_database_refuses_leaves_nothing_stored_and_the_connection_
     assert store.ingest_many([WebhookBatch(events=[event("m-fine", "sent")])])[0].accepted == 1
 
 
-def test_texts_written_into_the_one_statement_are_stored_as_sent(postgres_url):
-    """The rows' values are written into the statement's text: quotes, percent signs (never read
-    as the driver's marks) and backslashes come back as they went in."""
+def test_texts_and_times_in_the_one_statement_are_stored_as_sent(postgres_url):
+    """The rows go to the server as JSON text: quotes, percent signs (never read as the driver's
+    marks), backslashes, control characters, JSON's own syntax, a text that reads NULL, characters
+    beyond the BMP and a time's every digit come back as they went in."""
     store = StatusStore(postgres_url)
-    remark = "50% off %s %(name)s %% 'quoted' \"double\" back\\slash -- ; DROP TABLE x"
-    store.ingest_many([WebhookBatch(events=[event("m'1%s", "failed", remark=remark, api_header="h%'1")])])
+    remark = (
+        '50% off %s %(name)s %% \'quoted\' "double" back\\slash \\u0041 -- ; DROP TABLE x\n\t\x01 {"a": [1, null]} 😀'
+    )
+    events = [
+        event("m'1%s", "failed", remark=remark, api_header="h%'1", reported_at=1733571234.1234567),
+        event("NULL", "sent", remark="NULL", api_header="null", reported_at=0.1 + 0.2),
+    ]
+    store.ingest_many([WebhookBatch(events=events)])
+    events_table, statuses = schema.events, schema.message_status
     with store.engine.connect() as conn:
-        stored = conn.execute(select(schema.events.c.message_id, schema.events.c.remark, schema.events.c.api_header))
-        assert stored.one() == ("m'1%s", remark, "h%'1")
-        assert conn.execute(select(schema.message_status.c.remark)).scalar() == remark
+        stored = conn.execute(
+            select(events_table.c.message_id, events_table.c.remark, events_table.c.api_header,
+                   events_table.c.reported_at).order_by(events_table.c.message_id)
+        ).all()  # fmt: skip
+        status_remarks = dict(conn.execute(select(statuses.c.message_id, statuses.c.remark)).all())
+    assert [tuple(row) for row in stored] == [
+        ("NULL", "NULL", "null", 0.1 + 0.2),
+        ("m'1%s", remark, "h%'1", 1733571234.1234567),
+    ]
+    assert status_remarks == {"m'1%s": remark, "NULL": "NULL"}
 
 
-def test_an_insert_whose_sql_holds_another_percent_sign_is_not_written_into_a_statement():
+def test_rows_missing_a_column_are_refused_not_stored_as_null():
+    statement = engines.DriverStatement("INSERT INTO t (a, b) VALUES %s", (("a", None), ("b", None)), "(%s, %s)")
+    assert engines.rows_json(statement, [{"a": 1, "b": None}]) == '[{"a": 1, "b": null}]'
+    with pytest.raises(ValueError, match="exactly the keys"):
+        engines.rows_json(statement, [{"a": 1}])
+
+
+def test_an_insert_whose_sql_holds_another_percent_sign_is_not_rewritten():
     statement = engines.DriverStatement("INSERT INTO t (a) VALUES %s -- 5%", (("a", None),), "(%s)")
     with pytest.raises(ValueError, match="no other '%'"):
-        engines.with_rows(None, statement, [{"a": 1}])
+        engines.recordset_insert(statement, schema.events)
 
 
 def test_the_one_statement_writes_events_then_statuses_then_the_ledger_as_one_by_one(postgres_url):
@@ -359,7 +382,8 @@ def test_the_one_statement_writes_events_then_statuses_then_the_ledger_as_one_by
     store = StatusStore(postgres_url)
     reports = ingest.DeliveryReports([WebhookBatch(events=[event("m1", "read", api_header="h1")])], 1.0)
     with store.engine.connect() as conn, engines.driver_cursor(conn, ingest._ONE_STATEMENT) as cursor:
-        cursor.execute(b"EXPLAIN " + reports.one_statement(conn, cursor))
+        statement = ingest._one_statement(conn)
+        cursor.execute("EXPLAIN " + statement.inline_sql, reports.values(conn))
         plan = [line for (line,) in cursor.fetchall()]
     scans = [line.split("CTE Scan on ")[1].split()[0] for line in plan if "CTE Scan on " in line]
     read_by_the_select = [name for name in scans if name in ("new_events", "raised", "reconciled")]
@@ -370,7 +394,7 @@ def test_a_failure_of_the_one_statement_names_it_without_its_values(postgres_url
     store = StatusStore(postgres_url)
     with pytest.raises(sa_exc.DBAPIError) as raised:
         store.ingest_many([WebhookBatch(events=[event("m" * 1000, "sent", recipient="919833078369")])])
-    assert "DeliveryReports.one_statement" in str(raised.value)
+    assert "ingest._one_statement" in str(raised.value)
     assert "919833078369" not in str(raised.value) and "mmmmmmmm" not in str(raised.value)
 
 
@@ -379,21 +403,65 @@ def test_the_one_statement_locks_the_sends_it_reconciles_in_header_order(postgre
     order the rows were written, the reverse of their headers'. While the commit waits for the
     row of a header in the middle (another writer holds it), it holds the rows of the headers
     before it and none after."""
+    headers = [f"h{i:04}" for i in range(100, 2_000, 100)]
+    free = _free_while_the_commit_waits(postgres_url, [f"h{i:04}" for i in range(2_000)], headers, "h1000")
+    assert free == [header for header in headers if header > "h1000"]
+
+
+@pytest.fixture
+def en_us_postgres_url(postgres_server_url: str):
+    """A database whose texts sort as en-US does (ICU), not by code point; skipped where the server
+    has no ICU (PostgreSQL before 15, or built without it)."""
+    import sqlalchemy
+
+    from tests.conftest import database_name
+
+    name = database_name("test")
+    admin = sqlalchemy.create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(
+                f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+            )
+    except sa_exc.DBAPIError as err:
+        admin.dispose()
+        pytest.skip(f"this PostgreSQL cannot create a database sorting as en-US: {err.orig}")
+    url = make_url(postgres_server_url).set(database=name).render_as_string(hide_password=False)
+    yield url
+    engines.dispose_engine(url)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+def test_the_sends_are_locked_in_code_point_order_whatever_the_databases_collation(en_us_postgres_url):
+    """One by one sorts the headers as Python does, by code point (every "H..." before every
+    "h..."); en-US sorts them by letter first (H0100 < h0200 < H0300). Locked in the database's
+    order, a commit of one statement and one filed one by one could each wait on the other."""
+    headers = sorted([f"H{i:04}" for i in range(100, 2_000, 200)] + [f"h{i:04}" for i in range(200, 2_001, 200)])
+    everyone = [f"{case}{i:04}" for case in "Hh" for i in range(2_001)]
+    free = _free_while_the_commit_waits(en_us_postgres_url, everyone, headers, "h1000")
+    assert free == [header for header in headers if header > "h1000"], free  # every "H..." held
+
+
+def _free_while_the_commit_waits(url: str, ledger_headers: list[str], headers: list[str], held: str) -> list[str]:
+    """A commit of reports reconciling the unknown sends of ``headers`` (among rows for every one of
+    ``ledger_headers``, written in reverse, hash joins only), while another writer holds the row of
+    ``held``: which of the commit's rows nobody holds once it waits for that one."""
     import threading
 
     import psycopg2
 
-    store = StatusStore(postgres_url)
-    unknown_sends(store, *((f"k{i:04}", f"h{i:04}", "unknown") for i in reversed(range(2_000))))
+    store = StatusStore(url)
+    unknown_sends(store, *((f"k-{header}", header, "unknown") for header in reversed(ledger_headers)))
     with store.engine.begin() as conn:
         conn.exec_driver_sql("ANALYZE pepipost_ledger")
-    headers = [f"h{i:04}" for i in range(100, 2_000, 100)]
     hash_joins_only = {"options": "-c enable_nestloop=off -c enable_mergejoin=off"}
-    hashed_url = make_url(postgres_url).update_query_dict(hash_joins_only).render_as_string(hide_password=False)
-    dsn = make_url(postgres_url)
+    hashed_url = make_url(url).update_query_dict(hash_joins_only).render_as_string(hide_password=False)
+    dsn = make_url(url)
     connect = dict(dbname=dsn.database, user=dsn.username, host=dsn.host, port=dsn.port or 5432)
     blocker, prober = psycopg2.connect(**connect), psycopg2.connect(**connect)
-    blocker.cursor().execute("SELECT 1 FROM pepipost_ledger WHERE api_header = 'h1000' FOR UPDATE")
+    blocker.cursor().execute("SELECT 1 FROM pepipost_ledger WHERE api_header = %s FOR UPDATE", (held,))
     outcome: list = []
 
     def commit() -> None:
@@ -421,8 +489,8 @@ def test_the_one_statement_locks_the_sends_it_reconciles_in_header_order(postgre
         blocker.close()
         prober.close()
         engines.dispose_engine(hashed_url)
-    assert free == [header for header in headers if header > "h1000"]
     assert [result.reconciled for result in outcome] == [len(headers)], outcome
+    return free
 
 
 def _waiting_on_a_lock(conn, database: str) -> bool:
@@ -435,3 +503,181 @@ def _waiting_on_a_lock(conn, database: str) -> bool:
     waiting = cursor.fetchone()[0] > 0
     conn.rollback()
     return waiting
+
+
+# -- the one statement, prepared once a connection ---------------------------------------------
+
+
+def commits_of_one_report(store: StatusStore, count: int, prefix: str = "p") -> None:
+    for number in range(count):
+        [result] = store.ingest_many([WebhookBatch(events=[event(f"{prefix}{number}", "sent")])])
+        assert result.accepted == 1
+
+
+def prepared_here(conn) -> list[tuple]:
+    """This connection's prepared statements: (name, generic plans, custom plans)."""
+    return conn.exec_driver_sql("SELECT name, generic_plans, custom_plans FROM pg_prepared_statements").all()
+
+
+def generic_plan(store: StatusStore) -> str:
+    """The plan the store's pooled connection keeps for the one statement."""
+    reports = ingest.DeliveryReports([WebhookBatch(events=[event("m1", "sent", api_header="x1")])], 1.0)
+    with store.engine.connect() as conn, engines.driver_cursor(conn, ingest._ONE_STATEMENT) as cursor:
+        cursor.execute(engines.ONE_PLAN)  # as the commits run it: the generic plan, not one for these values
+        cursor.execute("EXPLAIN " + ingest._one_statement(conn).execute_sql, reports.values(conn))
+        return " ".join(line for (line,) in cursor.fetchall())
+
+
+def test_the_one_statement_is_planned_once_a_connection_and_reads_the_ledger_by_header(postgres_url, monkeypatch):
+    """The server parses and plans it once a connection (one generic plan), a plan that still finds
+    the waiting sends by the header's index."""
+    monkeypatch.setattr(engines, "REPLAN_AFTER", 3600.0)  # its plan counts: however slow the machine
+    store = StatusStore(postgres_url)
+    unknown_sends(store, *((f"k{i}", f"x{i}", "rejected") for i in range(20_000)))
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE pepipost_ledger")
+    commits_of_one_report(store, 12)
+    with store.engine.connect() as conn:
+        [(name, generic, custom)] = prepared_here(conn)
+        assert (name, generic, custom) == (ingest._one_statement(conn).name, 12, 0)
+        # for those runs alone: the connection plans anything else as it would have
+        assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "auto"
+    assert "ix_pepipost_ledger_api_header" in generic_plan(store)
+
+
+def test_a_plan_made_on_a_small_ledger_is_made_again_once_it_has_grown(postgres_url, monkeypatch):
+    """A plan is made from the tables' sizes at the time and kept: one made on a new store's few
+    ledger rows scans the whole ledger, which a campaign then fills (autovacuum's ANALYZE, which
+    makes PostgreSQL plan again, comes when it comes, and never where it is off). The statement is
+    planned again every REPLAN_AFTER seconds, by the ledger's indexes once it has grown."""
+    monkeypatch.setattr(engines, "REPLAN_AFTER", 3600.0)
+    store = StatusStore(postgres_url)
+    unknown_sends(store, *((f"k{i}", f"x{i}", "rejected") for i in range(50)))
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE pepipost_ledger")
+
+    def commit_and_plan(conn, message_id: str) -> str:
+        """A commit of one report on ``conn`` (as the receiver's), then the plan ``conn`` keeps."""
+        reports = ingest.reports_alone([WebhookBatch(events=[event(message_id, "sent", api_header="x1")])], 1.0)
+        assert ingest.ingest_reports_alone(conn, reports)[0].accepted == 1
+        with engines.driver_cursor(conn, ingest._ONE_STATEMENT) as cursor:
+            cursor.execute(engines.ONE_PLAN)  # as the commits run it: the generic plan
+            cursor.execute("EXPLAIN " + ingest._one_statement(conn).execute_sql, reports.values(conn))
+            plan = " ".join(line for (line,) in cursor.fetchall())
+        conn.connection.dbapi_connection.rollback()  # the EXPLAIN's transaction, which SQLAlchemy did not open
+        return plan
+
+    with store.engine.connect() as conn:
+        assert "Seq Scan on pepipost_ledger" in commit_and_plan(conn, "small")  # the plan of a small ledger
+        unknown_sends(store, *((f"big{i}", f"y{i}", "rejected") for i in range(20_000)))  # not analyzed
+        assert "Seq Scan on pepipost_ledger" in commit_and_plan(conn, "within")  # kept within REPLAN_AFTER
+        monkeypatch.setattr(engines, "REPLAN_AFTER", 0.0)  # as once that time has passed
+        plan = commit_and_plan(conn, "after")
+        [(_, generic, custom)] = prepared_here(conn)
+    assert "Seq Scan on pepipost_ledger" not in plan and "ix_pepipost_ledger_api_header" in plan, plan
+    assert (generic, custom) == (2, 0)  # the new plan: made by the commit, read again by the EXPLAIN
+
+
+def test_a_prepared_statement_the_server_forgot_runs_with_its_values_written_in(postgres_url, caplog):
+    """A pooler in transaction mode (PgBouncer) hands each statement to another server session,
+    which never saw the PREPARE: the commit still stores its reports, once, and says why it is slower."""
+    store = StatusStore(postgres_url)
+    commits_of_one_report(store, 2, "before")
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("DEALLOCATE ALL")  # what another server session looks like
+        conn.commit()
+    with caplog.at_level("WARNING", logger=engines.__name__):
+        commits_of_one_report(store, 3, "after")
+    assert store.count_rows("pepipost_events") == 5
+    forgot = [
+        record.getMessage() for record in caplog.records if "forgot the prepared statement" in record.getMessage()
+    ]
+    assert len(forgot) == 1 and "pooler in transaction mode" in forgot[0], forgot
+    with store.engine.connect() as conn:
+        assert prepared_here(conn) == []  # not prepared again on that connection
+
+
+def test_a_statement_the_servers_session_already_holds_is_run_by_name(postgres_url, monkeypatch):
+    """A pooler may hand a new client a server session where it was prepared: PREPARE says it
+    exists, and the commit runs it."""
+    monkeypatch.setattr(engines, "REPLAN_AFTER", 3600.0)  # its plan counts: however slow the machine
+    store = StatusStore(postgres_url)
+    commits_of_one_report(store, 1, "first")
+    with store.engine.connect() as conn:
+        conn.connection.info.pop(ingest._one_statement(conn).name)
+    commits_of_one_report(store, 2, "then")
+    with store.engine.connect() as conn:
+        [(_, generic, custom)] = prepared_here(conn)
+    assert generic + custom == 3 and store.count_rows("pepipost_events") == 3
+
+
+def test_a_new_connection_prepares_it_again(postgres_url, monkeypatch):
+    monkeypatch.setattr(engines, "REPLAN_AFTER", 3600.0)  # its plan counts: however slow the machine
+    store = StatusStore(postgres_url)
+    commits_of_one_report(store, 2, "old")
+    with store.engine.connect() as conn:
+        conn.invalidate()  # as after a lost connection
+    commits_of_one_report(store, 1, "new")
+    with store.engine.connect() as conn:
+        [(_, generic, custom)] = prepared_here(conn)
+    assert generic + custom == 1
+
+
+def test_a_value_longer_than_its_column_is_refused_not_cut(postgres_url):
+    """As by VALUES: a cast to VARCHAR(n) would have cut it."""
+    store = StatusStore(postgres_url)
+    with pytest.raises(sa_exc.DBAPIError, match="too long"):
+        store.ingest_many([WebhookBatch(events=[event("m1", "sent", api_header="h" * 5000)])])
+    assert store.count_rows("pepipost_events") == 0
+
+
+def test_a_server_without_one_plan_a_statement_still_runs_it_prepared(postgres_url, monkeypatch):
+    """Before PostgreSQL 12 there is no plan_cache_mode: the statement is planned run by run, and
+    the commits go on."""
+    monkeypatch.setattr(engines, "ONE_PLAN_SINCE", 10**9)  # as if this server were older than that
+    monkeypatch.setattr(engines, "REPLAN_AFTER", 3600.0)  # its plan counts: however slow the machine
+    store = StatusStore(postgres_url)
+    commits_of_one_report(store, 7)
+    with store.engine.connect() as conn:
+        [(_, generic, custom)] = prepared_here(conn)
+    assert generic + custom == 7 and custom >= 5
+
+
+def test_a_nul_is_refused_without_the_values_around_it_in_the_error(postgres_url):
+    """PostgreSQL's own refusal of a NUL in JSON quotes the text before it (a phone number)."""
+    store = StatusStore(postgres_url)
+    with pytest.raises(sa_exc.StatementError) as raised:
+        store.ingest_many([WebhookBatch(events=[event("m1", "sent", recipient="919833078369", raw="x\x00y")])])
+    assert "NUL" in str(raised.value) and "919833078369" not in str(raised.value)
+    assert store.count_rows("pepipost_events") == 0
+    assert "\\u0000" in engines.rows_json(  # a text that only reads like one is no NUL
+        engines.DriverStatement("INSERT INTO t (a) VALUES %s", (("a", None),), "(%s)"), [{"a": "\\u0000"}]
+    )
+
+
+def test_a_plan_that_fails_to_be_made_again_is_made_at_the_next_commit(postgres_url, monkeypatch, caplog):
+    """DEALLOCATE and PREPARE are one query, and a prepared statement is not undone with it: should
+    the PREPARE fail (here it waits too long for a lock), the next commit prepares it anew rather
+    than take the connection for one whose server forgets."""
+    import psycopg2
+
+    monkeypatch.setattr(engines, "REPLAN_AFTER", 0.0)
+    impatient = make_url(postgres_url).update_query_dict({"options": "-c lock_timeout=200"})
+    url = impatient.render_as_string(hide_password=False)
+    store = StatusStore(url)
+    commits_of_one_report(store, 1, "before")
+    dsn = make_url(postgres_url)
+    holder = psycopg2.connect(dbname=dsn.database, user=dsn.username, host=dsn.host, port=dsn.port or 5432)
+    try:
+        holder.cursor().execute("LOCK TABLE pepipost_events IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(sa_exc.OperationalError, match="lock timeout"):
+            store.ingest_many([WebhookBatch(events=[event("during", "sent")])])
+    finally:
+        holder.rollback()
+        holder.close()
+    with caplog.at_level("WARNING", logger=engines.__name__):
+        commits_of_one_report(store, 2, "after")
+    assert not [record for record in caplog.records if "forgot" in record.getMessage()]
+    with store.engine.connect() as conn:
+        assert [name for name, _, _ in prepared_here(conn)] == [ingest._one_statement(conn).name]
+    engines.dispose_engine(url)
