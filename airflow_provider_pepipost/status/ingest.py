@@ -376,11 +376,12 @@ _ONE_STATEMENT = DriverStatement("the events, statuses and unknown sends of one 
 # _reconcile in one statement, as WITH clauses of _one_statement: the same rows (those waiting for
 # their message id that sent a header no other waiting row sent, and whose message id no row has
 # yet). They are locked in header order first, as one by one locks them, whatever join the planner
-# picks for the update: two commits never wait on each other's rows in a cycle. In code point order
-# (COLLATE "C"), as Python sorts: a database's own collation may order them otherwise (en-US does). The update checks
-# them again once locked (another commit may have reconciled one meanwhile). Its values, typed in
-# _RECONCILE_TYPES: the headers and their message ids as two arrays, the states of rows waiting
-# (twice), the state they take, the time (twice), the states of rows waiting.
+# picks for the update: two commits never wait on each other's rows in a cycle. That order is code
+# point order (COLLATE "C"), as Python sorts: a database's own collation may order them otherwise
+# (en-US does). The update checks them again once locked (another commit may have reconciled one
+# meanwhile). Its values, typed in _RECONCILE_TYPES: the headers and their message ids as two
+# arrays, the states of rows waiting (twice), the state they take, the time (twice), the states of
+# rows waiting.
 _RECONCILE_SQL = f"""locked AS (
     SELECT l.idempotency_key, h.api_header, h.message_id
     FROM {schema.ledger.name} AS l JOIN unnest(%s, %s) AS h (api_header, message_id)
